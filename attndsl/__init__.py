@@ -1,0 +1,25 @@
+"""attndsl: a compiler for attention patterns written in .attn files."""
+
+from .api import Op, check, compile, load
+from .errors import (
+    AttnError,
+    AttnErrors,
+    AttnNameError,
+    AttnSyntaxError,
+    AttnTypeError,
+    ConstraintError,
+    EvaluationError,
+    ImportFailure,
+    InputError,
+    ParameterError,
+    SizeLimitError,
+    UnsupportedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnError", "AttnErrors", "AttnNameError", "AttnSyntaxError", "AttnTypeError",
+    "ConstraintError", "EvaluationError", "ImportFailure", "InputError", "Op",
+    "ParameterError", "SizeLimitError", "UnsupportedError", "check", "compile", "load",
+]

@@ -1,0 +1,128 @@
+"""Located errors: every problem a user can cause surfaces as an AttnError subclass."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A source region; columns are 1-based like compilers print them."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+    text: str = ""  # the whole source line, kept so errors render without re-reading files
+
+    def caret(self) -> str:
+        width = self.end_col - self.col if self.end_line == self.line else 1
+        return " " * (self.col - 1) + "^" + "~" * max(0, width - 1)
+
+
+class AttnError(Exception):
+    """Base of every error attndsl raises for bad input; `str()` is the full report."""
+
+    kind = "error"
+
+    def __init__(self, message: str, span: Span | None = None, note: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.note = note
+
+    def render(self) -> str:
+        if self.span is None:
+            head = f"error: {self.message}"
+            return head + (f"\n  note: {self.note}" if self.note else "")
+        s = self.span
+        out = [f"{s.file}:{s.line}:{s.col}: error: {self.message}"]
+        if s.text:
+            out.append("    " + s.text.rstrip("\n").expandtabs(1))
+            out.append("    " + s.caret())
+        if self.note:
+            out.append(f"  note: {self.note}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class AttnSyntaxError(AttnError):
+    """The text does not follow the grammar."""
+
+
+class AttnNameError(AttnError):
+    """A name that is not defined (or defined twice)."""
+
+
+class AttnTypeError(AttnError):
+    """An expression of the wrong type, arity or shape."""
+
+
+class ConstraintError(AttnError):
+    """A `require` of the pattern fails for the given parameters."""
+
+
+class ParameterError(AttnError):
+    """A missing, unknown or ill-typed pattern parameter."""
+
+
+class InputError(AttnError):
+    """A run-time input or tensor of the wrong shape, dtype or device."""
+
+
+class EvaluationError(AttnError):
+    """An expression fails while being evaluated (division by zero, index out of range)."""
+
+
+class SizeLimitError(AttnError):
+    """A size beyond what the chosen backend can hold; raised before allocating."""
+
+
+class UnsupportedError(AttnError):
+    """A combination of constructs the chosen backend does not implement."""
+
+
+class ImportFailure(AttnError):
+    """An imported file that cannot be found or read."""
+
+
+class AttnErrors(AttnError):
+    """Several errors found in one pass, reported together."""
+
+    def __init__(self, errors: list[AttnError]):
+        self.errors = list(errors)
+        super().__init__(
+            self.errors[0].message if len(errors) == 1 else f"{len(errors)} errors",
+            self.errors[0].span,
+        )
+
+    def render(self) -> str:
+        return "\n".join(e.render() for e in self.errors)
+
+
+def did_you_mean(name: str, candidates) -> str:
+    """A ' (did you mean 'x'?)' suffix, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class ErrorSink:
+    """Collects errors so that a pass reports all of them once, not just the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[AttnError] = []
+
+    def add(self, err: AttnError) -> None:
+        key = (type(err), err.message, err.span)
+        if all((type(e), e.message, e.span) != key for e in self.errors):
+            self.errors.append(err)
+
+    def raise_if_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise AttnErrors(self.errors)

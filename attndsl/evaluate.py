@@ -1,0 +1,380 @@
+"""Evaluates typed expressions on Python scalars (parameters) or torch tensors (masks).
+
+One evaluator serves both: Python ints follow Python semantics exactly; tensors are int64
+(float64 for floats) with the same floor division and non-negative modulo. Tuples are Python
+tuples evaluated item by item, broadcasting scalars.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from . import ir
+from .errors import EvaluationError
+
+INT_LIMIT = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVal:
+    """A query or key token: flat index, per-axis coordinates and the space's shape."""
+
+    index: object
+    pos: tuple
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryVal:
+    coords: dict
+
+
+def token(index, shape: tuple[int, ...], axes: tuple[str, ...]) -> TokenVal:
+    """Row-major coordinates of a flat index (last axis fastest)."""
+    pos = []
+    rem = index
+    for size in reversed(shape):
+        pos.append(rem % size)
+        rem = rem // size
+    return TokenVal(index, tuple(reversed(pos)), tuple(shape), axes)
+
+
+def _is_t(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def num(x):
+    return x.index if isinstance(x, TokenVal) else x
+
+
+def lift(f, *xs):
+    """Apply f item by item when any argument is a tuple (scalars broadcast)."""
+    if any(isinstance(x, tuple) for x in xs):
+        n = max(len(x) for x in xs if isinstance(x, tuple))
+        return tuple(lift(f, *[x[i] if isinstance(x, tuple) else x for x in xs])
+                     for i in range(n))
+    return f(*xs)
+
+
+def _check_int(v, span):
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= INT_LIMIT:
+        raise EvaluationError(f"integer overflow: {v} does not fit in 64 bits", span)
+    return v
+
+
+def _any_zero(b) -> bool:
+    return bool((b == 0).any()) if _is_t(b) else b == 0
+
+
+class Evaluator:
+    def __init__(self, env: dict, ctx: dict | None = None, hooks=None):
+        self.env = env  # name -> value for params, consts, inputs, static lets
+        self.ctx = ctx or {}  # q, k, h and summary values
+        self.hooks = hooks  # callbacks for pattern calls and dynamic builtins
+
+    def eval(self, e: ir.Expr, local: dict | None = None):
+        return getattr(self, "e_" + type(e).__name__)(e, local or {})
+
+    # ---- leaves
+    def e_IntLit(self, e, local):
+        return e.value
+
+    def e_FloatLit(self, e, local):
+        return e.value
+
+    def e_BoolLit(self, e, local):
+        return e.value
+
+    def e_Name(self, e, local):
+        if e.id in local:
+            return local[e.id]
+        if e.ref in ("q", "k", "h"):
+            if e.ref not in self.ctx:
+                raise EvaluationError(f"'{e.id}' has no value here", e.span)
+            return self.ctx[e.ref]
+        if e.ref == "summary":
+            return self.ctx["summary"]
+        if e.id in self.env:
+            return self.env[e.id]
+        if e.ref == "const" and self.hooks is not None:
+            return self.hooks.const(e.id)
+        raise EvaluationError(f"'{e.id}' has no value here", e.span)
+
+    def e_TupleLit(self, e, local):
+        return tuple(self.eval(i, local) for i in e.items)
+
+    # ---- operators
+    def e_Unary(self, e, local):
+        x = num(self.eval(e.operand, local))
+        if e.op == "not":
+            return lift(lambda a: ~a if _is_t(a) else not a, x)
+        if e.op == "~":
+            return lift(operator.invert, x)
+        return lift(lambda a: _check_int(-a, e.span), x)
+
+    def e_Binary(self, e, local):
+        op = e.op
+        if op in ("and", "or"):
+            a = self.eval(e.left, local)
+            if isinstance(a, bool) and a == (op == "or"):  # Python semantics: short-circuit
+                n = e.ty.n if e.ty is not None else None
+                return a if n is None else (a,) * n
+            b = self.eval(e.right, local)
+            if op == "and":
+                return lift(lambda x, y: x & y if _is_t(x) or _is_t(y) else (x and y), a, b)
+            return lift(lambda x, y: x | y if _is_t(x) or _is_t(y) else (x or y), a, b)
+        a, b = num(self.eval(e.left, local)), num(self.eval(e.right, local))
+        return lift(lambda x, y: binop(op, x, y, e.span), a, b)
+
+    def e_Compare(self, e, local):
+        vals = [num(self.eval(o, local)) for o in e.operands]
+        out = None
+        for i, op in enumerate(e.ops):
+            r = lift(lambda x, y, op=op: _CMP[op](x, y), vals[i], vals[i + 1])
+            out = r if out is None else lift(
+                lambda x, y: x & y if _is_t(x) or _is_t(y) else (x and y), out, r)
+        return out
+
+    def e_IfExpr(self, e, local):
+        c = self.eval(e.cond, local)
+        if isinstance(c, bool):
+            return num(self.eval(e.then if c else e.orelse, local))
+        a, b = num(self.eval(e.then, local)), num(self.eval(e.orelse, local))
+        return lift(_where, c, a, b)
+
+    def e_LetExpr(self, e, local):
+        v = self.eval(e.value, local)
+        inner = dict(local)
+        inner[e.name] = v
+        return self.eval(e.body, inner)
+
+    def e_Index(self, e, local):
+        base = self.eval(e.base, local)
+        idx = num(self.eval(e.index, local))
+        if isinstance(base, tuple):
+            return base[idx]
+        if base is None:
+            raise EvaluationError("indexing an absent optional input", e.span)
+        n = base.shape[0]
+        if _is_t(idx):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+                raise EvaluationError(f"index {bad} is out of range for an input of length "
+                                      f"{n}", e.span)
+            return base[idx]
+        if not 0 <= idx < n:
+            raise EvaluationError(f"index {idx} is out of range for an input of length {n}",
+                                  e.span)
+        v = base[idx]
+        return v.item() if v.dim() == 0 and not v.is_floating_point() else v
+
+    def e_Attr(self, e, local):
+        base = self.eval(e.base, local)
+        if isinstance(base, SummaryVal):
+            return base.coords[e.name]
+        if e.name == "pos":
+            return base.pos
+        if e.name == "shape":
+            return base.shape
+        if e.name == "size":
+            return math.prod(base.shape)
+        if e.name == "index":
+            return base.index
+        return base.pos[base.axes.index(e.name)]
+
+    def e_Call(self, e, local):
+        if e.ref == "fn":
+            inner = {p: self.eval(a, local) for p, a in zip(e.params, e.args)}
+            return self.eval(e.body, inner)
+        if e.ref == "builtin":
+            args = [num(self.eval(a, local)) for a in e.args]
+            return call_builtin(e.func, args, e.span)
+        if e.ref == "pattern":
+            return self.hooks.pattern_mask(self, e, local)
+        if e.ref == "dynamic":
+            args = {p: self.eval(a, local) for p, a in zip(e.params, e.args)}
+            return self.hooks.dynamic(self, e, args)
+        raise EvaluationError(f"cannot evaluate call of '{e.func}'", e.span)
+
+
+_CMP = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+        "==": operator.eq, "!=": operator.ne}
+
+
+def _where(c, a, b):
+    if not _is_t(c):
+        return a if c else b
+    if not _is_t(a) and not _is_t(b):
+        dt = torch.float64 if isinstance(a, float) or isinstance(b, float) else (
+            torch.bool if isinstance(a, bool) else torch.int64)
+        a = torch.tensor(a, dtype=dt)
+    return torch.where(c, a, b)
+
+
+def _t(x):
+    return x if _is_t(x) else torch.tensor(x)
+
+
+def binop(op: str, a, b, span):
+    """One arithmetic or bit operation with Python's semantics on ints and tensors."""
+    tensors = _is_t(a) or _is_t(b)
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    elif op == "/":
+        if _any_zero(b):
+            raise EvaluationError("division by zero", span)
+        r = (a.double() if _is_t(a) else float(a)) / b
+    elif op in ("//", "%"):
+        if _any_zero(b):
+            raise EvaluationError("division by zero" if op == "//" else "modulo by zero", span)
+        if not tensors:
+            r = a // b if op == "//" else a % b
+        elif op == "//":
+            r = torch.div(_t(a), b, rounding_mode="floor")
+        else:
+            r = torch.remainder(_t(a), b)
+    elif op == "**":
+        if isinstance(b, int) and not isinstance(a, float) and not _is_t(a) and b < 0:
+            raise EvaluationError(f"negative integer exponent {b}", span)
+        if _is_t(b) and not b.is_floating_point() and bool((b < 0).any()):
+            raise EvaluationError("negative integer exponent", span)
+        if not tensors and isinstance(a, int) and isinstance(b, int) and b > 64 and abs(a) > 1:
+            raise EvaluationError(f"integer overflow: {a} ** {b} does not fit in 64 bits",
+                                  span)
+        r = a ** b if not tensors else torch.pow(_t(a), b)
+    elif op in ("&", "|", "^"):
+        r = {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](a, b)
+    elif op in ("<<", ">>"):
+        if (_is_t(b) and bool((b < 0).any())) or (not _is_t(b) and b < 0):
+            raise EvaluationError("negative shift count", span)
+        if op == "<<" and ((_is_t(b) and bool((b >= 63).any())) or (not _is_t(b) and b >= 63)):
+            raise EvaluationError("shift count of 63 or more overflows 64-bit integers", span)
+        if op == ">>":
+            b = b.clamp(max=63) if _is_t(b) else min(b, 63) if tensors else b
+            r = a >> b if not tensors else torch.bitwise_right_shift(_t(a), b)
+        else:
+            r = a << b if not tensors else torch.bitwise_left_shift(_t(a), b)
+    else:  # pragma: no cover - the grammar has no other operators
+        raise EvaluationError(f"unknown operator '{op}'", span)
+    return _check_int(r, span) if not tensors else r
+
+
+def call_builtin(name: str, args: list, span):
+    def elementwise(f):
+        return lift(f, *args)
+
+    if name == "abs":
+        return elementwise(lambda x: x.abs() if _is_t(x) else _check_int(abs(x), span))
+    if name in ("min", "max"):
+        if len(args) == 1:
+            items = list(args[0]) if isinstance(args[0], tuple) else [args[0]]
+        else:
+            return lift(lambda *xs: _minmax(name, list(xs)), *args)
+        return _minmax(name, items)
+    if name == "clamp":
+        return lift(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
+    if name == "cdiv":
+        return lift(lambda a, b: -binop("//", -a, b, span), *args)
+    if name == "popcount":
+        def pc(x):
+            if _is_t(x):
+                if bool((x < 0).any()):
+                    raise EvaluationError("popcount of a negative number", span)
+                c = torch.zeros_like(x)
+                y = x.clone()
+                while bool((y != 0).any()):
+                    c += y & 1
+                    y = y >> 1
+                return c
+            if x < 0:
+                raise EvaluationError("popcount of a negative number", span)
+            return bin(x).count("1")
+        return elementwise(pc)
+    if name == "bit_length":
+        def bl(x):
+            if _is_t(x):
+                y = x.abs()
+                c = torch.zeros_like(y)
+                while bool((y != 0).any()):
+                    c += (y != 0).long()
+                    y = y >> 1
+                return c
+            return x.bit_length()
+        return elementwise(bl)
+    if name == "ilog2":
+        def lg(x):
+            if (_is_t(x) and bool((x < 1).any())) or (not _is_t(x) and x < 1):
+                raise EvaluationError("ilog2 needs x >= 1", span)
+            return call_builtin("bit_length", [x], span) - 1
+        return elementwise(lg)
+    if name == "is_pow2":
+        return elementwise(lambda x: (x > 0) & ((x & (x - 1)) == 0) if _is_t(x)
+                           else x > 0 and x & (x - 1) == 0)
+    if name in ("all", "any"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        out = x[0]
+        for y in x[1:]:
+            if name == "all":
+                out = out & y if _is_t(out) or _is_t(y) else (out and y)
+            else:
+                out = out | y if _is_t(out) or _is_t(y) else (out or y)
+        return out
+    if name in ("sum", "prod"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        out = x[0]
+        for y in x[1:]:
+            out = binop("+" if name == "sum" else "*", out, y, span)
+        return out
+    if name == "float":
+        return elementwise(lambda x: x.double() if _is_t(x) else float(x))
+    if name == "floor":
+        return elementwise(lambda x: torch.floor(x).long() if _is_t(x) and x.is_floating_point()
+                           else x if _is_t(x) else math.floor(x))
+    if name == "sqrt":
+        def sq(x):
+            if (_is_t(x) and bool((x < 0).any())) or (not _is_t(x) and x < 0):
+                raise EvaluationError("square root of a negative number", span)
+            return torch.sqrt(_t(x).double()) if _is_t(x) else math.sqrt(x)
+        return elementwise(sq)
+    if name == "log":
+        def lg2(x):
+            if (_is_t(x) and bool((x <= 0).any())) or (not _is_t(x) and x <= 0):
+                raise EvaluationError("logarithm of a number <= 0", span)
+            return torch.log(_t(x).double()) if _is_t(x) else math.log(x)
+        return elementwise(lg2)
+    if name == "exp":
+        return elementwise(lambda x: torch.exp(x.double()) if _is_t(x) else _exp(x, span))
+    if name == "tanh":
+        return elementwise(lambda x: torch.tanh(x.double()) if _is_t(x) else math.tanh(x))
+    raise EvaluationError(f"unknown built-in '{name}'", span)  # pragma: no cover
+
+
+def _exp(x, span):
+    try:
+        return math.exp(x)
+    except OverflowError:
+        raise EvaluationError(f"exp({x}) overflows", span) from None
+
+
+def _minmax(name, items):
+    out = items[0]
+    for y in items[1:]:
+        if _is_t(out) or _is_t(y):
+            f = torch.minimum if name == "min" else torch.maximum
+            out = f(_t(out), _t(y))
+        else:
+            out = min(out, y) if name == "min" else max(out, y)
+    return out

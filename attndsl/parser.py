@@ -1,0 +1,392 @@
+"""Front end: .attn text -> untyped IR, with lark errors turned into located AttnErrors."""
+
+from __future__ import annotations
+
+import ast as _pyast
+from functools import cache
+
+import lark
+from lark import Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
+
+from . import ir
+from ._resources import grammar_text
+from .errors import AttnError, AttnSyntaxError, Span
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+    "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['",
+    "RSQB": "']'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='", "DOT": "'.'",
+    "COMP_OP": "a comparison", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
+    "SLASH": "'/'", "DSLASH": "'//'", "PERCENT": "'%'",
+    "SHIFT_OP": "'<<' or '>>'", "TILDE": "'~'", "CIRCUMFLEX": "'^'",
+    "VBAR": "'|'", "AMPERSAND": "'&'", "DOUBLE_STAR": "'**'", "RULE_KIND": "'attend', 'exclude' or 'within'",
+    "SCORE_KIND": "'bias', 'softcap' or 'scale'", "SPACE_ROLE": "'space', 'query' or 'key'",
+    "POOL_ROLE": "'keys', 'values' or 'queries'", "DOC": "a doc comment", "$END": "end of file",
+}
+
+
+@cache
+def _lark() -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True,
+                     maybe_placeholders=True, start="start")
+
+
+class _Builder(Transformer):
+    """Each grammar alias maps to one method that builds an IR node."""
+
+    def __init__(self, file: str, lines: list[str]):
+        super().__init__()
+        self.file = file
+        self.lines = lines
+
+    # -- spans
+    def span(self, meta_or_tok) -> Span:
+        if isinstance(meta_or_tok, Token):
+            line, col = meta_or_tok.line, meta_or_tok.column
+            eline, ecol = meta_or_tok.end_line, meta_or_tok.end_column
+        else:
+            line, col = meta_or_tok.line, meta_or_tok.column
+            eline, ecol = meta_or_tok.end_line, meta_or_tok.end_column
+        text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
+        return Span(self.file, line, col, eline, ecol, text)
+
+    # -- items
+    def start(self, items):
+        return tuple(items)
+
+    @v_args(meta=True)
+    def import_all(self, meta, c):
+        return ir.Import(_string(c[0]), None, self.span(meta))
+
+    @v_args(meta=True)
+    def import_some(self, meta, c):
+        return ir.Import(_string(c[0]), tuple(str(t) for t in c[1:]), self.span(meta))
+
+    def doc(self, c):
+        return "\n".join(str(t)[2:].strip() for t in c)
+
+    @v_args(meta=True)
+    def const_def(self, meta, c):
+        doc, name, value = c
+        return ir.ConstDef(str(name), value, doc or "", self.span(name), self.file)
+
+    @v_args(meta=True)
+    def fn_def(self, meta, c):
+        doc, name, params, ret, body = c
+        lets, expr = body
+        return ir.FnDef(str(name), tuple(params or ()), ret, lets, expr, doc or "",
+                        self.span(name), self.file)
+
+    def fn_body_expr(self, c):
+        return (), c[0]
+
+    def fn_body_block(self, c):
+        return tuple(c[:-1]), c[-1]
+
+    @v_args(meta=True)
+    def pattern_def(self, meta, c):
+        doc, name, params, *body = c
+        return ir.PatternDef(str(name), tuple(params or ()), tuple(body), doc or "",
+                             self.span(name), self.file)
+
+    def params(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def param(self, meta, c):
+        return ir.Param(str(c[0]), c[1], c[2], self.span(c[0]))
+
+    @v_args(meta=True)
+    def type_scalar(self, meta, c):
+        return ir.TypeRef(str(c[0]), None, self.span(meta))
+
+    @v_args(meta=True)
+    def type_array(self, meta, c):
+        return ir.TypeRef(str(c[0]), tuple(c[1]), self.span(meta))
+
+    def type_dims(self, c):
+        return tuple(c)
+
+    def dim_any(self, c):
+        return None
+
+    # -- statements
+    @v_args(meta=True)
+    def space_stmt(self, meta, c):
+        role, kind, args = c
+        for a in args:
+            if isinstance(a, ir.Keyword):
+                raise AttnSyntaxError("space sizes are positional", a.span)
+        return ir.SpaceStmt(str(role), str(kind), tuple(args), self.span(meta))
+
+    @v_args(meta=True)
+    def let_stmt(self, meta, c):
+        return ir.LetStmt(str(c[0]), c[1], self.span(c[0]))
+
+    @v_args(meta=True)
+    def require_stmt(self, meta, c):
+        return ir.RequireStmt(c[0], _string(c[1]) if c[1] is not None else None,
+                              self.span(meta))
+
+    @v_args(meta=True)
+    def input_stmt(self, meta, c):
+        return ir.InputStmt(str(c[0]), c[1], c[2] is not None, self.span(c[0]))
+
+    @v_args(meta=True)
+    def heads_stmt(self, meta, c):
+        return ir.HeadsStmt(c[0], self.span(meta))
+
+    @v_args(meta=True)
+    def rule_stmt(self, meta, c):
+        return ir.RuleStmt(str(c[0]), c[1], self.span(meta))
+
+    @v_args(meta=True)
+    def score_stmt(self, meta, c):
+        return ir.ScoreStmt(str(c[0]), c[1], self.span(meta))
+
+    @v_args(meta=True)
+    def route_stmt(self, meta, c):
+        return ir.RouteStmt(str(c[0]), c[1], c[2], self.span(meta))
+
+    @v_args(meta=True)
+    def average_stmt(self, meta, c):
+        return ir.AverageStmt(tuple(c), self.span(meta))
+
+    @v_args(meta=True)
+    def include_stmt(self, meta, c):
+        return ir.IncludeStmt(c[0], self.span(meta))
+
+    @v_args(meta=True)
+    def pattern_ref(self, meta, c):
+        args = c[1] or ()
+        pos = tuple(a for a in args if not isinstance(a, ir.Keyword))
+        kws = tuple(a for a in args if isinstance(a, ir.Keyword))
+        return ir.PatternRef(str(c[0]), pos, kws, self.span(meta))
+
+    @v_args(meta=True)
+    def head_block(self, meta, c):
+        lo, hi, *body = c
+        rng = ir.HeadRange(lo, hi, _join(lo.span, hi.span))
+        return ir.HeadBlock(rng, tuple(body), self.span(meta))
+
+    @v_args(meta=True)
+    def summary_stmt(self, meta, c):
+        name, axes, *items = c
+        member = attend = None
+        pools = []
+        for kind, val, sp in items:
+            if kind == "member":
+                if member is not None:
+                    raise AttnSyntaxError("summary has two 'member' rules", sp)
+                member = val
+            elif kind == "attend":
+                if attend is not None:
+                    raise AttnSyntaxError("summary has two 'attend' rules", sp)
+                attend = val
+            else:
+                pools.append((kind, val, sp))
+        return ir.SummaryStmt(str(name), tuple(axes), member, attend, tuple(pools),
+                              self.span(name))
+
+    def summary_axes(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def summary_axis(self, meta, c):
+        return ir.SummaryAxis(str(c[0]), c[1], self.span(c[0]))
+
+    @v_args(meta=True)
+    def summary_member(self, meta, c):
+        return ("member", c[0], self.span(meta))
+
+    @v_args(meta=True)
+    def summary_attend(self, meta, c):
+        if str(c[0]) != "attend":
+            raise AttnSyntaxError(f"a summary takes 'attend', not '{c[0]}'", self.span(c[0]))
+        return ("attend", c[1], self.span(meta))
+
+    @v_args(meta=True)
+    def summary_pool(self, meta, c):
+        return (str(c[0]), str(c[1]), self.span(c[1]))
+
+    # -- expressions
+    @v_args(meta=True)
+    def if_expr(self, meta, c):
+        return ir.IfExpr(self.span(meta), c[0], c[1], c[2])
+
+    @v_args(meta=True)
+    def let_expr(self, meta, c):
+        return ir.LetExpr(self.span(meta), str(c[0]), c[1], c[2])
+
+    def _bin(self, meta, op, a, b):
+        return ir.Binary(self.span(meta), op, a, b)
+
+    @v_args(meta=True)
+    def or_op(self, meta, c):
+        return self._bin(meta, "or", c[0], c[1])
+
+    @v_args(meta=True)
+    def and_op(self, meta, c):
+        return self._bin(meta, "and", c[0], c[1])
+
+    @v_args(meta=True)
+    def not_op(self, meta, c):
+        return ir.Unary(self.span(meta), "not", c[0])
+
+    @v_args(meta=True)
+    def compare(self, meta, c):
+        operands = tuple(c[0::2])
+        ops = tuple(str(t) for t in c[1::2])
+        return ir.Compare(self.span(meta), ops, operands)
+
+    @v_args(meta=True)
+    def bor_op(self, meta, c):
+        return self._bin(meta, "|", c[0], c[1])
+
+    @v_args(meta=True)
+    def bxor_op(self, meta, c):
+        return self._bin(meta, "^", c[0], c[1])
+
+    @v_args(meta=True)
+    def band_op(self, meta, c):
+        return self._bin(meta, "&", c[0], c[1])
+
+    @v_args(meta=True)
+    def shift_op(self, meta, c):
+        return self._bin(meta, str(c[1]), c[0], c[2])
+
+    @v_args(meta=True)
+    def add_op(self, meta, c):
+        return self._bin(meta, str(c[1]), c[0], c[2])
+
+    @v_args(meta=True)
+    def mul_op(self, meta, c):
+        return self._bin(meta, str(c[1]), c[0], c[2])
+
+    @v_args(meta=True)
+    def neg_op(self, meta, c):
+        if isinstance(c[1], ir.IntLit | ir.FloatLit) and c[1].span.col == meta.column + 1:
+            return type(c[1])(self.span(meta), -c[1].value)
+        return ir.Unary(self.span(meta), "-", c[1])
+
+    @v_args(meta=True)
+    def invert_op(self, meta, c):
+        return ir.Unary(self.span(meta), "~", c[0])
+
+    @v_args(meta=True)
+    def pow_op(self, meta, c):
+        return self._bin(meta, "**", c[0], c[1])
+
+    @v_args(meta=True)
+    def call(self, meta, c):
+        func, args = c
+        if not isinstance(func, ir.Name):
+            raise AttnSyntaxError("only named functions can be called", func.span)
+        args = args or ()
+        pos = tuple(a for a in args if not isinstance(a, ir.Keyword))
+        kws = tuple(a for a in args if isinstance(a, ir.Keyword))
+        seen_kw = False
+        for a in args:
+            if isinstance(a, ir.Keyword):
+                seen_kw = True
+            elif seen_kw:
+                raise AttnSyntaxError("positional argument after a keyword argument", a.span)
+        return ir.Call(self.span(meta), func.id, pos, kws)
+
+    def args(self, c):
+        return tuple(c)
+
+    @v_args(meta=True)
+    def kwarg(self, meta, c):
+        return ir.Keyword(str(c[0]), c[1], self.span(c[0]))
+
+    @v_args(meta=True)
+    def index(self, meta, c):
+        return ir.Index(self.span(meta), c[0], c[1])
+
+    @v_args(meta=True)
+    def attr(self, meta, c):
+        return ir.Attr(self.span(meta), c[0], str(c[1]))
+
+    @v_args(meta=True)
+    def int_lit(self, meta, c):
+        return ir.IntLit(self.span(meta), int(str(c[0]), 0))
+
+    @v_args(meta=True)
+    def float_lit(self, meta, c):
+        return ir.FloatLit(self.span(meta), float(str(c[0])))
+
+    @v_args(meta=True)
+    def true_lit(self, meta, c):
+        return ir.BoolLit(self.span(meta), True)
+
+    @v_args(meta=True)
+    def false_lit(self, meta, c):
+        return ir.BoolLit(self.span(meta), False)
+
+    @v_args(meta=True)
+    def name(self, meta, c):
+        return ir.Name(self.span(meta), str(c[0]))
+
+    @v_args(meta=True)
+    def tuple_lit(self, meta, c):
+        return ir.TupleLit(self.span(meta), tuple(x for x in c if x is not None))
+
+
+def _string(tok) -> str:
+    return _pyast.literal_eval(str(tok))
+
+
+def _join(a: Span, b: Span) -> Span:
+    return Span(a.file, a.line, a.col, b.end_line, b.end_col, a.text)
+
+
+def _describe(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of file"
+    return f"'{tok}'"
+
+
+def _expected(names) -> str:
+    words = sorted({_TOKEN_NAMES.get(n, f"'{n.lower()}'" if n.isupper() else n) for n in names
+                    if not n.startswith("__")})
+    if len(words) > 6:
+        return ""
+    return " (expected " + ", ".join(words) + ")" if words else ""
+
+
+def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSyntaxError:
+    line = getattr(err, "line", None) or len(lines) or 1
+    col = getattr(err, "column", None) or 1
+    if isinstance(err, UnexpectedEOF) or (line == -1):
+        line = max(1, len(lines))
+        col = len(lines[-1]) + 1 if lines else 1
+    text = lines[line - 1] if 0 < line <= len(lines) else ""
+    if isinstance(err, UnexpectedCharacters):
+        ch = text[col - 1] if col - 1 < len(text) else "?"
+        msg = f"unexpected character '{ch}'"
+        span = Span(file, line, col, line, col + 1, text)
+        return AttnSyntaxError(msg, span)
+    tok = getattr(err, "token", None)
+    if tok is not None and tok.type != "$END":
+        msg = f"unexpected {_describe(tok)}" + _expected(getattr(err, "expected", ()) or ())
+        span = Span(file, line, col, line, col + max(1, len(str(tok))), text)
+        return AttnSyntaxError(msg, span)
+    msg = "unexpected end of file" + _expected(getattr(err, "expected", ()) or ())
+    return AttnSyntaxError(msg, Span(file, line, col, line, col + 1, text))
+
+
+def parse_text(text: str, file: str = "<string>") -> tuple:
+    """Parse one file's text into a tuple of top-level IR items."""
+    lines = text.splitlines()
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, file, lines) from None
+    try:
+        return _Builder(file, lines).transform(tree)
+    except VisitError as err:
+        if isinstance(err.orig_exc, AttnError):
+            raise err.orig_exc from None
+        raise

@@ -1,0 +1,112 @@
+"""Pictures of masks: compact text for terminals and PNG via matplotlib."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import ParameterError
+
+_SHADES = " ░▒▓█"
+
+
+def _query_index(op, query) -> int:
+    shape = op.query_shape
+    if query is None:  # the last token of a sequence, the centre of a grid
+        if len(shape) == 1:
+            return shape[0] - 1
+        query = tuple(s // 2 for s in shape)
+    if isinstance(query, int):
+        idx = query
+    else:
+        if len(query) != len(shape) or any(not 0 <= c < s for c, s in zip(query, shape)):
+            raise ParameterError(f"query {query} is not a coordinate of the {shape} space")
+        idx = 0
+        for c, s in zip(query, shape):
+            idx = idx * s + c
+    if not 0 <= idx < math.prod(shape):
+        raise ParameterError(f"query {idx} is out of range (0..{math.prod(shape) - 1})")
+    return idx
+
+
+def _flat(m: torch.Tensor) -> torch.Tensor:
+    """Per-head/batch masks are shown as their union, labelled as such."""
+    while m.dim() > 2:
+        m = m.any(dim=0)
+    return m
+
+
+def text(op, m: torch.Tensor, query=None, width: int = 64) -> str:
+    m2 = _flat(m)
+    nq, nk = m2.shape
+    lines = [f"{op.name}: {nq} queries x {nk} keys, {int(m2.sum()):,} pairs "
+             f"({float(m2.float().mean()):.2%} dense)" + (" [union over heads]"
+                                                          if m.dim() > 2 else "")]
+    cols = min(width, nk)
+    rows = min(width // 2 if nq > width // 2 else nq, nq)
+    rows = max(1, rows)
+    f = torch.nn.functional.adaptive_avg_pool2d(m2.float()[None, None], (rows, cols))[0, 0]
+    if rows < nq or cols < nk:
+        lines.append(f"(each cell averages about {nq / rows:.1f} x {nk / cols:.1f} entries)")
+    for r in range(rows):
+        lines.append("|" + "".join(
+            _SHADES[0] if v == 0 else _SHADES[min(4, 1 + int(v * 3.999))] for v in f[r].tolist())
+            + "|")
+    shape = op.key_shape
+    if len(shape) >= 2:
+        qi = _query_index(op, query)
+        keys = m2[qi]
+        qshape = op.query_shape
+        qpos = []
+        rem = qi
+        for s in reversed(qshape):
+            qpos.append(rem % s)
+            rem //= s
+        qpos = tuple(reversed(qpos))
+        lines.append(f"keys of query {qpos} (index {qi}) on the {' x '.join(map(str, shape))} "
+                     "key grid: # attended, Q the query, . not attended")
+        grid = keys.view(*shape)
+        planes = grid if len(shape) == 3 else grid[None]
+        for t, plane in enumerate(planes):
+            if len(shape) == 3:
+                lines.append(f"t = {t}")
+            for y in range(plane.shape[0]):
+                row = []
+                for x in range(plane.shape[1]):
+                    here = (t, y, x) if len(shape) == 3 else (y, x)
+                    is_q = qshape == shape and here == qpos
+                    row.append("Q" if is_q else "#" if plane[y, x] else ".")
+                lines.append(" ".join(row))
+    return "\n".join(lines)
+
+
+def plot(op, m: torch.Tensor, path: str, query=None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m2 = _flat(m)
+    shape = op.key_shape
+    extra = len(shape) >= 2
+    ncols = 2 if extra else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 5), squeeze=False)
+    ax = axes[0][0]
+    ax.imshow(m2.cpu().numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+    ax.set_title(f"{op.name}: {int(m2.sum()):,} pairs ({float(m2.float().mean()):.2%})")
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    if extra:
+        qi = _query_index(op, query)
+        keys = m2[qi].view(*shape).float()
+        if len(shape) == 3:  # the volume's time slices side by side
+            keys = torch.cat([torch.cat([keys[t], torch.full((shape[1], 1), 0.5)], dim=1)
+                              for t in range(shape[0])], dim=1)
+        ax2 = axes[0][1]
+        ax2.imshow(keys.cpu().numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        if op.query_shape == shape and len(shape) == 2:
+            ax2.plot([qi % shape[1]], [qi // shape[1]], "r*", markersize=10)
+        ax2.set_title(f"keys of query {qi}" + (" (time slices left to right)"
+                                               if len(shape) == 3 else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
