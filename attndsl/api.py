@@ -121,14 +121,14 @@ class Op:
             for p in parts[1:]:
                 out = out | p
             return out
-        checked = check_inputs(bp, inputs, dev)
+        checked = check_inputs(bp, inputs, dev, for_mask=True)
         return dense_mask(bp, checked, content, dev)
 
     def summaries(self, **inputs) -> list[dict]:
         """Each summary's tokens: name, `member` [R, Nk] and `attend` [.., Nq, R] (empty
         regions dropped), and pooling choices."""
         bp = self.bound
-        checked = check_inputs(bp, inputs)
+        checked = check_inputs(bp, inputs, for_mask=True)
         out = []
         for bs in bp.summaries:
             member, att = summary_masks(bp, bs, checked, torch.device("cpu"),

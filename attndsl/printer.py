@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import ir
 from .checker import CheckedPattern
 
@@ -78,7 +80,7 @@ def expr_tree(e: ir.Expr, indent: int = 0, seen_fns: set | None = None) -> list[
     """One line per node: the node, its type; function bodies once per pattern."""
     seen_fns = set() if seen_fns is None else seen_fns
     pad = "  " * indent
-    at = f"@{e.span.line}:{e.span.col}"
+    at = f"@{Path(e.span.file).name}:{e.span.line}:{e.span.col}"
     if isinstance(e, ir.IntLit | ir.FloatLit | ir.BoolLit):
         return [f"{pad}{expr_source(e)} : {_ty(e)} {at}"]
     if isinstance(e, ir.Name):

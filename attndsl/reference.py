@@ -21,8 +21,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ---------------------------------------------------------------- run-time inputs
 
 
-def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None) -> dict:
-    """Validate run-time inputs against their declarations; return them as tensors."""
+def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None,
+                 for_mask: bool = False) -> dict:
+    """Validate run-time inputs against their declarations; return them as tensors.
+
+    With `for_mask`, a router input is optional: routing gates outputs, not the mask."""
     out = {}
     for name in given:
         if name not in bp.inputs:
@@ -30,7 +33,7 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None) -> dict
     for name, (kind, dims, optional, span) in bp.inputs.items():
         v = given.get(name)
         if v is None:
-            if optional:
+            if optional or (for_mask and bp.route is not None and name == bp.route[0]):
                 out[name] = None
                 continue
             shape = "" if not dims else "[" + ", ".join("*" if d is None else str(d)
@@ -60,13 +63,14 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None) -> dict
         if kind == "int":
             v = v.long()
         out[name] = v
-    if bp.route is not None and batch is not None:
+    if bp.route is not None and batch is not None and out.get(bp.route[0]) is not None:
         r = out[bp.route[0]]
         if r.shape[0] != batch or r.shape[1] != bp.nq or r.shape[2] != bp.heads - bp.route[2]:
             raise InputError(f"router '{bp.route[0]}' must have shape [{batch}, {bp.nq}, "
                              f"{bp.heads - bp.route[2]}], not {list(r.shape)}", None)
     for sub in bp.average:
-        check_inputs(sub, {k: v for k, v in given.items() if k in sub.inputs}, device, batch)
+        check_inputs(sub, {k: v for k, v in given.items() if k in sub.inputs}, device, batch,
+                     for_mask)
     return out
 
 
