@@ -299,7 +299,8 @@ def bind(checked: CheckedPattern, module: ir.Module, values: dict, call_span=Non
     static_lets = [let for let in checked.lets if let.value.ty.static]
     pending_requires = list(checked.requires)
     _eval_static(checked, ev, env, static_lets, pending_requires)
-    if checked.qspace is not None:
+    inherited = checked.qspace is None or checked.qspace.inherited
+    if not inherited:
         bp.qshape = sizes_of(checked.qspace)
         bp.kshape = sizes_of(checked.kspace)
     if checked.heads is not None:
@@ -349,13 +350,12 @@ def bind(checked: CheckedPattern, module: ir.Module, values: dict, call_span=Non
         bp.average.append(sub)
     for ref in checked.includes:
         sub = _bind_ref(module, ref, ev)
-        if checked.qspace is not None and (sub.qshape, sub.kshape) != (bp.qshape, bp.kshape):
+        if inherited and not bp.qshape:
+            bp.qshape, bp.kshape = sub.qshape, sub.kshape
+        if (sub.qshape, sub.kshape) != (bp.qshape, bp.kshape):
             raise EvaluationError(f"included pattern '{ref.name}' has spaces {sub.qshape} x "
                                   f"{sub.kshape}, this pattern {bp.qshape} x {bp.kshape}",
                                   ref.span)
-        if checked.qspace is None:
-            bp.qshape, bp.kshape = sub.qshape, sub.kshape
-            bp.checked = _with_spaces(bp.checked, sub.checked)
         if sub.average or sub.route:
             raise EvaluationError(f"pattern '{ref.name}' averages or routes; it cannot be "
                                   "included", ref.span)

@@ -28,6 +28,7 @@ class Space:
     sizes: tuple[ir.Expr, ...]
     axes: tuple[str, ...]
     span: object
+    inherited: bool = False  # taken from an included pattern; sizes come from binding
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,6 +725,11 @@ class Checker:
                         average.append((part.name, self.pattern_ref(part, scope)))
                 elif isinstance(s, ir.IncludeStmt):
                     includes.append(self.pattern_ref(s.ref, scope))
+                    if "query" not in spaces:
+                        inherited = self.included_space(s.ref)
+                        if inherited is not None:
+                            spaces["query"], spaces["key"] = inherited
+                            self.qspace, self.kspace = inherited
                 elif isinstance(s, ir.HeadBlock):
                     if hr is not None:
                         self.err(AttnSyntaxError, "'on heads' blocks cannot nest", s.span)
@@ -786,6 +792,25 @@ class Checker:
         call = ir.Call(ref.span, ref.name, ref.args, ref.kwargs)
         checked = self.e_Call(call, scope)
         return dataclasses.replace(ref, args=checked.args, kwargs=checked.kwargs)
+
+    def included_space(self, ref: ir.PatternRef):
+        """The (query, key) space kinds of an included pattern, sizes left to binding."""
+        g = self.module.scope.get(ref.name)
+        if not isinstance(g, ir.PatternDef) or ref.name in self.fn_stack:
+            return None
+        self.fn_stack.append(ref.name)
+        try:
+            sub = Checker(self.module, ErrorSink())
+            sub.fn_stack = list(self.fn_stack)
+            cp = sub.check_pattern(g)
+        finally:
+            self.fn_stack.pop()
+        if cp.qspace is None or cp.kspace is None:
+            return None
+        q = Space(cp.qspace.kind, (), cp.qspace.axes, ref.span, True)
+        k = q if cp.kspace is cp.qspace else Space(cp.kspace.kind, (), cp.kspace.axes,
+                                                   ref.span, True)
+        return q, k
 
     def summary(self, s: ir.SummaryStmt, scope) -> Summary:
         self.allow_context = set()

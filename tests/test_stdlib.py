@@ -639,6 +639,14 @@ def test_combiner_mixture(N, span):
     _combiner_check(op, lambda q, k, v: ind.combiner_mixture(q, k, v, span), N, seed=N * span)
 
 
+@settings(max_examples=10, **SETTINGS)
+@given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 1000))
+def test_combiner_axial_hypothesis(H, W, seed):
+    op = compile_("combiner.attn", "combiner_axial", H=H, W=W)
+    q, k, v = rand_qkv(1, 2, 2, H * W, H * W, 4, seed=seed)
+    close(op(q, k, v, backend="reference"), ind.combiner_axial(q, k, v, H, W), 1e-10)
+
+
 @settings(max_examples=15, **SETTINGS)
 @given(st.integers(1, 24), st.integers(1, 8), st.sampled_from(["fixed", "logsparse", "mixture"]),
        st.integers(0, 1000))
@@ -686,6 +694,7 @@ def _dhsa_case(N, block, chunk, topk, B=2, H=2, D=8, seed=0, boundaries=None, in
 @pytest.mark.parametrize("N,block,chunk,topk", [
     (16, 4, 4, 1), (32, 8, 4, 2), (30, 7, 5, 3), (33, 8, 3, 4), (40, 16, 4, 2),
     (24, 4, 8, 1), (20, 3, 2, 10), (17, 17, 4, 2), (12, 1, 1, 3), (64, 16, 8, 4),
+    (20, 4, 3, 0), (9, 20, 4, 2), (10, 3, 20, 2),
 ])
 def test_dhsa_mask_and_output(N, block, chunk, topk):
     op, q, k, v, rt, mask = _dhsa_case(N, block, chunk, topk, seed=N * block + chunk)
@@ -818,6 +827,19 @@ def test_moh_gate_zero_head_gives_zero_rows():
     close(out, ind.moh_attention(q, k, v, router, heads, shared, topk))
 
 
+@settings(max_examples=15, **SETTINGS)
+@given(st.integers(1, 7), st.data(), st.integers(1, 10), st.integers(0, 1000))
+def test_moh_hypothesis(heads, data, N, seed):
+    shared = data.draw(st.integers(0, heads))
+    topk = data.draw(st.integers(0, heads - shared))
+    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk)
+    q, k, v = rand_qkv(2, heads, heads, N, N, 4, seed=seed)
+    router = torch.randn(2, N, heads - shared, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(seed + 1))
+    close(op(q, k, v, backend="reference", router=router),
+          ind.moh_attention(q, k, v, router, heads, shared, topk))
+
+
 # =========================================================================== 10. TransNeXt
 
 
@@ -833,6 +855,16 @@ def test_transnext(H, W, kernel, pool):
     close(got, exp)
     for a, b in zip(g_got, g_exp):
         close(a, b)
+
+
+@settings(max_examples=15, **SETTINGS)
+@given(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3, 5, 7]), st.integers(1, 6),
+       st.integers(0, 1000))
+def test_transnext_hypothesis(H, W, kernel, pool, seed):
+    op = compile_("transnext.attn", "aggregated", H=H, W=W, kernel=kernel, pool=pool)
+    assert_mask(op, ind.transnext_window(H, W, kernel))
+    q, k, v = rand_qkv(1, 2, 2, H * W, H * W, 4, seed=seed)
+    close(op(q, k, v, backend="reference"), ind.transnext_aggregated(q, k, v, H, W, kernel, pool))
 
 
 def test_transnext_defaults():
@@ -884,3 +916,44 @@ def test_missing_runtime_input_is_attn_error():
     op = compile_("document.attn", "document_causal", N=8)
     with pytest.raises(attndsl.AttnError):
         op.mask()
+
+
+BAD_PARAMS = [
+    ("power.attn", "power_attention", dict(N=8, block=0)),       # block of 0 tokens
+    ("power.attn", "longnet", dict(N=8, block=0)),
+    ("sparse_transformer.attn", "strided", dict(N=8, stride=0)),
+    ("sparse_transformer.attn", "fixed", dict(N=8, stride=0)),
+    ("halo.attn", "halo2d", dict(H=4, W=4, block=0)),
+    ("davit.attn", "window2d", dict(H=4, W=4, window=0)),
+    ("davit.attn", "channel_group", dict(C=4, groups=0)),
+    ("davit.attn", "channel_group", dict(C=10, groups=3)),      # Cg = C / groups channels
+    ("transnext.attn", "aggregated", dict(H=4, W=4, pool=0)),
+    ("dhsa.attn", "dhsa", dict(N=8, block=0)),
+    ("dhsa.attn", "dhsa", dict(N=8, chunk=0)),
+    ("moh.attn", "moh", dict(N=4, heads=4, shared=1, topk=4)),  # only 3 routed heads
+    ("moh.attn", "moh", dict(N=4, heads=4, shared=5, topk=0)),  # more shared than heads
+]
+
+
+@pytest.mark.parametrize("file,pattern,params", BAD_PARAMS)
+def test_bad_parameters_are_attn_errors(file, pattern, params):
+    with pytest.raises(attndsl.AttnError):
+        compile_(file, pattern, **params).mask()
+
+
+def test_bad_runtime_inputs_are_attn_errors():
+    q, k, v = rand_qkv(1, 2, 2, 8, 8, 4)
+    op = compile_("document.attn", "document_causal", N=8)
+    with pytest.raises(attndsl.AttnError):
+        op.mask(doc=torch.zeros(7, dtype=torch.long))            # wrong length
+    op = compile_("moh.attn", "moh", N=8, heads=2, shared=1, topk=1)
+    with pytest.raises(attndsl.AttnError):
+        op(q, k, v, backend="reference")                           # router missing
+    with pytest.raises(attndsl.AttnError):
+        op(q, k, v, backend="reference", router=torch.randn(1, 8, 2, dtype=torch.float64))
+    op = compile_("dhsa.attn", "dhsa", N=8, block=4, chunk=2, topk=1)
+    with pytest.raises(attndsl.AttnError):
+        op.mask()                                                   # needs q and k
+    for bad in ([1, 3], [0, 3, 3, 5], [0, 5, 2]):                  # first is 0, increasing
+        with pytest.raises(attndsl.AttnError):
+            op.mask(q=q, k=k, boundaries=torch.tensor(bad))
