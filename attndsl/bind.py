@@ -22,7 +22,7 @@ from .errors import (
 )
 from .evaluate import Evaluator, SummaryVal, token
 
-MASK_LIMIT = 1 << 30  # elements of a dense mask (heads x Nq x Nk), 1 GiB of bools
+MASK_LIMIT = 1 << 28  # entries of a dense mask (heads x Nq x Nk): 256 MiB of bools
 CHUNK_ELEMS = 1 << 22  # elements evaluated at once while building a mask
 
 
@@ -134,7 +134,7 @@ class BoundPattern:
         if n > MASK_LIMIT:
             raise SizeLimitError(
                 f"a dense mask of {batch_heads} x {self.nq} x {self.nk} = {n:,} entries exceeds"
-                f" the reference limit of {MASK_LIMIT:,} (2^30); the reference backend is "
+                f" the reference limit of {MASK_LIMIT:,} (2^28); the reference backend is "
                 "dense by design, use smaller sizes to inspect masks", self.checked.span)
 
 

@@ -400,10 +400,12 @@ class Checker:
         kwargs = tuple(dataclasses.replace(k, value=self.expr(k.value, scope))
                        for k in e.kwargs)
         out = dataclasses.replace(e, args=args, kwargs=kwargs)
-        if scope.get(e.func) is not None:
+        g = self.module.scope.get(e.func)
+        callable_ = isinstance(g, ir.FnDef | ir.PatternDef) or e.func in BUILTINS or (
+            e.func in DYNAMIC)
+        if not callable_ and (scope.get(e.func) is not None or e.func in CONTEXT):
             return dataclasses.replace(out, ty=self.err(
                 AttnTypeError, f"'{e.func}' is a value, not a function", e.span))
-        g = self.module.scope.get(e.func)
         if isinstance(g, ir.FnDef):
             return self.call_fn(out, g)
         if isinstance(g, ir.PatternDef):
