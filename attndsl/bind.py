@@ -20,7 +20,7 @@ from .errors import (
     SizeLimitError,
     did_you_mean,
 )
-from .evaluate import Evaluator, SummaryVal, token
+from .evaluate import Evaluator, token
 
 MASK_LIMIT = 1 << 28  # entries of a dense mask (heads x Nq x Nk): 256 MiB of bools
 CHUNK_ELEMS = 1 << 22  # elements evaluated at once while building a mask
@@ -345,7 +345,7 @@ def bind(checked: CheckedPattern, module: ir.Module, values: dict, call_span=Non
             raise ConstraintError(f"'top' must be between 0 and {bp.heads - shared} (the routed"
                                   f" heads), not {top}", checked.route.top.span)
         bp.route = (checked.route.input, top, shared)
-    for name, ref in checked.average:
+    for _name, ref in checked.average:
         sub = _bind_ref(module, ref, ev)
         bp.average.append(sub)
     for ref in checked.includes:

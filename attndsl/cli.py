@@ -89,7 +89,7 @@ def cmd_check(args) -> int:
             module = load(f)
             checked = check_module(module)
             defaults_ok = 0
-            for name, cp in checked.items():
+            for cp in checked.values():
                 if all(p.default is not None for p, _ in cp.params):
                     bind(cp, module, {})
                     defaults_ok += 1

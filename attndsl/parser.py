@@ -20,7 +20,8 @@ _TOKEN_NAMES = {
     "COMP_OP": "a comparison", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "SLASH": "'/'", "DSLASH": "'//'", "PERCENT": "'%'",
     "SHIFT_OP": "'<<' or '>>'", "TILDE": "'~'", "CIRCUMFLEX": "'^'",
-    "VBAR": "'|'", "AMPERSAND": "'&'", "DOUBLE_STAR": "'**'", "RULE_KIND": "'attend', 'exclude' or 'within'",
+    "VBAR": "'|'", "AMPERSAND": "'&'", "DOUBLE_STAR": "'**'",
+    "RULE_KIND": "'attend', 'exclude' or 'within'",
     "SCORE_KIND": "'bias', 'softcap' or 'scale'", "SPACE_ROLE": "'space', 'query' or 'key'",
     "POOL_ROLE": "'keys', 'values' or 'queries'", "DOC": "a doc comment", "$END": "end of file",
 }

@@ -30,7 +30,7 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None,
     for name in given:
         if name not in bp.inputs:
             raise unknown_input(bp, name)
-    for name, (kind, dims, optional, span) in bp.inputs.items():
+    for name, (kind, dims, optional, _span) in bp.inputs.items():
         v = given.get(name)
         if v is None:
             if optional or (for_mask and bp.route is not None and name == bp.route[0]):

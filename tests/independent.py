@@ -289,12 +289,12 @@ def combiner_logsparse_structure(N):
     for p in range(N):
         direct = [p] + ([p - 1] if p % 2 == 1 else [])
         regions = []
-        l = 1
-        while (1 << l) <= p:
-            if (p >> l) & 1:
-                lo = (p // (1 << (l + 1))) * (1 << (l + 1))
-                regions.append(list(range(lo, lo + (1 << l))))
-            l += 1
+        bit = 1  # 'l' in patterns.md: one region for every set bit l >= 1 of p
+        while (1 << bit) <= p:
+            if (p >> bit) & 1:
+                lo = (p // (1 << (bit + 1))) * (1 << (bit + 1))
+                regions.append(list(range(lo, lo + (1 << bit))))
+            bit += 1
         out.append((sorted(direct), regions))
     return out
 
