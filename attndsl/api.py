@@ -20,7 +20,13 @@ BACKENDS = ("reference", "auto")
 def load(source: str | os.PathLike) -> ir.Module:
     """Parse a file path (or .attn source text) and its imports into a module."""
     loader = Loader()
-    text_like = isinstance(source, str) and ("\n" in source or "{" in source)
+    if not isinstance(source, str | os.PathLike):
+        from .errors import ImportFailure
+        raise ImportFailure("expected .attn source text or a file path, not "
+                            f"{type(source).__name__}")
+    # a path names an .attn file (or an existing one); anything else is source text
+    text_like = isinstance(source, str) and (
+        "\n" in source or "{" in source or "(" in source) and not source.endswith(".attn")
     if not text_like:
         path = resolve_path(source)
         if path is None:
@@ -40,8 +46,10 @@ def compile(source: str | os.PathLike, pattern: str | None = None, **params) -> 
     module = load(source)
     pats = module.patterns()
     if pattern is None:
+        if not pats:
+            raise ParameterError(f"'{module.path}' defines no pattern")
         if len(pats) != 1:
-            names = ", ".join(p.name for p in pats) or "none"
+            names = ", ".join(p.name for p in pats)
             raise ParameterError(f"'{module.path}' defines {len(pats)} patterns ({names}); "
                                  "choose one with pattern=...")
         pdef = pats[0]
@@ -107,7 +115,7 @@ class Op:
             if q is None or k is None:
                 from .errors import InputError
                 raise InputError(f"pattern '{self.name}' depends on q and k: call "
-                                 "mask(q=..., k=...)")
+                                 "mask(q=..., k=...)", bp.checked.span)
             from .reference import check_tensors
             check_tensors(bp, q, k, k)
             rep = q.shape[1] // k.shape[1]
@@ -140,13 +148,26 @@ class Op:
                                             if n in sub.inputs}))
         return out
 
-    def reach(self, **inputs) -> torch.Tensor:
+    def reach(self, q=None, k=None, **inputs) -> torch.Tensor:
         """[.., Nq, Nk]: keys a query sees directly or through a summary token it attends."""
-        m = self.mask(**inputs)
+        m = self.mask(q, k, **inputs)
         for s in self.summaries(**inputs):
             via = (s["attend"].to(torch.float32) @ s["member"].to(torch.float32)) > 0
             m = m | via
         return m
+
+    # -- analysis
+    def analyze(self, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
+                progress: bool | None = None, **inputs):
+        """Receptive field, coverage and cost stacked `layers` deep (see analysis.py)."""
+        from .analysis import analyze
+        return analyze(self, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
+                       progress=progress)
+
+    def path(self, source, target, *, q=None, k=None, **inputs):
+        """The shortest hop path from query `source` to token `target`."""
+        from .analysis import shortest_path
+        return shortest_path(self, source, target, inputs, q=q, k=k)
 
     # -- attention
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,

@@ -93,24 +93,22 @@ class BoundPattern:
             ctx["h"] = h
         return ctx
 
-    def local_env(self, ev: Evaluator) -> dict:
-        """Pattern-level lets that depend on q, k or h, evaluated for this context."""
-        env = {}
-        for let in self.checked.lets:
-            if let.name in self.env and let.value.ty.static:
-                continue
-            env[let.name] = ev.eval(let.value, env)
-        return env
+    def lazy_lets(self) -> dict:
+        """Pattern-level lets on q, k, h or inputs: evaluated when a rule first uses them."""
+        return {let.name: let.value for let in self.checked.lets
+                if not (let.name in self.env and let.value.ty.static)}
+
+    def evaluator(self, ctx: dict, hooks) -> Evaluator:
+        return Evaluator(self.env, ctx, hooks, self.lazy_lets())
 
     def predicate(self, ctx: dict, hooks) -> object:
         """The direct attend mask for the given q/k/h context (broadcast shapes)."""
         attend = within = exclude = None
-        locals_by_owner: dict[int, dict] = {}
+        evaluators: dict[int, Evaluator] = {}
         for owner, rule, hr in self.rules:
-            ev = Evaluator(owner.env, ctx, hooks.for_owner(owner))
-            if id(owner) not in locals_by_owner:
-                locals_by_owner[id(owner)] = owner.local_env(ev)
-            val = _as_tensor(ev.eval(rule.expr, locals_by_owner[id(owner)]))
+            if id(owner) not in evaluators:
+                evaluators[id(owner)] = owner.evaluator(ctx, hooks.for_owner(owner))
+            val = _as_tensor(evaluators[id(owner)].eval(rule.expr))
             if hr is not None:
                 h = ctx["h"]
                 inside = (h >= hr[0]) & (h < hr[1])
@@ -151,7 +149,7 @@ def _convert(name: str, value, t: ir.Type, span):
     """A Python/numpy/torch value as the parameter's declared type, or a ParameterError."""
     def scalar(v):
         if isinstance(v, torch.Tensor | np.ndarray):
-            if v.size == 0 if isinstance(v, np.ndarray) else v.numel() != 1:
+            if (v.size if isinstance(v, np.ndarray) else v.numel()) != 1:
                 raise ParameterError(f"parameter '{name}' must be {t}, not an array", span)
             v = v.item()
         if isinstance(v, np.generic):
@@ -161,7 +159,7 @@ def _convert(name: str, value, t: ir.Type, span):
                 return v
         elif t.kind == "int":
             if isinstance(v, int) and not isinstance(v, bool):
-                if abs(v) >= 1 << 62:
+                if abs(v) >= 1 << 63:
                     raise ParameterError(f"parameter '{name}' = {v} does not fit in 64 bits",
                                          span)
                 return v
@@ -196,12 +194,11 @@ class _Hooks:
     def for_owner(self, owner):
         return self if owner is self.bound else _Hooks(owner, self.runtime)
 
-    def const(self, name):
-        return const_value(self.bound.module, name)
+    def const(self, name, file=None):
+        return const_value(self.bound.module, name, file)
 
     def pattern_mask(self, ev: Evaluator, call: ir.Call, local: dict):
-        target = self.bound.module.scope[call.func]
-        pdef = target
+        pdef = self.bound.module.scope[call.func]
         values = {}
         names = [p.name for p in pdef.params]
         for n, a in zip(names, call.args):
@@ -211,7 +208,7 @@ class _Hooks:
         key = ("pattern", call.func, tuple(sorted((k, _freeze(v)) for k, v in values.items())))
         sub = self.bound.cache.get(key)
         if sub is None:
-            sub = bind_def(self.bound.module, pdef, values, call.span)
+            sub = bind_def(self.bound.module.home(pdef), pdef, values, call.span)
             if sub.summaries or sub.route or sub.average or sub.checked.channel:
                 raise EvaluationError(f"pattern '{call.func}' has summaries, routing, averaging "
                                       "or channel tokens; only mask patterns can be used in an "
@@ -232,17 +229,20 @@ def _freeze(v):
     return tuple(v) if isinstance(v, list) else v
 
 
-def const_value(module: ir.Module, name: str):
-    c = module.scope[name]
-    return Evaluator({}, {}, _ConstHooks(module)).eval(_typed_const(module, c))
+def const_value(module: ir.Module, name: str, file: str | None = None):
+    """A constant's value, looked up in the file that defines it."""
+    home = module.registry.get(file, module) if file else module
+    c = home.scope[name]
+    home = home.home(c)
+    return Evaluator({}, {}, _ConstHooks(home)).eval(_typed_const(home, c))
 
 
 class _ConstHooks:
     def __init__(self, module):
         self.module = module
 
-    def const(self, name):
-        return const_value(self.module, name)
+    def const(self, name, file=None):
+        return const_value(self.module, name, file)
 
 
 def _typed_const(module, c):
@@ -276,7 +276,7 @@ def bind(checked: CheckedPattern, module: ir.Module, values: dict, call_span=Non
     env = bp.env
     for p, t in checked.params:
         if p.name in values:
-            env[p.name] = _convert(p.name, values[p.name], t, span)
+            env[p.name] = _convert(p.name, values[p.name], t, call_span or p.span)
         elif p.default is not None:
             dv = Evaluator(env, {}, hooks).eval(p.default)
             env[p.name] = _convert(p.name, dv, t, p.default.span)
@@ -390,12 +390,13 @@ def _with_spaces(checked, other):
 
 def _bind_ref(module, ref, ev):
     pdef = module.scope[ref.name]
+    home = module.home(pdef)
     values = {}
     for p, a in zip(pdef.params, ref.args):
         values[p.name] = ev.eval(a)
     for kw in ref.kwargs:
         values[kw.name] = ev.eval(kw.value)
-    return bind_def(module, pdef, values, ref.span)
+    return bind_def(home, pdef, values, ref.span)
 
 
 def _head_range(ev, hr, heads):
@@ -464,7 +465,7 @@ def _names_in(e):
 
 def unknown_input(bp: BoundPattern, name: str):
     return AttnNameError(f"pattern '{bp.name}' has no run-time input '{name}'"
-                         + did_you_mean(name, bp.inputs), None)
+                         + did_you_mean(name, bp.inputs), bp.checked.span)
 
 
 __all__ = ["BoundPattern", "bind", "InputError", "CHUNK_ELEMS"]

@@ -13,6 +13,7 @@ from . import ir
 from .builtins import BUILTINS, DYNAMIC
 from .errors import AttnError, AttnNameError, AttnSyntaxError, AttnTypeError, ErrorSink
 from .errors import did_you_mean as _dym
+from .evaluate import INT_LIMIT
 from .ir import BOOL, FLOAT, INT, Type
 
 ERROR = Type("error")
@@ -20,6 +21,7 @@ SPACE_KINDS = {"seq": ("i",), "grid": ("y", "x"), "volume": ("t", "y", "x"), "ch
 POOLS = {"keys": ("max", "mean"), "queries": ("max", "mean"),
          "values": ("mean", "max", "expectation")}
 CONTEXT = ("q", "k", "h")
+MAX_EXPR_DEPTH = 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class CheckedPattern:
     includes: tuple[ir.PatternRef, ...]
     uses_h: bool
     uses_content: bool
+    nnz: ir.NnzStmt | None = None
 
     @property
     def channel(self) -> bool:
@@ -126,6 +129,14 @@ class Checker:
         self.kspace: Space | None = None
         self.summary_axes: dict[str, tuple[str, ...]] = {}
         self.has_heads = False
+        self.mask_h = False  # 'h' used by a rule (the mask differs per head), not only a bias
+        self.h_span = None  # the first use of 'h', where a missing 'heads N' is reported
+        self.space_roles: set[str] = {"query", "key"}  # roles some statement declares
+        self.call_depth = 0  # > 0 while checking a function body for a call site
+        self.misused: dict[str, object] = {}  # q/k/h misused inside such a body
+        self.depth = 0  # nesting of expressions being checked
+        self.pattern_name: str | None = None  # the pattern being checked
+        self.bad_ref = False  # an unknown or recursive pattern reference: no follow-ups
 
     def err(self, cls, msg: str, span) -> Type:
         self.sink.add(cls(msg, span))
@@ -151,14 +162,25 @@ class Checker:
 
     # ------------------------------------------------------------ expressions
     def expr(self, e: ir.Expr, scope: _Scope) -> ir.Expr:
+        if self.depth >= MAX_EXPR_DEPTH:  # deep chains of calls would exhaust the stack
+            return dataclasses.replace(e, ty=self.err(
+                AttnTypeError, f"expression nested too deeply (more than {MAX_EXPR_DEPTH} "
+                "levels, counting the bodies of called functions)", e.span))
         m = getattr(self, "e_" + type(e).__name__)
-        return m(e, scope)
+        self.depth += 1
+        try:
+            return m(e, scope)
+        finally:
+            self.depth -= 1
 
     @staticmethod
     def ty(e) -> Type:
         return e.ty if e.ty is not None else ERROR
 
     def e_IntLit(self, e, scope):
+        if abs(e.value) >= INT_LIMIT:
+            return dataclasses.replace(e, ty=self.err(
+                AttnTypeError, f"integer {e.value} does not fit in 64 bits", e.span))
         return dataclasses.replace(e, ty=INT)
 
     def e_FloatLit(self, e, scope):
@@ -170,20 +192,34 @@ class Checker:
     def e_Name(self, e, scope):
         found = scope.get(e.id)
         if found is not None:
-            ref, t = found
+            ref, t = found[0], found[1]
+            if len(found) > 2:  # a pattern-level let: its unique name and what it depends on
+                uid, deps = found[2], found[3]
+                bad = sorted(deps - self.allow_context - {"input"})
+                if bad and not self.call_depth:
+                    return dataclasses.replace(e, ty=self.err(
+                        AttnNameError, f"'{e.id}' depends on '{bad[0]}', which cannot be used "
+                        + self._where(), e.span))
+                if "h" in deps:
+                    self.uses_h = True
+                return dataclasses.replace(e, id=uid, ty=t, ref=ref)
             return dataclasses.replace(e, ty=t, ref=ref)
         if e.id in CONTEXT:
             if e.id not in self.allow_context:
-                where = {"q": "a summary's member rule or a static context",
-                         "k": "a summary's attend rule or a static context",
-                         "h": "this context"}[e.id]
+                if self.call_depth:  # reported once, at the call site (see call_fn)
+                    self.misused.setdefault(e.id, e.span)
+                    return dataclasses.replace(e, ty=ERROR)
                 return dataclasses.replace(e, ty=self.err(
-                    AttnNameError, f"'{e.id}' cannot be used in {where}", e.span))
+                    AttnNameError, f"'{e.id}' cannot be used {self._where()}", e.span))
             if e.id == "h":
                 self.uses_h = True
+                self.h_span = self.h_span or e.span
                 return dataclasses.replace(e, ty=Type("int", None, False), ref="h")
             sp = self.qspace if e.id == "q" else self.kspace
             if sp is None:
+                if ("query" if e.id == "q" else "key") not in self.space_roles or (
+                        self.bad_ref):
+                    return dataclasses.replace(e, ty=ERROR)  # the pattern's error says why
                 return dataclasses.replace(e, ty=self.err(
                     AttnNameError, f"'{e.id}' is used before the pattern declares its space",
                     e.span))
@@ -191,7 +227,7 @@ class Checker:
                                        ref=e.id)
         g = self.module.scope.get(e.id)
         if isinstance(g, ir.ConstDef):
-            return dataclasses.replace(e, ty=self.const_type(g), ref="const")
+            return dataclasses.replace(e, ty=self.const_type(g), ref="const:" + g.file)
         if isinstance(g, ir.FnDef | ir.PatternDef):
             kind = "function" if isinstance(g, ir.FnDef) else "pattern"
             return dataclasses.replace(e, ty=self.err(
@@ -203,16 +239,27 @@ class Checker:
         return dataclasses.replace(e, ty=self.err(
             AttnNameError, f"unknown name '{e.id}'" + _dym(e.id, cands), e.span))
 
+    def _where(self) -> str:
+        """Where q, k or h may not appear, for messages."""
+        if self.allow_context == {"k"}:
+            return "in a summary's 'member' rule, which sees only the key 'k'"
+        if self.allow_context == {"q", "h"}:
+            return "in a summary's 'attend' rule, which sees only the query 'q' and 'h'"
+        return "here: this value must not depend on the query, key or head index"
+
     def const_type(self, c: ir.ConstDef) -> Type:
         if c.name in self.fn_stack:
-            return self.err(AttnNameError, f"constant '{c.name}' refers to itself", c.span)
+            return self.err(AttnNameError, f"constant '{c.name}' refers to itself"
+                            + _through(self.fn_stack, c.name), c.span)
         self.fn_stack.append(c.name)
-        saved = self.allow_context
+        saved, saved_module = self.allow_context, self.module
         self.allow_context = set()
+        self.module = self.module.home(c)
         try:
             t = self.ty(self.expr(c.value, _Scope()))
         finally:
             self.allow_context = saved
+            self.module = saved_module
             self.fn_stack.pop()
         return t
 
@@ -357,7 +404,8 @@ class Checker:
                     " and cannot be indexed", base.span))
             if len(tb.dims) != 1:
                 return dataclasses.replace(out, ty=self.err(
-                    AttnTypeError, f"only 1-D inputs can be indexed, not {tb}", e.span))
+                    AttnTypeError, f"only 1-D inputs can be indexed, not {tb.space} inputs with"
+                    f" {len(tb.dims)} dimensions", e.span))
             return dataclasses.replace(out, ty=Type(tb.space, None, False))
         if tb.n is not None:
             if not isinstance(idx, ir.IntLit):
@@ -494,23 +542,47 @@ class Checker:
     def call_fn(self, e, fn: ir.FnDef):
         if fn.name in self.fn_stack:
             return dataclasses.replace(e, ty=self.err(
-                AttnTypeError, f"function '{fn.name}' calls itself; recursion is not allowed",
+                AttnTypeError, f"function '{fn.name}' calls itself"
+                + _through(self.fn_stack, fn.name) + "; recursion is not allowed",
                 e.span), ref="fn")
+        self.call_depth += 1
+        try:
+            out = self._call_fn(e, fn)
+        finally:
+            self.call_depth -= 1
+        if not self.call_depth and self.misused:
+            names = " and ".join(f"'{n}'" for n in self.misused)
+            self.misused = {}
+            return dataclasses.replace(out, ty=self.err(
+                AttnNameError, f"function '{fn.name}' uses {names}, which cannot be used "
+                + self._where(), e.span))
+        return out
+
+    def _call_fn(self, e, fn: ir.FnDef):
         bound = self.bind_args(e, fn.params, f"function '{fn.name}'")
         if bound is None:
             return dataclasses.replace(e, ty=ERROR, ref="fn")
+        saved_module = self.module
+        try:
+            self.module = self.module.home(fn)  # the body's names are those of its own file
+            return self._call_fn_body(e, fn, bound)
+        finally:
+            self.module = saved_module
+
+    def _call_fn_body(self, e, fn: ir.FnDef, bound):
         inner = _Scope()
         args = []
+        defaults = []
         ok = True
         self.fn_stack.append(fn.name)
         try:
             for p in fn.params:
-                if p.name in bound:
+                if p.name in bound and bound[p.name].ty is not None:
                     a = bound[p.name]
-                    if a.ty is None:  # a default: typed in the callee's scope
-                        a = self.expr(a, inner)
-                else:
+                    defaults.append(False)
+                else:  # a default: typed (and later evaluated) in the callee's scope
                     a = self.expr(p.default, inner)
+                    defaults.append(True)
                 want = self.type_of_ref(p.type)
                 have = self._numeric(self.ty(a))
                 if want.kind == "error" or have.kind == "error":
@@ -546,12 +618,30 @@ class Checker:
         if tb.kind not in ("error",) and want.kind == "float":
             tb = Type("float", tb.n, tb.static)
         return dataclasses.replace(e, args=tuple(args), kwargs=(), ty=tb, ref="fn",
-                                   params=tuple(p.name for p in fn.params), body=body)
+                                   params=tuple(p.name for p in fn.params), body=body,
+                                   defaults=tuple(defaults))
+
+    def refers_back(self, target: str, span) -> bool:
+        """Report (and say) whether using pattern `target` makes this pattern recursive."""
+        me = self.pattern_name
+        path = _ref_path(self.module, target, me) if me is not None else None
+        if path is None:
+            return False
+        self.bad_ref = True
+        self.err(AttnTypeError, f"pattern '{me}' refers to itself"
+                 + _through([me] + path[:-1], me) + "; recursion is not allowed", span)
+        return True
 
     def call_pattern(self, e, pat: ir.PatternDef):
+        if self.refers_back(pat.name, e.span):
+            return dataclasses.replace(e, ty=ERROR, ref="pattern")
         bound = self.bind_args(e, pat.params, f"pattern '{pat.name}'")
         if bound is None:
             return dataclasses.replace(e, ty=ERROR, ref="pattern")
+        if any(isinstance(s, ir.InputStmt) for s in pat.body):
+            return dataclasses.replace(e, ty=self.err(
+                AttnTypeError, f"pattern '{pat.name}' takes run-time inputs, which an "
+                "expression cannot pass on; use 'include' instead", e.span), ref="pattern")
         for name, a in bound.items():
             t = self.ty(a)
             if t.kind != "error" and not t.static:
@@ -593,6 +683,7 @@ class Checker:
         return x
 
     def check_pattern(self, p: ir.PatternDef) -> CheckedPattern | None:
+        self.pattern_name = p.name
         scope = _Scope()
         params = []
         seen = set()
@@ -618,43 +709,63 @@ class Checker:
 
         lets, requires, inputs, rules, scores, summaries = [], [], [], [], [], []
         average, includes = [], []
-        heads = route = None
+        heads = route = nnz = None
         spaces: dict[str, Space] = {}
+        self.space_roles = set()
+        for s in p.body:
+            if isinstance(s, ir.IncludeStmt) or (isinstance(s, ir.SpaceStmt)
+                                                 and s.role == "space"):
+                self.space_roles |= {"query", "key"}
+            elif isinstance(s, ir.SpaceStmt):
+                self.space_roles.add(s.role)
+
+        space_failed = []  # erroneous space statements: no follow-up errors about spaces
 
         def visit(stmts, scope, hr):
-            nonlocal heads, route
+            nonlocal heads, route, nnz
             for s in stmts:
                 if isinstance(s, ir.SpaceStmt):
                     if s.kind not in SPACE_KINDS:
                         self.err(AttnNameError, f"unknown space kind '{s.kind}'"
                                  + _dym(s.kind, SPACE_KINDS), s.span)
+                        space_failed.append(s)
+                        self.space_roles -= {"query", "key"} if s.role == "space" else {s.role}
                         continue
                     axes = SPACE_KINDS[s.kind]
                     if len(s.sizes) != len(axes):
                         self.err(AttnTypeError, f"a {s.kind} space takes {len(axes)} size"
                                  f"{'s' if len(axes) > 1 else ''}, not {len(s.sizes)}", s.span)
+                        space_failed.append(s)
+                        self.space_roles -= {"query", "key"} if s.role == "space" else {s.role}
                         continue
                     sizes = tuple(self.static_int(x, scope, "a space size") for x in s.sizes)
                     roles = ("query", "key") if s.role == "space" else (s.role,)
                     sp = Space(s.kind, sizes, axes, s.span)
+                    twice = [r for r in roles if r in spaces]
+                    if twice:
+                        self.err(AttnSyntaxError, f"the {' and '.join(twice)} space"
+                                 f"{'s are' if len(twice) > 1 else ' is'} declared twice",
+                                 s.span)
                     for r in roles:
-                        if r in spaces:
-                            self.err(AttnSyntaxError, f"the {r} space is declared twice",
-                                     s.span)
                         spaces[r] = sp
                     self.qspace, self.kspace = spaces.get("query"), spaces.get("key")
                 elif isinstance(s, ir.LetStmt):
                     self.allow_context = {"q", "k", "h"}
                     v = self.expr(s.value, scope)
                     scope = _Scope(scope)
-                    scope.names[s.name] = ("local", self.ty(v))
-                    lets.append(dataclasses.replace(s, value=v))
+                    n = sum(1 for x in lets if x.name.split("#")[0] == s.name)
+                    uid = s.name if n == 0 else f"{s.name}#{n + 1}"
+                    scope.names[s.name] = ("local", self.ty(v), uid, _deps(v, scope))
+                    lets.append(dataclasses.replace(s, name=uid, value=v))
                 elif isinstance(s, ir.RequireStmt):
                     self.allow_context = set()
                     c = self.expr(s.cond, scope)
                     t = self.ty(c)
                     if t.kind not in ("error", "bool"):
                         self.err(AttnTypeError, f"'require' needs a bool, not {t}", c.span)
+                    elif t.kind == "bool" and not t.static:
+                        self.err(AttnTypeError, "'require' must depend only on parameters, "
+                                 "not on run-time inputs", c.span)
                     requires.append(dataclasses.replace(s, cond=c))
                 elif isinstance(s, ir.InputStmt):
                     if s.name in CONTEXT or scope.get(s.name) is not None:
@@ -688,7 +799,10 @@ class Checker:
                     self.has_heads = True
                 elif isinstance(s, ir.RuleStmt):
                     self.allow_context = {"q", "k", "h"}
+                    before, self.uses_h = self.uses_h, False
                     x = self.expr(s.expr, scope)
+                    self.mask_h = self.mask_h or self.uses_h
+                    self.uses_h = self.uses_h or before
                     t = self.ty(x)
                     if t.kind != "error" and (t.kind != "bool" or t.n is not None):
                         hint = " (reduce a per-axis bool with all() or any())" if (
@@ -705,6 +819,8 @@ class Checker:
                     if s.kind != "bias" and hr is not None:
                         self.err(AttnSyntaxError, f"'{s.kind}' applies to all heads; it "
                                  "cannot be inside 'on heads'", s.span)
+                    if s.kind != "bias" and any(x.kind == s.kind for x in scores):
+                        self.err(AttnSyntaxError, f"'{s.kind}' is given twice", s.span)
                     scores.append(dataclasses.replace(s, expr=x, heads=hr))
                 elif isinstance(s, ir.SummaryStmt):
                     summaries.append(self.summary(s, scope))
@@ -722,6 +838,19 @@ class Checker:
                     top = self.static_int(s.top, scope, "'top'")
                     shared = self.static_int(s.shared, scope, "'shared'")
                     route = dataclasses.replace(s, top=top, shared=shared)
+                elif isinstance(s, ir.NnzStmt):
+                    self.allow_context = set()
+                    if nnz is not None:
+                        self.err(AttnSyntaxError, "'nnz' is given twice", s.span)
+                    x = self.static_int(s.expr, scope, "'nnz'")
+                    w = None
+                    if s.when is not None:
+                        w = self.expr(s.when, scope)
+                        t = self.ty(w)
+                        if t.kind != "error" and (t.kind != "bool" or t.n or not t.static):
+                            self.err(AttnTypeError, "'when' needs a bool that depends only on "
+                                     f"parameters, not {t}", w.span)
+                    nnz = dataclasses.replace(s, expr=x, when=w)
                 elif isinstance(s, ir.AverageStmt):
                     for part in s.parts:
                         average.append((part.name, self.pattern_ref(part, scope)))
@@ -753,13 +882,14 @@ class Checker:
 
         visit(p.body, scope, None)
         qs, ks = spaces.get("query"), spaces.get("key")
-        if qs is None and not average:
+        space_failed = space_failed or self.bad_ref
+        if qs is None and not average and not space_failed:
             self.err(AttnSyntaxError, f"pattern '{p.name}' declares no space (add e.g. "
                      "'space seq(N)')", p.span)
-        if qs is not None and ks is None:
+        if qs is not None and ks is None and not space_failed:
             self.err(AttnSyntaxError, f"pattern '{p.name}' declares a query space but no key "
                      "space", p.span)
-        if (qs is None) != (ks is None) and qs is None:
+        if (qs is None) != (ks is None) and qs is None and not space_failed:
             self.err(AttnSyntaxError, f"pattern '{p.name}' declares a key space but no query "
                      "space", p.span)
         if qs and ks and "channels" in (qs.kind, ks.kind) and qs is not ks:
@@ -769,19 +899,19 @@ class Checker:
         if not has_attend and not summaries and not average and not includes:
             self.err(AttnSyntaxError, f"pattern '{p.name}' attends nothing: add an 'attend' "
                      "rule", p.span)
-        if average and (rules or summaries or includes or route):
+        if average and (rules or scores or summaries or includes or route):
             self.err(AttnSyntaxError, "'average' combines whole patterns; it cannot be mixed "
-                     "with rules, summaries or routing in the same pattern", p.span)
+                     "with rules, scores, summaries or routing in the same pattern", p.span)
         if self.uses_h and heads is None:
             self.err(AttnSyntaxError, "the head index 'h' needs a 'heads N' declaration",
-                     p.span)
+                     self.h_span or p.span)
         if self.uses_content and (qs is None or ks is None or qs.kind != "seq"):
             pass
         return CheckedPattern(
             p.name, tuple(params), p.doc, p.span, p.file, qs, ks, tuple(lets),
             tuple(requires), tuple(inputs), heads, tuple(rules), tuple(scores),
-            tuple(summaries), route, tuple(average), tuple(includes), self.uses_h,
-            self.uses_content)
+            tuple(summaries), route, tuple(average), tuple(includes), self.mask_h,
+            self.uses_content, nnz)
 
     def pattern_ref(self, ref: ir.PatternRef, scope) -> ir.PatternRef:
         g = self.module.scope.get(ref.name)
@@ -789,6 +919,9 @@ class Checker:
             cands = [k for k, v in self.module.scope.items() if isinstance(v, ir.PatternDef)]
             self.err(AttnNameError, f"unknown pattern '{ref.name}'" + _dym(ref.name, cands),
                      ref.span)
+            self.bad_ref = True
+            return ref
+        if self.refers_back(ref.name, ref.span):
             return ref
         self.allow_context = set()
         call = ir.Call(ref.span, ref.name, ref.args, ref.kwargs)
@@ -840,7 +973,10 @@ class Checker:
                      "queries see each summary token)", s.span)
         else:
             self.allow_context = {"q", "h"}
+            before, self.uses_h = self.uses_h, False
             attend = self.expr(s.attend, inner)
+            self.mask_h = self.mask_h or self.uses_h
+            self.uses_h = self.uses_h or before
             self._want_bool(attend, "a summary's 'attend'")
         pools = {"keys": "mean", "values": "mean", "queries": "max"}
         seen = set()
@@ -877,6 +1013,77 @@ class Checker:
                                                                  p.span)
             for p in fn.params)
         self.call_fn(ir.Call(fn.span, fn.name, args), fn)
+
+
+def _ref_path(module: ir.Module, start: str, goal: str) -> list[str] | None:
+    """Names leading from pattern or function `start` to `goal` through includes, averages
+    and calls (`[start, ..., goal]`), or None."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        name, path = stack.pop()
+        if name == goal:
+            return path
+        d = module.scope.get(name)
+        if name in seen or not isinstance(d, ir.PatternDef | ir.FnDef):
+            continue
+        seen.add(name)
+        todo = [d.params, d.body] + ([d.lets] if isinstance(d, ir.FnDef) else [])
+        while todo:
+            x = todo.pop()
+            if isinstance(x, tuple | list):
+                todo.extend(x)
+            elif dataclasses.is_dataclass(x) and not isinstance(x, Type):
+                if isinstance(x, ir.Call | ir.PatternRef):
+                    n = x.func if isinstance(x, ir.Call) else x.name
+                    stack.append((n, path + [n]))
+                todo.extend(getattr(x, f.name) for f in dataclasses.fields(x)
+                            if f.name not in ("span", "ty"))
+    return None
+
+
+def _through(stack: list[str], name: str) -> str:
+    """' through f -> g -> f' for indirect recursion, '' for direct."""
+    chain = stack[stack.index(name):] + [name]
+    return f" through {' -> '.join(chain)}" if len(chain) > 2 else ""
+
+
+def _deps(e, scope) -> frozenset:
+    """The context names (q, k, h) and run-time inputs an expression uses, through lets."""
+    out = set()
+
+    def walk(x):
+        if isinstance(x, ir.Name):
+            if x.ref in CONTEXT:
+                out.add(x.ref)
+            elif x.ref == "input":
+                out.add("input")
+            elif x.ref == "local":
+                out.update(_let_deps(scope, x.id))
+            return
+        if isinstance(x, ir.Call) and x.body is not None:
+            walk(x.body)
+        for f in dataclasses.fields(x):
+            v = getattr(x, f.name)
+            if isinstance(v, ir.Expr):
+                walk(v)
+            elif isinstance(v, tuple):
+                for y in v:
+                    if isinstance(y, ir.Expr):
+                        walk(y)
+                    elif isinstance(y, ir.Keyword):
+                        walk(y.value)
+    walk(e)
+    return frozenset(out)
+
+
+def _let_deps(scope, uid):
+    s = scope
+    while s is not None:
+        for entry in s.names.values():
+            if len(entry) > 2 and entry[2] == uid:
+                return entry[3]
+        s = s.parent
+    return frozenset()
 
 
 def _placeholder(t: Type, span) -> ir.Expr:

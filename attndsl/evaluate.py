@@ -16,7 +16,7 @@ import torch
 from . import ir
 from .errors import EvaluationError
 
-INT_LIMIT = 1 << 62
+INT_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +63,36 @@ def lift(f, *xs):
 
 def _check_int(v, span):
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= INT_LIMIT:
-        raise EvaluationError(f"integer overflow: {v} does not fit in 64 bits", span)
+        raise EvaluationError(f"integer overflow: {v} does not fit in a signed 64-bit "
+                              "integer", span)
     return v
 
 
-def _any_zero(b) -> bool:
-    return bool((b == 0).any()) if _is_t(b) else b == 0
+def _any_zero(b, guard=None) -> bool:
+    """A zero divisor where the value is actually used (`guard`: the elements that matter)."""
+    if not _is_t(b):
+        return b == 0 and (guard is None or bool(torch.as_tensor(guard).any()))
+    z = b == 0
+    if guard is not None:
+        z = z & guard
+    return bool(z.any())
+
+
+def _nonzero(b):
+    """Tensors: replace zero divisors (only in unused elements, see _any_zero) by 1."""
+    if _is_t(b):
+        return torch.where(b == 0, torch.ones_like(b), b)
+    return 1 if b == 0 else b
 
 
 class Evaluator:
-    def __init__(self, env: dict, ctx: dict | None = None, hooks=None):
+    def __init__(self, env: dict, ctx: dict | None = None, hooks=None, lazy=None):
         self.env = env  # name -> value for params, consts, inputs, static lets
         self.ctx = ctx or {}  # q, k, h and summary values
         self.hooks = hooks  # callbacks for pattern calls and dynamic builtins
+        self.lazy = lazy or {}  # pattern-level lets on q/k/h: evaluated when first used
+        self.memo: dict = {}
+        self.guard = None  # tensors: the elements whose value is used (and/or/if branches)
 
     def eval(self, e: ir.Expr, local: dict | None = None):
         return getattr(self, "e_" + type(e).__name__)(e, local or {})
@@ -101,9 +118,26 @@ class Evaluator:
             return self.ctx["summary"]
         if e.id in self.env:
             return self.env[e.id]
-        if e.ref == "const" and self.hooks is not None:
-            return self.hooks.const(e.id)
+        if e.id in self.lazy:
+            if e.id not in self.memo:
+                saved, self.guard = self.guard, None
+                try:
+                    self.memo[e.id] = self.eval(self.lazy[e.id])
+                finally:
+                    self.guard = saved
+            return self.memo[e.id]
+        if e.ref and e.ref.startswith("const") and self.hooks is not None:
+            return self.hooks.const(e.id, e.ref[6:] or None)
         raise EvaluationError(f"'{e.id}' has no value here", e.span)
+
+    def _guarded(self, e, local, mask):
+        """Evaluate e where only the elements in `mask` matter (errors elsewhere ignored)."""
+        saved = self.guard
+        self.guard = mask if saved is None else saved & mask
+        try:
+            return self.eval(e, local)
+        finally:
+            self.guard = saved
 
     def e_TupleLit(self, e, local):
         return tuple(self.eval(i, local) for i in e.items)
@@ -124,12 +158,15 @@ class Evaluator:
             if isinstance(a, bool) and a == (op == "or"):  # Python semantics: short-circuit
                 n = e.ty.n if e.ty is not None else None
                 return a if n is None else (a,) * n
-            b = self.eval(e.right, local)
+            if _is_t(a):
+                b = self._guarded(e.right, local, a if op == "and" else ~a)
+            else:
+                b = self.eval(e.right, local)
             if op == "and":
                 return lift(lambda x, y: x & y if _is_t(x) or _is_t(y) else (x and y), a, b)
             return lift(lambda x, y: x | y if _is_t(x) or _is_t(y) else (x or y), a, b)
         a, b = num(self.eval(e.left, local)), num(self.eval(e.right, local))
-        return lift(lambda x, y: binop(op, x, y, e.span), a, b)
+        return lift(lambda x, y: binop(op, x, y, e.span, self.guard), a, b)
 
     def e_Compare(self, e, local):
         vals = [num(self.eval(o, local)) for o in e.operands]
@@ -144,7 +181,11 @@ class Evaluator:
         c = self.eval(e.cond, local)
         if isinstance(c, bool):
             return num(self.eval(e.then if c else e.orelse, local))
-        a, b = num(self.eval(e.then, local)), num(self.eval(e.orelse, local))
+        if _is_t(c):
+            a = num(self._guarded(e.then, local, c))
+            b = num(self._guarded(e.orelse, local, ~c))
+        else:  # a per-axis tuple of conditions
+            a, b = num(self.eval(e.then, local)), num(self.eval(e.orelse, local))
         return lift(_where, c, a, b)
 
     def e_LetExpr(self, e, local):
@@ -189,7 +230,11 @@ class Evaluator:
 
     def e_Call(self, e, local):
         if e.ref == "fn":
-            inner = {p: self.eval(a, local) for p, a in zip(e.params, e.args)}
+            inner = {}
+            defaults = e.defaults or (False,) * len(e.args)
+            for p, a, is_default in zip(e.params, e.args, defaults):
+                # a default sees the callee's earlier parameters, not the caller's names
+                inner[p] = self.eval(a, inner if is_default else local)
             return self.eval(e.body, inner)
         if e.ref == "builtin":
             args = [num(self.eval(a, local)) for a in e.args]
@@ -220,8 +265,11 @@ def _t(x):
     return x if _is_t(x) else torch.tensor(x)
 
 
-def binop(op: str, a, b, span):
-    """One arithmetic or bit operation with Python's semantics on ints and tensors."""
+def binop(op: str, a, b, span, guard=None):
+    """One arithmetic or bit operation with Python's semantics on ints and tensors.
+
+    `guard` marks the tensor elements whose value is used; a zero divisor elsewhere (in the
+    untaken side of an 'or', 'and' or 'if') is not an error."""
     tensors = _is_t(a) or _is_t(b)
     if op == "+":
         r = a + b
@@ -229,13 +277,18 @@ def binop(op: str, a, b, span):
         r = a - b
     elif op == "*":
         r = a * b
+        if tensors and not (_is_t(r) and r.is_floating_point()) and bool(
+                ((_t(a).double() * _t(b).double()).abs() >= 2.0 ** 63).any()):
+            raise EvaluationError("integer overflow: a product does not fit in a signed 64-bit"
+                                  " integer", span)
     elif op == "/":
-        if _any_zero(b):
+        if _any_zero(b, guard):
             raise EvaluationError("division by zero", span)
-        r = (a.double() if _is_t(a) else float(a)) / b
+        r = (a.double() if _is_t(a) else float(a)) / _nonzero(b)
     elif op in ("//", "%"):
-        if _any_zero(b):
+        if _any_zero(b, guard):
             raise EvaluationError("division by zero" if op == "//" else "modulo by zero", span)
+        b = _nonzero(b)
         if not tensors:
             r = a // b if op == "//" else a % b
         elif op == "//":
@@ -250,7 +303,7 @@ def binop(op: str, a, b, span):
         if not tensors and isinstance(a, int) and isinstance(b, int) and b > 64 and abs(a) > 1:
             raise EvaluationError(f"integer overflow: {a} ** {b} does not fit in 64 bits",
                                   span)
-        r = a ** b if not tensors else torch.pow(_t(a), b)
+        r = _pow(a, b, span) if not tensors else torch.pow(_t(a), b)
     elif op in ("&", "|", "^"):
         r = {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](a, b)
     elif op in ("<<", ">>"):
@@ -266,6 +319,25 @@ def binop(op: str, a, b, span):
     else:  # pragma: no cover - the grammar has no other operators
         raise EvaluationError(f"unknown operator '{op}'", span)
     return _check_int(r, span) if not tensors else r
+
+
+def _pow(a, b, span):
+    try:
+        r = a ** b
+    except ZeroDivisionError:
+        raise EvaluationError(f"0 cannot be raised to a negative power ({b})", span) from None
+    except OverflowError:
+        raise EvaluationError(f"{a} ** {b} overflows", span) from None
+    if isinstance(r, complex):
+        raise EvaluationError(f"a negative number ({a}) cannot be raised to a fractional power"
+                              f" ({b})", span)
+    return r
+
+
+def _floor(x, span):
+    if not math.isfinite(x):
+        raise EvaluationError(f"floor of {x} is not an integer", span)
+    return math.floor(x)
 
 
 def call_builtin(name: str, args: list, span):
@@ -342,7 +414,7 @@ def call_builtin(name: str, args: list, span):
         return elementwise(lambda x: x.double() if _is_t(x) else float(x))
     if name == "floor":
         return elementwise(lambda x: torch.floor(x).long() if _is_t(x) and x.is_floating_point()
-                           else x if _is_t(x) else math.floor(x))
+                           else x if _is_t(x) else _floor(x, span))
     if name == "sqrt":
         def sq(x):
             if (_is_t(x) and bool((x < 0).any())) or (not _is_t(x) and x < 0):

@@ -33,7 +33,9 @@ class Type:
         if self.kind == "summary":
             return f"summary<{self.space}>"
         if self.kind == "array":
-            dims = ", ".join("*" if d is None else str(d) for d in self.dims)
+            from .printer import expr_source
+            dims = ", ".join("*" if d is None else expr_source(d) if isinstance(d, Expr)
+                             else str(d) for d in self.dims)
             return f"{self.space}[{dims}]" + (" optional" if self.optional else "")
         if self.n is None:
             return self.kind
@@ -153,6 +155,7 @@ class Call(Expr):
     ref: str | None = None
     params: tuple[str, ...] = ()
     body: Expr | None = None
+    defaults: tuple[bool, ...] = ()  # fn: which args are the callee's defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +297,15 @@ class IncludeStmt:
 
 
 @dataclass(frozen=True, slots=True)
+class NnzStmt:
+    """The number of attended pairs in closed form, valid where `when` holds."""
+
+    expr: Expr
+    when: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
 class HeadBlock:
     heads: HeadRange
     body: tuple
@@ -345,6 +357,12 @@ class Module:
     path: str
     items: tuple
     scope: dict = field(default_factory=dict, compare=False, hash=False)
+    # every module loaded with this one, by path: a definition's names resolve in its own file
+    registry: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def home(self, item) -> Module:
+        """The module that defines `item` (imported names live in their own file's scope)."""
+        return self.registry.get(getattr(item, "file", None), self)
 
     def patterns(self) -> list[PatternDef]:
         return [i for i in self.items if isinstance(i, PatternDef)]

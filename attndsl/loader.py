@@ -19,7 +19,8 @@ def resolve_path(path: str | Path, base: Path | None = None) -> Path | None:
     cands = [base / p] if base is not None and not p.is_absolute() else []
     cands.append(p)
     std = stdlib_dir()
-    cands.append(std / p.name)
+    if p.parent in (Path("."), Path("patterns")):  # only bare names reach the library
+        cands.append(std / p.name)
     for c in cands:
         if c.is_file():
             return c.resolve()
@@ -31,6 +32,7 @@ class Loader:
 
     def __init__(self) -> None:
         self.modules: dict[str, ir.Module] = {}
+        self.registry: dict[str, ir.Module] = {}
         self._loading: list[str] = []
 
     def load_text(self, text: str, name: str = "<string>", base: Path | None = None) -> ir.Module:
@@ -101,7 +103,9 @@ class Loader:
                 own[item.name] = item
         sink.raise_if_any()
         scope.update(own)
-        return ir.Module(name, items, scope)
+        mod = ir.Module(name, items, scope, self.registry)
+        self.registry[name] = mod
+        return mod
 
 
 def _display(path: Path) -> str:

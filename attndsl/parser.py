@@ -52,29 +52,43 @@ class _Builder(Transformer):
         text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
         return Span(self.file, line, col, eline, ecol, text)
 
+    def string(self, tok: Token) -> str:
+        try:
+            return _string(tok)
+        except (SyntaxError, ValueError):  # a bad escape such as "\N" or "\u12"
+            raise AttnSyntaxError(f"invalid escape sequence in string {tok}",
+                                  self.span(tok)) from None
+
     # -- items
     def start(self, items):
         return tuple(items)
 
     @v_args(meta=True)
     def import_all(self, meta, c):
-        return ir.Import(_string(c[0]), None, self.span(meta))
+        return ir.Import(self.string(c[0]), None, self.span(meta))
 
     @v_args(meta=True)
     def import_some(self, meta, c):
-        return ir.Import(_string(c[0]), tuple(str(t) for t in c[1:]), self.span(meta))
+        return ir.Import(self.string(c[0]), tuple(str(t) for t in c[1:]), self.span(meta))
 
-    def doc(self, c):
-        return "\n".join(str(t)[2:].strip() for t in c)
+    def doc(self, line: int) -> str:
+        """The `##` lines directly above source line `line` (1-based), without the marks."""
+        out = []
+        i = line - 2
+        while i >= 0 and self.lines[i].lstrip().startswith("##"):
+            out.append(self.lines[i].lstrip()[2:].strip())
+            i -= 1
+        return "\n".join(reversed(out))
 
     @v_args(meta=True)
     def const_def(self, meta, c):
-        doc, name, value = c
-        return ir.ConstDef(str(name), value, doc or "", self.span(name), self.file)
+        name, value = c
+        return ir.ConstDef(str(name), value, self.doc(meta.line), self.span(name), self.file)
 
     @v_args(meta=True)
     def fn_def(self, meta, c):
-        doc, name, params, ret, body = c
+        name, params, ret, body = c
+        doc = self.doc(meta.line)
         lets, expr = body
         return ir.FnDef(str(name), tuple(params or ()), ret, lets, expr, doc or "",
                         self.span(name), self.file)
@@ -87,8 +101,8 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def pattern_def(self, meta, c):
-        doc, name, params, *body = c
-        return ir.PatternDef(str(name), tuple(params or ()), tuple(body), doc or "",
+        name, params, *body = c
+        return ir.PatternDef(str(name), tuple(params or ()), tuple(body), self.doc(meta.line),
                              self.span(name), self.file)
 
     def params(self, c):
@@ -127,7 +141,7 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def require_stmt(self, meta, c):
-        return ir.RequireStmt(c[0], _string(c[1]) if c[1] is not None else None,
+        return ir.RequireStmt(c[0], self.string(c[1]) if c[1] is not None else None,
                               self.span(meta))
 
     @v_args(meta=True)
@@ -164,6 +178,10 @@ class _Builder(Transformer):
         pos = tuple(a for a in args if not isinstance(a, ir.Keyword))
         kws = tuple(a for a in args if isinstance(a, ir.Keyword))
         return ir.PatternRef(str(c[0]), pos, kws, self.span(meta))
+
+    @v_args(meta=True)
+    def nnz_stmt(self, meta, c):
+        return ir.NnzStmt(c[0], c[1], self.span(meta))
 
     @v_args(meta=True)
     def head_block(self, meta, c):
@@ -312,7 +330,12 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def int_lit(self, meta, c):
-        return ir.IntLit(self.span(meta), int(str(c[0]), 0))
+        try:
+            value = int(str(c[0]), 0)
+        except ValueError:  # e.g. 056: leading zeros would read as octal elsewhere
+            raise AttnSyntaxError(f"invalid integer '{c[0]}' (leading zeros are not allowed)",
+                                  self.span(meta)) from None
+        return ir.IntLit(self.span(meta), value)
 
     @v_args(meta=True)
     def float_lit(self, meta, c):
@@ -360,22 +383,67 @@ def _expected(names) -> str:
 def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSyntaxError:
     line = getattr(err, "line", None) or len(lines) or 1
     col = getattr(err, "column", None) or 1
-    if isinstance(err, UnexpectedEOF) or (line == -1):
-        line = max(1, len(lines))
-        col = len(lines[-1]) + 1 if lines else 1
+    tok = getattr(err, "token", None)
+    if isinstance(err, UnexpectedEOF) or line == -1 or (tok is not None and tok.type == "$END"):
+        filled = [i for i, t in enumerate(lines) if t.strip()]  # point just past the last text
+        line = filled[-1] + 1 if filled else 1
+        col = len(lines[line - 1].rstrip()) + 1 if filled else 1
     text = lines[line - 1] if 0 < line <= len(lines) else ""
     if isinstance(err, UnexpectedCharacters):
         ch = text[col - 1] if col - 1 < len(text) else "?"
         msg = f"unexpected character '{ch}'"
         span = Span(file, line, col, line, col + 1, text)
         return AttnSyntaxError(msg, span)
-    tok = getattr(err, "token", None)
+    unclosed = _unclosed(lines, line, col)
     if tok is not None and tok.type != "$END":
         msg = f"unexpected {_describe(tok)}" + _expected(getattr(err, "expected", ()) or ())
+        if unclosed and unclosed[0] in "([" and unclosed[1] < line:
+            msg += f"; the '{unclosed[0]}' at line {unclosed[1]} is not closed"
         span = Span(file, line, col, line, col + max(1, len(str(tok))), text)
         return AttnSyntaxError(msg, span)
+    if unclosed:  # point at the bracket that is never closed
+        ch, bline, bcol = unclosed
+        return AttnSyntaxError(f"unexpected end of file: this '{ch}' is never closed",
+                               Span(file, bline, bcol, bline, bcol + 1, lines[bline - 1]))
     msg = "unexpected end of file" + _expected(getattr(err, "expected", ()) or ())
     return AttnSyntaxError(msg, Span(file, line, col, line, col + 1, text))
+
+
+def _unclosed(lines: list[str], line: int, col: int):
+    """The innermost bracket still open before (line, col), as (char, line, col), or None."""
+    stack = []
+    for ln, text in enumerate(lines[:line], 1):
+        end = col - 1 if ln == line else len(text)
+        i = 0
+        while i < end:
+            ch = text[i]
+            if ch == "#":
+                break
+            if ch == '"':  # skip a string, honouring backslash escapes
+                i += 1
+                while i < len(text) and text[i] != '"':
+                    i += 2 if text[i] == "\\" else 1
+            elif ch in "([{":
+                stack.append((ch, ln, i + 1))
+            elif ch in ")]}" and stack:
+                stack.pop()
+            i += 1
+    return stack[-1] if stack else None
+
+
+MAX_DEPTH = 100  # nesting levels of the syntax tree; deeper input would exhaust the stack
+
+
+def _too_deep(tree: lark.Tree):
+    """The first subtree nested deeper than MAX_DEPTH, found without recursion, or None."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return node
+        stack.extend((c, depth + 1) for c in reversed(node.children)
+                     if isinstance(c, lark.Tree))  # leftmost first
+    return None
 
 
 def parse_text(text: str, file: str = "<string>") -> tuple:
@@ -385,6 +453,10 @@ def parse_text(text: str, file: str = "<string>") -> tuple:
         tree = _lark().parse(text)
     except UnexpectedInput as err:
         raise _syntax_error(err, file, lines) from None
+    deep = _too_deep(tree)
+    if deep is not None:
+        raise AttnSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels); "
+                              "split it with 'let'", _Builder(file, lines).span(deep.meta))
     try:
         return _Builder(file, lines).transform(tree)
     except VisitError as err:

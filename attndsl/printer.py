@@ -163,6 +163,9 @@ def pattern_tree(cp: CheckedPattern) -> str:
         out += expr_tree(s.member, 3, seen)
         out.append("    attend")
         out += expr_tree(s.attend, 3, seen)
+    if cp.nnz is not None:
+        out.append("  nnz" + (f" when {expr_source(cp.nnz.when)}" if cp.nnz.when else ""))
+        out += expr_tree(cp.nnz.expr, 2, seen)
     if cp.route is not None:
         out.append(f"  route {cp.route.input} top {expr_source(cp.route.top)} shared "
                    f"{expr_source(cp.route.shared)}")

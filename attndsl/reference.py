@@ -12,7 +12,7 @@ import torch
 
 from .bind import CHUNK_ELEMS, BoundPattern, _Hooks, unknown_input
 from .errors import EvaluationError, InputError, SizeLimitError, UnsupportedError
-from .evaluate import Evaluator, SummaryVal, token
+from .evaluate import SummaryVal, token
 
 REFERENCE_LIMIT = 1 << 26  # batch x heads x queries x (keys + summary tokens)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,7 +30,7 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None,
     for name in given:
         if name not in bp.inputs:
             raise unknown_input(bp, name)
-    for name, (kind, dims, optional, _span) in bp.inputs.items():
+    for name, (kind, dims, optional, span) in bp.inputs.items():
         v = given.get(name)
         if v is None:
             if optional or (for_mask and bp.route is not None and name == bp.route[0]):
@@ -39,27 +39,27 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None,
             shape = "" if not dims else "[" + ", ".join("*" if d is None else str(d)
                                                         for d in dims) + "]"
             raise InputError(f"pattern '{bp.name}' needs run-time input '{name}' "
-                             f"({kind}{shape})", None)
+                             f"({kind}{shape})", span)
         if not isinstance(v, torch.Tensor):
             try:
                 v = torch.as_tensor(v)
             except (TypeError, ValueError, RuntimeError):
                 raise InputError(f"run-time input '{name}' must be a tensor or number, not "
-                                 f"{type(v).__name__}", None) from None
+                                 f"{type(v).__name__}", span) from None
         if kind == "int" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
             raise InputError(f"run-time input '{name}' must have an integer dtype, not "
-                             f"{v.dtype}", None)
+                             f"{v.dtype}", span)
         if kind == "float" and not v.is_floating_point():
             raise InputError(f"run-time input '{name}' must have a floating dtype, not "
-                             f"{v.dtype}", None)
+                             f"{v.dtype}", span)
         if v.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, v.shape)):
             want = "a scalar" if not dims else "[" + ", ".join(
                 "*" if d is None else str(d) for d in dims) + "]"
-            raise InputError(f"run-time input '{name}' must have shape {want}, not "
-                             f"{list(v.shape)}", None)
+            must = "be a scalar, not shape" if not dims else f"have shape {want}, not"
+            raise InputError(f"run-time input '{name}' must {must} {list(v.shape)}", span)
         if device is not None and v.device != device:
             raise InputError(f"run-time input '{name}' is on {v.device}, the tensors on "
-                             f"{device}", None)
+                             f"{device}", span)
         if kind == "int":
             v = v.long()
         out[name] = v
@@ -67,7 +67,8 @@ def check_inputs(bp: BoundPattern, given: dict, device=None, batch=None,
         r = out[bp.route[0]]
         if r.shape[0] != batch or r.shape[1] != bp.nq or r.shape[2] != bp.heads - bp.route[2]:
             raise InputError(f"router '{bp.route[0]}' must have shape [{batch}, {bp.nq}, "
-                             f"{bp.heads - bp.route[2]}], not {list(r.shape)}", None)
+                             f"{bp.heads - bp.route[2]}], not {list(r.shape)}",
+                             bp.inputs[bp.route[0]][3])
     for sub in bp.average:
         check_inputs(sub, {k: v for k, v in given.items() if k in sub.inputs}, device, batch,
                      for_mask)
@@ -91,12 +92,13 @@ def dense_mask(bp: BoundPattern, inputs: dict, content=None, device=None) -> tor
     if bp.head_dependent:
         heads = bp.heads
         if heads is None:
-            raise UnsupportedError("per-head rules need a 'heads N' declaration", None)
+            raise UnsupportedError("per-head rules need a 'heads N' declaration",
+                                   bp.checked.span)
     lead = []
     if bp.content_dependent:
         if content is None:
             raise InputError(f"pattern '{bp.name}' depends on q and k: call mask(q=..., k=...)",
-                             None)
+                             bp.checked.span)
         lead = [content[0].shape[0], content[0].shape[1]]
     elif heads is not None:
         lead = [heads]
@@ -147,7 +149,7 @@ def summary_masks(bp: BoundPattern, bs, inputs, device, heads):
     kidx = torch.arange(bp.nk, device=device).view(1, -1)
     ctx = {"k": token(kidx, bp.kshape, owner.checked.kspace.axes),
            "summary": SummaryVal({a: c.view(-1, 1) for a, c in coords.items()})}
-    member = Evaluator(owner.env, ctx, hooks).eval(s.member)
+    member = owner.evaluator(ctx, hooks).eval(s.member)
     member = torch.as_tensor(member, device=device).expand(r, bp.nk)
     keep = member.any(dim=1)
     qidx = torch.arange(bp.nq, device=device).view(-1, 1)
@@ -155,7 +157,7 @@ def summary_masks(bp: BoundPattern, bs, inputs, device, heads):
            "summary": SummaryVal({a: c.view(1, -1) for a, c in coords.items()})}
     if heads is not None:
         ctx["h"] = torch.arange(heads, device=device).view(-1, 1, 1)
-    att = torch.as_tensor(Evaluator(owner.env, ctx, hooks).eval(s.attend), device=device)
+    att = torch.as_tensor(owner.evaluator(ctx, hooks).eval(s.attend), device=device)
     att = att.expand(*att.shape[:-2], bp.nq, r) if att.dim() >= 2 else att.expand(bp.nq, r)
     return member[keep], att[..., keep]
 
@@ -241,51 +243,58 @@ def _dhsa_keep(q, k, block, chunk, topk, starts, span):
 
 
 def check_tensors(bp: BoundPattern, q, k, v):
+    at = bp.checked.span  # errors point at the pattern, or at its space or heads statement
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch.Tensor, not {type(t).__name__}", None)
+            raise InputError(f"{name} must be a torch.Tensor, not {type(t).__name__}", at)
         if t.dim() != 4:
             raise InputError(f"{name} must have 4 dimensions [batch, heads, tokens, dim], not "
-                             f"{list(t.shape)}", None)
+                             f"{list(t.shape)}", at)
         if t.dtype not in FLOAT_DTYPES:
             raise InputError(f"{name} must be float16, bfloat16, float32 or float64, not "
-                             f"{t.dtype}", None)
+                             f"{t.dtype}", at)
     if not (q.dtype == k.dtype == v.dtype):
         raise InputError(f"q, k, v must share one dtype, not {q.dtype}, {k.dtype}, {v.dtype}",
-                         None)
+                         at)
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, not {q.device}, {k.device}, "
-                         f"{v.device}", None)
+                         f"{v.device}", at)
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise InputError(f"q, k, v must share the batch size, not {q.shape[0]}, {k.shape[0]},"
-                         f" {v.shape[0]}", None)
+                         f" {v.shape[0]}", at)
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise InputError(f"k and v must have the same heads and tokens, not {list(k.shape)} "
-                         f"and {list(v.shape)}", None)
+                         f"and {list(v.shape)}", at)
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise InputError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
-                         f"({k.shape[1]})", None)
+                         f"({k.shape[1]})", at)
     if bp.channel:
         if q.shape[2] != k.shape[2]:
             raise InputError("channel attention needs q and k with the same positions, not "
-                             f"{q.shape[2]} and {k.shape[2]}", None)
+                             f"{q.shape[2]} and {k.shape[2]}", at)
         if q.shape[3] != bp.nq or k.shape[3] != bp.nk or v.shape[3] != bp.nk:
             raise InputError(f"channel tokens: the last dimension must be the {bp.nq} channels"
                              f" of a group, not q {q.shape[3]}, k {k.shape[3]}, v "
-                             f"{v.shape[3]}", None)
+                             f"{v.shape[3]}", at)
     else:
         if q.shape[3] != k.shape[3]:
             raise InputError(f"q and k must have the same head dim, not {q.shape[3]} and "
-                             f"{k.shape[3]}", None)
+                             f"{k.shape[3]}", at)
         if q.shape[2] != bp.nq:
             raise InputError(f"q has {q.shape[2]} tokens; pattern '{bp.name}' has {bp.nq} "
-                             f"queries {_shape(bp.qshape)}", None)
+                             f"queries {_shape(bp.qshape)}", _space_span(bp, "qspace"))
         if k.shape[2] != bp.nk:
             raise InputError(f"k has {k.shape[2]} tokens; pattern '{bp.name}' has {bp.nk} keys "
-                             f"{_shape(bp.kshape)}", None)
+                             f"{_shape(bp.kshape)}", _space_span(bp, "kspace"))
     if bp.heads is not None and q.shape[1] != bp.heads:
         raise InputError(f"pattern '{bp.name}' is declared for {bp.heads} heads; q has "
-                         f"{q.shape[1]}", None)
+                         f"{q.shape[1]}",
+                         bp.checked.heads.span if bp.checked.heads is not None else at)
+
+
+def _space_span(bp: BoundPattern, which: str):
+    sp = getattr(bp.checked, which)
+    return sp.span if sp is not None else bp.checked.span
 
 
 def _shape(s):
@@ -314,7 +323,7 @@ def attention(bp: BoundPattern, q, k, v, inputs: dict, scale: float | None = Non
     if n > REFERENCE_LIMIT:
         raise SizeLimitError(f"the reference backend holds all {B}x{H}x{Nq}x{Nk + r_total} = "
                              f"{n:,} scores at once, over its limit of {REFERENCE_LIMIT:,} "
-                             "(2^26); use smaller sizes", None)
+                             "(2^26); use smaller sizes", bp.checked.span)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     if scale is None:
         scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(D)
@@ -328,8 +337,8 @@ def attention(bp: BoundPattern, q, k, v, inputs: dict, scale: float | None = Non
         kidx = torch.arange(Nk, device=q.device).view(1, -1)
         qidx = torch.arange(Nq, device=q.device).view(-1, 1)
         ctx = owner.context(qidx, kidx, hidx if owner.heads is not None else None)
-        ev = Evaluator(owner.env, ctx, _Hooks(owner, {"inputs": inputs}))
-        b = torch.as_tensor(ev.eval(sc.expr, owner.local_env(ev)), device=q.device).to(cdt)
+        ev = owner.evaluator(ctx, _Hooks(owner, {"inputs": inputs}))
+        b = torch.as_tensor(ev.eval(sc.expr), device=q.device).to(cdt)
         if hr is not None:
             b = b * ((hidx >= hr[0]) & (hidx < hr[1])).to(cdt)
         logits = logits + b

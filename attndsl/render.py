@@ -110,3 +110,65 @@ def plot(op, m: torch.Tensor, path: str, query=None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_reach(op, a, path: str) -> None:
+    """Reached tokens per layer: rows of a raster for sequences, grids per layer otherwise."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sets = [s.to(torch.float32) for s in a.reach_sets]
+    shape = op.key_shape
+    L = len(sets)
+    if len(shape) == 1:
+        n = shape[0]
+        cols = min(n, 1024)
+        img = torch.stack([torch.nn.functional.adaptive_max_pool1d(s.view(1, 1, -1), cols)[0, 0]
+                           for s in sets])
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+        ax1.imshow(img.numpy(), aspect="auto", cmap="Blues", interpolation="nearest",
+                   extent=(0, n, L + 0.5, 0.5))
+        ax1.set_xlabel("token")
+        ax1.set_ylabel("layer")
+        ax1.set_title(f"tokens reached by query {a.query}")
+        ax2.plot(range(1, L + 1), [s.reach_fraction * 100 for s in a.layers], "o-")
+        ax2.set_xlabel("layer")
+        ax2.set_ylabel("% of the full-attention field")
+        ax2.set_ylim(0, 105)
+        ax2.grid(alpha=0.3)
+        ax2.set_title(op.name)
+    else:
+        fig, axes = plt.subplots(1, L, figsize=(2.6 * L, 2.8), squeeze=False)
+        for i, s in enumerate(sets):
+            g = s.view(*shape)
+            if len(shape) == 3:  # time slices side by side
+                g = torch.cat([torch.cat([g[t], torch.full((shape[1], 1), 0.3)], dim=1)
+                               for t in range(shape[0])], dim=1)
+            ax = axes[0][i]
+            ax.imshow(g.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(f"layer {i + 1}: {a.layers[i].reach_fraction:.0%}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{op.name}: tokens reached by query {a.query}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_compare(results, path: str) -> None:
+    """Receptive-field growth of several patterns on one chart (PowerAttention Fig. 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for _op, a in results:
+        ax.plot(range(1, len(a.layers) + 1), [s.reach_fraction * 100 for s in a.layers], "o-",
+                label=a.pattern)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("% of the full-attention receptive field")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,252 @@
+"""Closed forms (sympy) of a pattern's cost, and its growth class.
+
+A pattern may state its number of attended pairs as an `nnz` expression in its parameters;
+here it becomes a sympy expression, is evaluated exactly for the bound parameters (the
+analysis compares it with the exact count), and divided by the number of (query, key)
+pairs to give the density. The growth class comes from exact counts at doubling sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+
+from . import ir
+from .evaluate import Evaluator
+
+
+class NoFormula(Exception):
+    """The expression uses an operation sympy cannot express in closed form here."""
+
+
+def to_sympy(e: ir.Expr, env: dict):
+    """A static typed expression as sympy; env maps names to sympy values."""
+    if isinstance(e, ir.IntLit):
+        return sp.Integer(e.value)
+    if isinstance(e, ir.FloatLit):
+        return sp.Float(e.value)
+    if isinstance(e, ir.BoolLit):
+        return sp.true if e.value else sp.false
+    if isinstance(e, ir.Name):
+        if e.id in env:
+            return env[e.id]
+        raise NoFormula(e.id)
+    if isinstance(e, ir.TupleLit):
+        return tuple(to_sympy(i, env) for i in e.items)
+    if isinstance(e, ir.LetExpr):
+        inner = dict(env)
+        inner[e.name] = to_sympy(e.value, env)
+        return to_sympy(e.body, inner)
+    if isinstance(e, ir.Unary):
+        x = to_sympy(e.operand, env)
+        return _lift(lambda a: sp.Not(a) if e.op == "not" else -a if e.op == "-" else
+                     _no("~"), x)
+    if isinstance(e, ir.Binary):
+        a, b = to_sympy(e.left, env), to_sympy(e.right, env)
+        return _lift(lambda x, y: _binop(e.op, x, y), a, b)
+    if isinstance(e, ir.Compare):
+        vals = [to_sympy(o, env) for o in e.operands]
+        rel = {"<": sp.Lt, "<=": sp.Le, ">": sp.Gt, ">=": sp.Ge, "==": sp.Eq, "!=": sp.Ne}
+        parts = [_lift(lambda x, y, op=op: rel[op](x, y), vals[i], vals[i + 1])
+                 for i, op in enumerate(e.ops)]
+        out = parts[0]
+        for p in parts[1:]:
+            out = _lift(sp.And, out, p)
+        return out
+    if isinstance(e, ir.IfExpr):
+        c, a, b = (to_sympy(x, env) for x in (e.cond, e.then, e.orelse))
+        return _lift(lambda c_, a_, b_: sp.Piecewise((a_, c_), (b_, True)), c, a, b)
+    if isinstance(e, ir.Index):
+        base = to_sympy(e.base, env)
+        if isinstance(base, tuple) and isinstance(e.index, ir.IntLit):
+            return base[e.index.value]
+        raise NoFormula("index")
+    if isinstance(e, ir.Call):
+        if e.ref == "fn":
+            inner = {}
+            defaults = e.defaults or (False,) * len(e.args)
+            for p, a, is_default in zip(e.params, e.args, defaults):
+                inner[p] = to_sympy(a, {**env, **inner} if is_default else env)
+            return to_sympy(e.body, inner)
+        if e.ref == "builtin":
+            args = [to_sympy(a, env) for a in e.args]
+            return _builtin(e.func, args)
+    raise NoFormula(type(e).__name__)
+
+
+def _no(what):
+    raise NoFormula(what)
+
+
+def _lift(f, *xs):
+    if any(isinstance(x, tuple) for x in xs):
+        n = max(len(x) for x in xs if isinstance(x, tuple))
+        return tuple(_lift(f, *[x[i] if isinstance(x, tuple) else x for x in xs])
+                     for i in range(n))
+    return f(*xs)
+
+
+def _binop(op, a, b):
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        return a / b
+    if op == "//":
+        return sp.floor(a / b)
+    if op == "%":
+        return sp.Mod(a, b)
+    if op == "**":
+        return a ** b
+    if op == "and":
+        return sp.And(a, b)
+    if op == "or":
+        return sp.Or(a, b)
+    raise NoFormula(op)
+
+
+def _log2floor(x):
+    # ilog2 is defined for x >= 1 only; Max keeps untaken Piecewise branches finite
+    return sp.floor(sp.log(sp.Max(x, 1), 2))
+
+
+def _builtin(name, args):
+    if name in ("min", "max"):
+        items = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else None
+        f = sp.Min if name == "min" else sp.Max
+        return f(*items) if items is not None else _lift(f, *args)
+    if name == "abs":
+        return _lift(sp.Abs, *args)
+    if name == "clamp":
+        return _lift(lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi), *args)
+    if name == "cdiv":
+        return _lift(lambda a, b: sp.ceiling(a / b), *args)
+    if name == "ilog2":
+        return _lift(_log2floor, *args)
+    if name == "bit_length":
+        return _lift(lambda x: sp.Piecewise((0, sp.Eq(x, 0)), (_log2floor(sp.Abs(x)) + 1,
+                                                                 True)), *args)
+    if name in ("sum", "prod"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        return sp.Add(*x) if name == "sum" else sp.Mul(*x)
+    if name in ("all", "any"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        return sp.And(*x) if name == "all" else sp.Or(*x)
+    if name == "float":
+        return args[0]
+    if name == "sqrt":
+        return _lift(sp.sqrt, *args)
+    raise NoFormula(name)
+
+
+def symbols_of(checked) -> dict:
+    """A sympy symbol per parameter (tuples become one symbol per axis)."""
+    env = {}
+    for p, t in checked.params:
+        kw = {"integer": True} if t.kind == "int" else {}
+        if t.n is None:
+            env[p.name] = sp.Symbol(p.name, **kw)
+        else:
+            env[p.name] = tuple(sp.Symbol(f"{p.name}_{i}", **kw) for i in range(t.n))
+    return env
+
+
+def nnz_formula(bp):
+    """(sympy nnz, its exact value here, sympy density) or None where no formula applies."""
+    st = bp.checked.nnz
+    if st is None:
+        return None
+    ev = Evaluator(bp.env, {})
+    if st.when is not None and not all_true(ev.eval(st.when)):
+        return None
+    env = symbols_of(bp.checked)
+    try:
+        expr = to_sympy(st.expr, env)
+        nq = sp.Mul(*[to_sympy(s, env) for s in bp.checked.qspace.sizes])
+        nk = sp.Mul(*[to_sympy(s, env) for s in bp.checked.kspace.sizes])
+    except NoFormula:
+        return None
+    value = ev.eval(st.expr)
+    return expr, int(value), expr / (nq * nk)
+
+
+def all_true(v) -> bool:
+    return all(v) if isinstance(v, tuple) else bool(v)
+
+
+def substitute(expr, bp) -> int:
+    """Evaluate a sympy formula at the bound parameters (exact integer arithmetic)."""
+    env = symbols_of(bp.checked)
+    subs = {}
+    for name, sym in env.items():
+        val = bp.values[name]
+        if isinstance(sym, tuple):
+            subs.update({s: v for s, v in zip(sym, val)})
+        else:
+            subs[sym] = val
+    return expr.subs(subs)
+
+
+# ------------------------------------------------------------------ growth
+
+
+CLASSES = [("O(N)", lambda n: n), ("O(N log N)", lambda n: n * math.log2(n)),
+           ("O(N sqrt N)", lambda n: n ** 1.5), ("O(N^2)", lambda n: n * n)]
+
+
+def growth_class(op, max_tokens: int = 1 << 17) -> str:
+    """Fit exact pair counts at four doubling sizes (other parameters fixed)."""
+    from .api import Op
+    from .bind import bind
+    from .blocks import decompose
+    bp = op.bound
+    if bp.average or bp.content_dependent or bp.checked.qspace is None:
+        return "unknown (averaged or content-dependent pattern)"
+    if set(bp.inputs) - ({bp.route[0]} if bp.route else set()):
+        return "unknown (the mask depends on run-time inputs)"
+    size_params = []
+    for sz in bp.checked.qspace.sizes + bp.checked.kspace.sizes:
+        if isinstance(sz, ir.Name) and sz.ref == "param" and sz.id not in size_params:
+            size_params.append(sz.id)
+    if not size_params:
+        return "unknown (the space sizes are not parameters)"
+    others = [abs(v) for k, v in bp.values.items() if k not in size_params
+              and isinstance(v, int) and not isinstance(v, bool)]
+    others += [abs(x) for k, v in bp.values.items() if k not in size_params
+               and isinstance(v, tuple) for x in v if isinstance(x, int)
+               and not isinstance(x, bool)]
+    base = max(16, 4 * max(others, default=1))
+    per = 1.0 / len(size_params)
+    counts, ns = [], []
+    for j in range(4):
+        values = dict(bp.values)
+        for name in size_params:
+            values[name] = round(max(base, bp.values[name]) * 2 ** (j * per))
+        try:
+            sub = Op(bind(bp.checked, bp.module, values))
+        except Exception:  # noqa: BLE001 - a size the constraints reject: no fit
+            return "unknown (the pattern's constraints reject larger sizes)"
+        n = sub.bound.nq
+        if n > max_tokens:
+            return "unknown (sizes too large to count)"
+        counts.append(sum(decompose(sub.bound, head=h).nnz for h in (
+            range(sub.bound.heads) if sub.bound.head_dependent and sub.bound.heads
+            else [None])))
+        ns.append(n)
+    best, spread = "unknown", math.inf
+    for name, g in CLASSES:
+        r = [c / g(n) for c, n in zip(counts, ns)]
+        if min(r) <= 0:
+            continue
+        s = max(r) / min(r)
+        if s < spread:
+            best, spread = name, s
+    return f"{best} (fit to exact counts at N = {', '.join(map(str, ns))})"

@@ -1,0 +1,499 @@
+"""Abstract interpretation of typed mask expressions over boxes of queries and keys.
+
+Each integer becomes an interval [lo, hi] and each bool a pair (may be true, may be false),
+as numpy arrays that broadcast over many boxes at once. Every operation is sound: the true
+value for any q, k in the box lies inside the result. A predicate that cannot be false over
+a box makes a FULL block, one that cannot be true an EMPTY block; anything else is PARTIAL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ir
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+BIG = np.int64(1 << 62)
+
+
+@dataclass(frozen=True, slots=True)
+class IV:
+    """An integer interval; `tag` = (kind, c) records an exact linear form: q + c, k + c,
+    or (q - k) + c ('d'), or -(q - k) + c ('-d'), so that the difference of the query and
+    key keeps its true range instead of the box's looser one."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    tag: tuple | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BV:
+    t: np.ndarray  # may be true
+    f: np.ndarray  # may be false
+
+
+@dataclass(frozen=True, slots=True)
+class FV:
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class TokIV:
+    index: IV
+    pos: tuple
+    shape: tuple
+    axes: tuple
+
+
+class Unknown(Exception):
+    """The expression uses something the abstract domain does not model."""
+
+
+def _i(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.int64)
+
+
+def lift(v):
+    if isinstance(v, IV | BV | FV | TokIV):
+        return v
+    if isinstance(v, tuple):
+        return tuple(lift(x) for x in v)
+    if isinstance(v, bool | np.bool_):
+        b = np.asarray(bool(v))
+        return BV(b, ~b)
+    if isinstance(v, int | np.integer):
+        a = _i(v)
+        return IV(a, a)
+    if isinstance(v, float):
+        a = np.asarray(v, dtype=np.float64)
+        return FV(a, a)
+    raise Unknown(type(v).__name__)
+
+
+def exact(v) -> bool:
+    return isinstance(v, IV) and bool(np.all(v.lo == v.hi))
+
+
+def _map(f, *xs):
+    if any(isinstance(x, tuple) for x in xs):
+        n = max(len(x) for x in xs if isinstance(x, tuple))
+        return tuple(_map(f, *[x[i] if isinstance(x, tuple) else x for x in xs])
+                     for i in range(n))
+    return f(*xs)
+
+
+def token_box(lo, hi, shape, axes, role: str | None = None) -> TokIV:
+    """The coordinates of every flat index in [lo, hi] (inclusive), per axis, soundly."""
+    lo, hi = _i(lo), _i(hi)
+    if role is not None and len(shape) == 1:
+        iv = IV(lo, hi, (role, 0))
+        return TokIV(iv, (iv,), tuple(shape), axes)
+    pos = []
+    stride = 1
+    for size in reversed(shape):
+        a, b = lo // stride, hi // stride
+        same = (a // size) == (b // size)  # no wrap of this axis inside the range
+        pos.append(IV(np.where(same, a % size, 0), np.where(same, b % size, size - 1)))
+        stride *= size
+    return TokIV(IV(lo, hi), tuple(reversed(pos)), tuple(shape), axes)
+
+
+def tile_box(starts, stops, shape, axes) -> TokIV:
+    """A box given per axis: coordinates in [starts[a], stops[a]] (inclusive)."""
+    pos = tuple(IV(_i(s), _i(e)) for s, e in zip(starts, stops))
+    lo = hi = _i(0)
+    for (p, size) in zip(pos, shape):
+        lo = lo * size + p.lo
+        hi = hi * size + p.hi
+    return TokIV(IV(lo, hi), pos, tuple(shape), axes)
+
+
+class AbstractEvaluator:
+    def __init__(self, env: dict, ctx: dict, hooks=None):
+        self.env = env
+        self.ctx = ctx
+        self.hooks = hooks
+
+    def eval(self, e: ir.Expr, local: dict | None = None):
+        return getattr(self, "e_" + type(e).__name__)(e, local or {})
+
+    def e_IntLit(self, e, local):
+        return lift(e.value)
+
+    def e_FloatLit(self, e, local):
+        return lift(e.value)
+
+    def e_BoolLit(self, e, local):
+        return lift(e.value)
+
+    def e_Name(self, e, local):
+        if e.id in local:
+            return local[e.id]
+        if e.ref in ("q", "k", "h"):
+            if e.ref not in self.ctx:
+                raise Unknown(e.ref)
+            return self.ctx[e.ref]
+        if e.ref == "summary":
+            raise Unknown("summary")
+        if e.id in self.env:
+            v = self.env[e.id]
+            if v is None or hasattr(v, "shape") and not isinstance(v, np.ndarray | tuple):
+                return _Array(v)
+            return lift(v)
+        if e.ref and e.ref.startswith("const") and self.hooks is not None:
+            return lift(self.hooks.const(e.id, e.ref[6:] or None))
+        raise Unknown(e.id)
+
+    def e_TupleLit(self, e, local):
+        return tuple(self.eval(i, local) for i in e.items)
+
+    def num(self, v):
+        return v.index if isinstance(v, TokIV) else v
+
+    def e_Unary(self, e, local):
+        x = self.num(self.eval(e.operand, local))
+        if e.op == "not":
+            return _map(lambda a: BV(a.f, a.t), x)
+        if e.op == "-":
+            return _map(lambda a: type(a)(-a.hi, -a.lo), x)
+        return _map(lambda a: IV(-a.hi - 1, -a.lo - 1), x)  # ~a = -a - 1
+
+    def e_Binary(self, e, local):
+        a = self.num(self.eval(e.left, local))
+        b = self.num(self.eval(e.right, local))
+        return _map(lambda x, y: binop(e.op, x, y), a, b)
+
+    def e_Compare(self, e, local):
+        vals = [self.num(self.eval(o, local)) for o in e.operands]
+        out = None
+        for i, op in enumerate(e.ops):
+            r = _map(lambda x, y, op=op: compare(op, x, y), vals[i], vals[i + 1])
+            out = r if out is None else _map(_and, out, r)
+        return out
+
+    def e_IfExpr(self, e, local):
+        c = self.eval(e.cond, local)
+        a = self.num(self.eval(e.then, local))
+        b = self.num(self.eval(e.orelse, local))
+        return _map(_select, c, a, b)
+
+    def e_LetExpr(self, e, local):
+        inner = dict(local)
+        inner[e.name] = self.eval(e.value, local)
+        return self.eval(e.body, inner)
+
+    def e_Index(self, e, local):
+        base = self.eval(e.base, local)
+        idx = self.num(self.eval(e.index, local))
+        if isinstance(base, tuple):
+            return base[int(idx.lo)]
+        if isinstance(base, _Array):
+            return base.range(idx)
+        raise Unknown("index")
+
+    def e_Attr(self, e, local):
+        base = self.eval(e.base, local)
+        if not isinstance(base, TokIV):
+            raise Unknown("attr")
+        if e.name == "pos":
+            return base.pos
+        if e.name == "shape":
+            return lift(base.shape)
+        if e.name == "size":
+            return lift(math.prod(base.shape))
+        if e.name == "index":
+            return base.index
+        return base.pos[base.axes.index(e.name)]
+
+    def e_Call(self, e, local):
+        if e.ref == "fn":
+            inner = {}
+            defaults = e.defaults or (False,) * len(e.args)
+            for p, a, is_default in zip(e.params, e.args, defaults):
+                inner[p] = self.eval(a, inner if is_default else local)
+            return self.eval(e.body, inner)
+        if e.ref == "builtin":
+            args = [self.num(self.eval(a, local)) for a in e.args]
+            return builtin(e.func, args)
+        if e.ref == "pattern" and self.hooks is not None:
+            return self.hooks.pattern_abstract(self, e, local)
+        raise Unknown(e.func)
+
+
+class _Array:
+    """A run-time input: range queries give the min/max over an index interval."""
+
+    def __init__(self, tensor):
+        self.t = tensor
+        if tensor is None:
+            return
+        a = np.asarray(tensor.cpu().numpy() if hasattr(tensor, "cpu") else tensor)
+        self.a = a.astype(np.float64 if a.dtype.kind == "f" else np.int64).reshape(-1)
+        # sparse tables for O(1) range min / max
+        self.mins, self.maxs = [self.a], [self.a]
+        j = 1
+        while (1 << j) <= len(self.a):
+            w = 1 << (j - 1)
+            self.mins.append(np.minimum(self.mins[-1][:-w], self.mins[-1][w:]))
+            self.maxs.append(np.maximum(self.maxs[-1][:-w], self.maxs[-1][w:]))
+            j += 1
+
+    def range(self, idx: IV):
+        if self.t is None:
+            raise Unknown("absent input")
+        n = len(self.a)
+        lo = np.clip(idx.lo, 0, n - 1)
+        hi = np.clip(idx.hi, 0, n - 1)
+        lo, hi = np.broadcast_arrays(lo, hi)
+        length = hi - lo + 1
+        j = np.floor(np.log2(np.maximum(length, 1))).astype(np.int64)
+        out_lo = np.empty(lo.shape, dtype=self.a.dtype)
+        out_hi = np.empty(lo.shape, dtype=self.a.dtype)
+        for jj in np.unique(j):
+            sel = j == jj
+            mn, mx = self.mins[jj], self.maxs[jj]
+            a, b = lo[sel], hi[sel] - (1 << int(jj)) + 1
+            out_lo[sel] = np.minimum(mn[a], mn[b])
+            out_hi[sel] = np.maximum(mx[a], mx[b])
+        cls = FV if self.a.dtype.kind == "f" else IV
+        return cls(out_lo, out_hi)
+
+
+# ------------------------------------------------------------------ operations
+
+
+def _and(a: BV, b: BV) -> BV:
+    return BV(a.t & b.t, a.f | b.f)
+
+
+def _or(a: BV, b: BV) -> BV:
+    return BV(a.t | b.t, a.f & b.f)
+
+
+def _select(c, a, b):
+    if isinstance(c, BV) and isinstance(a, BV):
+        return BV((c.t & a.t) | (c.f & b.t), (c.t & a.f) | (c.f & b.f))
+    if isinstance(c, BV):
+        lo = np.where(c.t & c.f, np.minimum(a.lo, b.lo), np.where(c.t, a.lo, b.lo))
+        hi = np.where(c.t & c.f, np.maximum(a.hi, b.hi), np.where(c.t, a.hi, b.hi))
+        return type(a)(lo, hi)
+    raise Unknown("select")
+
+
+def compare(op, a, b) -> BV:
+    if isinstance(a, IV) and isinstance(b, IV) and a.tag and b.tag and a.tag[0] != b.tag[0]:
+        # compare the tagged difference with 0, which keeps the query-key correlation
+        diff = binop("-", a, b)
+        if diff.tag is not None and diff.tag[0] in ("d", "-d"):
+            return compare(op, diff, IV(_i(0), _i(0)))
+    if isinstance(a, BV):
+        if op == "==":
+            t = (a.t & b.t) | (a.f & b.f)
+            f = (a.t & b.f) | (a.f & b.t)
+        else:
+            t = (a.t & b.f) | (a.f & b.t)
+            f = (a.t & b.t) | (a.f & b.f)
+        return BV(t, f)
+    if op == "<":
+        return BV(a.lo < b.hi, a.hi >= b.lo)
+    if op == "<=":
+        return BV(a.lo <= b.hi, a.hi > b.lo)
+    if op == ">":
+        return BV(a.hi > b.lo, a.lo <= b.hi)
+    if op == ">=":
+        return BV(a.hi >= b.lo, a.lo < b.hi)
+    overlap = (a.lo <= b.hi) & (b.lo <= a.hi)
+    single = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
+    if op == "==":
+        return BV(overlap, ~single)
+    return BV(~single, overlap)
+
+
+DIFF = {"lo": None, "hi": None}  # the range of q - k for the boxes being evaluated
+
+
+def _const(x: IV):
+    if x.tag is None and x.lo.ndim == 0 and int(x.lo) == int(x.hi):
+        return int(x.lo)
+    return None
+
+
+def _tag_add(a: IV, b: IV, sign: int):
+    """The tag of a + sign * b, when it is still an exact linear form we track."""
+    ca, cb = _const(a), _const(b)
+    if a.tag is not None and cb is not None:
+        return (a.tag[0], a.tag[1] + sign * cb)
+    if b.tag is not None and ca is not None:
+        if sign == 1:
+            return (b.tag[0], b.tag[1] + ca)
+        neg = {"q": None, "k": None, "d": "-d", "-d": "d"}[b.tag[0]]
+        return (neg, ca - b.tag[1]) if neg else None
+    if a.tag is not None and b.tag is not None and sign == -1:
+        pair = (a.tag[0], b.tag[0])
+        if pair == ("q", "k"):
+            return ("d", a.tag[1] - b.tag[1])
+        if pair == ("k", "q"):
+            return ("-d", a.tag[1] - b.tag[1])
+    if a.tag is not None and b.tag is not None and sign == 1:
+        pair = (a.tag[0], b.tag[0])
+        if pair in (("d", "k"), ("k", "d")):
+            return ("q", a.tag[1] + b.tag[1])
+    return None
+
+
+def _tagged(iv: IV, tag) -> IV:
+    """Attach a tag, narrowing a difference to the known range of q - k."""
+    if tag is None:
+        return iv
+    if tag[0] in ("d", "-d") and DIFF["lo"] is not None:
+        dlo, dhi = DIFF["lo"], DIFF["hi"]
+        if tag[0] == "d":
+            lo, hi = dlo + tag[1], dhi + tag[1]
+        else:
+            lo, hi = tag[1] - dhi, tag[1] - dlo
+        return IV(np.maximum(iv.lo, lo), np.minimum(iv.hi, hi), tag)
+    return IV(iv.lo, iv.hi, tag)
+
+
+def _corners(f, a: IV, b: IV) -> IV:
+    c = [f(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+    return IV(np.minimum.reduce(np.broadcast_arrays(*c)), np.maximum.reduce(
+        np.broadcast_arrays(*c)))
+
+
+def _bits(x):
+    """Smallest 2^n - 1 >= x for x >= 0 (elementwise)."""
+    x = np.maximum(_i(x), 0)
+    out = np.zeros_like(x)
+    while True:
+        more = out < x
+        if not more.any():
+            return out
+        out = np.where(more, out * 2 + 1, out)
+
+
+def binop(op, a, b):
+    if op in ("and", "or"):
+        return _and(a, b) if op == "and" else _or(a, b)
+    if isinstance(a, FV) or isinstance(b, FV) or op in ("/", "**"):
+        raise Unknown(op)
+    if op == "+":
+        return _tagged(IV(a.lo + b.lo, a.hi + b.hi), _tag_add(a, b, 1))
+    if op == "-":
+        return _tagged(IV(a.lo - b.hi, a.hi - b.lo), _tag_add(a, b, -1))
+    if op == "*":
+        return _corners(np.multiply, a, b)
+    if op in ("//", "%"):
+        pos = b.lo > 0
+        neg = b.hi < 0
+        if not np.all(pos | neg):
+            raise Unknown("divisor may be zero")
+        if op == "//":
+            return _corners(np.floor_divide, a, b)
+        const = b.lo == b.hi
+        m = b.lo
+        same = const & pos & (np.floor_divide(a.lo, np.where(pos, m, 1))
+                              == np.floor_divide(a.hi, np.where(pos, m, 1)))
+        lo = np.where(same, np.mod(a.lo, np.where(pos, m, 1)), np.where(pos, 0, b.lo + 1))
+        hi = np.where(same, np.mod(a.hi, np.where(pos, m, 1)), np.where(pos, b.hi - 1, 0))
+        return IV(lo, hi)
+    both_exact = (a.lo == a.hi) & (b.lo == b.hi)
+    nonneg = (a.lo >= 0) & (b.lo >= 0)
+    if op in ("<<", ">>"):
+        if np.any(b.lo < 0):
+            raise Unknown("negative shift")
+        if op == ">>":
+            return _corners(np.right_shift, a, IV(np.minimum(b.lo, 63), np.minimum(b.hi, 63)))
+        if np.any(b.hi >= 62):
+            raise Unknown("shift")
+        return _corners(np.left_shift, a, b)
+    f = {"&": np.bitwise_and, "|": np.bitwise_or, "^": np.bitwise_xor}[op]
+    ex = f(a.lo, b.lo)
+    if op == "&":
+        lo = np.where(both_exact, ex, np.where(nonneg, 0, -BIG))
+        hi = np.where(both_exact, ex, np.where(nonneg, np.minimum(a.hi, b.hi), BIG))
+    else:
+        lo = np.where(both_exact, ex, np.where(nonneg, 0, -BIG))
+        hi = np.where(both_exact, ex, np.where(nonneg, _bits(np.maximum(a.hi, b.hi)), BIG))
+    return IV(lo, hi)
+
+
+def builtin(name, args):
+    def m(f):
+        return _map(f, *args)
+
+    if name == "abs":
+        return m(lambda a: IV(np.where(a.lo >= 0, a.lo, np.where(a.hi <= 0, -a.hi, 0)),
+                              np.maximum(np.abs(a.lo), np.abs(a.hi))))
+    if name in ("min", "max"):
+        items = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else None
+        if items is None:
+            return _map(lambda *xs: _minmax(name, xs), *args)
+        return _minmax(name, items)
+    if name == "clamp":
+        return _map(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
+    if name == "cdiv":
+        return _map(lambda a, b: binop("-", lift(0), binop("//", binop("-", lift(0), a), b)),
+                    *args)
+    if name == "is_pow2":
+        def p2(a):
+            hi = np.maximum(a.hi, 1)
+            top = np.left_shift(1, np.floor(np.log2(hi.astype(np.float64))).astype(np.int64))
+            top = np.where(top > hi, top // 2, top)
+            t = (a.hi >= 1) & (top >= np.maximum(a.lo, 1))
+            ex = (a.lo == a.hi) & (a.lo >= 1) & ((a.lo & (a.lo - 1)) == 0)
+            return BV(t, ~ex)
+        return m(p2)
+    if name in ("all", "any"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        out = x[0]
+        for y in x[1:]:
+            out = _and(out, y) if name == "all" else _or(out, y)
+        return out
+    if name in ("sum", "prod"):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        out = x[0]
+        for y in x[1:]:
+            out = binop("+" if name == "sum" else "*", out, y)
+        return out
+    if name in ("bit_length", "ilog2"):
+        def bl(a):
+            if np.any(a.lo < 0):
+                raise Unknown(name)
+            f = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])
+            lo, hi = f(a.lo), f(a.hi)
+            return IV(lo - 1, hi - 1) if name == "ilog2" else IV(lo, hi)
+        return m(bl)
+    if name == "popcount":
+        def pc(a):
+            if np.any(a.lo < 0):
+                raise Unknown(name)
+            f = np.vectorize(lambda v: bin(int(v)).count("1"), otypes=[np.int64])
+            ex = a.lo == a.hi
+            bits = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])(a.hi)
+            return IV(np.where(ex, f(a.lo), 0), np.where(ex, f(a.lo), bits))
+        return m(pc)
+    raise Unknown(name)
+
+
+def _minmax(name, items):
+    out = items[0]
+    for y in items[1:]:
+        f = np.minimum if name == "min" else np.maximum
+        out = type(out)(f(out.lo, y.lo), f(out.hi, y.hi))
+    return out
+
+
+def classify(bv: BV) -> np.ndarray:
+    """EMPTY / PARTIAL / FULL per box."""
+    t, f = np.broadcast_arrays(bv.t, bv.f)
+    return np.where(~t, EMPTY, np.where(~f, FULL, PARTIAL)).astype(np.int8)
