@@ -160,7 +160,7 @@ class Graph:
         """Keys attended by any query in each row of R (bool [Q, Nq]) -> bool [Q, Nk]."""
         if self.dense is not None:
             return (R.to(torch.float32) @ self.dense) > 0
-        if R.shape[0] <= 4:  # few sets: one at a time on 1-D numpy arrays is fastest
+        if R.shape[0] <= 32:  # few sets: one at a time on 1-D numpy arrays is fastest
             return torch.stack([torch.from_numpy(self.step1(r.numpy())) for r in R])
         return self._step_batch(R)
 

@@ -158,11 +158,13 @@ class Op:
 
     # -- analysis
     def analyze(self, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
-                progress: bool | None = None, **inputs):
-        """Receptive field, coverage and cost stacked `layers` deep (see analysis.py)."""
+                progress: bool | None = None, keep_sets: bool = False, **inputs):
+        """Receptive field, coverage and cost stacked `layers` deep (docs/analysis.md).
+
+        With keep_sets, `result.reach_sets[l]` is the bool [Nk] set reached after l+1 layers."""
         from .analysis import analyze
         return analyze(self, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
-                       progress=progress)
+                       progress=progress, keep_sets=keep_sets)
 
     def path(self, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""

@@ -202,7 +202,7 @@ CLASSES = [("O(N)", lambda n: n), ("O(N log N)", lambda n: n * math.log2(n)),
            ("O(N sqrt N)", lambda n: n ** 1.5), ("O(N^2)", lambda n: n * n)]
 
 
-def growth_class(op, max_tokens: int = 1 << 17) -> str:
+def growth_class(op, max_tokens: int = 1 << 18) -> str:
     """Fit exact pair counts at four doubling sizes (other parameters fixed)."""
     from .api import Op
     from .bind import bind
@@ -223,9 +223,11 @@ def growth_class(op, max_tokens: int = 1 << 17) -> str:
     others += [abs(x) for k, v in bp.values.items() if k not in size_params
                and isinstance(v, tuple) for x in v if isinstance(x, int)
                and not isinstance(x, bool)]
-    base = max(16, 4 * max(others, default=1))
+    # start well past the other parameters (windows, blocks) so borders matter little
+    m = max(others, default=1)
     per = 1.0 / len(size_params)
-    counts, ns = [], []
+    base = max(16, math.ceil((64 * m) ** per), {1: 2, 2: 16}.get(len(size_params), 4) * m)
+    counts, ns, subs = [], [], []
     for j in range(4):
         values = dict(bp.values)
         for name in size_params:
@@ -234,16 +236,19 @@ def growth_class(op, max_tokens: int = 1 << 17) -> str:
             sub = Op(bind(bp.checked, bp.module, values))
         except Exception:  # noqa: BLE001 - a size the constraints reject: no fit
             return "unknown (the pattern's constraints reject larger sizes)"
-        n = sub.bound.nq
-        if n > max_tokens:
+        if sub.bound.nq > max_tokens:  # decided before any counting
             return "unknown (sizes too large to count)"
+        subs.append(sub)
+    for sub in subs:
+        n = sub.bound.nq
         counts.append(sum(decompose(sub.bound, head=h).nnz for h in (
             range(sub.bound.heads) if sub.bound.head_dependent and sub.bound.heads
             else [None])))
         ns.append(n)
+    # fit the increments, so constant border terms (c*N - d) do not bend the fit
     best, spread = "unknown", math.inf
     for name, g in CLASSES:
-        r = [c / g(n) for c, n in zip(counts, ns)]
+        r = [(counts[i + 1] - counts[i]) / (g(ns[i + 1]) - g(ns[i])) for i in range(3)]
         if min(r) <= 0:
             continue
         s = max(r) / min(r)

@@ -1,7 +1,8 @@
-"""The main job: compile every standard pattern, check it, and summarise its masks.
+"""The main job: compile every standard pattern, check it, summarise its masks and analyse it.
 
 Run with `make demo` (or `python examples/standard_library.py` in the venv). Prints one row
-per pattern and writes a picture of each mask to out/standard_library/.
+per pattern (its mask, then its receptive field when stacked) and writes a picture of each
+mask to out/standard_library/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 import attndsl
 from attndsl import render
+from attndsl.analysis import analyze
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "standard_library"
@@ -62,6 +64,7 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     g = torch.Generator().manual_seed(0)
+    analyses = []
     for file, name, params, inputs in CASES:
         t0 = time.perf_counter()
         op = attndsl.compile(ROOT / "patterns" / file, pattern=name, **params)
@@ -89,6 +92,20 @@ def main() -> int:
             print(f"{'':<20} with summary tokens, every query reaches "
                   f"{float(reach.sum(1).float().mean()):.1f} keys on average")
         render.plot(op, mask, str(OUT / f"{name}.png"))
+        analyses.append((name, analyze(op, layers=2, inputs=inputs, q=content.get("q"),
+                                       k=content.get("k"))))
+    print("\nstacked (attndsl analyze): receptive field of the last token (or the grid "
+          "centre)")
+    head = (f"{'pattern':<20} {'after 1 layer':>14} {'after 2 layers':>15} "
+            f"{'full coverage':>14}  growth of the pair count")
+    print(head)
+    print("-" * (len(head) + 20))
+    for name, a in analyses:
+        cov = ("never" if a.complete is False and a.full_coverage_layers is None
+               else f"{a.full_coverage_layers} layers" if a.full_coverage_layers
+               else f"> {a.coverage_checked_layers}")
+        print(f"{name:<20} {a.layers[0].reach_fraction:>14.1%} {a.layers[1].reach_fraction:>15.1%}"
+              f" {cov:>14}  {a.asymptotic.split(' (')[0]}")
     print(f"\npictures of every mask: {OUT.relative_to(ROOT)}/")
     print("a text picture, for example `attndsl show patterns/neighborhood.attn -p na2d "
           "--set H=9 --set W=9 --set kernel=3 --set dilation=2`:")

@@ -262,7 +262,8 @@ def test_formula_does_not_apply_outside_its_condition():
 
 def test_op_analyze_is_frozen_and_json_has_the_schema():
     op = _op("sliding.attn", "sliding_window", N=64, window=4)
-    a = op.analyze(layers=3, query=63)
+    a = op.analyze(layers=3, query=63, keep_sets=True)
+    assert a.reach_sets[1].nonzero().view(-1).tolist() == list(range(57, 64))
     with pytest.raises(AttributeError):
         a.nnz = 1
     j = a.to_json()
