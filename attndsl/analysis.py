@@ -555,33 +555,37 @@ def _paint(p: Decomposition, rows: torch.Tensor, q0: int) -> None:
             rows[lo - q0:hi - q0, c:c + w] |= torch.as_tensor(m[lo - a:hi - a, :w])
 
 
+def _box_blocks(boxes: np.ndarray, block: int):
+    """Every (box, query block, key block) a box [q0, q1, k0, k1, ...] overlaps."""
+    a, b = boxes[:, 0] // block, boxes[:, 1] // block
+    c, d = boxes[:, 2] // block, boxes[:, 3] // block
+    cnt = (b - a + 1) * (d - c + 1)
+    if cnt.sum() > 50_000_000:
+        return None
+    rep = np.repeat(np.arange(len(boxes)), cnt)
+    off = np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    width = (d - c + 1)[rep]
+    return rep, a[rep] + off // width, c[rep] + off % width
+
+
 def _block_table_bytes(parts, nq, nk, block: int = BLOCK) -> int:
-    """int32 key-block indices of every non-empty (query block, key block) + row offsets."""
+    """int32 key-block indices of every non-empty (query block, key block) + row offsets;
+    -1 when the decomposition is too fine to count."""
     nqb, nkb = -(-nq // block), -(-nk // block)
     codes = []
     for p in parts:
-        f = p.full
-        if len(f):
-            a, b = f[:, 0] // block, f[:, 1] // block
-            c, d = f[:, 2] // block, f[:, 3] // block
-            cnt = (b - a + 1) * (d - c + 1)
-            if cnt.sum() > 50_000_000:
+        if len(p.full):
+            blocks = _box_blocks(p.full, block)
+            if blocks is None:
                 return -1
-            rep = np.repeat(np.arange(len(f)), cnt)
-            off = np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            width = (d - c + 1)[rep]
-            codes.append((a[rep] + off // width) * nkb + c[rep] + off % width)
+            _, qb, kb = blocks
+            codes.append(qb * nkb + kb)
         g = p.diag if p.diag is not None else np.zeros((0, 7), dtype=np.int64)
         if len(g):  # the boxes' blocks that meet the attended part
-            a, b = g[:, 0] // block, g[:, 1] // block
-            c, d = g[:, 2] // block, g[:, 3] // block
-            cnt = (b - a + 1) * (d - c + 1)
-            if cnt.sum() > 50_000_000:
+            blocks = _box_blocks(g, block)
+            if blocks is None:
                 return -1
-            rep = np.repeat(np.arange(len(g)), cnt)
-            off = np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            width = (d - c + 1)[rep]
-            qb, kb = a[rep] + off // width, c[rep] + off % width
+            rep, qb, kb = blocks
             qmax = np.minimum((qb + 1) * block - 1, g[rep, 1])
             qmin = np.maximum(qb * block, g[rep, 0])
             kmin = np.maximum(kb * block, g[rep, 2])

@@ -14,6 +14,7 @@ import sympy as sp
 
 from . import ir
 from .evaluate import Evaluator
+from .evaluate import lift as _lift
 
 
 class NoFormula(Exception):
@@ -77,14 +78,6 @@ def to_sympy(e: ir.Expr, env: dict):
 
 def _no(what):
     raise NoFormula(what)
-
-
-def _lift(f, *xs):
-    if any(isinstance(x, tuple) for x in xs):
-        n = max(len(x) for x in xs if isinstance(x, tuple))
-        return tuple(_lift(f, *[x[i] if isinstance(x, tuple) else x for x in xs])
-                     for i in range(n))
-    return f(*xs)
 
 
 def _binop(op, a, b):

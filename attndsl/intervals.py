@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ir
+from .evaluate import lift as _map
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BIG = np.int64(1 << 62)
@@ -77,14 +78,6 @@ def lift(v):
 
 def exact(v) -> bool:
     return isinstance(v, IV) and bool(np.all(v.lo == v.hi))
-
-
-def _map(f, *xs):
-    if any(isinstance(x, tuple) for x in xs):
-        n = max(len(x) for x in xs if isinstance(x, tuple))
-        return tuple(_map(f, *[x[i] if isinstance(x, tuple) else x for x in xs])
-                     for i in range(n))
-    return f(*xs)
 
 
 def token_box(lo, hi, shape, axes, role: str | None = None) -> TokIV:
