@@ -266,14 +266,14 @@ def _union_parts(bp, runtime, tile):
 
 def build_graph(op, inputs: dict, content=None, tile: int = 16):
     """The exact attention graph of an op (union over heads and averaged parts)."""
-    from .reference import _all_owners, _input_env, check_inputs, summary_masks
+    from .reference import _input_env, check_inputs, summary_masks
     bp = op.bound
     subs = bp.average or [bp]
     parts, summaries = [], []
     for sub in subs:
         checked = check_inputs(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
                                for_mask=True)
-        for owner in _all_owners(sub):
+        for owner in sub.owners():
             _input_env(owner, checked)
         runtime = {"inputs": checked, "content": content}
         parts += _union_parts(sub, runtime, tile)

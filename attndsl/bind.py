@@ -70,19 +70,22 @@ class BoundPattern:
 
     @property
     def head_dependent(self) -> bool:
-        return any(o.checked.uses_h for o in self._owners()) or any(
+        return any(o.checked.uses_h for o in self.owners()) or any(
             hr is not None for _, _, hr in self.rules) or (
             any(p.head_dependent for p in self.average))
 
     @property
     def content_dependent(self) -> bool:
-        return any(o.checked.uses_content for o in self._owners()) or any(
+        return any(o.checked.uses_content for o in self.owners()) or any(
             p.content_dependent for p in self.average)
 
-    def _owners(self):
+    def owners(self) -> list:
+        """This pattern and every included one whose rules, summaries or scores it holds."""
         seen = {id(self): self}
-        for o, _, _ in self.rules:
+        for o, _, _ in self.rules + self.scores:
             seen[id(o)] = o
+        for s in self.summaries:
+            seen[id(s.owner)] = s.owner
         return list(seen.values())
 
     # ------------------------------------------------------------------ masks

@@ -27,7 +27,6 @@ class _AbsHooks:
 
     def pattern_abstract(self, ev, call, local):
         from .intervals import exact
-        hooks = _Hooks(self.bp)
         values = {}
         pdef = self.bp.module.scope[call.func]
         home = self.bp.module.home(pdef)
@@ -45,7 +44,6 @@ class _AbsHooks:
         if sub is None:
             sub = bind_def(home, pdef, values, call.span)
             self.bp.cache[key] = sub
-        del hooks
         return abstract_predicate(sub, ev.ctx)
 
 

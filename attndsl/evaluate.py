@@ -85,6 +85,16 @@ def _nonzero(b):
     return 1 if b == 0 else b
 
 
+def fn_locals(call: ir.Call, evaluate, local: dict) -> dict:
+    """A called function's parameters: arguments in the caller's scope, defaults in the
+    callee's (they may use earlier parameters). Shared by every evaluator of the IR."""
+    inner: dict = {}
+    defaults = call.defaults or (False,) * len(call.args)
+    for p, a, is_default in zip(call.params, call.args, defaults):
+        inner[p] = evaluate(a, inner if is_default else local)
+    return inner
+
+
 class Evaluator:
     def __init__(self, env: dict, ctx: dict | None = None, hooks=None, lazy=None):
         self.env = env  # name -> value for params, consts, inputs, static lets
@@ -230,12 +240,7 @@ class Evaluator:
 
     def e_Call(self, e, local):
         if e.ref == "fn":
-            inner = {}
-            defaults = e.defaults or (False,) * len(e.args)
-            for p, a, is_default in zip(e.params, e.args, defaults):
-                # a default sees the callee's earlier parameters, not the caller's names
-                inner[p] = self.eval(a, inner if is_default else local)
-            return self.eval(e.body, inner)
+            return self.eval(e.body, fn_locals(e, self.eval, local))
         if e.ref == "builtin":
             args = [num(self.eval(a, local)) for a in e.args]
             return call_builtin(e.func, args, e.span)

@@ -13,7 +13,7 @@ import math
 import sympy as sp
 
 from . import ir
-from .evaluate import Evaluator
+from .evaluate import Evaluator, fn_locals
 from .evaluate import lift as _lift
 
 
@@ -65,11 +65,7 @@ def to_sympy(e: ir.Expr, env: dict):
         raise NoFormula("index")
     if isinstance(e, ir.Call):
         if e.ref == "fn":
-            inner = {}
-            defaults = e.defaults or (False,) * len(e.args)
-            for p, a, is_default in zip(e.params, e.args, defaults):
-                inner[p] = to_sympy(a, {**env, **inner} if is_default else env)
-            return to_sympy(e.body, inner)
+            return to_sympy(e.body, fn_locals(e, to_sympy, env))
         if e.ref == "builtin":
             args = [to_sympy(a, env) for a in e.args]
             return _builtin(e.func, args)

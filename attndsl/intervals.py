@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ir
+from .evaluate import fn_locals
 from .evaluate import lift as _map
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -205,11 +206,7 @@ class AbstractEvaluator:
 
     def e_Call(self, e, local):
         if e.ref == "fn":
-            inner = {}
-            defaults = e.defaults or (False,) * len(e.args)
-            for p, a, is_default in zip(e.params, e.args, defaults):
-                inner[p] = self.eval(a, inner if is_default else local)
-            return self.eval(e.body, inner)
+            return self.eval(e.body, fn_locals(e, self.eval, local))
         if e.ref == "builtin":
             args = [self.num(self.eval(a, local)) for a in e.args]
             return builtin(e.func, args)

@@ -104,7 +104,7 @@ def dense_mask(bp: BoundPattern, inputs: dict, content=None, device=None) -> tor
         lead = [heads]
     bp.check_size(math.prod(lead) if lead else 1)
     device = device or torch.device("cpu")
-    for owner in _all_owners(bp):
+    for owner in bp.owners():
         _input_env(owner, inputs)
     hooks = _Hooks(bp, {"inputs": inputs, "content": content})
     out = torch.empty(lead + [bp.nq, bp.nk], dtype=torch.bool, device=device)
@@ -117,17 +117,6 @@ def dense_mask(bp: BoundPattern, inputs: dict, content=None, device=None) -> tor
         val = bp.predicate(bp.context(qidx, kidx, h), hooks)
         out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, bp.nk])
     return out
-
-
-def _all_owners(bp):
-    seen = {id(bp): bp}
-    for o, _, _ in bp.rules:
-        seen[id(o)] = o
-    for s in bp.summaries:
-        seen[id(s.owner)] = s.owner
-    for o, _, _ in bp.scores:
-        seen[id(o)] = o
-    return list(seen.values())
 
 
 def summary_masks(bp: BoundPattern, bs, inputs, device, heads):
