@@ -14,7 +14,7 @@ from .errors import AttnNameError, ParameterError, UnsupportedError, did_you_mea
 from .loader import Loader, resolve_path
 from .reference import attention, check_inputs, dense_mask, summary_masks
 
-BACKENDS = ("reference", "auto")
+BACKENDS = ("reference", "triton", "auto")
 
 
 def load(source: str | os.PathLike) -> ir.Module:
@@ -68,6 +68,9 @@ class Op:
 
     def __init__(self, bound: BoundPattern):
         self.bound = bound
+        self.block_q: int | None = None
+        self.block_k: int | None = None
+        self._kernels: dict = {}
 
     # -- description
     @property
@@ -171,16 +174,135 @@ class Op:
         from .analysis import shortest_path
         return shortest_path(self, source, target, inputs, q=q, k=k)
 
+    # -- compiled kernels
+    def options(self, *, block_q: int | None = None, block_k: int | None = None) -> Op:
+        """Set the kernels' block sizes (powers of two >= 16; default 64 x 64)."""
+        from .errors import ParameterError
+        for name, b in (("block_q", block_q), ("block_k", block_k)):
+            if b is not None and (not isinstance(b, int) or b < 16 or b & (b - 1)):
+                raise ParameterError(f"{name} must be a power of two >= 16, not {b!r}")
+        self.block_q, self.block_k = block_q, block_k
+        self._kernels.clear()
+        return self
+
+    def plan(self, **inputs):
+        """The token orders and exact block tables the compiled kernels use."""
+        return self.kernel(**inputs).plan
+
+    def kernel(self, **inputs):
+        """The compiled kernel for these run-time inputs (generated, cached, imported)."""
+        from .codegen.runtime import compile_kernel
+        bp = self.bound
+        _lowerable(bp)
+        checked = check_inputs(bp, inputs, for_mask=True)
+        key = (self.block_q, self.block_k, _input_key(checked))
+        kern = self._kernels.get(key)
+        if kern is None:
+            from .codegen.plan import build_plan
+            cpu = {n: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                   for n, v in checked.items()}
+            plan = build_plan(bp, self.block_q, self.block_k, inputs=cpu)
+            kern = compile_kernel(bp, plan)
+            if len(self._kernels) > 16:
+                self._kernels.clear()
+            self._kernels[key] = kern
+        return kern
+
+    def source(self, **inputs) -> str:
+        """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
+        return self.kernel(**inputs).source
+
+    def stats(self, **inputs) -> dict:
+        """Block counts, tile shapes, table bytes, build time and computed / needed elements
+        of the compiled kernels (docs/kernels.md)."""
+        return self.plan(**inputs).stats()
+
     # -- attention
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
                  **inputs) -> torch.Tensor:
         if backend not in BACKENDS:
-            if backend in ("triton", "cpu"):
-                raise UnsupportedError(f"backend '{backend}' is not available yet; this "
-                                       "release has the 'reference' backend")
+            if backend == "cpu":
+                raise UnsupportedError("backend 'cpu' is not available yet; this release has "
+                                       "the 'reference' and 'triton' backends")
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
-                backend, BACKENDS + ("triton", "cpu")))
+                backend, BACKENDS + ("cpu",)))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
+        if backend == "auto":
+            backend = "triton" if (isinstance(q, torch.Tensor) and q.is_cuda
+                                   and _has_triton()) else "reference"
+        if backend == "triton":
+            return self._triton(q, k, v, scale, inputs)
         return attention(self.bound, q, k, v, inputs, scale)
+
+    def _triton(self, q, k, v, scale, inputs):
+        from .errors import InputError
+        from .reference import check_tensors, route_gates
+        bp = self.bound
+        check_tensors(bp, q, k, v)
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"the Triton backend takes float16, bfloat16 or float32, not "
+                             f"{q.dtype}")
+        if not _has_triton():
+            raise UnsupportedError("backend 'triton' needs the triton package (pip install "
+                                   "triton)")
+        checked = check_inputs(bp, inputs, q.device, q.shape[0])
+        if bp.average:
+            outs = [Op(sub).options(block_q=self.block_q, block_k=self.block_k)._triton(
+                q, k, v, scale, {n: x for n, x in inputs.items() if n in sub.inputs})
+                for sub in bp.average]
+            return sum(outs) / len(outs)
+        kern = self.kernel(**{n: x for n, x in checked.items() if x is not None and not (
+            bp.route is not None and n == bp.route[0])})
+        if bp.channel:
+            q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+        if scale is None:
+            scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        from .codegen.runtime import attention as run
+        out = run(kern, bp, q, k, v, checked, scale)
+        if bp.route is not None:
+            gates = route_gates(bp, checked[bp.route[0]], q.shape[1])
+            out = out * gates.to(out.dtype).unsqueeze(-1)
+        if bp.channel:
+            out = out.transpose(-1, -2)
+        return out
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _lowerable(bp: BoundPattern) -> None:
+    """Constructs the compiled kernels do not lower yet fail clearly, never silently."""
+    if bp.summaries:
+        raise UnsupportedError(f"pattern '{bp.name}' has summary tokens, which the compiled "
+                               "kernels do not lower yet; use backend='reference'",
+                               bp.summaries[0].summary.span)
+    if bp.content_dependent:
+        raise UnsupportedError(f"pattern '{bp.name}' selects keys from the q/k content "
+                               "(chunk_topk), which the compiled kernels do not lower yet; "
+                               "use backend='reference'", bp.checked.span)
+    if bp.average:
+        raise UnsupportedError(f"pattern '{bp.name}' averages several patterns: compile each "
+                               "part (its kernels run one after another in op(...))",
+                               bp.checked.span)
+
+
+def _input_key(inputs: dict) -> tuple:
+    import hashlib
+    out = []
+    for name in sorted(inputs):
+        v = inputs[name]
+        if v is None:
+            out.append((name, None))
+        elif isinstance(v, torch.Tensor):
+            data = v.detach().cpu().contiguous().numpy().tobytes()
+            out.append((name, tuple(v.shape), str(v.dtype), hashlib.sha1(data).hexdigest()))
+        else:
+            out.append((name, v))
+    return tuple(out)

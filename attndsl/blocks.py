@@ -88,18 +88,26 @@ def classify_boxes(bp: BoundPattern, q0, q1, k0, k1, head=None, dlo=None, dhi=No
     """EMPTY/PARTIAL/FULL for boxes q in [q0, q1], k in [k0, k1] (inclusive, arrays).
 
     With dlo/dhi, only the part of each box where dlo <= q - k <= dhi is classified."""
+    qbox = _token_box(q0, q1, bp.qshape, bp.checked.qspace.axes, "q")
+    kbox = _token_box(k0, k1, bp.kshape, bp.checked.kspace.axes, "k")
+    return classify_token_boxes(
+        bp, qbox, kbox, np.asarray(q0) - np.asarray(k1) if dlo is None else dlo,
+        np.asarray(q1) - np.asarray(k0) if dhi is None else dhi, head)
+
+
+def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None) -> np.ndarray:
+    """EMPTY/PARTIAL/FULL for boxes of query and key tokens given per axis (TokIV), where
+    q - k (flat indices) lies in [dlo, dhi]."""
     from . import intervals
-    shape = np.broadcast(np.asarray(q0), np.asarray(k0)).shape
+    shape = np.broadcast(np.asarray(qbox.index.lo), np.asarray(kbox.index.lo)).shape
     if bp.content_dependent:
         return np.full(shape, PARTIAL, dtype=np.int8)
-    ctx = {"q": _token_box(q0, q1, bp.qshape, bp.checked.qspace.axes, "q"),
-           "k": _token_box(k0, k1, bp.kshape, bp.checked.kspace.axes, "k")}
+    ctx = {"q": qbox, "k": kbox}
     if head is not None:
         h = np.asarray(head, dtype=np.int64)
         ctx["h"] = intervals.IV(h, h)
     saved = dict(intervals.DIFF)
-    intervals.DIFF["lo"] = np.asarray(q0) - np.asarray(k1) if dlo is None else dlo
-    intervals.DIFF["hi"] = np.asarray(q1) - np.asarray(k0) if dhi is None else dhi
+    intervals.DIFF["lo"], intervals.DIFF["hi"] = dlo, dhi
     try:
         with np.errstate(all="ignore"):
             return np.broadcast_to(classify(abstract_predicate(bp, ctx)), shape)

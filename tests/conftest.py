@@ -9,6 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. It must be
+# chosen before any kernel module is imported.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch as _torch
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", default=False,

@@ -744,8 +744,9 @@ RUNTIME_CASES = [
     pytest.param(lambda: _window()(Q, Q, Q, backend="refrence"), attndsl.UnsupportedError, [
         "error: unknown backend 'refrence' (did you mean 'reference'?)",
     ], id="backend-unknown"),
-    pytest.param(lambda: _window()(Q, Q, Q, backend="triton"), attndsl.UnsupportedError, [
-        "error: backend 'triton' is not available yet; this release has the 'reference' backend",
+    pytest.param(lambda: _window()(Q, Q, Q, backend="cpu"), attndsl.UnsupportedError, [
+        "error: backend 'cpu' is not available yet; this release has the 'reference' and "
+        "'triton' backends",
     ], id="backend-not-available"),
     pytest.param(lambda: _window()(Q, Q, Q, scale=-1.0), attndsl.ParameterError, [
         "error: scale must be a positive number, not -1.0",

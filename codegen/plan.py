@@ -1,0 +1,475 @@
+"""Token orders and block tables: which (query block, key block) pairs a kernel visits.
+
+Tables come from the typed IR, never from the N x N mask: the abstract interpreter
+(attndsl/intervals.py) classifies groups of blocks top-down (a quadtree over block
+indices, so the work follows the non-empty blocks), and only the block pairs it cannot
+decide are refined exactly: 1D diagonals by binary search, the rest by evaluating the
+predicate on that one block pair. The result is exact: a FULL pair has every (valid)
+entry attended, a PARTIAL pair some but not all, and EMPTY pairs are never listed.
+
+2D and 3D spaces are reordered so that a block is a compact tile (and tokens of one
+dilation group stay together); the kernels see the permuted order, users never do.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attndsl.bind import CHUNK_ELEMS, BoundPattern, _Hooks
+from attndsl.blocks import classify_token_boxes, diag_pairs, diagonal_split
+from attndsl.errors import SizeLimitError
+from attndsl.intervals import FULL, IV, PARTIAL, TokIV
+
+PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
+TOP_GROUPS = 64  # groups per side where the quadtree starts
+
+
+# ------------------------------------------------------------------ token orders
+
+
+@dataclass(frozen=True, eq=False)
+class TokenOrder:
+    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding."""
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    dilation: tuple[int, ...]
+    perm: np.ndarray
+    identity: bool = False  # perm is arange(N): kernels skip the gathers
+
+    def __post_init__(self):
+        object.__setattr__(self, "identity", len(self.perm) == math.prod(self.shape) and bool(
+            (self.perm == np.arange(len(self.perm))).all()))
+
+    @property
+    def length(self) -> int:
+        return len(self.perm)
+
+    def describe(self) -> str:
+        if self.identity:
+            return "row-major"
+        t = "x".join(map(str, self.tile))
+        d = "" if all(x == 1 for x in self.dilation) else (
+            ", dilation groups " + "x".join(map(str, self.dilation)))
+        return f"tiles {t}{d}"
+
+
+def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+    """Power-of-two tile dims with product `block` (or the whole space), roughly cubic."""
+    t = [1] * len(shape)
+    cap = [1 << max(0, math.ceil(math.log2(s))) for s in shape]
+    while math.prod(t) < block:
+        grow = [a for a in range(len(t)) if t[a] < cap[a]]
+        if not grow:
+            break
+        a = min(grow, key=lambda a: (t[a], -a))
+        t[a] *= 2
+    return tuple(t)
+
+
+def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None
+               ) -> TokenOrder:
+    """Row-major for 1D; for 2D/3D, dilation groups one after another, each cut into tiles
+    of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside."""
+    n = len(shape)
+    if n == 1:
+        return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64))
+    dil = tuple(dilation or (1,) * n)
+    sub = tuple(-(-s // d) for s, d in zip(shape, dil))  # largest dilation-group extent
+    tile = tile_shape(sub, block)
+    parts = []
+    strides = np.cumprod((1,) + tuple(reversed(shape)))[:-1][::-1]
+    for g in np.ndindex(*dil):
+        ext = [len(range(gi, s, d)) for gi, s, d in zip(g, shape, dil)]
+        padded = [-(-e // t) * t for e, t in zip(ext, tile)]
+        # coordinates of the padded group grid in tile order
+        grids = np.meshgrid(*[np.arange(p) for p in padded], indexing="ij")
+        c = [x.reshape(-1) for x in grids]
+        tid = np.zeros_like(c[0])
+        inner = np.zeros_like(c[0])
+        for a in range(n):
+            tid = tid * (padded[a] // tile[a]) + c[a] // tile[a]
+            inner = inner * tile[a] + c[a] % tile[a]
+        order = np.lexsort((inner, tid))
+        c = [x[order] for x in c]
+        ok = np.ones(len(order), dtype=bool)
+        flat = np.zeros(len(order), dtype=np.int64)
+        for a in range(n):
+            ok &= c[a] < ext[a]
+            flat += (g[a] + c[a] * dil[a]) * int(strides[a])
+        parts.append(np.where(ok, flat, -1))
+    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts))
+
+
+# ------------------------------------------------------------------ block bounds
+
+
+@dataclass(frozen=True, eq=False)
+class _Bounds:
+    """Per group of blocks: per-axis coordinate ranges, flat-index range, valid tokens."""
+
+    lo: np.ndarray  # [G, axes]
+    hi: np.ndarray
+    flo: np.ndarray  # [G]
+    fhi: np.ndarray
+    count: np.ndarray  # valid tokens
+    size: np.ndarray  # positions (valid or not)
+
+    def take(self, idx):
+        return _Bounds(self.lo[idx], self.hi[idx], self.flo[idx], self.fhi[idx],
+                       self.count[idx], self.size[idx])
+
+    def coarser(self) -> _Bounds:
+        """Pairs of neighbouring groups merged (odd tail kept)."""
+        n = len(self.count)
+        a = np.arange(0, n, 2)
+        b = np.minimum(a + 1, n - 1)
+        two = b != a
+        return _Bounds(np.minimum(self.lo[a], self.lo[b]), np.maximum(self.hi[a], self.hi[b]),
+                       np.minimum(self.flo[a], self.flo[b]),
+                       np.maximum(self.fhi[a], self.fhi[b]),
+                       self.count[a] + np.where(two, self.count[b], 0),
+                       self.size[a] + np.where(two, self.size[b], 0))
+
+
+BIG = np.int64(1 << 62)
+
+
+def _block_bounds(order: TokenOrder, block: int) -> _Bounds:
+    n = order.length
+    nb = -(-n // block)
+    perm = np.full(nb * block, -1, dtype=np.int64)
+    perm[:n] = order.perm
+    p = perm.reshape(nb, block)
+    valid = p >= 0
+    coords = []
+    rem = np.where(valid, p, 0)
+    for s in reversed(order.shape):
+        coords.append(rem % s)
+        rem = rem // s
+    coords = coords[::-1]
+    lo = np.stack([np.where(valid, c, BIG).min(axis=1) for c in coords], axis=1)
+    hi = np.stack([np.where(valid, c, -BIG).max(axis=1) for c in coords], axis=1)
+    flo = np.where(valid, p, BIG).min(axis=1)
+    fhi = np.where(valid, p, -BIG).max(axis=1)
+    size = np.full(nb, block)  # positions the kernel loads, past the end included
+    return _Bounds(lo, hi, flo, fhi, valid.sum(axis=1), size)
+
+
+def _box(b: _Bounds, shape, axes, role) -> TokIV:
+    if len(shape) == 1:
+        iv = IV(b.flo, b.fhi, (role, 0))
+        return TokIV(iv, (iv,), tuple(shape), axes)
+    pos = tuple(IV(b.lo[:, a], b.hi[:, a]) for a in range(len(shape)))
+    return TokIV(IV(b.flo, b.fhi), pos, tuple(shape), axes)
+
+
+# ------------------------------------------------------------------ tables
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTable:
+    """One head's (or every head's) visited block pairs in CSR form: row r's FULL key
+    blocks are full_idx[full_off[r]:full_off[r + 1]], increasing; PARTIAL ones likewise."""
+
+    full_off: np.ndarray  # [rows + 1]
+    full_idx: np.ndarray  # [nnz] int32
+    part_off: np.ndarray
+    part_idx: np.ndarray
+    needed: int  # attended entries (the mask's nnz over valid tokens)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything a kernel launch needs besides the tensors."""
+
+    qorder: TokenOrder
+    korder: TokenOrder
+    block_q: int
+    block_k: int
+    tables: tuple[BlockTable, ...]  # one, or one per head
+    transposed: tuple[BlockTable, ...]  # the same pairs, per key block
+    build_seconds: float
+    stats_extra: dict = field(default_factory=dict)
+
+    @property
+    def nqb(self) -> int:
+        return -(-self.qorder.length // self.block_q)
+
+    @property
+    def nkb(self) -> int:
+        return -(-self.korder.length // self.block_k)
+
+    def stats(self) -> dict:
+        full = sum(len(t.full_idx) for t in self.tables)
+        part = sum(len(t.part_idx) for t in self.tables)
+        total = self.nqb * self.nkb * len(self.tables)
+        needed = sum(t.needed for t in self.tables)
+        computed = (full + part) * self.block_q * self.block_k
+        table_bytes = sum(a.nbytes for t in self.tables + self.transposed
+                          for a in (t.full_off, t.full_idx, t.part_off, t.part_idx))
+        return {
+            "block_q": self.block_q, "block_k": self.block_k,
+            "tile_q": list(self.qorder.tile), "tile_k": list(self.korder.tile),
+            "order_q": self.qorder.describe(), "order_k": self.korder.describe(),
+            "head_tables": len(self.tables),
+            "full_blocks": full, "partial_blocks": part, "empty_blocks": total - full - part,
+            "computed_elements": computed, "needed_elements": needed,
+            "waste": computed / needed if needed else float("inf"),
+            "block_table_bytes": int(table_bytes),
+            "build_seconds": round(self.build_seconds, 4),
+            **self.stats_extra,
+        }
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """CSR: idx[off[r]:off[r + 1]] are row r's columns, increasing."""
+    key = np.sort(rows * ncols + cols)
+    cnt = np.bincount(key // ncols, minlength=nrows)
+    off = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(cnt, out=off[1:])
+    return off.astype(np.int32 if off[-1] < 2**31 else np.int64), (key % ncols).astype(
+        np.int32)
+
+
+def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, inputs):
+    """Exact masks of block pairs (qi[t], kj[t]): (any, all-valid-and-true, count)."""
+    hooks = _Hooks(bp, {"inputs": inputs})
+    nq, nk = qorder.length, korder.length
+    qperm = np.full((-(-nq // bq)) * bq, -1, dtype=np.int64)
+    qperm[:nq] = qorder.perm
+    kperm = np.full((-(-nk // bk)) * bk, -1, dtype=np.int64)
+    kperm[:nk] = korder.perm
+    qp = torch.from_numpy(qperm.reshape(-1, bq))
+    kp = torch.from_numpy(kperm.reshape(-1, bk))
+    anyv = np.zeros(len(qi), dtype=bool)
+    allv = np.zeros(len(qi), dtype=bool)
+    cnt = np.zeros(len(qi), dtype=np.int64)
+    step = max(1, CHUNK_ELEMS // (bq * bk))
+    h = None if head is None else torch.tensor(head)
+    for t0 in range(0, len(qi), step):
+        a = qp[torch.from_numpy(qi[t0:t0 + step])].unsqueeze(2)  # [T, bq, 1]
+        b = kp[torch.from_numpy(kj[t0:t0 + step])].unsqueeze(1)  # [T, 1, bk]
+        qv, kv = a >= 0, b >= 0
+        val = torch.as_tensor(bp.predicate(bp.context(a.clamp(min=0), b.clamp(min=0), h),
+                                           hooks))
+        while val.dim() > 3:
+            val = val.any(dim=0)
+        val = val.expand(a.shape[0], bq, bk)
+        m = val & qv & kv
+        anyv[t0:t0 + step] = m.flatten(1).any(dim=1).numpy()
+        cnt[t0:t0 + step] = m.flatten(1).sum(dim=1).numpy()
+        # FULL: no key padding and every valid query attends every key
+        allv[t0:t0 + step] = ((val | ~qv).flatten(1).all(dim=1) & kv.flatten(1).all(dim=1)
+                              ).numpy()
+    return anyv, allv, cnt
+
+
+def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs, sub=16):
+    """Like _dense_leaves for contiguous 1D blocks, but each pair is first cut into sub x sub
+    boxes that the abstract interpreter classifies; only undecided ones are evaluated."""
+    nq, nk = bp.nq, bp.nk
+    a, b = bq // sub, bk // sub
+    t = np.repeat(np.arange(len(gi)), a * b)
+    si = np.tile(np.repeat(np.arange(a), b), len(gi))
+    sj = np.tile(np.arange(b), len(gi) * a)
+    q0 = qb0.flo[gi][t] + si * sub
+    k0 = kb0.flo[gj][t] + sj * sub
+    ok = (q0 < nq) & (k0 < nk)
+    t, q0, k0 = t[ok], q0[ok], k0[ok]
+    q1, k1 = np.minimum(q0 + sub, nq) - 1, np.minimum(k0 + sub, nk) - 1
+    qbox = TokIV(IV(q0, q1, ("q", 0)), (IV(q0, q1, ("q", 0)),), bp.qshape,
+                 bp.checked.qspace.axes)
+    kbox = TokIV(IV(k0, k1, ("k", 0)), (IV(k0, k1, ("k", 0)),), bp.kshape,
+                 bp.checked.kspace.axes)
+    cls = classify_token_boxes(bp, qbox, kbox, q0 - k1, q1 - k0, head)
+    n = len(gi)
+    cnt = np.zeros(n, dtype=np.int64)
+    anyv = np.zeros(n, dtype=bool)
+    allv = np.ones(n, dtype=bool)
+    f = cls == FULL
+    np.add.at(cnt, t[f], (q1[f] - q0[f] + 1) * (k1[f] - k0[f] + 1))
+    anyv[t[f]] = True
+    allv[t[cls == 0]] = False
+    p = cls == PARTIAL
+    if p.any():
+        m = _eval_boxes(bp, q0[p], k0[p], sub, head, inputs)  # [P, sub, sub]
+        m &= (q0[p][:, None, None] + np.arange(sub)[None, :, None] < nq)
+        m &= (k0[p][:, None, None] + np.arange(sub)[None, None, :] < nk)
+        c = m.reshape(len(m), -1).sum(axis=1)
+        np.add.at(cnt, t[p], c)
+        anyv[t[p][c > 0]] = True
+        rows = np.minimum(q0[p] + sub, nq) - q0[p]
+        cols = np.minimum(k0[p] + sub, nk) - k0[p]
+        allv[t[p][c < rows * cols]] = False
+    # a key block that runs past the end needs the bounds mask
+    allv &= kb0.count[gj] == kb0.size[gj]
+    return anyv, allv, cnt
+
+
+def _eval_boxes(bp, q0, k0, sub, head, inputs) -> np.ndarray:
+    """The exact mask of sub x sub boxes at (q0[i], k0[i]) (indices clamped in range)."""
+    hooks = _Hooks(bp, {"inputs": inputs})
+    out = np.zeros((len(q0), sub, sub), dtype=bool)
+    step = max(1, CHUNK_ELEMS // (sub * sub))
+    h = None if head is None else torch.tensor(head)
+    ar = torch.arange(sub)
+    for t0 in range(0, len(q0), step):
+        a = (torch.from_numpy(q0[t0:t0 + step]).view(-1, 1, 1) + ar.view(1, -1, 1)).clamp(
+            max=bp.nq - 1)
+        b = (torch.from_numpy(k0[t0:t0 + step]).view(-1, 1, 1) + ar.view(1, 1, -1)).clamp(
+            max=bp.nk - 1)
+        val = torch.as_tensor(bp.predicate(bp.context(a, b, h), hooks))
+        while val.dim() > 3:
+            val = val.any(dim=0)
+        out[t0:t0 + step] = val.expand(a.shape[0], sub, sub).numpy()
+    return out
+
+
+def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs) -> BlockTable:
+    qb0 = _block_bounds(qorder, bq)
+    kb0 = _block_bounds(korder, bk)
+    qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
+    nqb, nkb = len(qb0.count), len(kb0.count)
+    qlev, klev = [qb0], [kb0]
+    while len(qlev[-1].count) > TOP_GROUPS:
+        qlev.append(qlev[-1].coarser())
+    while len(klev[-1].count) > TOP_GROUPS:
+        klev.append(klev[-1].coarser())
+    lq, lk = len(qlev) - 1, len(klev) - 1
+    gi, gj = np.meshgrid(np.arange(len(qlev[lq].count)), np.arange(len(klev[lk].count)),
+                         indexing="ij")
+    gi, gj = gi.reshape(-1), gj.reshape(-1)
+    full_i, full_j, part_i, part_j = [], [], [], []
+    needed = 0
+    one_d = len(bp.qshape) == 1 and len(bp.kshape) == 1
+    listed = 0
+    while True:
+        qb, kb = qlev[lq].take(gi), klev[lk].take(gj)
+        live = (qb.count > 0) & (kb.count > 0)
+        gi, gj, qb, kb = gi[live], gj[live], qb.take(live), kb.take(live)
+        cls = classify_token_boxes(bp, _box(qb, bp.qshape, qaxes, "q"),
+                                   _box(kb, bp.kshape, kaxes, "k"),
+                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head)
+        f = cls == FULL
+        if f.any():
+            # expand to leaf blocks; a key block with padding needs the mask: PARTIAL
+            si, sj = 1 << lq, 1 << lk
+            ii = (gi[f][:, None] * si + np.arange(si)[None, :])
+            jj = (gj[f][:, None] * sj + np.arange(sj)[None, :])
+            ii = np.repeat(ii, sj, axis=1).reshape(-1)
+            jj = np.tile(jj, (1, si)).reshape(-1)
+            ok = (ii < nqb) & (jj < nkb)
+            ii, jj = ii[ok], jj[ok]
+            ok = (qb0.count[ii] > 0) & (kb0.count[jj] > 0)
+            ii, jj = ii[ok], jj[ok]
+            clean = kb0.count[jj] == kb0.size[jj]
+            needed += int((qb0.count[ii] * kb0.count[jj]).sum())
+            full_i.append(ii[clean])
+            full_j.append(jj[clean])
+            part_i.append(ii[~clean])
+            part_j.append(jj[~clean])
+            listed += len(ii)
+            if listed > PAIR_LIMIT:
+                raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} "
+                                     "block pairs at this size; use larger blocks",
+                                     bp.checked.span)
+        p = cls == PARTIAL
+        gi, gj = gi[p], gj[p]
+        if lq == 0 and lk == 0:
+            break
+        if lq > 0:
+            gi, gj = np.concatenate([gi * 2, gi * 2 + 1]), np.concatenate([gj, gj])
+            gi_ok = gi < len(qlev[lq - 1].count)
+            gi, gj = gi[gi_ok], gj[gi_ok]
+            lq -= 1
+        if lk > 0:
+            gi, gj = np.concatenate([gi, gi]), np.concatenate([gj * 2, gj * 2 + 1])
+            gj_ok = gj < len(klev[lk - 1].count)
+            gi, gj = gi[gj_ok], gj[gj_ok]
+            lk -= 1
+    # undecided leaves: prove 1D diagonals partial, evaluate the rest exactly
+    if len(gi) and one_d and qorder.identity and korder.identity:
+        q0, q1 = qb0.flo[gi], qb0.fhi[gi]
+        k0, k1 = kb0.flo[gj], kb0.fhi[gj]
+        c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head)
+        g = c > -(1 << 62)
+        if g.any():
+            d = np.stack([q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]], axis=1)
+            needed += int(diag_pairs(d).sum())
+            part_i.append(gi[g])
+            part_j.append(gj[g])
+            gi, gj = gi[~g], gj[~g]
+    if len(gi):
+        if one_d and qorder.identity and korder.identity:
+            anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs)
+        else:
+            anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, gi, gj, head, inputs)
+        needed += int(cnt.sum())
+        full_i.append(gi[allv])
+        full_j.append(gj[allv])
+        keep = anyv & ~allv
+        part_i.append(gi[keep])
+        part_j.append(gj[keep])
+
+    def cat(xs):
+        return np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64)
+
+    fi, fj, pi, pj = cat(full_i), cat(full_j), cat(part_i), cat(part_j)
+    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed)
+    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed)
+
+
+def neighborhood_dilation(bp: BoundPattern) -> tuple[int, ...] | None:
+    """The per-axis dilation of a pattern's `neighborhood(...)`-style parameters, if any."""
+    d = bp.values.get("dilation")
+    if d is None:
+        return None
+    if isinstance(d, int):
+        d = (d,) * len(bp.qshape)
+    if len(d) != len(bp.qshape) or any(not isinstance(x, int) or x < 1 for x in d):
+        return None
+    return tuple(d)
+
+
+def default_blocks(bp: BoundPattern) -> tuple[int, int]:
+    return 64, 64
+
+
+def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None = None,
+               inputs: dict | None = None, order: str = "auto") -> Plan:
+    """Token orders and exact block tables (one per head for per-head patterns)."""
+    t0 = time.perf_counter()
+    from attndsl.reference import _input_env
+    for owner in bp.owners():
+        _input_env(owner, inputs or {})
+    dq, dk = default_blocks(bp)
+    bq, bk = block_q or dq, block_k or dk
+    for b in (bq, bk):
+        if b < 16 or b & (b - 1):
+            from attndsl.errors import ParameterError
+            raise ParameterError(f"block sizes must be powers of two >= 16, not {b}")
+    dil = neighborhood_dilation(bp) if order == "auto" else None
+    if order == "row-major" or len(bp.qshape) == 1:
+        qorder = TokenOrder(bp.qshape, (bq,), (1,) * len(bp.qshape),
+                            np.arange(bp.nq, dtype=np.int64))
+        korder = TokenOrder(bp.kshape, (bk,), (1,) * len(bp.kshape),
+                            np.arange(bp.nk, dtype=np.int64))
+    else:
+        qorder = make_order(bp.qshape, bq, dil)
+        korder = qorder if (bp.kshape == bp.qshape and bk == bq) else make_order(
+            bp.kshape, bk, dil if bp.kshape == bp.qshape else None)
+    heads = range(bp.heads) if bp.head_dependent else [None]
+    tables, transposed = [], []
+    for h in heads:
+        t, tt = _table(bp, qorder, korder, bq, bk, h, inputs or {})
+        tables.append(t)
+        transposed.append(tt)
+    return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
+                time.perf_counter() - t0)
