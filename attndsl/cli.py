@@ -1,4 +1,4 @@
-"""The `attndsl` command line: check, list, mask, show."""
+"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile."""
 
 from __future__ import annotations
 
@@ -301,6 +301,60 @@ union over heads. The report's 'method' line says how many rectangles and tiles 
 """
 
 
+COMPILE_HELP = """\
+Compile a pattern into block-sparse Triton kernels (forward and backward).
+
+With -o DIR: writes DIR/<name>.py (the generated @triton.jit source, metadata and a loader:
+`import <name>` gives `op`, callable as op(q, k, v, backend="triton")) and DIR/<name>.npz
+(token orders and block tables). --emit flex also writes DIR/<name>_flex.py, a FlexAttention
+mask_mod / score_mod / block_mask for the same pattern. --stats prints full, partial and
+empty blocks, tiles, table bytes, build time and computed / needed score elements.
+"""
+
+
+def cmd_compile(args) -> int:
+    import json
+    op = _compile(args)
+    op.options(block_q=args.block_q, block_k=args.block_k)
+    inputs = _inputs(args.input)
+    if args.output is None and args.emit != "flex":
+        stats = op.stats(**inputs)
+        paths = {}
+    elif args.output is None:
+        raise ParameterError("--emit flex needs -o DIR")
+    else:
+        from .codegen.export import export
+        res = export(op, args.output, args.name, flex=args.emit == "flex", **inputs)
+        stats, paths = res["stats"], res["paths"]
+    if args.json:
+        print(json.dumps({"paths": paths, "stats": stats}, indent=2, default=str))
+        return 0
+    for kind, path in paths.items():
+        print(f"wrote {path} ({kind})")
+    if args.stats or not paths:
+        print(format_stats(op, stats))
+    return 0
+
+
+def format_stats(op, s: dict) -> str:
+    """The --stats report: one line per figure."""
+    vals = ", ".join(f"{k}={v}" for k, v in op.params.items())
+    rows = [
+        f"{op.name}({vals}): queries {s['order_q']}, keys {s['order_k']}",
+        f"  blocks          {s['block_q']} x {s['block_k']} tokens"
+        + (f", {s['head_tables']} head tables" if s["head_tables"] > 1 else ""),
+        f"  full            {s['full_blocks']:,}",
+        f"  partial         {s['partial_blocks']:,}",
+        f"  empty           {s['empty_blocks']:,}",
+        f"  computed        {s['computed_elements']:,} score elements",
+        f"  needed          {s['needed_elements']:,} (the mask's nnz)",
+        f"  waste           {s['waste']:.2f}x computed / needed",
+        f"  block tables    {s['block_table_bytes']:,} bytes",
+        f"  build           {s['build_seconds']:.3f} s",
+    ]
+    return "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attndsl", description="Compile and inspect attention "
                                  "patterns written in .attn files.")
@@ -346,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the JSON schema instead")
     c.add_argument("--plot", help="PNG of the reached tokens per layer")
     c.set_defaults(func=cmd_analyze)
+    c = sub.add_parser("compile", help="generate the Triton kernels; export them with -o",
+                       description=COMPILE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(c)
+    c.add_argument("-o", "--output", metavar="DIR", help="write the module and tables here")
+    c.add_argument("--name", help="module name (default attn_<pattern>)")
+    c.add_argument("--block-q", type=int, default=None, help="query block (default 64)")
+    c.add_argument("--block-k", type=int, default=None, help="key block (default 64)")
+    c.add_argument("--stats", action="store_true", help="print the block statistics")
+    c.add_argument("--json", action="store_true", help="print paths and statistics as JSON")
+    c.add_argument("--emit", choices=["flex"], help="also export a FlexAttention mask_mod")
+    c.set_defaults(func=cmd_compile)
     c = sub.add_parser("compare", help="receptive-field growth of several patterns")
     c.add_argument("patterns", nargs="+", metavar="FILE[:PATTERN]",
                    help="a file (all its patterns) or FILE:PATTERN")

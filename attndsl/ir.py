@@ -359,6 +359,7 @@ class Module:
     scope: dict = field(default_factory=dict, compare=False, hash=False)
     # every module loaded with this one, by path: a definition's names resolve in its own file
     registry: dict = field(default_factory=dict, compare=False, hash=False)
+    text: str | None = field(default=None, compare=False, hash=False)  # the source read
 
     def home(self, item) -> Module:
         """The module that defines `item` (imported names live in their own file's scope)."""

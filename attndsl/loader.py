@@ -37,7 +37,7 @@ class Loader:
 
     def load_text(self, text: str, name: str = "<string>", base: Path | None = None) -> ir.Module:
         items = parse_text(text, name)
-        return self._build(name, items, base or Path.cwd())
+        return self._build(name, items, base or Path.cwd(), text)
 
     def load_file(self, path: Path, span=None) -> ir.Module:
         key = str(path)
@@ -53,13 +53,14 @@ class Loader:
         self._loading.append(key)
         try:
             items = parse_text(text, _display(path))
-            mod = self._build(_display(path), items, path.parent)
+            mod = self._build(_display(path), items, path.parent, text)
         finally:
             self._loading.pop()
         self.modules[key] = mod
         return mod
 
-    def _build(self, name: str, items: tuple, base: Path) -> ir.Module:
+    def _build(self, name: str, items: tuple, base: Path, text: str | None = None
+               ) -> ir.Module:
         sink = ErrorSink()
         scope: dict[str, object] = {}
         is_prelude = Path(name).name == PRELUDE and Path(name).parent.resolve() == stdlib_dir()
@@ -103,7 +104,7 @@ class Loader:
                 own[item.name] = item
         sink.raise_if_any()
         scope.update(own)
-        mod = ir.Module(name, items, scope, self.registry)
+        mod = ir.Module(name, items, scope, self.registry, text)
         self.registry[name] = mod
         return mod
 

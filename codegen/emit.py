@@ -122,6 +122,23 @@ def _t(x):
 '''
 
 
+def prune(lines: list[str], results: list[str]) -> list[str]:
+    """Drop assignments nobody reads (both sides of an `if` are emitted, and token
+    coordinates are emitted whether used or not); the rest keep their order."""
+    import re
+    word = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+    live = set()
+    for r in results:
+        live |= set(word.findall(r))
+    kept = []
+    for line in reversed(lines):
+        target, expr = line.split(" = ", 1)
+        if target in live:
+            kept.append(line)
+            live |= set(word.findall(expr))
+    return kept[::-1]
+
+
 class Emitter:
     """Emits the attend predicate (and bias terms) of a bound pattern as code lines."""
 
@@ -312,6 +329,18 @@ class Emitter:
             return pyop(op, a, b, span)
         ta, tb = self.text(a), self.text(b)
         kind = "float" if "float" in (self.kind(a), self.kind(b)) else "int"
+        # identities on integer code (float code keeps its IEEE behaviour)
+        if kind == "int" and isinstance(b, int) and not isinstance(b, bool):
+            if (op in ("+", "-", "|", "^", "<<", ">>") and b == 0) or (
+                    op in ("*", "//") and b == 1):
+                return a
+            if op == "%" and b == 1:
+                return 0
+            if op == "*" and b == 0:
+                return 0
+        if kind == "int" and isinstance(a, int) and not isinstance(a, bool):
+            if (op in ("+", "|", "^") and a == 0) or (op == "*" and a == 1):
+                return b
         if op in ("and", "or"):
             # constant folding of the short-circuit forms
             for x, y in ((a, b), (b, a)):

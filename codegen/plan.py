@@ -41,6 +41,7 @@ class TokenOrder:
     dilation: tuple[int, ...]
     perm: np.ndarray
     identity: bool = False  # perm is arange(N): kernels skip the gathers
+    tile_block: int = 0  # tokens per block this order was made for
 
     def __post_init__(self):
         object.__setattr__(self, "identity", len(self.perm) == math.prod(self.shape) and bool(
@@ -72,16 +73,17 @@ def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
     return tuple(t)
 
 
-def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None
-               ) -> TokenOrder:
+def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None,
+               tile: tuple[int, ...] | None = None) -> TokenOrder:
     """Row-major for 1D; for 2D/3D, dilation groups one after another, each cut into tiles
     of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside."""
     n = len(shape)
     if n == 1:
-        return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64))
+        return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64),
+                          tile_block=block)
     dil = tuple(dilation or (1,) * n)
     sub = tuple(-(-s // d) for s, d in zip(shape, dil))  # largest dilation-group extent
-    tile = tile_shape(sub, block)
+    tile = tile or tile_shape(sub, block)
     parts = []
     strides = np.cumprod((1,) + tuple(reversed(shape)))[:-1][::-1]
     for g in np.ndindex(*dil):
@@ -103,7 +105,7 @@ def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | N
             ok &= c[a] < ext[a]
             flat += (g[a] + c[a] * dil[a]) * int(strides[a])
         parts.append(np.where(ok, flat, -1))
-    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts))
+    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts), tile_block=block)
 
 
 # ------------------------------------------------------------------ block bounds
@@ -332,9 +334,13 @@ def _eval_boxes(bp, q0, k0, sub, head, inputs) -> np.ndarray:
     return out
 
 
-def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs) -> BlockTable:
+def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
+    """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
+    listed for those query blocks (to compare token orders cheaply)."""
     qb0 = _block_bounds(qorder, bq)
     kb0 = _block_bounds(korder, bk)
+    if qsel is not None:
+        qb0 = qb0.take(qsel)
     qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
     nqb, nkb = len(qb0.count), len(kb0.count)
     qlev, klev = [qb0], [kb0]
@@ -410,7 +416,9 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs) -> BlockTable
         if one_d and qorder.identity and korder.identity:
             anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs)
         else:
-            anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, gi, gj, head, inputs)
+            rows = gi if qsel is None else np.asarray(qsel)[gi]
+            anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, rows, gj, head,
+                                            inputs)
         needed += int(cnt.sum())
         full_i.append(gi[allv])
         full_j.append(gj[allv])
@@ -422,6 +430,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs) -> BlockTable
         return np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64)
 
     fi, fj, pi, pj = cat(full_i), cat(full_j), cat(part_i), cat(part_j)
+    if qsel is not None:
+        return len(fi) + len(pi)
     t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed)
     return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed)
 
@@ -446,25 +456,29 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
                inputs: dict | None = None, order: str = "auto") -> Plan:
     """Token orders and exact block tables (one per head for per-head patterns)."""
     t0 = time.perf_counter()
-    from attndsl.reference import _input_env
+    from attndsl.reference import _input_env, check_inputs
+    inputs = {n: v.cpu() if isinstance(v, torch.Tensor) else v
+              for n, v in check_inputs(bp, inputs or {}, for_mask=True).items()}
     for owner in bp.owners():
-        _input_env(owner, inputs or {})
+        _input_env(owner, inputs)
     dq, dk = default_blocks(bp)
     bq, bk = block_q or dq, block_k or dk
     for b in (bq, bk):
         if b < 16 or b & (b - 1):
             from attndsl.errors import ParameterError
             raise ParameterError(f"block sizes must be powers of two >= 16, not {b}")
-    dil = neighborhood_dilation(bp) if order == "auto" else None
-    if order == "row-major" or len(bp.qshape) == 1:
-        qorder = TokenOrder(bp.qshape, (bq,), (1,) * len(bp.qshape),
-                            np.arange(bp.nq, dtype=np.int64))
-        korder = TokenOrder(bp.kshape, (bk,), (1,) * len(bp.kshape),
-                            np.arange(bp.nk, dtype=np.int64))
-    else:
-        qorder = make_order(bp.qshape, bq, dil)
-        korder = qorder if (bp.kshape == bp.qshape and bk == bq) else make_order(
-            bp.kshape, bk, dil if bp.kshape == bp.qshape else None)
+    rm_q = TokenOrder(bp.qshape, (bq,), (1,) * len(bp.qshape), np.arange(bp.nq),
+                      tile_block=bq)
+    rm_k = TokenOrder(bp.kshape, (bk,), (1,) * len(bp.kshape), np.arange(bp.nk),
+                      tile_block=bk)
+    qorder, korder = rm_q, rm_k
+    tried = {}
+    if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape:
+        korder = choose_order(bp, bk, inputs or {}, tried)
+        qorder = korder if bq == bk else choose_order(bp, bq, inputs or {}, tried, korder)
+    elif order not in ("auto", "row-major"):
+        from attndsl.errors import ParameterError
+        raise ParameterError(f"order must be 'auto' or 'row-major', not {order!r}")
     heads = range(bp.heads) if bp.head_dependent else [None]
     tables, transposed = [], []
     for h in heads:
@@ -472,4 +486,53 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         tables.append(t)
         transposed.append(tt)
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
-                time.perf_counter() - t0)
+                time.perf_counter() - t0, {"orders_tried": tried} if tried else {})
+
+
+def _tilings(shape, block):
+    """Every power-of-two tile shape with `block` tokens that fits the space."""
+    caps = [max(0, math.ceil(math.log2(s))) for s in shape]
+    total = int(math.log2(block))
+    out = []
+
+    def rec(a, left, acc):
+        if a == len(shape) - 1:
+            if left <= caps[a]:
+                out.append(tuple(1 << e for e in acc + [left]))
+            return
+        for e in range(min(left, caps[a]) + 1):
+            rec(a + 1, left - e, acc + [e])
+    rec(0, total, [])
+    return out or [tile_shape(shape, block)]
+
+
+def choose_order(bp: BoundPattern, block: int, inputs: dict, tried: dict,
+                 korder: TokenOrder | None = None, samples: int = 24) -> TokenOrder:
+    """The token order (row-major, or tiles of any shape, with or without dilation groups)
+    whose blocks list the fewest pairs, measured exactly on evenly spaced query blocks;
+    keys in the same order, or in `korder` (blocks of its own size) when given."""
+    dil = neighborhood_dilation(bp)
+    cands = [TokenOrder(bp.qshape, (block,), (1,) * len(bp.qshape), np.arange(bp.nq),
+                        tile_block=block)]
+    for d in {None, dil} if dil and any(x > 1 for x in dil) else {None}:
+        sub = bp.qshape if d is None else tuple(-(-s // x) for s, x in zip(bp.qshape, d))
+        for t in _tilings(sub, block):
+            cands.append(_order_with_tile(bp.qshape, t, d))
+    best, best_cost = None, None
+    for o in cands:
+        nqb = -(-o.length // block)
+        sel = np.unique(np.linspace(0, nqb - 1, min(samples, nqb)).astype(np.int64))
+        ko = korder or o
+        bk = block if korder is None else korder.tile_block
+        pairs = _table(bp, o, ko, block, bk, None if not bp.head_dependent else 0, inputs,
+                       qsel=sel)
+        # computed elements, scaled to the order's block count (padding costs)
+        cost = pairs / len(sel) * nqb * block * bk
+        tried[("queries " if korder is not None else "") + o.describe()] = int(round(cost))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = o, cost
+    return best
+
+
+def _order_with_tile(shape, tile, dilation):
+    return make_order(shape, math.prod(tile), dilation, tile=tile)

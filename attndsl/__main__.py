@@ -1,0 +1,7 @@
+"""`python -m attndsl ...` is the `attndsl` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

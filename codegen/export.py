@@ -1,0 +1,164 @@
+"""`attndsl compile -o DIR`: a self-contained, inspectable Python module per pattern.
+
+DIR/<name>.py holds the generated @triton.jit source exactly as the runtime uses it, the
+metadata (pattern, parameters, orders, statistics) and a loader; DIR/<name>.npz holds the
+token orders and block tables. `import <name>` gives `op`, an attndsl.Op whose Triton
+backend uses these kernels and tables without regenerating or re-planning them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .plan import BlockTable, Plan, TokenOrder
+
+LOADER = '''
+
+# ---------------------------------------------------------------- attndsl export
+# Everything above is the generated kernel source; below, its metadata and loader.
+METADATA = json.loads({meta!r})
+PATTERN_SOURCE = {source!r}
+
+
+def _load():
+    from attndsl.codegen.export import load_exported
+    return load_exported(sys.modules[__name__], METADATA, PATTERN_SOURCE,
+                         os.path.splitext(__file__)[0] + ".npz")
+
+
+op = _load()
+'''
+
+
+def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool = False,
+           **inputs) -> dict:
+    """Write DIR/<name>.py (+ .npz, + _flex.py with flex=True); return paths and stats."""
+    from attndsl.api import _input_key
+    from attndsl.reference import check_inputs
+    bp = op.bound
+    kern = op.kernel(**inputs)
+    plan = kern.plan
+    name = name or f"attn_{bp.name}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"qperm": plan.qorder.perm, "kperm": plan.korder.perm}
+    for i, (t, tt) in enumerate(zip(plan.tables, plan.transposed)):
+        for attr in ("full_off", "full_idx", "part_off", "part_idx"):
+            arrays[f"t{i}_{attr}"] = getattr(t, attr)
+            arrays[f"tt{i}_{attr}"] = getattr(tt, attr)
+        arrays[f"t{i}_needed"] = np.asarray(t.needed)
+    np.savez(out / f"{name}.npz", **arrays)
+    checked = check_inputs(bp, inputs, for_mask=True)
+    meta = {
+        "pattern": bp.name, "file": str(Path(bp.module.path).resolve())
+        if os.path.exists(bp.module.path) else bp.module.path,
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in bp.values.items()},
+        "block_q": plan.block_q, "block_k": plan.block_k,
+        "qorder": {"shape": list(plan.qorder.shape), "tile": list(plan.qorder.tile),
+                   "dilation": list(plan.qorder.dilation)},
+        "korder": {"shape": list(plan.korder.shape), "tile": list(plan.korder.tile),
+                   "dilation": list(plan.korder.dilation)},
+        "heads_tables": len(plan.tables),
+        "input_key": _jsonable(_input_key(checked)),
+        "stats": plan.stats(),
+        "attndsl": _version(),
+    }
+    text = kern.source.rstrip("\n") + "\n"
+    text = text.replace("import triton\n", "import json\nimport os\nimport sys\n\nimport triton\n",
+                        1)
+    text += LOADER.format(meta=json.dumps(meta, default=_default),
+                          source=_module_text(bp))
+    py = out / f"{name}.py"
+    py.write_text(text)
+    paths = {"module": str(py), "tables": str(out / f"{name}.npz")}
+    if flex:
+        from .flex import flex_source
+        fp = out / f"{name}_flex.py"
+        fp.write_text(flex_source(bp))
+        paths["flex"] = str(fp)
+    return {"paths": paths, "stats": meta["stats"]}
+
+
+def _module_text(bp) -> str:
+    from attndsl.errors import UnsupportedError
+    text = bp.module.text
+    if text is None:  # pragma: no cover - every loader path records the text
+        raise UnsupportedError("only patterns loaded from a file or source text can be "
+                               "exported")
+    return text
+
+
+def _version() -> str:
+    from attndsl import __version__
+    return __version__
+
+
+def _default(x):
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return str(x)
+
+
+def _jsonable(x):
+    if isinstance(x, tuple | list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _tuple(x):
+    if isinstance(x, list):
+        return tuple(_tuple(v) for v in x)
+    return x
+
+
+def load_exported(module, meta: dict, source: str, tables_path: str):
+    """The Op of an exported module, using the module's kernels and the saved tables."""
+    import attndsl
+    from attndsl.loader import Loader
+
+    from .runtime import CompiledKernel
+    from .triton_gen import input_args
+    path = meta["file"]
+    base = Path(path).parent if os.path.isabs(path) and Path(path).parent.exists() else None
+    mod = Loader().load_text(source, path, base)
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    from attndsl.bind import bind
+    from attndsl.checker import check_pattern
+    op = attndsl.Op(bind(check_pattern(mod, mod.scope[meta["pattern"]]), mod, params))
+    op.options(block_q=meta["block_q"], block_k=meta["block_k"])
+    data = np.load(tables_path)
+
+    def order(key, perm):
+        o = meta[key]
+        block = meta["block_q"] if key == "qorder" else meta["block_k"]
+        return TokenOrder(tuple(o["shape"]), tuple(o["tile"]), tuple(o["dilation"]),
+                          data[perm], tile_block=block)
+
+    tables, transposed = [], []
+    for i in range(meta["heads_tables"]):
+        needed = int(data[f"t{i}_needed"])
+        tables.append(BlockTable(*(data[f"t{i}_{a}"] for a in (
+            "full_off", "full_idx", "part_off", "part_idx")), needed))
+        transposed.append(BlockTable(*(data[f"tt{i}_{a}"] for a in (
+            "full_off", "full_idx", "part_off", "part_idx")), needed))
+    plan = Plan(order("qorder", "qperm"), order("korder", "kperm"), meta["block_q"],
+                meta["block_k"], tuple(tables), tuple(transposed),
+                meta["stats"]["build_seconds"])
+    bp = op.bound
+    _names, arrays, scalars = input_args(bp)
+    kinds = tuple(next(o.inputs[n][0] for o in bp.owners() if n in o.inputs) for n in scalars)
+    with open(module.__file__) as f:
+        text = f.read()
+    kern = CompiledKernel(module, plan, text, tuple(arrays), tuple(scalars), kinds)
+    op._kernels[(meta["block_q"], meta["block_k"], _tuple(meta["input_key"]))] = kern
+    return op
+
+
+__all__ = ["export", "load_exported", "sys"]
