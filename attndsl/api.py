@@ -260,9 +260,11 @@ class Op:
         if scale is None:
             scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         from .codegen.runtime import attention as run
-        out = run(kern, bp, q, k, v, checked, scale)
+        gates = None
         if bp.route is not None:
             gates = route_gates(bp, checked[bp.route[0]], q.shape[1])
+        out = run(kern, bp, q, k, v, checked, scale, gates)
+        if gates is not None:
             out = out * gates.to(out.dtype).unsqueeze(-1)
         if bp.channel:
             out = out.transpose(-1, -2)
@@ -283,10 +285,6 @@ def _lowerable(bp: BoundPattern) -> None:
         raise UnsupportedError(f"pattern '{bp.name}' has summary tokens, which the compiled "
                                "kernels do not lower yet; use backend='reference'",
                                bp.summaries[0].summary.span)
-    if bp.content_dependent:
-        raise UnsupportedError(f"pattern '{bp.name}' selects keys from the q/k content "
-                               "(chunk_topk), which the compiled kernels do not lower yet; "
-                               "use backend='reference'", bp.checked.span)
     if bp.average:
         raise UnsupportedError(f"pattern '{bp.name}' averages several patterns: compile each "
                                "part (its kernels run one after another in op(...))",

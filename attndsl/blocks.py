@@ -100,8 +100,6 @@ def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None) -> n
     q - k (flat indices) lies in [dlo, dhi]."""
     from . import intervals
     shape = np.broadcast(np.asarray(qbox.index.lo), np.asarray(kbox.index.lo)).shape
-    if bp.content_dependent:
-        return np.full(shape, PARTIAL, dtype=np.int8)
     ctx = {"q": qbox, "k": kbox}
     if head is not None:
         h = np.asarray(head, dtype=np.int64)

@@ -212,6 +212,10 @@ class AbstractEvaluator:
             return builtin(e.func, args)
         if e.ref == "pattern" and self.hooks is not None:
             return self.hooks.pattern_abstract(self, e, local)
+        if e.ref == "dynamic" and e.ty is not None and e.ty.kind == "bool":
+            # content-dependent selection: may be true or false anywhere, so the rest of
+            # the predicate still prunes (a causal DHSA box above the diagonal is EMPTY)
+            return BV(np.asarray(True), np.asarray(True))
         raise Unknown(e.func)
 
 

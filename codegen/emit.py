@@ -151,6 +151,7 @@ class Emitter:
         self.lines: list[str] = []
         self.n = 0
         self.memo: dict = {}
+        self.dynamic: dict | None = None  # set to {} to compile chunk_topk (Triton only)
 
     # -------------------------------------------------------------- plumbing
     def fresh(self, text: str, kind: str) -> Code:
@@ -442,8 +443,32 @@ class Emitter:
             return self.builtin(e.func, args, e.span)
         if e.ref == "pattern":
             return self.pattern_call(e, sc, local)
-        raise UnsupportedError(f"'{e.func}' depends on the q/k content and cannot be inlined;"
-                               " it needs run-time block tables")
+        if e.ref == "dynamic" and e.func == "chunk_topk" and self.dynamic is not None:
+            return self.chunk_topk(e, sc, local)
+        raise UnsupportedError(f"'{e.func}' depends on the q/k content and cannot be compiled "
+                               "here")
+
+    def chunk_topk(self, e, sc, local):
+        """DHSA's selection, read from the run-time table the wrapper computes on the device:
+        keep[b, h, query block, chunk] and chunk_of[key]."""
+        args = dict(zip(e.params, e.args))
+        conf = {}
+        for name in ("block", "chunk", "topk"):
+            v = self.expr(args[name], sc, local)
+            if not isinstance(v, int):
+                raise UnsupportedError(f"chunk_topk's '{name}' must be static to compile")
+            conf[name] = v
+        starts = args.get("starts")
+        conf["starts"] = starts.id if isinstance(starts, ir.Name) else None
+        if self.dynamic and self.dynamic != conf:
+            raise UnsupportedError("a pattern can use only one chunk_topk selection")
+        self.dynamic.update(conf)
+        q = self.text(sc.ctx["q"].index)
+        k = self.text(sc.ctx["k"].index)
+        qb = self.fresh(f"tl.maximum({q}, 0) // {conf['block']}", "int").text
+        cid = self.fresh(f"tl.load(dyn_chunk_of + tl.maximum({k}, 0))", "int").text
+        keep = self.fresh(f"tl.load(dyn_keep + (bh * dyn_nb + {qb}) * dyn_nc + {cid})", "int")
+        return self.fresh(f"({keep.text}) != 0", "bool")
 
     def pattern_call(self, e, sc, local):
         pdef = sc.owner.module.scope[e.func]

@@ -198,6 +198,7 @@ class Plan:
     transposed: tuple[BlockTable, ...]  # the same pairs, per key block
     build_seconds: float
     stats_extra: dict = field(default_factory=dict)
+    content_dependent: bool = False  # tables are a static superset, refined per call
 
     @property
     def nqb(self) -> int:
@@ -224,6 +225,7 @@ class Plan:
             "computed_elements": computed, "needed_elements": needed,
             "waste": computed / needed if needed else float("inf"),
             "block_table_bytes": int(table_bytes),
+            "content_dependent": self.content_dependent,
             "build_seconds": round(self.build_seconds, 4),
             **self.stats_extra,
         }
@@ -400,6 +402,11 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
             gj_ok = gj < len(klev[lk - 1].count)
             gi, gj = gi[gj_ok], gj[gj_ok]
             lk -= 1
+    if bp.content_dependent:
+        # the content decides at run time: every undecided leaf may be attended
+        part_i.append(gi)
+        part_j.append(gj)
+        gi = gj = np.zeros(0, dtype=np.int64)
     # undecided leaves: prove 1D diagonals partial, evaluate the rest exactly
     if len(gi) and one_d and qorder.identity and korder.identity:
         q0, q1 = qb0.flo[gi], qb0.fhi[gi]
@@ -486,7 +493,8 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         tables.append(t)
         transposed.append(tt)
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
-                time.perf_counter() - t0, {"orders_tried": tried} if tried else {})
+                time.perf_counter() - t0, {"orders_tried": tried} if tried else {},
+                bp.content_dependent)
 
 
 def _tilings(shape, block):

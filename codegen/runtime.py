@@ -72,6 +72,7 @@ class CompiledKernel:
     array_names: tuple[str, ...]  # run-time input arrays, in kernel-argument order
     scalar_names: tuple[str, ...]
     scalar_kinds: tuple[str, ...]
+    dynamic: dict | None = None  # chunk_topk's configuration (content-dependent patterns)
     handle: int = 0
 
     def __post_init__(self):
@@ -126,7 +127,7 @@ class CompiledKernel:
 
 def compile_kernel(bp: BoundPattern, plan: Plan) -> CompiledKernel:
     """Generate, cache and import the kernels of a bound pattern for one plan."""
-    from .triton_gen import generate, input_args
+    from .triton_gen import dynamic_config, generate, input_args
     source = generate(bp, plan)
     module = load_source(source, bp.name)
     _names, arrays, scalars = input_args(bp)
@@ -136,18 +137,32 @@ def compile_kernel(bp: BoundPattern, plan: Plan) -> CompiledKernel:
             if name in owner.inputs:
                 kinds.append(owner.inputs[name][0])
                 break
-    return CompiledKernel(module, plan, source, tuple(arrays), tuple(scalars), tuple(kinds))
+    return CompiledKernel(module, plan, source, tuple(arrays), tuple(scalars), tuple(kinds),
+                          dynamic_config(bp))
 
 
-def _common(kern: CompiledKernel, q, k, v, arrays, scalars, scale, t):
+def _common(kern: CompiledKernel, q, k, v, arrays, scalars, scale, t, dyn):
     B, H, NQ, D = q.shape
     HKV, NK = k.shape[1], k.shape[2]
     p = kern.plan
-    sh = 1 if len(p.tables) > 1 else 0
-    args = [q, k, v, t["qperm"], t["kperm"], *t["part"], *t["full"], 0, sh,
+    sb, sh = 0, (1 if len(p.tables) > 1 else 0)
+    if dyn:  # run-time tables: one per (batch, head)
+        sb, sh = H, 1
+    args = [q, k, v, t["qperm"], t["kperm"], *t["part"], *t["full"], sb, sh,
             scale, scale * 1.4426950408889634, H, HKV, NQ, NK, p.nqb, p.nkb]
     args += list(arrays) + list(scalars)
+    if dyn:
+        keep, chunk_of = dyn[8], dyn[9]
+        args += [keep, chunk_of, keep.shape[2], keep.shape[3]]
     return args
+
+
+def _tables(kern, device, dyn) -> dict:
+    t = kern.tables(device)
+    if dyn:
+        t = dict(t, part=(dyn[0], dyn[1]), full=(dyn[2], dyn[3]), tpart=(dyn[4], dyn[5]),
+                 tfull=(dyn[6], dyn[7]))
+    return t
 
 
 def _meta(q, kern):
@@ -158,24 +173,24 @@ def _meta(q, kern):
                 WIDEN=q.dtype == torch.bfloat16 and not q.is_cuda)
 
 
-def forward(kern: CompiledKernel, q, k, v, arrays, scalars, scale):
+def forward(kern: CompiledKernel, q, k, v, arrays, scalars, scale, dyn=()):
     B, H, NQ, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
-    t = kern.tables(q.device)
+    t = _tables(kern, q.device, dyn)
     grid = (kern.plan.nqb, B * H)
-    kern.module.attn_fwd[grid](*_common(kern, q, k, v, arrays, scalars, scale, t), o, lse,
+    kern.module.attn_fwd[grid](*_common(kern, q, k, v, arrays, scalars, scale, t, dyn), o, lse,
                                **_meta(q, kern))
     return o, lse
 
 
-def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale):
+def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale, dyn=()):
     B, H, NQ, D = q.shape
     HKV = k.shape[1]
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).contiguous()
-    t = kern.tables(q.device)
-    common = _common(kern, q, k, v, arrays, scalars, scale, t)
+    t = _tables(kern, q.device, dyn)
+    common = _common(kern, q, k, v, arrays, scalars, scale, t, dyn)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -191,43 +206,45 @@ def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale):
 
 @torch.library.custom_op("attndsl::block_sparse_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int,
-            arrays: list[torch.Tensor], ints: torch.Tensor, floats: torch.Tensor, scale: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            arrays: list[torch.Tensor], ints: torch.Tensor, floats: torch.Tensor, scale: float,
+            dyn: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     kern = _KERNELS[handle]
-    return forward(kern, q, k, v, arrays, _scalars(kern, ints, floats), scale)
+    return forward(kern, q, k, v, arrays, _scalars(kern, ints, floats), scale, dyn)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, handle, arrays, ints, floats, scale):
+def _(q, k, v, handle, arrays, ints, floats, scale, dyn):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("attndsl::block_sparse_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, do: torch.Tensor, handle: int, arrays: list[torch.Tensor],
-            ints: torch.Tensor, floats: torch.Tensor, scale: float
+            ints: torch.Tensor, floats: torch.Tensor, scale: float, dyn: list[torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _KERNELS[handle]
-    return backward(kern, q, k, v, o, lse, do, arrays, _scalars(kern, ints, floats), scale)
+    return backward(kern, q, k, v, o, lse, do, arrays, _scalars(kern, ints, floats), scale,
+                    dyn)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, o, lse, do, handle, arrays, ints, floats, scale):
+def _(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, handle, arrays, ints, floats, scale = inputs
+    q, k, v, handle, arrays, ints, floats, scale, dyn = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, ints, floats, *arrays)
-    ctx.meta = (handle, scale)
+    ctx.save_for_backward(q, k, v, o, lse, ints, floats, *arrays, *dyn)
+    ctx.meta = (handle, scale, len(arrays))
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, ints, floats, *arrays = ctx.saved_tensors
-    handle, scale = ctx.meta
-    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, handle, arrays, ints, floats, scale)
-    return dq, dk, dv, None, [None] * len(arrays), None, None, None
+    q, k, v, o, lse, ints, floats, *rest = ctx.saved_tensors
+    handle, scale, n = ctx.meta
+    arrays, dyn = rest[:n], rest[n:]
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn)
+    return dq, dk, dv, None, [None] * len(arrays), None, None, None, [None] * len(dyn)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -247,7 +264,8 @@ def _scalars(kern, ints, floats):
     return out
 
 
-def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, scale: float):
+def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, scale: float,
+              gates: torch.Tensor | None = None):
     """Permute into the kernel's token order, run the custom op, permute back."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise UnsupportedError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 "
@@ -259,7 +277,9 @@ def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, sca
     t = kern.tables(q.device)
     arrays, ints, floats = [], [], []
     for name in kern.array_names:
-        a = inputs[name]
+        a = inputs.get(name)
+        if a is None:  # an absent optional input: the kernel never reads it
+            a = torch.zeros(1, dtype=torch.int64, device=q.device)
         arrays.append(a.to(torch.int64 if not a.is_floating_point() else torch.float32)
                       .contiguous())
     for name, kind in zip(kern.scalar_names, kern.scalar_kinds):
@@ -267,14 +287,83 @@ def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, sca
         val = val.item() if isinstance(val, torch.Tensor) else val
         (floats if kind == "float" else ints).append(float(val) if kind == "float"
                                                        else int(val))
+    if gates is not None:  # [B, H, N] routing gates -> per (batch x head, query block) flags
+        g = gates if p.qorder.identity else gates.index_select(2, t["qperm"].clamp(min=0).long())
+        pad = p.nqb * p.block_q - g.shape[2]
+        g = torch.nn.functional.pad(g, (0, pad))
+        arrays.append((g.reshape(-1, p.nqb, p.block_q) != 0).any(-1).to(torch.int8)
+                      .reshape(-1).contiguous())
     if not p.qorder.identity:
         q = q.index_select(2, t["qperm"].clamp(min=0).long())
     if not p.korder.identity:
         idx = t["kperm"].clamp(min=0).long()
         k, v = k.index_select(2, idx), v.index_select(2, idx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dyn = dynamic_tables(kern, q, k, inputs) if kern.dynamic is not None else []
     o, _ = _fwd_op(q, k, v, kern.handle, arrays, torch.tensor(ints, dtype=torch.int64),
-                   torch.tensor(floats, dtype=torch.float64), float(scale))
+                   torch.tensor(floats, dtype=torch.float64), float(scale), dyn)
     if not p.qorder.identity:
         o = o.index_select(2, kern.inverse_q(q.device))
     return o
+
+
+def dynamic_tables(kern: CompiledKernel, q, k, inputs) -> list[torch.Tensor]:
+    """DHSA on the device: chunk scores and top-k (the reference's own selection code, in
+    torch ops), then per (batch, head) block tables: the static superset's pairs whose
+    query rows meet a DHSA block that kept a chunk overlapping the key block."""
+    from attndsl.reference import _dhsa_keep
+    conf = kern.dynamic
+    p = kern.plan
+    dev = q.device
+    starts = inputs.get(conf["starts"]) if conf["starts"] else None
+    rep = q.shape[1] // k.shape[1]
+    with torch.no_grad():
+        keep, chunk_of = _dhsa_keep(q.detach(), k.detach().repeat_interleave(rep, dim=1),
+                                    conf["block"], conf["chunk"], conf["topk"], starts, None)
+        n = q.shape[2]
+        B, H, nb, nc = keep.shape
+        rows = torch.arange(p.nqb * p.block_q, device=dev).clamp(max=n - 1)
+        qmap = torch.zeros(p.nqb, nb, device=dev)
+        qmap[rows // p.block_q, rows // conf["block"]] = 1.0
+        cols = torch.arange(p.nkb * p.block_k, device=dev).clamp(max=n - 1)
+        cmap = torch.zeros(nc, p.nkb, device=dev)
+        cmap[chunk_of[cols], cols // p.block_k] = 1.0
+        sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
+        sel &= _static_pairs(kern, dev)
+        part = _csr_rows(sel)
+        tpart = _csr_rows(sel.transpose(-1, -2))
+        g = B * H
+        empty_q = torch.zeros(g * (p.nqb + 1), dtype=torch.int32, device=dev)
+        empty_k = torch.zeros(g * (p.nkb + 1), dtype=torch.int32, device=dev)
+        none = torch.zeros(1, dtype=torch.int32, device=dev)
+    return [*part, empty_q, none, *tpart, empty_k, none, keep.to(torch.int8).contiguous(),
+            chunk_of.to(torch.int32).contiguous()]
+
+
+def _static_pairs(kern, device) -> torch.Tensor:
+    t = kern.tables(device)
+    if "dense" not in t:
+        p = kern.plan
+        m = torch.zeros(p.nqb, p.nkb, dtype=torch.bool)
+        for tab in p.tables[:1]:
+            for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
+                r = np.repeat(np.arange(p.nqb), np.diff(off))
+                m[torch.from_numpy(r), torch.from_numpy(idx.astype(np.int64))] = True
+        t["dense"] = m.to(device)
+    return t["dense"]
+
+
+def _csr_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G..., rows, cols] bool -> offsets [G * (rows + 1)] laid out per table, and indices."""
+    rows, cols = sel.shape[-2], sel.shape[-1]
+    flat = sel.reshape(-1, rows, cols)
+    g = flat.shape[0]
+    counts = flat.sum(-1).reshape(-1)
+    off = torch.zeros(g * rows + 1, dtype=torch.int64, device=sel.device)
+    off[1:] = torch.cumsum(counts, 0)
+    at = (torch.arange(g, device=sel.device).view(-1, 1) * rows
+          + torch.arange(rows + 1, device=sel.device).view(1, -1))
+    idx = flat.nonzero()[:, 2].to(torch.int32)
+    if idx.numel() == 0:
+        idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
+    return off[at.reshape(-1)].to(torch.int32), idx.contiguous()

@@ -36,13 +36,32 @@ def input_args(bp: BoundPattern) -> tuple[list[str], dict, dict]:
                 arrays[name] = Arr(f"in_{name}", length, kind)
             else:
                 scalars[name] = f"in_{name}"
-    names = [a.name for a in arrays.values()] + list(scalars.values())
+    names = [a.name for a in arrays.values()] + (
+        ["route_active"] if bp.route is not None else []) + list(scalars.values())
     return names, arrays, scalars
+
+
+DYNAMIC_ARGS = ["dyn_keep", "dyn_chunk_of", "dyn_nb", "dyn_nc"]
+
+
+def dynamic_config(bp: BoundPattern) -> dict | None:
+    """chunk_topk's (block, chunk, topk, starts input) of a content-dependent pattern."""
+    if not bp.content_dependent:
+        return None
+    names, arrays, scalars = input_args(bp)
+    em = Emitter(bp, TritonDialect(), arrays, scalars)
+    em.dynamic = {}
+    em.predicate({"q": em.token("q_idx", bp.qshape, bp.checked.qspace.axes),
+                  "k": em.token("k_idx", bp.kshape, bp.checked.kspace.axes),
+                  "h": Code("h", "int")})
+    return em.dynamic
 
 
 def _function(name: str, bp: BoundPattern, inputs: list[str], arrays, scalars, which: str
               ) -> str:
     em = Emitter(bp, TritonDialect(), arrays, scalars)
+    if bp.content_dependent:
+        em.dynamic = {}
     ctx = {"q": em.token("q_idx", bp.qshape, bp.checked.qspace.axes),
            "k": em.token("k_idx", bp.kshape, bp.checked.kspace.axes),
            "h": Code("h", "int")}
@@ -56,7 +75,7 @@ def _function(name: str, bp: BoundPattern, inputs: list[str], arrays, scalars, w
         out = em.bias(ctx)
         result = out or "0.0"
         tail = f"    return ({result}) + 0.0 * (q_idx + k_idx).to(tl.float32)"
-    args = ", ".join(["q_idx", "k_idx", "h"] + inputs)
+    args = ", ".join(["q_idx", "k_idx", "h"] + (["bh"] if which == "mask" else []) + inputs)
     body = "".join(f"    {line}\n" for line in prune(em.lines, [tail]))
     return f"@triton.jit\ndef {name}({args}):\n{body}{tail}\n"
 
@@ -121,13 +140,18 @@ def _indent(text: str, n: int) -> str:
 def generate(bp: BoundPattern, plan: Plan) -> str:
     """The whole generated module: imports, helpers, mask, bias and the three kernels."""
     inputs, arrays, scalars = input_args(bp)
+    if bp.content_dependent:
+        inputs = inputs + DYNAMIC_ARGS
     extra = "".join(", " + a for a in inputs)
     perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
     mask_fn = _function("_mask", bp, inputs, arrays, scalars, "mask")
     bias_fn = _function("_bias", bp, inputs, arrays, scalars, "bias")
     score = _score(bp, inputs)
     cap = bp.softcap is not None
-    mask_line = (f"msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h{extra})")
+    # MoH: a (query block, head) whose routing gates are all zero does no work
+    skip = ("    end = tl.where(tl.load(route_active + bh * NQB + m_blk) != 0, end, start)\n"
+            if bp.route is not None else "")
+    mask_line = f"msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh{extra})"
 
     def fwd_loop(kind: str) -> str:
         masked = kind == "PART"
@@ -147,6 +171,7 @@ def generate(bp: BoundPattern, plan: Plan) -> str:
 """
         return (f"    start = tl.load({kind}_OFF + g * (NQB + 1) + m_blk)\n"
                 f"    end = tl.load({kind}_OFF + g * (NQB + 1) + m_blk + 1)\n"
+                + skip +
                 f"    for j in range(start, end):\n"
                 f"        n_blk = tl.load({kind}_IDX + j)\n" + body)
 
@@ -178,6 +203,7 @@ def generate(bp: BoundPattern, plan: Plan) -> str:
         masked = kind == "PART"
         return (f"    start = tl.load({kind}_OFF + g * (NQB + 1) + m_blk)\n"
                 f"    end = tl.load({kind}_OFF + g * (NQB + 1) + m_blk + 1)\n"
+                + skip +
                 f"    for j in range(start, end):\n"
                 f"        n_blk = tl.load({kind}_IDX + j)\n"
                 + _LOAD_KV + "        " + _index("k", perm_k) + "\n"
@@ -253,6 +279,7 @@ def attn_bwd_dkdv({common}, DO, LSE, DELTA, DK, DV, {tables_t}, {consts}):
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for r in range(rep):
         h = hk * rep + r
+        bh = b * H + h
         g = b * tab_sb + h * tab_sh
         q_base = (b * H + h) * NQ * D
         lse_base = (b * H + h) * NQ

@@ -32,6 +32,8 @@ GOLDEN = [
     ("na2d", "patterns/neighborhood.attn", dict(H=12, W=10, kernel=5, dilation=(1, 2)), 16),
     ("document_causal", "patterns/document.attn", dict(N=64), 16),
     ("mixed", PER_HEAD, dict(N=50), 16),
+    ("dhsa", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
+    ("moh", "patterns/moh.attn", dict(N=64, heads=4, shared=1, topk=2), 16),
 ]
 
 

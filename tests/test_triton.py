@@ -97,6 +97,8 @@ STD = [
     ("document.attn", "prefix_lm", dict(N=70)),
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
+    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("dhsa.attn", "dhsa", dict(N=90, block=20, chunk=7, topk=3)),
 ]
 
 
@@ -112,7 +114,7 @@ def test_every_standard_pattern_is_covered_or_refused():
     """Every standard pattern is either compared above or refused with a clear error."""
     covered = {p for _, p, _ in STD}
     refused = {"combiner_fixed", "combiner_logsparse", "combiner_axial", "combiner_mixture",
-               "aggregated", "dhsa"}
+               "aggregated"}
     import glob
     import os
     names = set()
@@ -126,7 +128,6 @@ def test_every_standard_pattern_is_covered_or_refused():
 @pytest.mark.parametrize("file,pattern,params,construct", [
     ("combiner.attn", "combiner_fixed", dict(N=32, span=8), "summary tokens"),
     ("transnext.attn", "aggregated", dict(H=8, W=8), "summary tokens"),
-    ("dhsa.attn", "dhsa", dict(N=64, block=16, chunk=8, topk=2), "q/k content"),
 ])
 def test_unlowered_constructs_are_refused(file, pattern, params, construct):
     op = attndsl.compile(f"patterns/{file}", pattern, **params)
@@ -187,6 +188,21 @@ def test_per_head_rules_bias_softcap_and_scale():
     compare(op, heads=4)
     stats = op.stats()
     assert stats["head_tables"] == 4
+
+
+def test_moh_skips_blocks_whose_gates_are_zero():
+    op = attndsl.compile("patterns/moh.attn", "moh", N=48, heads=4, shared=1, topk=1)
+    router = torch.randn(2, 48, 3)
+    router[:, :32, 2] = -50.0  # routed head 3 never chosen for the first two query blocks
+    router[1, :, 0] = 50.0  # batch 1: only routed head 1
+    out = compare(op, heads=4, batch=2, inputs={"router": router})
+    assert (out[:, 3, :32] == 0).all() and (out[1, 2:] == 0).all()
+
+
+def test_dhsa_with_boundaries_and_gqa():
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=10, topk=2)
+    compare(op, heads=4, kv_heads=2, inputs={"boundaries": torch.tensor([0, 5, 30, 31, 60])})
+    compare(op, heads=2, batch=2, seed=3)
 
 
 def test_runtime_inputs_change_the_tables():

@@ -35,7 +35,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _mask(q_idx, k_idx, h):
+def _mask(q_idx, k_idx, h, bh):
     t1 = (k_idx) <= (q_idx)
     t2 = (q_idx) - (k_idx)
     t3 = (t2) < (8)
@@ -106,7 +106,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
         tcap = _tanh(s / 5.0)
         s = 5.0 * tcap
         s = s * 1.4426950408889634
-        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
         s = tl.where(msk, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -175,6 +175,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for r in range(rep):
         h = hk * rep + r
+        bh = b * H + h
         g = b * tab_sb + h * tab_sh
         q_base = (b * H + h) * NQ * D
         lse_base = (b * H + h) * NQ
@@ -200,7 +201,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
             s = 5.0 * tcap
             s = s * 1.4426950408889634
             p = tl.math.exp2(s - lse[:, None])
-            msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+            msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
             p = tl.where(msk, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -287,7 +288,7 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
         s = 5.0 * tcap
         s = s * 1.4426950408889634
         p = tl.math.exp2(s - lse[:, None])
-        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
         p = tl.where(msk, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])

@@ -35,7 +35,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _mask(q_idx, k_idx, h):
+def _mask(q_idx, k_idx, h, bh):
     t1 = (k_idx) <= (q_idx)
     t2 = _fdiv(q_idx, 16)
     t3 = _fdiv(k_idx, 16)
@@ -96,7 +96,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         k_idx = tl.where(offs_n < NK, offs_n, -1)[None, :].to(tl.int64)
         s = s * qk_scale
-        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
         s = tl.where(msk, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -161,6 +161,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for r in range(rep):
         h = hk * rep + r
+        bh = b * H + h
         g = b * tab_sb + h * tab_sh
         q_base = (b * H + h) * NQ * D
         lse_base = (b * H + h) * NQ
@@ -182,7 +183,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
             s = tl.dot(q, tl.trans(k), input_precision=PREC)
             s = s * qk_scale
             p = tl.math.exp2(s - lse[:, None])
-            msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+            msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
             p = tl.where(msk, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -259,7 +260,7 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         s = s * qk_scale
         p = tl.math.exp2(s - lse[:, None])
-        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h)
+        msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh)
         p = tl.where(msk, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
