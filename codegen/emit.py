@@ -262,7 +262,8 @@ class Emitter:
             return local[e.id]
         if e.ref in ("q", "k", "h"):
             if e.ref not in sc.ctx:
-                raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel here")
+                raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel here",
+                                       e.span)
             return sc.ctx[e.ref]
         if e.id in sc.owner.inputs:
             if e.id in self.arrays:
@@ -279,7 +280,7 @@ class Emitter:
             return self.memo[key]
         if e.ref and e.ref.startswith("const"):
             return _Hooks(sc.owner).const(e.id, e.ref[6:] or None)
-        raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel")
+        raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel", e.span)
 
     def materialise(self, v):
         if isinstance(v, tuple):
@@ -356,7 +357,8 @@ class Emitter:
             return self.fresh(f"{self.d.TO_FLOAT.format(ta)} / ({tb})", "float")
         if op in ("//", "%"):
             if kind == "float":
-                raise UnsupportedError("floor division and modulo of floats cannot be compiled")
+                raise UnsupportedError("floor division and modulo of floats cannot be compiled",
+                                       span)
             if isinstance(b, int) and b == 0:
                 raise EvaluationError("division by zero" if op == "//" else "modulo by zero",
                                       span)
@@ -368,10 +370,10 @@ class Emitter:
                 return self.fresh(out, "int")
             if a == 2 and isinstance(b, Code):
                 return self.fresh(f"(1 << ({tb}))", "int")
-            raise UnsupportedError("'**' with a run-time exponent cannot be compiled")
+            raise UnsupportedError("'**' with a run-time exponent cannot be compiled", span)
         if op in ("&", "|", "^", "<<", ">>"):
             return self.fresh(f"({ta}) {op} ({tb})", "int")
-        raise UnsupportedError(f"operator '{op}' cannot be compiled")
+        raise UnsupportedError(f"operator '{op}' cannot be compiled", span)
 
     def e_Compare(self, e, sc, local):
         vals = [self.num(self.expr(o, sc, local)) for o in e.operands]
@@ -413,16 +415,17 @@ class Emitter:
         idx = self.num(self.expr(e.index, sc, local))
         if isinstance(base, tuple):
             if not isinstance(idx, int):
-                raise UnsupportedError("a tuple index must be static in a compiled kernel")
+                raise UnsupportedError("a tuple index must be static in a compiled kernel",
+                                       e.span)
             return base[idx]
         if isinstance(base, Arr):
             return self.fresh(self.d.load(base, self.text(idx)), base.kind)
-        raise UnsupportedError("indexing this value cannot be compiled")
+        raise UnsupportedError("indexing this value cannot be compiled", e.span)
 
     def e_Attr(self, e, sc, local):
         base = self.expr(e.base, sc, local)
         if not isinstance(base, Tok):
-            raise UnsupportedError(f"'.{e.name}' cannot be compiled here")
+            raise UnsupportedError(f"'.{e.name}' cannot be compiled here", e.span)
         if e.name == "pos":
             return base.pos
         if e.name == "shape":
@@ -446,7 +449,7 @@ class Emitter:
         if e.ref == "dynamic" and e.func == "chunk_topk" and self.dynamic is not None:
             return self.chunk_topk(e, sc, local)
         raise UnsupportedError(f"'{e.func}' depends on the q/k content and cannot be compiled "
-                               "here")
+                               "here", e.span)
 
     def chunk_topk(self, e, sc, local):
         """DHSA's selection, read from the run-time table the wrapper computes on the device:
@@ -478,7 +481,8 @@ class Emitter:
         for kw in e.kwargs:
             values[kw.name] = self.expr(kw.value, sc, local)
         if any(isinstance(v, Code | Tok) for v in values.values()):
-            raise UnsupportedError(f"pattern '{e.func}' is called with run-time arguments")
+            raise UnsupportedError(f"pattern '{e.func}' is called with run-time arguments",
+                                   e.span)
         sub = bind_def(sc.owner.module.home(pdef), pdef, values, e.span)
         saved = self.bp
         self.bp = sub
@@ -535,7 +539,7 @@ class Emitter:
             fmt = {"sqrt": d.SQRT, "exp": d.EXP, "log": d.LOG, "tanh": d.TANH}[name]
             return self.lift(lambda x: self.fresh(fmt.format(d.TO_FLOAT.format(self.text(x))),
                                                   "float"), args[0])
-        raise UnsupportedError(f"built-in '{name}' cannot be compiled")
+        raise UnsupportedError(f"built-in '{name}' cannot be compiled", span)
 
     def minmax(self, name, items):
         out = items[0]

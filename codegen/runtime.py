@@ -184,11 +184,15 @@ def forward(kern: CompiledKernel, q, k, v, arrays, scalars, scale, dyn=()):
     return o, lse
 
 
-def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale, dyn=()):
+def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale, dyn=(),
+             dlse=None):
     B, H, NQ, D = q.shape
     HKV = k.shape[1]
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()
+    delta = (o.float() * do.float()).sum(-1)
+    if dlse is not None:  # the log-sum-exp is an output too (merging with summary tokens)
+        delta = delta - torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0) / math.log(2)
+    delta = delta.contiguous()
     t = _tables(kern, q.device, dyn)
     common = _common(kern, q, k, v, arrays, scalars, scale, t, dyn)
     dq = torch.empty_like(q)
@@ -220,15 +224,15 @@ def _(q, k, v, handle, arrays, ints, floats, scale, dyn):
 @torch.library.custom_op("attndsl::block_sparse_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
             lse: torch.Tensor, do: torch.Tensor, handle: int, arrays: list[torch.Tensor],
-            ints: torch.Tensor, floats: torch.Tensor, scale: float, dyn: list[torch.Tensor]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ints: torch.Tensor, floats: torch.Tensor, scale: float, dyn: list[torch.Tensor],
+            dlse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _KERNELS[handle]
     return backward(kern, q, k, v, o, lse, do, arrays, _scalars(kern, ints, floats), scale,
-                    dyn)
+                    dyn, dlse)
 
 
 @_bwd_op.register_fake
-def _(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn):
+def _(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn, dlse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -243,7 +247,11 @@ def _backward(ctx, do, dlse):
     q, k, v, o, lse, ints, floats, *rest = ctx.saved_tensors
     handle, scale, n = ctx.meta
     arrays, dyn = rest[:n], rest[n:]
-    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn)
+    if do is None:
+        do = torch.zeros_like(o)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, handle, arrays, ints, floats, scale, dyn, dlse)
     return dq, dk, dv, None, [None] * len(arrays), None, None, None, [None] * len(dyn)
 
 
@@ -265,8 +273,10 @@ def _scalars(kern, ints, floats):
 
 
 def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, scale: float,
-              gates: torch.Tensor | None = None):
-    """Permute into the kernel's token order, run the custom op, permute back."""
+              gates: torch.Tensor | None = None, with_lse: bool = False):
+    """Permute into the kernel's token order, run the custom op, permute back.
+
+    With `with_lse`, also the rows' log-sum-exp in base 2 [B, H, Nq] (+inf: no keys)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise UnsupportedError("the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1 "
                                "to run the kernels on the CPU); use backend='cpu' or "
@@ -300,11 +310,12 @@ def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, sca
         k, v = k.index_select(2, idx), v.index_select(2, idx)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dyn = dynamic_tables(kern, q, k, inputs) if kern.dynamic is not None else []
-    o, _ = _fwd_op(q, k, v, kern.handle, arrays, torch.tensor(ints, dtype=torch.int64),
-                   torch.tensor(floats, dtype=torch.float64), float(scale), dyn)
+    o, lse = _fwd_op(q, k, v, kern.handle, arrays, torch.tensor(ints, dtype=torch.int64),
+                     torch.tensor(floats, dtype=torch.float64), float(scale), dyn)
     if not p.qorder.identity:
         o = o.index_select(2, kern.inverse_q(q.device))
-    return o
+        lse = lse.index_select(2, kern.inverse_q(q.device))
+    return (o, lse) if with_lse else o
 
 
 def dynamic_tables(kern: CompiledKernel, q, k, inputs) -> list[torch.Tensor]:
