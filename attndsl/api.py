@@ -214,7 +214,22 @@ class Op:
 
     def stats(self, **inputs) -> dict:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
-        of the compiled kernels (docs/kernels.md)."""
+        of the compiled kernels (docs/kernels.md). Averaged patterns: the parts' sums, and
+        each part's own figures under "parts"."""
+        bp = self.bound
+        if bp.average:
+            parts = [Op(sub).options(block_q=self.block_q, block_k=self.block_k).stats(
+                **{n: x for n, x in inputs.items() if n in sub.inputs}) for sub in bp.average]
+            out = dict(parts[0])
+            for key in ("full_blocks", "partial_blocks", "empty_blocks", "computed_elements",
+                        "needed_elements", "block_table_bytes", "build_seconds"):
+                out[key] = sum(p[key] for p in parts)
+            out["waste"] = (out["computed_elements"] / out["needed_elements"]
+                            if out["needed_elements"] else float("inf"))
+            out["order_q"] = out["order_k"] = "per part"
+            out["content_dependent"] = any(p["content_dependent"] for p in parts)
+            out["parts"] = parts
+            return out
         return self.plan(**inputs).stats()
 
     # -- attention

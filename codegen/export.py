@@ -51,7 +51,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
         for attr in ("full_off", "full_idx", "part_off", "part_idx"):
             arrays[f"t{i}_{attr}"] = getattr(t, attr)
             arrays[f"tt{i}_{attr}"] = getattr(tt, attr)
-        arrays[f"t{i}_needed"] = np.asarray(t.needed)
+        arrays[f"t{i}_needed"] = np.asarray(plan.table_needed(i))
     np.savez(out / f"{name}.npz", **arrays)
     checked = check_inputs(bp, inputs, for_mask=True)
     meta = {

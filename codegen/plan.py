@@ -183,7 +183,8 @@ class BlockTable:
     full_idx: np.ndarray  # [nnz] int32
     part_off: np.ndarray
     part_idx: np.ndarray
-    needed: int  # attended entries (the mask's nnz over valid tokens)
+    needed: int  # attended entries (the mask's nnz over valid tokens), except `uncounted`
+    uncounted: np.ndarray | None = None  # [U, 2] PARTIAL pairs proven so, not yet counted
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,6 +200,9 @@ class Plan:
     build_seconds: float
     stats_extra: dict = field(default_factory=dict)
     content_dependent: bool = False  # tables are a static superset, refined per call
+    bound: object = None  # the BoundPattern and inputs, to count entries on demand
+    inputs: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
 
     @property
     def nqb(self) -> int:
@@ -208,11 +212,29 @@ class Plan:
     def nkb(self) -> int:
         return -(-self.korder.length // self.block_k)
 
+    def needed(self) -> int:
+        """The mask's nnz over all head tables (counting proven-PARTIAL pairs on demand)."""
+        return sum(self.table_needed(h) for h in range(len(self.tables)))
+
+    def table_needed(self, h: int) -> int:
+        key = ("needed", h)
+        if key not in self.cache:
+            t = self.tables[h]
+            total = t.needed
+            if t.uncounted is not None and len(t.uncounted):
+                head = h if len(self.tables) > 1 else None
+                _, _, cnt = _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
+                                          self.block_k, t.uncounted[:, 0], t.uncounted[:, 1],
+                                          head, self.inputs)
+                total += int(cnt.sum())
+            self.cache[key] = total
+        return self.cache[key]
+
     def stats(self) -> dict:
         full = sum(len(t.full_idx) for t in self.tables)
         part = sum(len(t.part_idx) for t in self.tables)
         total = self.nqb * self.nkb * len(self.tables)
-        needed = sum(t.needed for t in self.tables)
+        needed = self.needed()
         computed = (full + part) * self.block_q * self.block_k
         table_bytes = sum(a.nbytes for t in self.tables + self.transposed
                           for a in (t.full_off, t.full_idx, t.part_off, t.part_idx))
@@ -355,6 +377,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
                          indexing="ij")
     gi, gj = gi.reshape(-1), gj.reshape(-1)
     full_i, full_j, part_i, part_j = [], [], [], []
+    uncounted = []
     needed = 0
     one_d = len(bp.qshape) == 1 and len(bp.kshape) == 1
     listed = 0
@@ -419,6 +442,16 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
             part_i.append(gi[g])
             part_j.append(gj[g])
             gi, gj = gi[~g], gj[~g]
+    if len(gi) and qsel is None:
+        # cheap proof of PARTIAL: the block pair's edge rows and columns hold both values;
+        # the exact count of those pairs waits until stats() asks for it
+        rows = gi
+        proven = _edges_mixed(bp, qorder, korder, bq, bk, rows, gj, head, inputs)
+        if proven.any():
+            part_i.append(gi[proven])
+            part_j.append(gj[proven])
+            uncounted.append(np.stack([gi[proven], gj[proven]], axis=1))
+            gi, gj = gi[~proven], gj[~proven]
     if len(gi):
         if one_d and qorder.identity and korder.identity:
             anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs)
@@ -439,8 +472,50 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
     fi, fj, pi, pj = cat(full_i), cat(full_j), cat(part_i), cat(part_j)
     if qsel is not None:
         return len(fi) + len(pi)
-    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed)
-    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed)
+    unc = np.concatenate(uncounted) if uncounted else None
+    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc)
+    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
+
+
+def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, inputs) -> np.ndarray:
+    """Block pairs whose first/last rows and columns already hold attended and unattended
+    valid entries (so the pair is PARTIAL), from 2 (bq + bk) evaluations instead of bq bk."""
+    hooks = _Hooks(bp, {"inputs": inputs})
+    nq, nk = qorder.length, korder.length
+    qperm = np.full((-(-nq // bq)) * bq, -1, dtype=np.int64)
+    qperm[:nq] = qorder.perm
+    kperm = np.full((-(-nk // bk)) * bk, -1, dtype=np.int64)
+    kperm[:nk] = korder.perm
+    qp = torch.from_numpy(qperm.reshape(-1, bq))
+    kp = torch.from_numpy(kperm.reshape(-1, bk))
+    out = np.zeros(len(qi), dtype=bool)
+    step = max(1, CHUNK_ELEMS // (4 * (bq + bk)))
+    h = None if head is None else torch.tensor(head)
+    for t0 in range(0, len(qi), step):
+        a = qp[torch.from_numpy(qi[t0:t0 + step])]  # [T, bq]
+        b = kp[torch.from_numpy(kj[t0:t0 + step])]  # [T, bk]
+        # the first and last valid query of each block, against all its keys; and back
+        qv = a >= 0
+        first = torch.where(qv.any(1), qv.float().argmax(1), 0)
+        last = bq - 1 - torch.where(qv.any(1), qv.flip(1).float().argmax(1), 0)
+        kv = b >= 0
+        kfirst = torch.where(kv.any(1), kv.float().argmax(1), 0)
+        klast = bk - 1 - torch.where(kv.any(1), kv.flip(1).float().argmax(1), 0)
+        rows = torch.stack([a.gather(1, first[:, None]), a.gather(1, last[:, None])], 1)
+        cols = torch.stack([b.gather(1, kfirst[:, None]), b.gather(1, klast[:, None])], 2)
+        seen_t = torch.zeros(len(a), dtype=torch.bool)
+        seen_f = torch.zeros(len(a), dtype=torch.bool)
+        for qq, kk in ((rows, b.unsqueeze(1)), (a.unsqueeze(2), cols)):
+            val = torch.as_tensor(bp.predicate(bp.context(qq.clamp(min=0), kk.clamp(min=0),
+                                                          h), hooks))
+            while val.dim() > 3:
+                val = val.any(dim=0)
+            ok = (qq >= 0) & (kk >= 0)
+            val = val.expand(ok.shape)
+            seen_t |= (val & ok).flatten(1).any(1)
+            seen_f |= (~val & ok).flatten(1).any(1)
+        out[t0:t0 + step] = (seen_t & seen_f).numpy()
+    return out
 
 
 def neighborhood_dilation(bp: BoundPattern) -> tuple[int, ...] | None:
@@ -494,7 +569,7 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         transposed.append(tt)
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, {"orders_tried": tried} if tried else {},
-                bp.content_dependent)
+                bp.content_dependent, bp, inputs)
 
 
 def _tilings(shape, block):
