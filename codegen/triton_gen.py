@@ -189,15 +189,18 @@ def generate(bp: BoundPattern, plan: Plan) -> str:
 
     def dkdv_loop(kind: str) -> str:
         masked = kind == "PART"
-        return (f"        start = tl.load(T{kind}_OFF + g * (NKB + 1) + n_blk)\n"
-                f"        end = tl.load(T{kind}_OFF + g * (NKB + 1) + n_blk + 1)\n"
-                f"        for j in range(start, end):\n"
-                f"            m_blk = tl.load(T{kind}_IDX + j)\n"
-                + _indent(_LOAD_Q, 4)
+        body = (_indent(_LOAD_Q, 4)
                 + "            " + _index("q", perm_q) + "\n"
                 + _indent(grad_core(masked), 4)
                 + "            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)\n"
                 "            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)\n")
+        if bp.route is not None:  # MoH: query blocks whose gates are all zero add nothing
+            body = ("            if tl.load(route_active + bh * NQB + m_blk) != 0:\n"
+                    + _indent(body, 4))
+        return (f"        start = tl.load(T{kind}_OFF + g * (NKB + 1) + n_blk)\n"
+                f"        end = tl.load(T{kind}_OFF + g * (NKB + 1) + n_blk + 1)\n"
+                f"        for j in range(start, end):\n"
+                f"            m_blk = tl.load(T{kind}_IDX + j)\n" + body)
 
     def dq_loop(kind: str) -> str:
         masked = kind == "PART"

@@ -160,48 +160,50 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
         end = tl.load(TPART_OFF + g * (NKB + 1) + n_blk + 1)
         for j in range(start, end):
             m_blk = tl.load(TPART_IDX + j)
-            offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-            qin = offs_m < NQ
-            q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-            q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-            do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-            lse = tl.load(LSE + lse_base + offs_m, mask=qin, other=float("inf"))
-            delta = tl.load(DELTA + lse_base + offs_m, mask=qin, other=0.0)
-            if WIDEN:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            q_idx = tl.where(offs_m < NQ, offs_m, -1)[:, None].to(tl.int64)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s = s * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
-            msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh, route_active)
-            p = tl.where(msk, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if tl.load(route_active + bh * NQB + m_blk) != 0:
+                offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                qin = offs_m < NQ
+                q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+                q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
+                do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
+                lse = tl.load(LSE + lse_base + offs_m, mask=qin, other=float("inf"))
+                delta = tl.load(DELTA + lse_base + offs_m, mask=qin, other=0.0)
+                if WIDEN:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                q_idx = tl.where(offs_m < NQ, offs_m, -1)[:, None].to(tl.int64)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC)
+                s = s * qk_scale
+                p = tl.math.exp2(s - lse[:, None])
+                msk = (q_idx >= 0) & (k_idx >= 0) & _mask(q_idx, k_idx, h, bh, route_active)
+                p = tl.where(msk, p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         start = tl.load(TFULL_OFF + g * (NKB + 1) + n_blk)
         end = tl.load(TFULL_OFF + g * (NKB + 1) + n_blk + 1)
         for j in range(start, end):
             m_blk = tl.load(TFULL_IDX + j)
-            offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-            qin = offs_m < NQ
-            q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-            q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-            do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-            lse = tl.load(LSE + lse_base + offs_m, mask=qin, other=float("inf"))
-            delta = tl.load(DELTA + lse_base + offs_m, mask=qin, other=0.0)
-            if WIDEN:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            q_idx = tl.where(offs_m < NQ, offs_m, -1)[:, None].to(tl.int64)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s = s * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            if tl.load(route_active + bh * NQB + m_blk) != 0:
+                offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                qin = offs_m < NQ
+                q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
+                q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
+                do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
+                lse = tl.load(LSE + lse_base + offs_m, mask=qin, other=float("inf"))
+                delta = tl.load(DELTA + lse_base + offs_m, mask=qin, other=0.0)
+                if WIDEN:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                q_idx = tl.where(offs_m < NQ, offs_m, -1)[:, None].to(tl.int64)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC)
+                s = s * qk_scale
+                p = tl.math.exp2(s - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
     tl.store(DK + kv_ptr, dk.to(DK.dtype.element_ty), mask=kin[:, None] & dmask[None, :])
     tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=kin[:, None] & dmask[None, :])
