@@ -278,54 +278,12 @@ class Op:
         gates = None
         if bp.route is not None:
             gates = route_gates(bp, checked[bp.route[0]], q.shape[1])
-        if bp.summaries:
-            out = _with_summaries(bp, kern, q, k, v, checked, scale, gates)
-        else:
-            out = run(kern, bp, q, k, v, checked, scale, gates)
+        out = run(kern, bp, q, k, v, checked, scale, gates)
         if gates is not None:
             out = out * gates.to(out.dtype).unsqueeze(-1)
         if bp.channel:
             out = out.transpose(-1, -2)
         return out
-
-
-def _with_summaries(bp, kern, q, k, v, inputs, scale, gates):
-    """Direct keys through the kernel, summary tokens (few, pooled per region) in torch;
-    the two partial softmaxes merge exactly through their log-sum-exps."""
-    from .codegen.runtime import attention as run
-    from .reference import _summarise, summary_masks
-    out_d, lse2 = run(kern, bp, q, k, v, inputs, scale, gates, with_lse=True)
-    lse_d = torch.where(torch.isinf(lse2), float("-inf"), lse2 * math.log(2))
-    cdt = torch.float32
-    rep = q.shape[1] // k.shape[1]
-    qc = q.to(cdt)
-    kc, vc = (t.to(cdt).repeat_interleave(rep, dim=1) for t in (k, v))
-    heads = bp.heads if bp.head_dependent else None
-    logits, masks, values = [], [], []
-    for bs in bp.summaries:
-        member, att = summary_masks(bp, bs, inputs, q.device, heads)
-        if member.shape[0] == 0:
-            continue
-        ks, vs = _summarise(bs.summary, member, qc, kc, vc, scale)
-        sl = (qc @ ks.transpose(-1, -2)) * scale
-        if bp.softcap is not None:
-            sl = bp.softcap * torch.tanh(sl / bp.softcap)
-        logits.append(sl)
-        masks.append(att.expand(*sl.shape))
-        values.append(vs)
-    if not logits:
-        return out_d
-    sl = torch.cat(logits, -1).masked_fill(~torch.cat(masks, -1), float("-inf"))
-    lse_s = torch.logsumexp(sl, -1)
-    m = torch.maximum(lse_d, lse_s)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
-    w_d, w_s = torch.exp(lse_d - m), torch.exp(lse_s - m)
-    total = w_d + w_s
-    p_s = torch.exp(sl - torch.where(torch.isinf(lse_s), 0.0, lse_s).unsqueeze(-1))
-    out_s = p_s @ torch.cat(values, -2)
-    out = (w_d.unsqueeze(-1) * out_d.to(cdt) + w_s.unsqueeze(-1) * out_s)
-    out = out / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    return out.to(q.dtype)
 
 
 def _has_triton() -> bool:

@@ -1,4 +1,4 @@
-"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile."""
+"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench."""
 
 from __future__ import annotations
 
@@ -355,6 +355,30 @@ def format_stats(op, s: dict) -> str:
     return "\n".join(rows)
 
 
+# -- `attndsl bench` (issue 5): runs the repository's bench/cpu_bench.py ----------------
+
+
+def cmd_bench(args) -> int:
+    """bench/ is not part of the installed package, so the benchmark is found next to the
+    source checkout this attndsl was imported from (and refused clearly without one)."""
+    import importlib.util
+
+    import attndsl
+    path = Path(attndsl.__file__).resolve().parent.parent / "bench" / "cpu_bench.py"
+    if not path.is_file():
+        print(f"error: {path} not found: `attndsl bench` runs the CPU benchmark of a source "
+              "checkout of attndsl (bench/ is not installed with the package)", file=sys.stderr)
+        return 1
+    spec = importlib.util.spec_from_file_location("attndsl_cpu_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it loads
+    spec.loader.exec_module(mod)
+    return mod.run(args)
+
+
+# -- end of `attndsl bench` -------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attndsl", description="Compile and inspect attention "
                                  "patterns written in .attn files.")
@@ -412,6 +436,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print paths and statistics as JSON")
     c.add_argument("--emit", choices=["flex"], help="also export a FlexAttention mask_mod")
     c.set_defaults(func=cmd_compile)
+    # -- bench: the same flags as bench/cpu_bench.py (tests/test_bench.py keeps them equal)
+    c = sub.add_parser("bench", help="CPU benchmark: ours vs FlexAttention, SDPA and NATTEN "
+                       "(needs a source checkout)")
+    c.add_argument("--quick", action="store_true",
+                   help="small sizes for smoke testing (N=2048, grids 32x32 and 8x16x16)")
+    c.add_argument("--cases", help="comma-separated cases or patterns (default all)")
+    c.add_argument("--repeats", type=int, default=5,
+                   help="timed calls of ours after the warm-up (default 5)")
+    c.add_argument("--peer-repeats", type=int, default=None,
+                   help="timed calls of each peer (default 3, or --repeats when smaller)")
+    c.add_argument("--out", default=None, metavar="DIR",
+                   help="results folder (default bench/results)")
+    c.add_argument("--no-write", action="store_true",
+                   help="print only; write no .md, .json or .png")
+    c.add_argument("--big", action="store_true",
+                   help="also try compiled create_block_mask at N=65,536 (one attempt)")
+    c.set_defaults(func=cmd_bench)
+    # -- end of bench
     c = sub.add_parser("compare", help="receptive-field growth of several patterns")
     c.add_argument("patterns", nargs="+", metavar="FILE[:PATTERN]",
                    help="a file (all its patterns) or FILE:PATTERN")

@@ -119,8 +119,9 @@ def dense_mask(bp: BoundPattern, inputs: dict, content=None, device=None) -> tor
     return out
 
 
-def summary_masks(bp: BoundPattern, bs, inputs, device, heads):
-    """(member [R, Nk], attend [H?, Nq, R]) of one summary, with empty regions dropped."""
+def summary_masks(bp: BoundPattern, bs, inputs, device, heads, rows: bool = False):
+    """(member [R, Nk], attend [H?, Nq, R]) of one summary, with empty regions dropped
+    (and, with `rows`, the indices of the regions kept)."""
     s = bs.summary
     owner = bs.owner
     hooks = _Hooks(owner, {"inputs": inputs})
@@ -148,6 +149,8 @@ def summary_masks(bp: BoundPattern, bs, inputs, device, heads):
         ctx["h"] = torch.arange(heads, device=device).view(-1, 1, 1)
     att = torch.as_tensor(owner.evaluator(ctx, hooks).eval(s.attend), device=device)
     att = att.expand(*att.shape[:-2], bp.nq, r) if att.dim() >= 2 else att.expand(bp.nq, r)
+    if rows:
+        return member[keep], att[..., keep], torch.nonzero(keep).view(-1)
     return member[keep], att[..., keep]
 
 

@@ -35,6 +35,13 @@ class Tok:
 
 
 @dataclass(frozen=True, slots=True)
+class SummaryCode:
+    """A summary token's region coordinates (axis name -> Code)."""
+
+    coords: dict
+
+
+@dataclass(frozen=True, slots=True)
 class Arr:
     """A run-time input array: loads through a pointer argument."""
 
@@ -220,6 +227,10 @@ class Emitter:
             out = f"({out}) & {self.d.NOT.format(exclude)}"
         return self.fresh(out, "bool").text
 
+    def summary_predicate(self, bs, ctx: dict) -> str:
+        """One summary's attend rule for the query and region in ctx."""
+        return self.bool_text(self.expr(bs.summary.attend, _Scope(bs.owner, ctx), {}))
+
     def bias(self, ctx: dict) -> str | None:
         """The sum of bias terms (float), or None when the pattern has none."""
         terms = []
@@ -260,7 +271,7 @@ class Emitter:
     def e_Name(self, e, sc, local):
         if e.id in local:
             return local[e.id]
-        if e.ref in ("q", "k", "h"):
+        if e.ref in ("q", "k", "h", "summary"):
             if e.ref not in sc.ctx:
                 raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel here",
                                        e.span)
@@ -424,6 +435,8 @@ class Emitter:
 
     def e_Attr(self, e, sc, local):
         base = self.expr(e.base, sc, local)
+        if isinstance(base, SummaryCode):
+            return base.coords[e.name]
         if not isinstance(base, Tok):
             raise UnsupportedError(f"'.{e.name}' cannot be compiled here", e.span)
         if e.name == "pos":

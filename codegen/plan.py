@@ -188,6 +188,23 @@ class BlockTable:
 
 
 @dataclass(frozen=True, eq=False)
+class SummaryPlan:
+    """Summary tokens as extra key rows after the (padded) direct keys: which regions exist,
+    their members, and the block tables of the queries that attend them."""
+
+    members: tuple  # per summary: bool [R_s kept, Nk] (row-major keys)
+    rows: np.ndarray  # [R] global region index (summary offset + region) of each kept row
+    offsets: tuple  # per summary: (first global index, number of regions)
+    tables: tuple  # BlockTable per head table; columns are summary blocks
+    transposed: tuple
+    needed: int
+
+    @property
+    def nr(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True, eq=False)
 class Plan:
     """Everything a kernel launch needs besides the tensors."""
 
@@ -203,6 +220,11 @@ class Plan:
     bound: object = None  # the BoundPattern and inputs, to count entries on demand
     inputs: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    summary: SummaryPlan | None = None
+
+    @property
+    def nsb(self) -> int:
+        return 0 if self.summary is None else -(-self.summary.nr // self.block_k)
 
     @property
     def nqb(self) -> int:
@@ -231,12 +253,14 @@ class Plan:
         return self.cache[key]
 
     def stats(self) -> dict:
-        full = sum(len(t.full_idx) for t in self.tables)
-        part = sum(len(t.part_idx) for t in self.tables)
-        total = self.nqb * self.nkb * len(self.tables)
-        needed = self.needed()
+        tabs = self.tables + (self.summary.tables if self.summary is not None else ())
+        full = sum(len(t.full_idx) for t in tabs)
+        part = sum(len(t.part_idx) for t in tabs)
+        total = self.nqb * (self.nkb + self.nsb) * len(self.tables)
+        needed = self.needed() + (self.summary.needed if self.summary is not None else 0)
         computed = (full + part) * self.block_q * self.block_k
-        table_bytes = sum(a.nbytes for t in self.tables + self.transposed
+        extra = () if self.summary is None else self.summary.tables + self.summary.transposed
+        table_bytes = sum(a.nbytes for t in self.tables + self.transposed + extra
                           for a in (t.full_off, t.full_idx, t.part_off, t.part_idx))
         return {
             "block_q": self.block_q, "block_k": self.block_k,
@@ -248,6 +272,7 @@ class Plan:
             "waste": computed / needed if needed else float("inf"),
             "block_table_bytes": int(table_bytes),
             "content_dependent": self.content_dependent,
+            "summary_tokens": 0 if self.summary is None else self.summary.nr,
             "build_seconds": round(self.build_seconds, 4),
             **self.stats_extra,
         }
@@ -567,9 +592,53 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         t, tt = _table(bp, qorder, korder, bq, bk, h, inputs or {})
         tables.append(t)
         transposed.append(tt)
+    summary = summary_plan(bp, qorder, bq, bk, inputs) if bp.summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, {"orders_tried": tried} if tried else {},
-                bp.content_dependent, bp, inputs)
+                bp.content_dependent, bp, inputs, {}, summary)
+
+
+def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, inputs: dict
+                 ) -> SummaryPlan:
+    """Regions and attend tables of every summary (dense over queries x regions: summary
+    tokens are few, and the reference's own evaluation defines them)."""
+    from attndsl.reference import summary_masks
+    heads = bp.heads if bp.head_dependent else None
+    members, rows, offsets, atts = [], [], [], []
+    base = 0
+    for bs in bp.summaries:
+        member, att, kept = summary_masks(bp, bs, inputs, torch.device("cpu"), heads,
+                                          rows=True)
+        size = math.prod(bs.sizes)
+        members.append(member)
+        rows.append(kept.numpy() + base)
+        offsets.append((base, size))
+        atts.append(att.expand(heads, bp.nq, att.shape[-1]) if heads else
+                    att.reshape(1, bp.nq, att.shape[-1]))
+        base += size
+    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    att = torch.cat(atts, dim=-1)  # [G, Nq, R]
+    nr = att.shape[-1]
+    nqb, nsb = -(-qorder.length // bq), max(1, -(-nr // bk))
+    qperm = np.full(nqb * bq, -1, dtype=np.int64)
+    qperm[:qorder.length] = qorder.perm
+    qp = torch.from_numpy(qperm)
+    qvalid = (qp >= 0).view(1, nqb, bq, 1, 1)
+    a = torch.zeros(att.shape[0], nqb * bq, nsb * bk, dtype=torch.bool)
+    a[:, :, :nr] = att[:, qp.clamp(min=0)] & (qp >= 0).view(1, -1, 1)
+    blocks = a.view(att.shape[0], nqb, bq, nsb, bk).permute(0, 1, 3, 2, 4)
+    anyb = blocks.flatten(3).any(-1)
+    rvalid = (torch.arange(nsb * bk) < nr).view(nsb, bk).all(-1)
+    allb = (blocks | ~qvalid.permute(0, 1, 3, 2, 4)).flatten(3).all(-1) & rvalid.view(1, 1, -1)
+    tables, transposed = [], []
+    for g in range(att.shape[0]):
+        f = torch.nonzero(anyb[g] & allb[g]).numpy()
+        p = torch.nonzero(anyb[g] & ~allb[g]).numpy()
+        fi, fj, pi, pj = f[:, 0], f[:, 1], p[:, 0], p[:, 1]
+        tables.append(BlockTable(*_csr(fi, fj, nqb, nsb), *_csr(pi, pj, nqb, nsb), 0))
+        transposed.append(BlockTable(*_csr(fj, fi, nsb, nqb), *_csr(pj, pi, nsb, nqb), 0))
+    return SummaryPlan(tuple(members), rows, tuple(offsets), tuple(tables),
+                       tuple(transposed), int(a.sum()))
 
 
 def _tilings(shape, block):

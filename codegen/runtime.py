@@ -102,6 +102,14 @@ class CompiledKernel:
                         torch.from_numpy(np.ascontiguousarray(idx)).to(device))
 
             t = {}
+            if p.summary is not None:
+                sp = p.summary
+                t["spart"] = cat(sp.tables, "part_off", "part_idx", p.nqb)
+                t["sfull"] = cat(sp.tables, "full_off", "full_idx", p.nqb)
+                t["tspart"] = cat(sp.transposed, "part_off", "part_idx", p.nsb)
+                t["tsfull"] = cat(sp.transposed, "full_off", "full_idx", p.nsb)
+                rows = sp.rows if len(sp.rows) else np.zeros(1, dtype=np.int64)
+                t["srow"] = torch.from_numpy(rows.astype(np.int64)).to(device)
             t["part"] = cat(p.tables, "part_off", "part_idx", p.nqb)
             t["full"] = cat(p.tables, "full_off", "full_idx", p.nqb)
             t["tpart"] = cat(p.transposed, "part_off", "part_idx", p.nkb)
@@ -148,12 +156,15 @@ def _common(kern: CompiledKernel, q, k, v, arrays, scalars, scale, t, dyn):
     sb, sh = 0, (1 if len(p.tables) > 1 else 0)
     if dyn:  # run-time tables: one per (batch, head)
         sb, sh = H, 1
+    nk_main = p.korder.length  # valid direct keys (in the kernel's order)
     args = [q, k, v, t["qperm"], t["kperm"], *t["part"], *t["full"], sb, sh,
-            scale, scale * 1.4426950408889634, H, HKV, NQ, NK, p.nqb, p.nkb]
+            scale, scale * 1.4426950408889634, H, HKV, NQ, nk_main, p.nqb, p.nkb, NK]
     args += list(arrays) + list(scalars)
     if dyn:
         keep, chunk_of = dyn[8], dyn[9]
         args += [keep, chunk_of, keep.shape[2], keep.shape[3]]
+    if p.summary is not None:
+        args += [t["srow"], p.summary.nr, p.nsb, *t["spart"], *t["sfull"]]
     return args
 
 
@@ -196,10 +207,13 @@ def backward(kern: CompiledKernel, q, k, v, o, lse, do, arrays, scalars, scale, 
     t = _tables(kern, q.device, dyn)
     common = _common(kern, q, k, v, arrays, scalars, scale, t, dyn)
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = torch.zeros_like(k)  # rows past the keys (padding) stay zero
+    dv = torch.zeros_like(v)
     kern.module.attn_bwd_dkdv[(kern.plan.nkb, B * HKV)](
         *common, do, lse, delta, dk, dv, *t["tpart"], *t["tfull"], **_meta(q, kern))
+    if kern.plan.summary is not None:
+        kern.module.attn_bwd_dkdv_sum[(kern.plan.nsb, B * HKV)](
+            *common, do, lse, delta, dk, dv, *t["tspart"], *t["tsfull"], **_meta(q, kern))
     kern.module.attn_bwd_dq[(kern.plan.nqb, B * H)](
         *common, do, lse, delta, dq, **_meta(q, kern))
     return dq, dk, dv
@@ -297,6 +311,7 @@ def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, sca
         val = val.item() if isinstance(val, torch.Tensor) else val
         (floats if kind == "float" else ints).append(float(val) if kind == "float"
                                                        else int(val))
+    q_rowmajor = q
     if gates is not None:  # [B, H, N] routing gates -> per (batch x head, query block) flags
         g = gates if p.qorder.identity else gates.index_select(2, t["qperm"].clamp(min=0).long())
         pad = p.nqb * p.block_q - g.shape[2]
@@ -305,9 +320,12 @@ def attention(kern: CompiledKernel, bp: BoundPattern, q, k, v, inputs: dict, sca
                       .reshape(-1).contiguous())
     if not p.qorder.identity:
         q = q.index_select(2, t["qperm"].clamp(min=0).long())
+    kin, vin = k, v
     if not p.korder.identity:
         idx = t["kperm"].clamp(min=0).long()
         k, v = k.index_select(2, idx), v.index_select(2, idx)
+    if p.summary is not None:
+        k, v = _append_summaries(p, bp, q_rowmajor, kin, vin, k, v, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dyn = dynamic_tables(kern, q, k, inputs) if kern.dynamic is not None else []
     o, lse = _fwd_op(q, k, v, kern.handle, arrays, torch.tensor(ints, dtype=torch.int64),
@@ -378,3 +396,38 @@ def _csr_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if idx.numel() == 0:
         idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
     return off[at.reshape(-1)].to(torch.int32), idx.contiguous()
+
+
+def _append_summaries(p: Plan, bp: BoundPattern, q, k_rm, v_rm, k, v, scale):
+    """Summary tokens as key/value rows after the direct keys (padded to whole blocks):
+    pooled from the row-major tensors with the reference's own pooling (max, mean, or
+    Combiner's expectation, which needs the queries), differentiably."""
+    from attndsl.reference import _summarise
+    H = q.shape[1]
+    rep = H // k.shape[1]
+    if rep > 1:  # summary values may depend on the query head: expand the kv heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k_rm, v_rm = k_rm.repeat_interleave(rep, dim=1), v_rm.repeat_interleave(rep, dim=1)
+    cdt = torch.float32
+    ks, vs = [], []
+    for bs, member in zip(bp.summaries, p.summary.members):
+        if member.shape[0] == 0:
+            continue
+        a, b = _summarise(bs.summary, member.to(q.device), q.to(cdt), k_rm.to(cdt),
+                          v_rm.to(cdt), scale)
+        ks.append(a)
+        vs.append(b)
+    pad_main = p.nkb * p.block_k - k.shape[2]
+    nr = p.summary.nr
+    pad_sum = p.nsb * p.block_k - nr
+    parts_k = [torch.nn.functional.pad(k, (0, 0, 0, pad_main))]
+    parts_v = [torch.nn.functional.pad(v, (0, 0, 0, pad_main))]
+    if ks:
+        parts_k.append(torch.nn.functional.pad(torch.cat(ks, 2).to(k.dtype),
+                                               (0, 0, 0, pad_sum)))
+        parts_v.append(torch.nn.functional.pad(torch.cat(vs, 2).to(v.dtype),
+                                               (0, 0, 0, pad_sum)))
+    else:
+        parts_k.append(k.new_zeros(*k.shape[:2], p.nsb * p.block_k, k.shape[3]))
+        parts_v.append(v.new_zeros(*v.shape[:2], p.nsb * p.block_k, v.shape[3]))
+    return torch.cat(parts_k, 2), torch.cat(parts_v, 2)

@@ -34,6 +34,7 @@ GOLDEN = [
     ("mixed", PER_HEAD, dict(N=50), 16),
     ("dhsa", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
     ("moh", "patterns/moh.attn", dict(N=64, heads=4, shared=1, topk=2), 16),
+    ("combiner_logsparse", "patterns/combiner.attn", dict(N=64), 16),
 ]
 
 

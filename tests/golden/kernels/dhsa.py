@@ -52,9 +52,9 @@ def _bias(q_idx, k_idx, h, in_boundaries, dyn_keep, dyn_chunk_of, dyn_nb, dyn_nc
 
 @triton.jit
 def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-             sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, in_boundaries, dyn_keep, dyn_chunk_of,
-             dyn_nb, dyn_nc, O, LSE, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):
+             sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, in_boundaries, dyn_keep,
+             dyn_chunk_of, dyn_nb, dyn_nc, O, LSE, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
+             tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -66,7 +66,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
     dmask = offs_d < D
     qin = offs_m < NQ
     q_base = bh * NQ * D
-    kv_base = (b * HKV + hk) * NK * D
+    kv_base = (b * HKV + hk) * NKX * D
     q = tl.load(Q + q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                 mask=qin[:, None] & dmask[None, :], other=0.0)
     if WIDEN:
@@ -131,7 +131,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
 
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-                  sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, in_boundaries, dyn_keep,
+                  sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, in_boundaries, dyn_keep,
                   dyn_chunk_of, dyn_nb, dyn_nc, DO, LSE, DELTA, DK, DV, TPART_OFF, TPART_IDX,
                   TFULL_OFF, TFULL_IDX, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
                   tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):
@@ -144,7 +144,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     kin = offs_n < NK
-    kv_base = bhk * NK * D
+    kv_base = bhk * NKX * D
     kv_ptr = kv_base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     k = tl.load(K + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
     v = tl.load(V + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
@@ -213,7 +213,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
 
 @triton.jit
 def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-                sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, in_boundaries, dyn_keep,
+                sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, in_boundaries, dyn_keep,
                 dyn_chunk_of, dyn_nb, dyn_nc, DO, LSE, DELTA, DQ, D: tl.constexpr, BLOCK_M:
                 tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                 WIDEN: tl.constexpr):
@@ -229,7 +229,7 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
     qin = offs_m < NQ
     q_base = bh * NQ * D
     lse_base = bh * NQ
-    kv_base = (b * HKV + hk) * NK * D
+    kv_base = (b * HKV + hk) * NKX * D
     q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
     q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
     do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)

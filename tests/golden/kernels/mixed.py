@@ -64,7 +64,7 @@ def _bias(q_idx, k_idx, h):
 
 @triton.jit
 def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-             sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, O, LSE, D: tl.constexpr, BLOCK_M:
+             sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, O, LSE, D: tl.constexpr, BLOCK_M:
              tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN:
              tl.constexpr):
     m_blk = tl.program_id(0)
@@ -78,7 +78,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
     dmask = offs_d < D
     qin = offs_m < NQ
     q_base = bh * NQ * D
-    kv_base = (b * HKV + hk) * NK * D
+    kv_base = (b * HKV + hk) * NKX * D
     q = tl.load(Q + q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                 mask=qin[:, None] & dmask[None, :], other=0.0)
     if WIDEN:
@@ -151,9 +151,10 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
 
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-                  sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, DO, LSE, DELTA, DK, DV, TPART_OFF,
-                  TPART_IDX, TFULL_OFF, TFULL_IDX, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N:
-                  tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr):
+                  sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, DO, LSE, DELTA, DK, DV,
+                  TPART_OFF, TPART_IDX, TFULL_OFF, TFULL_IDX, D: tl.constexpr, BLOCK_M:
+                  tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                  WIDEN: tl.constexpr):
     n_blk = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -163,7 +164,7 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     kin = offs_n < NK
-    kv_base = bhk * NK * D
+    kv_base = bhk * NKX * D
     kv_ptr = kv_base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
     k = tl.load(K + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
     v = tl.load(V + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
@@ -242,9 +243,9 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
 
 @triton.jit
 def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
-                sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, DO, LSE, DELTA, DQ, D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC:
-                tl.constexpr, WIDEN: tl.constexpr):
+                sm_scale, qk_scale, H, HKV, NQ, NK, NQB, NKB, NKX, DO, LSE, DELTA, DQ, D:
+                tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PREC: tl.constexpr, WIDEN: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -257,7 +258,7 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
     qin = offs_m < NQ
     q_base = bh * NQ * D
     lse_base = bh * NQ
-    kv_base = (b * HKV + hk) * NK * D
+    kv_base = (b * HKV + hk) * NKX * D
     q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
     q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
     do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
