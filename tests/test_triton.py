@@ -320,3 +320,29 @@ def test_compiled_op_inside_torch_compile():
     eager = f(q)
     compiled = torch.compile(f, fullgraph=True, backend="eager")(q)
     assert math.isclose(float(eager), float(compiled), rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_integer_helpers_follow_python_semantics():
+    """The generated _fdiv/_fmod give Python's floor division and modulo for every sign."""
+    from attndsl.codegen.emit import TRITON_HELPERS
+    from attndsl.codegen.runtime import load_source
+    src = ("import triton\nimport triton.language as tl\n" + TRITON_HELPERS + '''
+
+@triton.jit
+def kernel(A, B, Q, R, N: tl.constexpr):
+    o = tl.arange(0, N)
+    a = tl.load(A + o)
+    b = tl.load(B + o)
+    tl.store(Q + o, _fdiv(a, b))
+    tl.store(R + o, _fmod(a, b))
+''')
+    mod = load_source(src, "helpers")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-50, 50, (256,), generator=gen)
+    b = torch.randint(1, 9, (256,), generator=gen) * (torch.randint(0, 2, (256,),
+                                                                    generator=gen) * 2 - 1)
+    a, b = a.to(DEV), b.to(DEV)
+    q, r = torch.empty_like(a), torch.empty_like(a)
+    mod.kernel[(1,)](a, b, q, r, N=256)
+    assert q.tolist() == [x // y for x, y in zip(a.tolist(), b.tolist())]
+    assert r.tolist() == [x % y for x, y in zip(a.tolist(), b.tolist())]
