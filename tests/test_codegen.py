@@ -182,3 +182,21 @@ def test_cli_export_imports_as_op(tmp_path, capsys):
     err_max, needed = r.stdout.split()
     assert float(err_max) < 1e-4
     assert int(needed) == 15 * 16 // 2 + 25 * 26 // 2
+
+
+def test_two_processes_compile_into_one_cache(tmp_path):
+    """Both finish, both import the same complete module, and one file is left."""
+    script = (
+        "import attndsl\n"
+        "op = attndsl.compile('patterns/power.attn', 'power_attention', N=300, block=16)\n"
+        "op.options(block_q=16, block_k=16)\n"
+        "print(len(op.source()))\n")
+    env = dict(os.environ, ATTNDSL_CACHE=str(tmp_path), TRITON_INTERPRET="1")
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    files = list(tmp_path.glob("attndsl_*.py"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(files[0].read_text()) == int(outs[0][0])
