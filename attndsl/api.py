@@ -14,7 +14,7 @@ from .errors import AttnNameError, ParameterError, UnsupportedError, did_you_mea
 from .loader import Loader, resolve_path
 from .reference import attention, check_inputs, dense_mask, summary_masks
 
-BACKENDS = ("reference", "triton", "auto")
+BACKENDS = ("reference", "triton", "cpu", "auto")
 
 
 def load(source: str | os.PathLike) -> ir.Module:
@@ -236,17 +236,23 @@ class Op:
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
                  **inputs) -> torch.Tensor:
         if backend not in BACKENDS:
-            if backend == "cpu":
-                raise UnsupportedError("backend 'cpu' is not available yet; this release has "
-                                       "the 'reference' and 'triton' backends")
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
-                backend, BACKENDS + ("cpu",)))
+                backend, BACKENDS))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
         if backend == "auto":
             backend = "triton" if (isinstance(q, torch.Tensor) and q.is_cuda
                                    and _has_triton()) else "reference"
+            # ---- backend="cpu" (codegen/cpu.py): auto picks it for CPU tensors it can run
+            if backend == "reference" and isinstance(q, torch.Tensor) and q.device.type == "cpu":
+                from .codegen.cpu import supported
+                if supported(self.bound):
+                    backend = "cpu"
+        if backend == "cpu":
+            from .codegen.cpu import attention as cpu_attention
+            return cpu_attention(self, q, k, v, inputs, scale)
+        # ---- end backend="cpu"
         if backend == "triton":
             return self._triton(q, k, v, scale, inputs)
         return attention(self.bound, q, k, v, inputs, scale)

@@ -1,0 +1,735 @@
+"""backend="cpu": block-sparse attention on the CPU, from the same exact block tables as the
+compiled kernels (codegen/plan.py), in batched matrix products.
+
+Query blocks whose key-block lists have the same length and the same PARTIAL positions form a
+group. A group is cut into work items of at most BUDGET scores; an item is one batched product
+Q K^T over [query block rows, its gathered key blocks], the score modifications (scale, bias,
+softcap), the mask on its PARTIAL key blocks only, a softmax and one batched product with V.
+Every (batch, kv head) pair of one item shares one product, the query heads of a GQA group
+stacked as rows, so K and V are never repeated. Groups whose key blocks are consecutive,
+shifting windows (sliding windows) read K and V through strided views instead of gathers.
+Rows too long for one item are cut into key pieces merged through their log-sum-exps.
+
+The backward (a custom autograd.Function that keeps only q, k, v, the output and the split
+rows' log-sum-exps) recomputes each item's probabilities: dV = P^T dO, dS = P (dO V^T -
+rowsum(dO O)) (times 1 - tanh^2 under a softcap), dQ = dS K scale, dK = dS^T Q scale, the key
+gradients scattered into their key blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attndsl.bind import CHUNK_ELEMS, BoundPattern, _Hooks
+from attndsl.errors import InputError, UnsupportedError
+from attndsl.reference import _input_env, check_inputs, check_tensors, route_gates
+
+from .plan import Plan, build_plan
+
+DEFAULT_BLOCK = 64  # query and key block size when the Op sets none
+BUDGET = 1 << 20  # scores per work item (4 MiB in float32): the working set stays in cache
+MASK_CACHE = 1 << 28  # PARTIAL-block mask entries kept per plan; beyond, evaluated per call
+MAX_RUNS = 3  # masked slot runs per group before one run covers them all
+STRIDED_GROUPS = 16  # at most this many (batch, kv head) products per strided item
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def attention(op, q, k, v, inputs: dict, scale: float | None) -> torch.Tensor:
+    """Exactly the reference backend's attention (attndsl/reference.py), block-sparse."""
+    bp = op.bound
+    check_tensors(bp, q, k, v)
+    if q.device.type != "cpu":
+        raise InputError(f"backend 'cpu' takes CPU tensors, not {q.device}; use "
+                         "backend='triton' or 'reference'", bp.checked.span)
+    checked = check_inputs(bp, inputs, q.device, q.shape[0])
+    if bp.average:
+        parts = op.__dict__.setdefault("_cpu_parts", {})
+        outs = []
+        for i, sub in enumerate(bp.average):
+            part = parts.get(i)
+            if part is None:
+                part = parts[i] = type(op)(sub)
+            part.block_q, part.block_k = op.block_q, op.block_k
+            outs.append(attention(part, q, k, v, {n: x for n, x in inputs.items()
+                                                  if n in sub.inputs}, scale))
+        return sum(outs) / len(outs)
+    lowerable(bp)
+    dtype = q.dtype
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if bp.channel:
+        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+    if scale is None:
+        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask_inputs = {n: x for n, x in checked.items()
+                   if not (bp.route is not None and n == bp.route[0])}
+    cp = cpu_plan(op, mask_inputs)
+    out = _Attention.apply(q, k, v, cp, float(scale), cdt, mask_inputs)
+    if bp.route is not None:
+        out = out * route_gates(bp, checked[bp.route[0]], q.shape[1]).to(cdt).unsqueeze(-1)
+    if bp.channel:
+        out = out.transpose(-1, -2)
+    return out.to(dtype)
+
+
+def lowerable(bp: BoundPattern) -> None:
+    """What the compiled kernels refuse, and what this backend does not run: summary tokens
+    and rules that depend on q and k (the reference backend runs both)."""
+    from attndsl.api import _lowerable
+    _lowerable(bp)
+    if bp.summaries:
+        s = bp.summaries[0].summary
+        raise UnsupportedError(f"backend 'cpu' does not run summary tokens (summary "
+                               f"'{s.name}' of pattern '{bp.name}'); use backend='reference' "
+                               "or 'triton'", s.span)
+    if bp.content_dependent:
+        raise UnsupportedError(f"backend 'cpu' does not run patterns that depend on q and k "
+                               f"(pattern '{bp.name}'); use backend='reference' or 'triton'",
+                               bp.checked.span)
+    if bp.head_dependent and bp.heads is None:
+        raise UnsupportedError("per-head rules need a 'heads N' declaration", bp.checked.span)
+
+
+def supported(bp: BoundPattern) -> bool:
+    """Whether backend='cpu' runs this pattern (what backend='auto' asks)."""
+    if bp.average:
+        return all(supported(sub) for sub in bp.average)
+    return not bp.summaries and not bp.content_dependent and not (
+        bp.head_dependent and bp.heads is None)
+
+
+# ------------------------------------------------------------------ plans
+
+
+@dataclass(eq=False)
+class _Group:
+    """Query blocks (`rows`, increasing) with key-block lists of one length and one set of
+    PARTIAL positions: kidx[i] lists row i's key blocks, increasing."""
+
+    rows: np.ndarray  # [n] query block ids
+    kidx: np.ndarray  # [n, slots] key block ids
+    runs: list  # [(s0, s1)]: slot ranges that need the mask
+    any_full: bool  # some slot needs no mask: no row can be empty
+    contiguous: bool  # rows are consecutive
+    step: int | None  # kidx[i, j] == kidx[0, 0] + i * step + j (strided views)
+    rows_t: torch.Tensor = None
+    kidx_t: torch.Tensor = None
+    masks: list = field(default_factory=list)  # per run: ~mask [n, 1, bq, w], or None
+    empty: torch.Tensor | None = None  # [n, 1, bq, 1] rows with no key at all
+
+    @property
+    def slots(self) -> int:
+        return self.kidx.shape[1]
+
+
+@dataclass(eq=False)
+class CpuPlan:
+    """A Plan plus what the CPU backend derives from it once: groups, masks, indices."""
+
+    bp: BoundPattern
+    plan: Plan
+    inputs: dict
+    groups: list  # per table: [_Group]
+    qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
+    ktok: torch.Tensor  # [nkb, bk]
+    qvalid: torch.Tensor  # [nqb, bq] bool
+    kvalid: torch.Tensor
+    qinv: torch.Tensor | None  # token -> position (None: identity order)
+    kinv: torch.Tensor | None
+    keyless: list  # per table: query blocks with no key block
+    cache_masks: bool = True
+
+    @property
+    def bq(self) -> int:
+        return self.plan.block_q
+
+    @property
+    def bk(self) -> int:
+        return self.plan.block_k
+
+    def run_mask(self, grp: _Group, t: int, run: int, i0: int, i1: int) -> torch.Tensor:
+        """~mask of rows i0:i1 of a group over one run of its slots: [n, 1, bq, w]."""
+        m = grp.masks[run] if run < len(grp.masks) else None
+        if m is not None:
+            return m[i0:i1]
+        return self._eval_mask(grp, t, run, i0, i1)
+
+    def _eval_mask(self, grp, t, run, i0, i1):
+        bp = self.bp
+        s0, s1 = grp.runs[run]
+        bq, bk = self.bq, self.bk
+        for owner in bp.owners():
+            _input_env(owner, self.inputs)
+        hooks = _Hooks(bp, {"inputs": self.inputs})
+        h = torch.tensor(t) if len(self.plan.tables) > 1 else None
+        out = torch.empty(i1 - i0, 1, bq, (s1 - s0) * bk, dtype=torch.bool)
+        step = max(1, CHUNK_ELEMS // (bq * (s1 - s0) * bk))
+        for a in range(i0, i1, step):
+            b = min(i1, a + step)
+            rows = grp.rows_t[a:b]
+            kb = grp.kidx_t[a:b, s0:s1]
+            qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
+            ki = self.ktok[kb].reshape(b - a, 1, -1)  # [n, 1, w]
+            val = torch.as_tensor(bp.predicate(bp.context(qi, ki, h), hooks))
+            while val.dim() > 3:
+                val = val.any(dim=0)
+            val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(b - a, 1, -1)
+            out[a - i0:b - i0, 0] = ~val
+        return out
+
+
+def cpu_plan(op, inputs: dict) -> CpuPlan:
+    """The plan for these mask inputs, built once and cached on the Op."""
+    from attndsl.api import _input_key
+    bp = op.bound
+    bq = op.block_q or DEFAULT_BLOCK
+    bk = op.block_k or DEFAULT_BLOCK
+    key = (bq, bk, _input_key(inputs))
+    cache = op.__dict__.setdefault("_cpu_plans", {})
+    cp = cache.get(key)
+    if cp is None:
+        cpu_inputs = {n: (x.cpu() if isinstance(x, torch.Tensor) else x)
+                      for n, x in inputs.items()}
+        plan = build_plan(bp, bq, bk, inputs=cpu_inputs)
+        cp = _derive(bp, plan, cpu_inputs)
+        if len(cache) > 16:
+            cache.clear()
+        cache[key] = cp
+    return cp
+
+
+def _positions(order, block):
+    nb = -(-order.length // block)
+    perm = np.full(nb * block, -1, dtype=np.int64)
+    perm[:order.length] = order.perm
+    tok = torch.from_numpy(np.maximum(perm, 0).reshape(nb, block))
+    valid = torch.from_numpy((perm >= 0).reshape(nb, block))
+    inv = None
+    n = math.prod(order.shape)
+    if not order.identity:
+        pos = np.nonzero(perm >= 0)[0]
+        inv_np = np.zeros(n, dtype=np.int64)
+        inv_np[perm[pos]] = pos
+        inv = torch.from_numpy(inv_np)
+    return tok, valid, inv
+
+
+def _derive(bp: BoundPattern, plan: Plan, inputs: dict) -> CpuPlan:
+    qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
+    ktok, kvalid, kinv = _positions(plan.korder, plan.block_k)
+    groups = [_groups(t, plan.nqb) for t in plan.tables]
+    keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
+               for t in plan.tables]
+    cp = CpuPlan(bp, plan, inputs, groups, qtok, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
+    cp.cache_masks = total * plan.block_q * plan.block_k <= MASK_CACHE
+    for t, gs in enumerate(groups):
+        for g in gs:
+            if not cp.cache_masks:
+                g.masks = [None] * len(g.runs)
+                continue
+            g.masks = [cp._eval_mask(g, t, r, 0, len(g.rows)) for r in range(len(g.runs))]
+            if not g.any_full and g.runs:
+                hit = torch.zeros(len(g.rows), 1, plan.block_q, dtype=torch.bool)
+                for m in g.masks:
+                    hit |= (~m).any(dim=-1)
+                if not hit.all():
+                    g.empty = (~hit).unsqueeze(-1)
+    return cp
+
+
+def _groups(table, nqb: int) -> list[_Group]:
+    """Query blocks grouped by (number of key blocks, positions of the PARTIAL ones)."""
+    fo, fi = table.full_off.astype(np.int64), table.full_idx.astype(np.int64)
+    po, pi = table.part_off.astype(np.int64), table.part_idx.astype(np.int64)
+    nf, npart = np.diff(fo), np.diff(po)
+    deg = nf + npart
+    cols = np.concatenate([fi, pi])
+    flag = np.concatenate([np.zeros(len(fi), dtype=bool), np.ones(len(pi), dtype=bool)])
+    rr = np.concatenate([np.repeat(np.arange(nqb), nf), np.repeat(np.arange(nqb), npart)])
+    order = np.lexsort((cols, rr))
+    cols, flag = cols[order], flag[order]
+    off = np.zeros(nqb + 1, dtype=np.int64)
+    np.cumsum(deg, out=off[1:])
+    by_key: dict = {}
+    for r in np.nonzero(deg)[0]:
+        f = flag[off[r]:off[r + 1]]
+        by_key.setdefault((int(deg[r]), np.packbits(f).tobytes()), []).append(r)
+    out = []
+    for (d, _), rs in sorted(by_key.items(), key=lambda kv: kv[1][0]):
+        rs = np.asarray(rs, dtype=np.int64)
+        kidx = cols[off[rs][:, None] + np.arange(d)[None, :]]
+        f = flag[off[rs[0]]:off[rs[0]] + d]
+        runs = []
+        for j in np.nonzero(f)[0].tolist():
+            if runs and runs[-1][1] == j:
+                runs[-1][1] = j + 1
+            else:
+                runs.append([j, j + 1])
+        if len(runs) > MAX_RUNS:
+            runs = [[runs[0][0], runs[-1][1]]]
+        runs = [tuple(r) for r in runs]
+        covered = sum(b - a for a, b in runs)
+        contiguous = bool((np.diff(rs) == 1).all())
+        step = None
+        inner = bool((kidx - kidx[:, :1] == np.arange(d)[None, :]).all())
+        if contiguous and inner:
+            s = np.diff(kidx[:, 0])
+            if len(s) == 0:
+                step = 0
+            elif (s == s[0]).all() and s[0] >= 0:
+                step = int(s[0])
+        out.append(_Group(rs, kidx, runs, bool(covered < d), contiguous, step,
+                          torch.from_numpy(rs), torch.from_numpy(kidx)))
+    return out
+
+
+# ------------------------------------------------------------------ layouts
+
+
+def _to_blocks(x, tok, order_identity, groups, cdt):
+    """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order,
+    converted to cdt (a view of x when that is the same layout; never written to);
+    padding positions hold token 0's row."""
+    B, Hx, N, D = x.shape
+    nb, block = tok.shape
+    if order_identity and nb * block == N and Hx == groups and x.dtype == cdt and (
+            x.is_contiguous()):
+        return x.view(B * groups, nb, 1, block, D)  # the same layout: no copy
+    if not (order_identity and nb * block == N):
+        x = x.index_select(2, tok.reshape(-1))
+    out = torch.empty(B, groups, nb, Hx // groups, block, D, dtype=cdt)
+    out.permute(0, 1, 3, 2, 4, 5).copy_(x.reshape(B, groups, Hx // groups, nb, block, D))
+    return out.view(B * groups, nb, Hx // groups, block, D)
+
+
+def _from_blocks(x, inv, n_tokens, B, groups, dtype):
+    """[B * groups, nb, r, block, D] -> [B, groups * r, N, D] in row-major token order."""
+    _, nb, r, block, D = x.shape
+    y = x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
+        B, groups * r, nb * block, D)
+    y = y[:, :, :n_tokens] if inv is None else y.index_select(2, inv)
+    return y.to(dtype)
+
+
+class _Scratch:
+    """Work buffers reused by every item of a call (fresh large allocations page-fault)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.bufs: dict = {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n:
+            b = self.bufs[name] = torch.empty(n, dtype=self.dtype)
+        return b[:n].view(shape)
+
+
+@dataclass
+class _Ctx:
+    """One call's tensors in block layout (see _to_blocks)."""
+
+    cp: CpuPlan
+    qs: torch.Tensor  # [G, nqb, R, bq, D]
+    k: torch.Tensor  # [G, nkb, bk, D]
+    v: torch.Tensor  # [G, nkb, bk, Dv]
+    B: int
+    HKV: int
+    R: int
+    scale: float
+    cdt: torch.dtype
+    inputs: dict
+    head_mode: bool
+    scratch: _Scratch = None
+
+    def passes(self) -> list:
+        """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
+        head or None): one pass, or one per query head (per-head tables or biases)."""
+        G, R = self.qs.shape[0], self.R
+        if not self.head_mode:
+            return [(0, (0, 1, G), slice(None), None)]
+        per_head = len(self.cp.plan.tables) > 1
+        return [((h if per_head else 0), (h // R, self.HKV, self.B), slice(h % R, h % R + 1),
+                 h) for h in range(self.HKV * R)]
+
+    def items(self):
+        """Every work item of the call, pass by pass, group by group."""
+        R = self.R
+        if self.qs.shape[0] == 0:  # batch 0
+            return
+        for t, gsel, hsl, head in self.passes():
+            rq = R if head is None else 1
+            for grp in self.cp.groups[t]:
+                for i0, i1, g0, g1, pieces in _cuts(self, grp, gsel[2], rq):
+                    yield _Item(self, t, grp, head, gsel, hsl, rq, i0, i1, g0, g1, pieces)
+
+
+def _cuts(ctx: _Ctx, grp: _Group, gcount: int, rq: int):
+    """A group cut into items of about BUDGET scores: (i0, i1, g0, g1, pieces): rows i0:i1
+    of the group, (batch, kv head) pairs g0:g1 of the pass, and the key slot pieces of a
+    row too long for one item (None: all of them at once)."""
+    bq, bk = ctx.cp.bq, ctx.cp.bk
+    n, slots = len(grp.rows), grp.slots
+    per = rq * bq * slots * bk  # one row, one (batch, kv head)
+    if per <= BUDGET * 3 // 2:
+        if per * gcount <= BUDGET:
+            step = max(1, BUDGET // (per * gcount))
+            # equal items: the last one is not a sliver
+            step = -(-n // -(-n // step))
+            for i0 in range(0, n, step):
+                yield i0, min(n, i0 + step), 0, gcount, None
+        else:
+            gs = max(1, BUDGET // per)
+            for i0 in range(n):
+                for g0 in range(0, gcount, gs):
+                    yield i0, i0 + 1, g0, min(gcount, g0 + gs), None
+        return
+    ps = max(1, BUDGET // (rq * bq * bk))
+    pieces = [(s, min(slots, s + ps)) for s in range(0, slots, ps)]
+    for i0 in range(n):
+        for g0 in range(gcount):
+            yield i0, i0 + 1, g0, g0 + 1, pieces
+
+
+# ------------------------------------------------------------------ one item
+
+
+@dataclass
+class _Item:
+    """Rows i0:i1 of a group, for (batch, kv head) pairs g0:g1 of one pass."""
+
+    ctx: _Ctx
+    t: int  # table
+    grp: _Group
+    head: int | None  # the one query head of a per-head pass
+    gsel: tuple  # (first, stride, count) of the pass's (batch, kv head) pairs
+    hsl: slice  # the pass's query heads within a GQA group
+    rq: int  # query heads per row block
+    i0: int
+    i1: int
+    g0: int
+    g1: int
+    pieces: list | None
+
+    @property
+    def n(self) -> int:
+        return self.i1 - self.i0
+
+    @property
+    def gc(self) -> int:
+        return self.g1 - self.g0
+
+    @property
+    def gslice(self) -> slice:
+        start, stride, _ = self.gsel
+        return slice(start + self.g0 * stride, start + (self.g1 - 1) * stride + 1, stride)
+
+    @property
+    def rows(self):
+        if self.grp.contiguous:
+            r0 = int(self.grp.rows[self.i0])
+            return slice(r0, r0 + self.n)
+        return self.grp.rows_t[self.i0:self.i1]
+
+    @property
+    def strided(self) -> bool:
+        """Key blocks read through strided views of k and v (no gathers)."""
+        return self.grp.step is not None and self.pieces is None and self.gc <= STRIDED_GROUPS
+
+    def g_list(self) -> range:
+        return range(*self.gslice.indices(self.ctx.qs.shape[0]))
+
+    def rows4(self, x):
+        """This item's rows of x [G, nqb, R, bq, D]: [Gc, n, rq * bq, D], a view when the
+        rows are consecutive."""
+        x = x[self.gslice, :, self.hsl]
+        rows = self.rows
+        y = x[:, rows] if isinstance(rows, slice) else x.index_select(1, rows)
+        return y.view(self.gc, self.n, self.rq * self.ctx.cp.bq, x.shape[-1])
+
+    def kv(self, x, s0, s1, name):
+        """Key blocks kidx[:, s0:s1] of x (k or v): per g strided views [n, w, D], or one
+        gathered [Gc, n, w, D] tensor."""
+        G, nkb, bk, D = x.shape
+        grp = self.grp
+        if self.strided:
+            start = int(grp.kidx[self.i0, s0])
+            size = (self.n, (s1 - s0) * bk, D)
+            stride = (grp.step * bk * D, D, 1)
+            return [x.as_strided(size, stride, x.storage_offset() + (g * nkb + start) * bk * D)
+                    for g in self.g_list()]
+        idx = self.flat_kidx(s0, s1)
+        out = self.ctx.scratch(name, len(idx), bk * D)
+        torch.index_select(x.view(G * nkb, bk * D), 0, idx, out=out)
+        return out.view(self.gc, self.n, (s1 - s0) * bk, D)
+
+    def flat_kidx(self, s0, s1):
+        nkb = self.ctx.k.shape[1]
+        start, stride, _ = self.gsel
+        g = torch.arange(start + self.g0 * stride, start + (self.g1 - 1) * stride + 1, stride)
+        return (g.view(-1, 1, 1) * nkb + self.grp.kidx_t[self.i0:self.i1, s0:s1].unsqueeze(0)
+                ).reshape(-1)
+
+    def bias(self, s0, s1):
+        """The bias statements' sum on this item's (query, key) pairs: [n, 1, bq, w]."""
+        ctx, cp = self.ctx, self.ctx.cp
+        bp = cp.bp
+        biases = [(o, sc, hr) for o, sc, hr in bp.scores if sc.kind == "bias"]
+        if not biases:
+            return None
+        rows = self.grp.rows_t[self.i0:self.i1]
+        qi = cp.qtok[rows].view(self.n, 1, cp.bq, 1)
+        ki = cp.ktok[self.grp.kidx_t[self.i0:self.i1, s0:s1]].reshape(self.n, 1, 1, -1)
+        for owner in bp.owners():
+            _input_env(owner, ctx.inputs)
+        total = None
+        for owner, sc, hr in biases:
+            if hr is not None and not hr[0] <= self.head < hr[1]:
+                continue
+            h = (torch.tensor(self.head) if self.head is not None and owner.heads is not None
+                 else None)
+            ev = owner.evaluator(owner.context(qi, ki, h),
+                                 _Hooks(owner, {"inputs": ctx.inputs}))
+            b = torch.as_tensor(ev.eval(sc.expr)).to(ctx.cdt)
+            total = b if total is None else total + b
+        return total
+
+    def scores(self, q4, kv, s0, s1):
+        """Scores [Gc, n, rq * bq, w] with bias, softcap and the PARTIAL slots' mask; and
+        the softcap's tanh (for the backward) or None."""
+        cp, sc = self.ctx.cp, self.ctx.scratch
+        bq, bk = cp.bq, cp.bk
+        w = (s1 - s0) * bk
+        s = _mm(q4, kv, sc("s", self.gc, self.n, self.rq * bq, w), sc, transpose=True,
+                alpha=self.ctx.scale)
+        s5 = s.view(self.gc, self.n, self.rq, bq, w)
+        b = self.bias(s0, s1)
+        if b is not None:
+            s5.add_(b)
+        tanh = None
+        cap = cp.bp.softcap
+        if cap is not None:
+            tanh = s.div_(cap).tanh_()
+            s = torch.mul(tanh, cap, out=sc("sc", *s.shape))
+            s5 = s.view(self.gc, self.n, self.rq, bq, w)
+        for r, (a, e) in enumerate(self.grp.runs):
+            lo, hi = max(a, s0), min(e, s1)
+            if lo < hi:
+                m = cp.run_mask(self.grp, self.t, r, self.i0, self.i1)
+                s5[..., (lo - s0) * bk:(hi - s0) * bk].masked_fill_(
+                    m[..., (lo - a) * bk:(hi - a) * bk], float("-inf"))
+        return s, tanh
+
+    def fix_empty(self, x):
+        """Rows with no key at all (a softmax of 0 / 0): zero rows of x [Gc, n, rq * bq, *]."""
+        grp, cp = self.grp, self.ctx.cp
+        if grp.any_full:
+            return x
+        if not cp.cache_masks:
+            return x.nan_to_num_(0.0)
+        if grp.empty is not None:
+            x.view(self.gc, self.n, self.rq, cp.bq, -1).masked_fill_(
+                grp.empty[self.i0:self.i1].view(1, self.n, 1, cp.bq, 1), 0.0)
+        return x
+
+
+def _flat(x, scratch, name):
+    """[Gc, n, a, b] -> [Gc * n, a, b]: a view, or a copy in scratch."""
+    shape = (x.shape[0] * x.shape[1], x.shape[2], x.shape[3])
+    if x.is_contiguous():
+        return x.view(shape)
+    buf = scratch(name, *shape)
+    buf.view(x.shape).copy_(x)
+    return buf
+
+
+def _mm(a, kv, out, scratch, transpose=False, alpha=1.0):
+    """out = alpha a @ kv (kv^T with `transpose`) for 4-D a [Gc, n, m, d] and out
+    [Gc, n, m, w]: kv a list of Gc per-g views [n, *, *] or one [Gc, n, *, *] tensor."""
+    def mm(x, y, o):
+        if alpha == 1.0:
+            torch.bmm(x, y, out=o)
+        else:
+            torch.baddbmm(o, x, y, beta=0.0, alpha=alpha, out=o)
+
+    if isinstance(kv, list):
+        if out[0].is_contiguous():
+            for j, x in enumerate(kv):
+                mm(a[j], x.transpose(1, 2) if transpose else x, out[j])
+            return out
+    else:
+        kv = kv.view(-1, *kv.shape[2:])
+    o3 = out.view(-1, *out.shape[2:]) if out.is_contiguous() else scratch("mm", *out.shape)
+    if isinstance(kv, list):
+        o4 = o3.view(out.shape)
+        for j, x in enumerate(kv):
+            mm(a[j], x.transpose(1, 2) if transpose else x, o4[j])
+    else:
+        mm(_flat(a, scratch, "mma"), kv.transpose(1, 2) if transpose else kv,
+           o3.view(-1, *out.shape[2:]))
+    if o3.data_ptr() != out.data_ptr() or not out.is_contiguous():
+        out.copy_(o3.view(out.shape))
+    return out
+
+
+def _softmax(s, out):
+    return torch.ops.aten._softmax.out(s, -1, False, out=out)
+
+
+# ------------------------------------------------------------------ forward / backward
+
+
+def _forward(ctx: _Ctx):
+    G, nqb, R, bq, D = ctx.qs.shape
+    Dv = ctx.v.shape[-1]
+    o = torch.empty(G, nqb, R, bq, Dv, dtype=ctx.cdt)
+    for t, (start, stride, _), hsl, _ in ctx.passes():  # query blocks without keys: 0
+        if len(ctx.cp.keyless[t]):
+            o[start::stride, :, hsl].index_fill_(1, ctx.cp.keyless[t], 0.0)
+    lse = None
+    for it in ctx.items():
+        q4 = it.rows4(ctx.qs)
+        direct = isinstance(it.rows, slice)
+        dst = it.rows4(o) if direct else ctx.scratch("o", it.gc, it.n, it.rq * bq, Dv)
+        if it.pieces is None:
+            _item_forward(it, q4, dst)
+        else:
+            if lse is None:
+                lse = torch.full((G, nqb, R, bq, 1), float("-inf"), dtype=ctx.cdt)
+            out, lse_rows = _split_forward(it, q4)
+            dst.copy_(out)
+            lse[it.gslice, :, it.hsl][:, it.rows] = lse_rows.view(
+                it.gc, it.n, it.rq, bq, 1)
+        if not direct:
+            o[it.gslice, :, it.hsl][:, it.rows] = dst.view(it.gc, it.n, it.rq, bq, Dv)
+    return o, lse
+
+
+def _item_forward(it: _Item, q4, dst):
+    """The item's output, into dst [Gc, n, rq * bq, Dv]."""
+    ctx = it.ctx
+    slots = it.grp.slots
+    s, _ = it.scores(q4, it.kv(ctx.k, 0, slots, "k"), 0, slots)
+    p = _softmax(s, ctx.scratch("p", *s.shape))
+    _mm(p, it.kv(ctx.v, 0, slots, "v"), dst, ctx.scratch)
+    it.fix_empty(dst)
+
+
+def _split_forward(it: _Item, q4):
+    """Rows whose key slots come in pieces: the softmax merged across the pieces."""
+    ctx = it.ctx
+    m = acc = den = None
+    for s0, s1 in it.pieces:
+        s, _ = it.scores(q4, it.kv(ctx.k, s0, s1, "k"), s0, s1)
+        mp = s.amax(dim=-1, keepdim=True)
+        m_new = mp if m is None else torch.maximum(m, mp)
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = s.sub_(safe).exp_()
+        v = it.kv(ctx.v, s0, s1, "v")
+        pv = _mm(p, v, torch.empty(*p.shape[:3], v.shape[-1], dtype=ctx.cdt), ctx.scratch)
+        if m is None:
+            acc, den = pv, p.sum(dim=-1, keepdim=True)
+        else:
+            c = torch.exp(torch.where(torch.isinf(m), m, m - safe))
+            acc = acc.mul_(c).add_(pv)
+            den = den.mul_(c).add_(p.sum(dim=-1, keepdim=True))
+        m = m_new
+    out = acc / torch.where(den > 0, den, torch.ones_like(den))
+    lse = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))
+    return out, lse
+
+
+def _backward(ctx: _Ctx, o, lse, do):
+    """dq [G, nqb, R, bq, D] (for the unscaled q), dk, dv in block layout."""
+    G, nqb, R, bq, D = ctx.qs.shape
+    _, nkb, bk, Dv = ctx.v.shape
+    sc = ctx.scratch
+    delta = (do * o).sum(dim=-1, keepdim=True)  # [G, nqb, R, bq, 1]
+    dq = torch.zeros_like(ctx.qs)
+    dk = torch.zeros_like(ctx.k)
+    dv = torch.zeros_like(ctx.v)
+    dk_f, dv_f = dk.view(G * nkb, bk * D), dv.view(G * nkb, bk * Dv)
+    for it in ctx.items():
+        q4 = it.rows4(ctx.qs)
+        do4 = it.rows4(do)
+        dl4 = it.rows4(delta)
+        lse4 = None
+        if it.pieces is not None:
+            lse4 = it.rows4(lse)
+            lse4 = torch.where(torch.isinf(lse4), torch.zeros_like(lse4), lse4)
+        dq4 = sc("dq", *q4.shape)
+        for j, (s0, s1) in enumerate(it.pieces or [(0, it.grp.slots)]):
+            k = it.kv(ctx.k, s0, s1, "k")
+            v = it.kv(ctx.v, s0, s1, "v")
+            s, tanh = it.scores(q4, k, s0, s1)
+            if lse4 is None:
+                p = it.fix_empty(_softmax(s, sc("p", *s.shape)))
+            else:
+                p = s.sub_(lse4).exp_()
+            idx = it.flat_kidx(s0, s1)
+            p3 = p.view(-1, *p.shape[2:])
+            dv_part = torch.bmm(p3.transpose(1, 2), _flat(do4, sc, "do"),
+                                out=sc("dv", p3.shape[0], p3.shape[2], Dv))
+            dv_f.index_add_(0, idx, dv_part.view(-1, bk * Dv))
+            ds = _mm(do4, v, sc("dp", *p.shape), sc, transpose=True).sub_(dl4).mul_(p)
+            if tanh is not None:
+                ds.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+            ds3 = ds.view(-1, *ds.shape[2:])
+            dk_part = torch.bmm(ds3.transpose(1, 2), _flat(q4, sc, "q"),
+                                out=sc("dk", p3.shape[0], p3.shape[2], D))
+            dk_f.index_add_(0, idx, dk_part.view(-1, bk * D))
+            if j == 0:
+                _mm(ds, k, dq4, sc)
+            else:
+                dq4.add_(_mm(ds, k, sc("dq2", *q4.shape), sc))
+        dq[it.gslice, :, it.hsl][:, it.rows] = dq4.view(it.gc, it.n, it.rq, bq, D)
+    dq.mul_(ctx.scale)
+    dk.mul_(ctx.scale)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    """q, k, v [B, H, N, D] -> out [B, H, Nq, Dv] in the compute dtype."""
+
+    @staticmethod
+    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, inputs):
+        B, H, _, _ = q.shape
+        HKV = k.shape[1]
+        plan = cp.plan
+        qs = _to_blocks(q, cp.qtok, plan.qorder.identity, HKV, cdt)
+        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
+        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
+        # one pass per query head: per-head tables, or a bias that may read h
+        head_mode = len(plan.tables) > 1 or any(
+            hr is not None or owner.heads is not None
+            for owner, sc, hr in cp.bp.scores if sc.kind == "bias")
+        ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, inputs, head_mode,
+                   _Scratch(cdt))
+        o, lse = _forward(ctx)
+        fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
+        fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
+        return _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(fctx, dout):
+        fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
+        ctx, o, lse, dtype, qshape, kshape = fctx.state
+        cp = ctx.cp
+        plan = cp.plan
+        B, _, Nq, _ = qshape
+        do = _to_blocks(dout, cp.qtok, plan.qorder.identity, ctx.HKV, ctx.cdt)
+        if not bool(cp.qvalid.all()):
+            do.mul_(cp.qvalid.view(1, plan.nqb, 1, cp.bq, 1).to(ctx.cdt))
+        dq, dk, dv = _backward(ctx, o, lse, do)
+        dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
+        dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+        dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+        return dq, dk, dv, None, None, None, None

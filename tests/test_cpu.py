@@ -1,0 +1,321 @@
+"""backend="cpu" (codegen/cpu.py) against the reference backend run in float64: outputs and
+all three gradients for every standard pattern it runs, odd lengths, empty rows, GQA, head
+dim 48, every float dtype, per-head rules with bias, softcap and scale, long rows cut into
+key pieces, uncached masks, hypothesis-generated patterns, and backend="auto" on CPU."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attndsl
+from attndsl.codegen import cpu
+from attndsl.errors import AttnError, InputError, UnsupportedError
+
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _inputs(op, batch, gen):
+    out = {}
+    for name, (_kind, dims, _opt) in op.inputs.items():
+        if name == "doc":
+            out[name] = torch.sort(torch.randint(0, 3, (dims[0],), generator=gen)).values
+        elif name == "prefix":
+            out[name] = 9
+        elif name == "router":
+            out[name] = torch.randn(batch, dims[1], dims[2], generator=gen)
+    return out
+
+
+def _qkv(op, heads, kv_heads, dim, batch, dtype, gen):
+    bp = op.bound
+    if bp.channel:
+        n = 5
+        shapes = [(batch, heads, n, bp.nq), (batch, kv_heads, n, bp.nk),
+                  (batch, kv_heads, n, bp.nk)]
+    else:
+        shapes = [(batch, heads, bp.nq, dim), (batch, kv_heads, bp.nk, dim),
+                  (batch, kv_heads, bp.nk, dim)]
+    return [torch.randn(*s, generator=gen).to(dtype).requires_grad_() for s in shapes]
+
+
+def compare(op, *, heads=2, kv_heads=None, dim=24, batch=1, dtype=torch.float32, block=16,
+            inputs=None, seed=0, scale=None):
+    """Output and dq, dk, dv of backend='cpu' vs the float64 reference, within TOL[dtype]
+    (relative to the largest reference magnitude, at least 1)."""
+    if block is not None:
+        op.options(block_q=block, block_k=block)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _qkv(op, heads, kv_heads or heads, dim, batch, dtype, gen)
+    if inputs is None:
+        inputs = _inputs(op, batch, gen)
+    out = op(q, k, v, backend="cpu", scale=scale, **inputs)
+    assert out.dtype == dtype and out.shape[:3] == q.shape[:3]
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = op(qr, kr, vr, backend="reference", scale=scale, **inputs)
+    g = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    rgrads = torch.autograd.grad(ref, (qr, kr, vr), g.double())
+    tol = TOL[dtype] * (1 if dtype in (torch.float32, torch.float64) else 4)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *rgrads)):
+        a = a.double()
+        assert torch.isfinite(a).all(), name
+        err = (a - b).abs().max().item() if a.numel() else 0.0
+        mag = max(1.0, b.abs().max().item() if b.numel() else 0.0)
+        assert err <= tol * mag, f"{name}: max error {err:.3g} (tolerance {tol * mag:.3g})"
+    return out
+
+
+STD = [
+    ("sliding.attn", "sliding_window", dict(N=100, window=20)),
+    ("sliding.attn", "sliding_window", dict(N=77, window=9, causal=False)),
+    ("sliding.attn", "dilated_window", dict(N=90, window=5, dilation=3)),
+    ("power.attn", "power_attention", dict(N=130, block=16, window=2, sink=1)),
+    ("power.attn", "block_sliding", dict(N=150, block=16, window=3, sink=1)),
+    ("power.attn", "block_dilated", dict(N=150, block=16, span=6)),
+    ("power.attn", "longnet", dict(N=150, block=8)),
+    ("power.attn", "power_strides", dict(N=100, window=4)),
+    ("sparse_transformer.attn", "strided", dict(N=100, stride=10)),
+    ("sparse_transformer.attn", "fixed", dict(N=100, stride=10, c=2)),
+    ("neighborhood.attn", "na1d", dict(N=77, kernel=7, dilation=2)),
+    ("neighborhood.attn", "na1d", dict(N=61, kernel=9, stride=3, causal=True)),
+    ("neighborhood.attn", "na2d", dict(H=12, W=10, kernel=5)),
+    ("neighborhood.attn", "na2d", dict(H=13, W=11, kernel=3, dilation=(2, 3))),
+    ("neighborhood.attn", "na2d", dict(H=12, W=12, kernel=5, stride=2, causal=(True, False))),
+    ("neighborhood.attn", "na3d", dict(T=4, H=6, W=5, kernel=3)),
+    ("neighborhood.attn", "na3d", dict(T=5, H=4, W=6, kernel=(2, 3, 3), causal=(True, False,
+                                                                                False))),
+    ("davit.attn", "window2d", dict(H=14, W=13, window=7)),
+    ("halo.attn", "halo2d", dict(H=16, W=12, block=4, halo=2)),
+    ("document.attn", "document_causal", dict(N=70)),
+    ("document.attn", "prefix_lm", dict(N=70)),
+    ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
+    ("davit.attn", "channel_group", dict(C=64, groups=2)),
+]
+# summary tokens, or rules that read q and k: refused by backend="cpu", run by "auto"
+REFUSED = [
+    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
+    ("combiner.attn", "combiner_logsparse", dict(N=50)),
+    ("combiner.attn", "combiner_axial", dict(H=7, W=9)),
+    ("combiner.attn", "combiner_mixture", dict(N=40, span=6)),
+    ("transnext.attn", "aggregated", dict(H=9, W=11, kernel=3, pool=4)),
+]
+
+
+@pytest.mark.parametrize("file,pattern,params", STD,
+                         ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(STD)])
+def test_standard_patterns(file, pattern, params):
+    op = attndsl.compile(f"patterns/{file}", pattern, **params)
+    compare(op, heads=op.heads or 2)
+
+
+@pytest.mark.parametrize("file,pattern,params", REFUSED,
+                         ids=[p for _, p, _ in REFUSED])
+def test_summaries_and_content_rules_are_refused_and_auto_falls_back(file, pattern, params):
+    op = attndsl.compile(f"patterns/{file}", pattern, **params)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (t.detach() for t in _qkv(op, 2, 2, 16, 1, torch.float64, gen))
+    with pytest.raises(UnsupportedError, match="backend 'cpu' does not run"):
+        op(q, k, v, backend="cpu")
+    assert torch.equal(op(q, k, v), op(q, k, v, backend="reference"))
+
+
+def test_every_standard_pattern_is_covered():
+    names = set()
+    for f in glob.glob("patterns/*.attn"):
+        if os.path.basename(f) != "prelude.attn":
+            names |= {p.name for p in attndsl.load(f).patterns()}
+    assert names == {p for _, p, _ in STD + REFUSED}
+
+
+def test_gqa_head_dim_48_and_batches():
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=70, window=11)
+    compare(op, heads=4, kv_heads=2, dim=48)
+    compare(op, heads=6, kv_heads=1, dim=40, batch=2)
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=9, W=7, kernel=3)
+    compare(op, heads=4, kv_heads=2, dim=48, batch=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes(dtype):
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=9, W=10, kernel=3)
+    compare(op, dtype=dtype)
+
+
+def test_lengths_not_multiple_of_block_and_block_sizes():
+    for n, block in ((33, 16), (47, 32), (16, 16), (1, 16), (150, 64), (150, None)):
+        op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=n, window=5)
+        compare(op, block=block)
+    op = attndsl.compile("patterns/power.attn", "power_attention", N=100, block=8)
+    compare(op.options(block_q=32, block_k=16), block=None)
+    assert cpu.cpu_plan(op, {}).plan.block_q == 32
+
+
+def test_empty_rows_give_zero_and_finite_gradients():
+    op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and q % 3 != 0 }",
+                         N=40)
+    out = compare(op)
+    assert (out[..., ::3, :] == 0).all()
+
+
+def test_nothing_attended():
+    op = attndsl.compile("pattern none(N: int) { space seq(N) attend false }", N=20)
+    out = compare(op)
+    assert (out == 0).all()
+
+
+def test_per_head_rules_bias_softcap_and_scale():
+    src = """
+    pattern mixed(N: int) {
+        space seq(N)
+        heads 4
+        on heads 0..2 { attend k <= q and q - k < 8 }
+        on heads 2..4 { attend abs(q - k) < 3 or k < 4 }
+        bias -0.25 * float(abs(q - k)) + 0.5 * float(h)
+        softcap 5.0
+        scale 0.3
+    }"""
+    op = attndsl.compile(src, N=50)
+    compare(op, heads=4)
+    compare(op, heads=4, kv_heads=2, batch=2)
+    assert len(cpu.cpu_plan(op, {}).plan.tables) == 4
+
+
+def test_bias_on_some_heads_with_one_table_and_gqa():
+    src = """
+    pattern b(N: int) {
+        space seq(N)
+        heads 4
+        attend k <= q and q - k < 20
+        on heads 1..3 { bias 0.1 * float(q - k) }
+        bias float(h) * 0.2 - 0.01 * float(k)
+        softcap 3.0
+    }"""
+    op = attndsl.compile(src, N=45)
+    compare(op, heads=4, kv_heads=2, scale=0.5)
+
+
+def test_average_of_patterns_runs_each_part():
+    src = """from "sliding.attn" import sliding_window, dilated_window
+    pattern avg(N: int) {
+        average sliding_window(N, 5), dilated_window(N, 3, 2)
+    }"""
+    compare(attndsl.compile(src, N=50))
+
+
+def test_runtime_inputs_change_the_plan():
+    op = attndsl.compile("patterns/document.attn", "document_causal", N=48)
+    a = torch.tensor([0] * 16 + [1] * 32)
+    b = torch.tensor([0] * 40 + [1] * 8)
+    compare(op, inputs={"doc": a})
+    compare(op, inputs={"doc": b})
+    pa, pb = cpu.cpu_plan(op, {"doc": a}), cpu.cpu_plan(op, {"doc": b})
+    assert pa is not pb and pa is cpu.cpu_plan(op, {"doc": a.clone()})
+
+
+def test_moh_gates_zero_heads():
+    op = attndsl.compile("patterns/moh.attn", "moh", N=48, heads=4, shared=1, topk=1)
+    router = torch.randn(2, 48, 3)
+    router[:, :32, 2] = -50.0
+    router[1, :, 0] = 50.0
+    out = compare(op, heads=4, batch=2, inputs={"router": router})
+    assert (out[:, 3, :32] == 0).all() and (out[1, 2:] == 0).all()
+
+
+def test_long_rows_in_key_pieces_and_small_items(monkeypatch):
+    """Items far below a row's size: rows split into key pieces merged by log-sum-exp,
+    (batch, head) pairs split across items, one row per item."""
+    for budget, strided in ((16 * 16 * 3, 16), (16 * 16 * 40, 16), (4096, 16), (4096, 1)):
+        monkeypatch.setattr(cpu, "BUDGET", budget)
+        monkeypatch.setattr(cpu, "STRIDED_GROUPS", strided)
+        op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=100, window=40)
+        compare(op, heads=4, kv_heads=2, dim=16, batch=3)
+        op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and "
+                             "q % 3 != 0 and (q - k) % 5 != 1 }", N=60)
+        compare(op)
+
+
+def test_masks_evaluated_per_call_when_too_many(monkeypatch):
+    monkeypatch.setattr(cpu, "MASK_CACHE", 0)
+    op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and q % 3 != 0 }",
+                         N=40)
+    out = compare(op)
+    assert (out[..., ::3, :] == 0).all()
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=10, W=9, kernel=3)
+    compare(op, heads=4, kv_heads=2)
+
+
+def test_realistic_size_default_blocks_strided_windows():
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=1100, window=200)
+    compare(op, heads=2, dim=32, block=None)
+    groups = cpu.cpu_plan(op, {}).groups[0]
+    assert any(g.step == 1 and len(g.rows) > 1 for g in groups)  # read through views
+
+
+def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=8, W=9, kernel=3)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 72, 16, generator=gen) for _ in range(3))
+    assert torch.equal(op(q, k, v), op(q, k, v, backend="cpu"))
+    calls = []
+    real = cpu.attention
+    monkeypatch.setattr(cpu, "attention", lambda *a: calls.append(1) or real(*a))
+    op(q, k, v)
+    assert calls == [1]
+
+
+def test_errors_are_attn_errors():
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=20, window=3)
+    x = torch.randn(1, 1, 21, 8)
+    with pytest.raises(InputError, match="q has 21 tokens"):
+        op(x, x, x, backend="cpu")
+    with pytest.raises(InputError, match="torch.Tensor"):
+        op([1.0], x, x, backend="cpu")
+    with pytest.raises(AttnError, match="unknown backend 'cpus'"):
+        op(x, x, x, backend="cpus")
+
+
+def test_no_grad_and_inference_mode():
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=40, window=6)
+    q = torch.randn(1, 2, 40, 16)
+    want = op(q, q, q, backend="reference")
+    with torch.no_grad():
+        assert torch.allclose(op(q, q, q, backend="cpu"), want, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.allclose(op(q, q, q, backend="cpu"), want, atol=1e-5)
+
+
+_TERMS = [
+    "abs(q - k) < {a}", "k <= q", "(q - k) % {b} == 0", "k < {a}", "q // {b} == k // {b}",
+    "(q ^ k) < {a}", "is_pow2(q - k)", "q - k >= {a}", "k % {b} == {c}",
+]
+
+
+@st.composite
+def random_patterns(draw):
+    n_terms = draw(st.integers(1, 3))
+    parts = []
+    for _ in range(n_terms):
+        t = draw(st.sampled_from(_TERMS))
+        b = draw(st.integers(1, 7))
+        parts.append("(" + t.format(a=draw(st.integers(0, 30)), b=b,
+                                    c=draw(st.integers(0, b - 1))) + ")")
+    ops = [draw(st.sampled_from([" and ", " or "])) for _ in parts[1:]]
+    expr = parts[0] + "".join(o + p for o, p in zip(ops, parts[1:]))
+    if draw(st.booleans()):
+        expr = f"not ({expr})"
+    return expr, draw(st.integers(1, 90))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_patterns(), st.sampled_from([16, 32]), st.integers(8, 40), st.integers(1, 2))
+def test_hypothesis_random_patterns(pat, block, dim, kv_heads):
+    expr, n = pat
+    op = attndsl.compile(f"pattern r(N: int) {{ space seq(N) attend {expr} }}", N=n)
+    compare(op, block=block, dim=dim, heads=2, kv_heads=kv_heads)
