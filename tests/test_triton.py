@@ -346,3 +346,9 @@ def kernel(A, B, Q, R, N: tl.constexpr):
     mod.kernel[(1,)](a, b, q, r, N=256)
     assert q.tolist() == [x // y for x, y in zip(a.tolist(), b.tolist())]
     assert r.tolist() == [x % y for x, y in zip(a.tolist(), b.tolist())]
+
+
+@pytest.mark.parametrize("dim", [16, 256])
+def test_head_dim_extremes(dim):
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=20, window=5)
+    compare(op, heads=1, dim=dim)
