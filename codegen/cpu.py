@@ -14,6 +14,11 @@ The backward (a custom autograd.Function that keeps only q, k, v, the output and
 rows' log-sum-exps) recomputes each item's probabilities: dV = P^T dO, dS = P (dO V^T -
 rowsum(dO O)) (times 1 - tanh^2 under a softcap), dQ = dS K scale, dK = dS^T Q scale, the key
 gradients scattered into their key blocks.
+
+Patterns whose masks read q and k (DHSA's chunk_topk) evaluate their PARTIAL blocks' masks
+per call, per (batch, head), from the plan's static superset of blocks. Summary tokens run
+densely over their few rows (reference.summary_masks, _summarise) and merge with the direct
+keys' output through its log-sum-exp, which the backward differentiates too (delta - dlse).
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ import torch
 
 from attndsl.bind import CHUNK_ELEMS, BoundPattern, _Hooks
 from attndsl.errors import InputError, UnsupportedError
-from attndsl.reference import _input_env, check_inputs, check_tensors, route_gates
+from attndsl.reference import (
+    _input_env,
+    _summarise,
+    check_inputs,
+    check_tensors,
+    route_gates,
+    summary_masks,
+)
 
 from .plan import Plan, build_plan
 
@@ -69,7 +81,14 @@ def attention(op, q, k, v, inputs: dict, scale: float | None) -> torch.Tensor:
     mask_inputs = {n: x for n, x in checked.items()
                    if not (bp.route is not None and n == bp.route[0])}
     cp = cpu_plan(op, mask_inputs)
-    out = _Attention.apply(q, k, v, cp, float(scale), cdt, mask_inputs)
+    content = None
+    if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: evaluated per call
+        content = (q.detach(), k.detach().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+        bp.cache.clear()  # chunk_topk caches by tensor id: no stale entry may match
+    out, lse = _Attention.apply(q, k, v, cp, float(scale), cdt, mask_inputs, content,
+                                bool(bp.summaries))
+    if bp.summaries:
+        out = _with_summaries(bp, checked, q, k, v, out, lse, float(scale), cdt)
     if bp.route is not None:
         out = out * route_gates(bp, checked[bp.route[0]], q.shape[1]).to(cdt).unsqueeze(-1)
     if bp.channel:
@@ -78,19 +97,9 @@ def attention(op, q, k, v, inputs: dict, scale: float | None) -> torch.Tensor:
 
 
 def lowerable(bp: BoundPattern) -> None:
-    """What the compiled kernels refuse, and what this backend does not run: summary tokens
-    and rules that depend on q and k (the reference backend runs both)."""
+    """What the compiled kernels refuse, and per-head rules without a head count."""
     from attndsl.api import _lowerable
     _lowerable(bp)
-    if bp.summaries:
-        s = bp.summaries[0].summary
-        raise UnsupportedError(f"backend 'cpu' does not run summary tokens (summary "
-                               f"'{s.name}' of pattern '{bp.name}'); use backend='reference' "
-                               "or 'triton'", s.span)
-    if bp.content_dependent:
-        raise UnsupportedError(f"backend 'cpu' does not run patterns that depend on q and k "
-                               f"(pattern '{bp.name}'); use backend='reference' or 'triton'",
-                               bp.checked.span)
     if bp.head_dependent and bp.heads is None:
         raise UnsupportedError("per-head rules need a 'heads N' declaration", bp.checked.span)
 
@@ -99,8 +108,42 @@ def supported(bp: BoundPattern) -> bool:
     """Whether backend='cpu' runs this pattern (what backend='auto' asks)."""
     if bp.average:
         return all(supported(sub) for sub in bp.average)
-    return not bp.summaries and not bp.content_dependent and not (
-        bp.head_dependent and bp.heads is None)
+    return not (bp.head_dependent and bp.heads is None)
+
+
+def _with_summaries(bp, inputs, q, k, v, out, lse, scale, cdt):
+    """The summary tokens, dense over their few rows, merged with the direct keys' output
+    `out` [B, H, Nq, Dv] through its log-sum-exp `lse` [B, H, Nq] (-inf: no direct key)
+    into one softmax. Their logits get the softcap, not the bias (as the reference)."""
+    B, H, Nq, _ = q.shape
+    rep = H // k.shape[1]
+    qc = q.to(cdt)
+    kc = k.to(cdt).repeat_interleave(rep, dim=1)
+    vc = v.to(cdt).repeat_interleave(rep, dim=1)
+    logits, masks, values = [], [], []
+    for bs in bp.summaries:
+        member, att = summary_masks(bp, bs, inputs, q.device, bp.heads)
+        if member.shape[0] == 0:
+            continue
+        ks, vs = _summarise(bs.summary, member, qc, kc, vc, scale)
+        sl = (qc @ ks.transpose(-1, -2)) * scale
+        if bp.softcap is not None:
+            sl = bp.softcap * torch.tanh(sl / bp.softcap)
+        logits.append(sl)
+        masks.append(att.expand(B, H, Nq, member.shape[0]))
+        values.append(vs)
+    if not logits:
+        return out
+    sl, att, vs = torch.cat(logits, -1), torch.cat(masks, -1), torch.cat(values, -2)
+    lse = lse.unsqueeze(-1)
+    neg = torch.tensor(float("-inf"), dtype=cdt)
+    m = torch.maximum(lse, torch.where(att, sl, neg).amax(dim=-1, keepdim=True)).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wd = torch.exp(lse - m)  # 0 where no direct key (no gradient either)
+    ps = torch.exp(torch.where(att, sl - m, neg))
+    num = wd * out + ps @ vs
+    den = wd + ps.sum(dim=-1, keepdim=True)
+    return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
 # ------------------------------------------------------------------ plans
@@ -182,6 +225,28 @@ class CpuPlan:
             out[a - i0:b - i0, 0] = ~val
         return out
 
+    def content_mask(self, grp, t, run, i0, i1, content, hkv: int, gsl: slice, hsl: slice):
+        """~mask of a content-dependent pattern (it reads q and k): rows i0:i1 of a group over
+        one run of its slots, for (batch, kv head) pairs gsl and query heads hsl of each GQA
+        group: [Gc, n, rq, bq, w]."""
+        bp = self.bp
+        s0, s1 = grp.runs[run]
+        for owner in bp.owners():
+            _input_env(owner, self.inputs)
+        hooks = _Hooks(bp, {"inputs": self.inputs, "content": content})
+        h = torch.tensor(t) if len(self.plan.tables) > 1 else None
+        n = i1 - i0
+        rows = grp.rows_t[i0:i1]
+        kb = grp.kidx_t[i0:i1, s0:s1]
+        qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
+        ki = self.ktok[kb].reshape(n, 1, -1)  # [n, 1, w]
+        val = torch.as_tensor(bp.predicate(bp.context(qi, ki, h), hooks))
+        B, H = content[0].shape[:2]
+        val = val.expand(B, H, n, self.bq, ki.shape[-1])
+        val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(n, 1, -1)
+        val = val.reshape(B * hkv, H // hkv, *val.shape[2:])[gsl, hsl]
+        return ~val.transpose(1, 2)
+
 
 def cpu_plan(op, inputs: dict) -> CpuPlan:
     """The plan for these mask inputs, built once and cached on the Op."""
@@ -227,7 +292,8 @@ def _derive(bp: BoundPattern, plan: Plan, inputs: dict) -> CpuPlan:
                for t in plan.tables]
     cp = CpuPlan(bp, plan, inputs, groups, qtok, ktok, qvalid, kvalid, qinv, kinv, keyless)
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
-    cp.cache_masks = total * plan.block_q * plan.block_k <= MASK_CACHE
+    cp.cache_masks = (not bp.content_dependent
+                      and total * plan.block_q * plan.block_k <= MASK_CACHE)
     for t, gs in enumerate(groups):
         for g in gs:
             if not cp.cache_masks:
@@ -348,6 +414,8 @@ class _Ctx:
     inputs: dict
     head_mode: bool
     scratch: _Scratch = None
+    content: tuple | None = None  # (q, k repeated to q's heads) of content-dependent masks
+    need_lse: bool = False  # every row's log-sum-exp (summary tokens merge through it)
 
     def passes(self) -> list:
         """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
@@ -522,7 +590,12 @@ class _Item:
         for r, (a, e) in enumerate(self.grp.runs):
             lo, hi = max(a, s0), min(e, s1)
             if lo < hi:
-                m = cp.run_mask(self.grp, self.t, r, self.i0, self.i1)
+                if self.ctx.content is None:
+                    m = cp.run_mask(self.grp, self.t, r, self.i0, self.i1)
+                else:
+                    m = cp.content_mask(self.grp, self.t, r, self.i0, self.i1,
+                                        self.ctx.content, self.ctx.HKV, self.gslice,
+                                        self.hsl)
                 s5[..., (lo - s0) * bk:(hi - s0) * bk].masked_fill_(
                     m[..., (lo - a) * bk:(hi - a) * bk], float("-inf"))
         return s, tanh
@@ -594,12 +667,17 @@ def _forward(ctx: _Ctx):
         if len(ctx.cp.keyless[t]):
             o[start::stride, :, hsl].index_fill_(1, ctx.cp.keyless[t], 0.0)
     lse = None
+    if ctx.need_lse:
+        lse = torch.full((G, nqb, R, bq, 1), float("-inf"), dtype=ctx.cdt)
     for it in ctx.items():
         q4 = it.rows4(ctx.qs)
         direct = isinstance(it.rows, slice)
         dst = it.rows4(o) if direct else ctx.scratch("o", it.gc, it.n, it.rq * bq, Dv)
         if it.pieces is None:
-            _item_forward(it, q4, dst)
+            lse_rows = _item_forward(it, q4, dst)
+            if lse is not None:
+                lse[it.gslice, :, it.hsl][:, it.rows] = lse_rows.view(
+                    it.gc, it.n, it.rq, bq, 1)
         else:
             if lse is None:
                 lse = torch.full((G, nqb, R, bq, 1), float("-inf"), dtype=ctx.cdt)
@@ -613,13 +691,16 @@ def _forward(ctx: _Ctx):
 
 
 def _item_forward(it: _Item, q4, dst):
-    """The item's output, into dst [Gc, n, rq * bq, Dv]."""
+    """The item's output, into dst [Gc, n, rq * bq, Dv]; its rows' log-sum-exps
+    [Gc, n, rq * bq, 1] (-inf: no key) when the call needs them, else None."""
     ctx = it.ctx
     slots = it.grp.slots
     s, _ = it.scores(q4, it.kv(ctx.k, 0, slots, "k"), 0, slots)
     p = _softmax(s, ctx.scratch("p", *s.shape))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True) if ctx.need_lse else None
     _mm(p, it.kv(ctx.v, 0, slots, "v"), dst, ctx.scratch)
     it.fix_empty(dst)
+    return lse
 
 
 def _split_forward(it: _Item, q4):
@@ -646,12 +727,15 @@ def _split_forward(it: _Item, q4):
     return out, lse
 
 
-def _backward(ctx: _Ctx, o, lse, do):
-    """dq [G, nqb, R, bq, D] (for the unscaled q), dk, dv in block layout."""
+def _backward(ctx: _Ctx, o, lse, do, dlse=None):
+    """dq [G, nqb, R, bq, D] (for the unscaled q), dk, dv in block layout; dlse: the
+    gradient of the rows' log-sum-exps [G, nqb, R, bq, 1] or None (it adds p dlse to dS)."""
     G, nqb, R, bq, D = ctx.qs.shape
     _, nkb, bk, Dv = ctx.v.shape
     sc = ctx.scratch
     delta = (do * o).sum(dim=-1, keepdim=True)  # [G, nqb, R, bq, 1]
+    if dlse is not None:
+        delta.sub_(torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse))
     dq = torch.zeros_like(ctx.qs)
     dk = torch.zeros_like(ctx.k)
     dv = torch.zeros_like(ctx.v)
@@ -699,7 +783,7 @@ class _Attention(torch.autograd.Function):
     """q, k, v [B, H, N, D] -> out [B, H, Nq, Dv] in the compute dtype."""
 
     @staticmethod
-    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, inputs):
+    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, inputs, content, need_lse):
         B, H, _, _ = q.shape
         HKV = k.shape[1]
         plan = cp.plan
@@ -711,25 +795,42 @@ class _Attention(torch.autograd.Function):
             hr is not None or owner.heads is not None
             for owner, sc, hr in cp.bp.scores if sc.kind == "bias")
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, inputs, head_mode,
-                   _Scratch(cdt))
+                   _Scratch(cdt), content, need_lse)
         o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
         fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
-        return _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
+        out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
+        if need_lse:
+            lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
+        else:
+            lse_out = torch.empty(0, dtype=cdt)
+            fctx.mark_non_differentiable(lse_out)
+        return out, lse_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(fctx, dout):
+    def backward(fctx, dout, dlse):
         fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
         ctx, o, lse, dtype, qshape, kshape = fctx.state
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
+        if ctx.content is not None:
+            cp.bp.cache.clear()
         do = _to_blocks(dout, cp.qtok, plan.qorder.identity, ctx.HKV, ctx.cdt)
+        dl = None
+        if ctx.need_lse and dlse is not None and dlse.numel():
+            dl = _to_blocks(dlse.unsqueeze(-1), cp.qtok, plan.qorder.identity, ctx.HKV,
+                            ctx.cdt)
+            if dl.data_ptr() == dlse.data_ptr():
+                dl = dl.clone()
         if not bool(cp.qvalid.all()):
-            do.mul_(cp.qvalid.view(1, plan.nqb, 1, cp.bq, 1).to(ctx.cdt))
-        dq, dk, dv = _backward(ctx, o, lse, do)
+            valid = cp.qvalid.view(1, plan.nqb, 1, cp.bq, 1).to(ctx.cdt)
+            do.mul_(valid)
+            if dl is not None:
+                dl.mul_(valid)
+        dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
         dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
         dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

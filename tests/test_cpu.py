@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import attndsl
 from attndsl.codegen import cpu
-from attndsl.errors import AttnError, InputError, UnsupportedError
+from attndsl.errors import AttnError, InputError
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -96,9 +96,7 @@ STD = [
     ("document.attn", "prefix_lm", dict(N=70)),
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
-]
-# summary tokens, or rules that read q and k: refused by backend="cpu", run by "auto"
-REFUSED = [
+    # summary tokens (merged with the direct keys through log-sum-exps), rules reading q, k
     ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
     ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
     ("combiner.attn", "combiner_logsparse", dict(N=50)),
@@ -115,15 +113,65 @@ def test_standard_patterns(file, pattern, params):
     compare(op, heads=op.heads or 2)
 
 
-@pytest.mark.parametrize("file,pattern,params", REFUSED,
-                         ids=[p for _, p, _ in REFUSED])
-def test_summaries_and_content_rules_are_refused_and_auto_falls_back(file, pattern, params):
+@pytest.mark.parametrize("file,pattern,params", STD[-6:], ids=[p for _, p, _ in STD[-6:]])
+def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern, params,
+                                                                   monkeypatch):
     op = attndsl.compile(f"patterns/{file}", pattern, **params)
-    gen = torch.Generator().manual_seed(0)
-    q, k, v = (t.detach() for t in _qkv(op, 2, 2, 16, 1, torch.float64, gen))
-    with pytest.raises(UnsupportedError, match="backend 'cpu' does not run"):
-        op(q, k, v, backend="cpu")
-    assert torch.equal(op(q, k, v), op(q, k, v, backend="reference"))
+    compare(op, dtype=torch.float64, heads=4, kv_heads=2)
+    assert cpu.supported(op.bound)
+    calls = []
+    real = cpu.attention
+    monkeypatch.setattr(cpu, "attention", lambda *a: calls.append(1) or real(*a))
+    q = torch.randn(1, 2, op.bound.nq, 8)
+    op(q, q, q)
+    assert calls  # (an average calls it once more per part)
+
+
+def test_dhsa_boundaries_gqa_and_batches():
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=12, topk=2)
+    bounds = torch.tensor([0, 5, 30, 31, 60])
+    compare(op, dtype=torch.float64, heads=4, kv_heads=2, inputs={"boundaries": bounds})
+    compare(op, heads=4, kv_heads=2, inputs={"boundaries": bounds})
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=100, block=16, chunk=12, topk=2)
+    compare(op, dtype=torch.float64, batch=2, seed=3)
+    compare(op, batch=2, heads=4, kv_heads=1, block=32, seed=4)
+
+
+def test_dhsa_masks_follow_q_and_k_per_call():
+    """The same op on fresh q, k each call: no mask is reused from an earlier call."""
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=8, chunk=8, topk=1)
+    for seed in range(4):
+        compare(op, dtype=torch.float64, seed=seed)
+
+
+ONLY_SUMMARIES = """
+pattern only_summaries(N: int) {
+    space seq(N)
+    attend k == q and q % 4 == 0
+    summary r(i: cdiv(N, 8)) {
+        member k // 8 == r.i
+        keys mean
+        values mean
+        attend r.i < q // 8
+    }
+}"""
+
+
+def test_rows_with_only_summary_tokens_or_nothing():
+    op = attndsl.compile(ONLY_SUMMARIES, N=45)
+    out = compare(op, dtype=torch.float64)
+    assert (out[..., :8, :][..., torch.arange(8) % 4 != 0, :] == 0).all()
+    compare(op, heads=4, kv_heads=2, batch=2)
+
+
+def test_summaries_with_softcap_bias_and_key_pieces(monkeypatch):
+    src = ONLY_SUMMARIES.replace("attend k == q and q % 4 == 0",
+                                 "attend k <= q and q - k < 30\n bias -0.1 * float(q - k)\n"
+                                 " softcap 4.0")
+    op = attndsl.compile(src, N=70)
+    compare(op, dtype=torch.float64)
+    monkeypatch.setattr(cpu, "BUDGET", 16 * 16)
+    compare(op, dtype=torch.float64, heads=4, kv_heads=2)
 
 
 def test_every_standard_pattern_is_covered():
@@ -131,7 +179,7 @@ def test_every_standard_pattern_is_covered():
     for f in glob.glob("patterns/*.attn"):
         if os.path.basename(f) != "prelude.attn":
             names |= {p.name for p in attndsl.load(f).patterns()}
-    assert names == {p for _, p, _ in STD + REFUSED}
+    assert names == {p for _, p, _ in STD}
 
 
 def test_gqa_head_dim_48_and_batches():
