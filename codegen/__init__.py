@@ -1,4 +1,6 @@
-"""Kernel generation from the typed IR (Triton, CPU block-sparse): planned in issues 4 and 5.
+"""Kernel generation from the typed IR (shipped as attndsl.codegen).
 
-Nothing here is used yet; the reference backend in attndsl/reference.py is the only backend.
+plan.py (token orders, exact block tables) feeds two backends: the generated Triton kernels
+(emit.py, triton_gen.py, runtime.py; export.py writes them as modules, flex.py exports a
+FlexAttention mask_mod) and the CPU backend (cpu.py). See docs/kernels.md.
 """

@@ -119,7 +119,8 @@ def main() -> int:
         s = op.stats(**inputs)  # generates, caches and imports the Triton kernels
         flex_computed = sum(build_plan(b, 64, 64, inputs=inputs, order="row-major").stats()[
             "computed_elements"] for b in (op.bound.average or [op.bound]))
-        vs = ("-" if s["content_dependent"]
+        # Flex cannot express summary tokens or content-dependent selection: no ratio there
+        vs = ("-" if s["content_dependent"] or s.get("summary_tokens")
               else f"{s['computed_elements'] / flex_computed:.2f}x")
         waste = "at run time" if s["content_dependent"] else f"{s['waste']:.2f}"
         print(f"{name:<20} {s['order_q'][:34]:<34} {s['full_blocks']:>7,} "
