@@ -70,6 +70,7 @@ class Op:
         self.bound = bound
         self.block_q: int | None = None
         self.block_k: int | None = None
+        self._plans: dict = {}
         self._kernels: dict = {}
 
     # -- description
@@ -182,27 +183,43 @@ class Op:
             if b is not None and (not isinstance(b, int) or b < 16 or b & (b - 1)):
                 raise ParameterError(f"{name} must be a power of two >= 16, not {b!r}")
         self.block_q, self.block_k = block_q, block_k
+        self._plans.clear()
         self._kernels.clear()
         return self
 
+    def plan_key(self, inputs: dict) -> tuple:
+        """(block_q, block_k, inputs' fingerprint): what a plan depends on. The router of
+        `route` gates outputs, not the mask, so it is left out."""
+        from .codegen.plan import default_blocks
+        bp = self.bound
+        checked = check_inputs(bp, inputs, for_mask=True)
+        if bp.route is not None:
+            checked.pop(bp.route[0], None)
+        dq, dk = default_blocks(bp)
+        return (self.block_q or dq, self.block_k or dk, _input_key(checked)), checked
+
     def plan(self, **inputs):
-        """The token orders and exact block tables the compiled kernels use."""
-        return self.kernel(**inputs).plan
+        """The token orders and exact block tables both compiled backends use (cached)."""
+        from .codegen.plan import build_plan
+        _lowerable(self.bound)
+        key, checked = self.plan_key(inputs)
+        plan = self._plans.get(key)
+        if plan is None:
+            cpu = {n: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                   for n, v in checked.items()}
+            plan = build_plan(self.bound, key[0], key[1], inputs=cpu)
+            if len(self._plans) > 16:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def kernel(self, **inputs):
         """The compiled kernel for these run-time inputs (generated, cached, imported)."""
         from .codegen.runtime import compile_kernel
-        bp = self.bound
-        _lowerable(bp)
-        checked = check_inputs(bp, inputs, for_mask=True)
-        key = (self.block_q, self.block_k, _input_key(checked))
+        key, _ = self.plan_key(inputs)
         kern = self._kernels.get(key)
         if kern is None:
-            from .codegen.plan import build_plan
-            cpu = {n: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                   for n, v in checked.items()}
-            plan = build_plan(bp, self.block_q, self.block_k, inputs=cpu)
-            kern = compile_kernel(bp, plan)
+            kern = compile_kernel(self.bound, self.plan(**inputs))
             if len(self._kernels) > 16:
                 self._kernels.clear()
             self._kernels[key] = kern
@@ -274,8 +291,7 @@ class Op:
                 q, k, v, scale, {n: x for n, x in inputs.items() if n in sub.inputs})
                 for sub in bp.average]
             return sum(outs) / len(outs)
-        kern = self.kernel(**{n: x for n, x in checked.items() if x is not None and not (
-            bp.route is not None and n == bp.route[0])})
+        kern = self.kernel(**checked)
         if bp.channel:
             q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
         if scale is None:

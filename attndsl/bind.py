@@ -130,6 +130,14 @@ class BoundPattern:
             attend = attend & ~exclude
         return attend
 
+    def token_mask(self, qidx, kidx, hooks, h=None, dims: int = 3) -> torch.Tensor:
+        """The direct mask at these (broadcast) query and key indices, with leading per-batch
+        and per-head dimensions beyond `dims` reduced to their union."""
+        val = _as_tensor(self.predicate(self.context(qidx, kidx, h), hooks))
+        while val.dim() > dims:
+            val = val.any(dim=0)
+        return val
+
     def check_size(self, batch_heads: int = 1) -> None:
         n = batch_heads * self.nq * self.nk
         if n > MASK_LIMIT:

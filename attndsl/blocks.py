@@ -168,9 +168,7 @@ def dense_tiles(bp: BoundPattern, q0, k0, bq: int, bk: int, head=None, runtime=N
         ki = k0[t0:t0 + step] + torch.arange(bk).view(1, 1, -1)
         valid = (qi < bp.nq) & (ki < bp.nk)
         qc, kc = qi.clamp(max=bp.nq - 1), ki.clamp(max=bp.nk - 1)
-        val = torch.as_tensor(bp.predicate(bp.context(qc, kc, h), hooks))
-        while val.dim() > 3:
-            val = val.any(dim=0)
+        val = bp.token_mask(qc, kc, hooks, h)
         out[t0:t0 + step] = (val.expand(valid.shape) & valid).numpy()
     return out
 

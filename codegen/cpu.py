@@ -40,9 +40,8 @@ from attndsl.reference import (
     summary_masks,
 )
 
-from .plan import Plan, build_plan
+from .plan import Plan, padded_perm
 
-DEFAULT_BLOCK = 64  # query and key block size when the Op sets none
 BUDGET = 1 << 20  # scores per work item (4 MiB in float32): the working set stays in cache
 MASK_CACHE = 1 << 28  # PARTIAL-block mask entries kept per plan; beyond, evaluated per call
 MAX_RUNS = 3  # masked slot runs per group before one run covers them all
@@ -218,9 +217,7 @@ class CpuPlan:
             kb = grp.kidx_t[a:b, s0:s1]
             qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
             ki = self.ktok[kb].reshape(b - a, 1, -1)  # [n, 1, w]
-            val = torch.as_tensor(bp.predicate(bp.context(qi, ki, h), hooks))
-            while val.dim() > 3:
-                val = val.any(dim=0)
+            val = bp.token_mask(qi, ki, hooks, h)
             val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(b - a, 1, -1)
             out[a - i0:b - i0, 0] = ~val
         return out
@@ -250,18 +247,13 @@ class CpuPlan:
 
 def cpu_plan(op, inputs: dict) -> CpuPlan:
     """The plan for these mask inputs, built once and cached on the Op."""
-    from attndsl.api import _input_key
-    bp = op.bound
-    bq = op.block_q or DEFAULT_BLOCK
-    bk = op.block_k or DEFAULT_BLOCK
-    key = (bq, bk, _input_key(inputs))
+    key, checked = op.plan_key(inputs)
     cache = op.__dict__.setdefault("_cpu_plans", {})
     cp = cache.get(key)
     if cp is None:
         cpu_inputs = {n: (x.cpu() if isinstance(x, torch.Tensor) else x)
-                      for n, x in inputs.items()}
-        plan = build_plan(bp, bq, bk, inputs=cpu_inputs)
-        cp = _derive(bp, plan, cpu_inputs)
+                      for n, x in checked.items()}
+        cp = _derive(op.bound, op.plan(**inputs), cpu_inputs)
         if len(cache) > 16:
             cache.clear()
         cache[key] = cp
@@ -269,18 +261,10 @@ def cpu_plan(op, inputs: dict) -> CpuPlan:
 
 
 def _positions(order, block):
-    nb = -(-order.length // block)
-    perm = np.full(nb * block, -1, dtype=np.int64)
-    perm[:order.length] = order.perm
-    tok = torch.from_numpy(np.maximum(perm, 0).reshape(nb, block))
-    valid = torch.from_numpy((perm >= 0).reshape(nb, block))
-    inv = None
-    n = math.prod(order.shape)
-    if not order.identity:
-        pos = np.nonzero(perm >= 0)[0]
-        inv_np = np.zeros(n, dtype=np.int64)
-        inv_np[perm[pos]] = pos
-        inv = torch.from_numpy(inv_np)
+    perm = padded_perm(order, block)
+    tok = torch.from_numpy(np.maximum(perm, 0))
+    valid = torch.from_numpy(perm >= 0)
+    inv = None if order.identity else torch.from_numpy(order.inverse())
     return tok, valid, inv
 
 

@@ -56,9 +56,6 @@ class Dialect:
     def where(self, c, a, b):
         return f"{self.NS}.where({c}, {a}, {b})"
 
-    def load(self, arr: Arr, idx: str) -> str:
-        raise NotImplementedError
-
 
 class TritonDialect(Dialect):
     NS = "tl"

@@ -38,8 +38,6 @@ op = _load()
 def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool = False,
            **inputs) -> dict:
     """Write DIR/<name>.py (+ .npz, + _flex.py with flex=True); return paths and stats."""
-    from attndsl.api import _input_key
-    from attndsl.reference import check_inputs
     bp = op.bound
     kern = op.kernel(**inputs)
     plan = kern.plan
@@ -53,7 +51,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
             arrays[f"tt{i}_{attr}"] = getattr(tt, attr)
         arrays[f"t{i}_needed"] = np.asarray(plan.table_needed(i))
     np.savez(out / f"{name}.npz", **arrays)
-    checked = check_inputs(bp, inputs, for_mask=True)
+    key, _ = op.plan_key(inputs)
     meta = {
         "pattern": bp.name, "file": str(Path(bp.module.path).resolve())
         if os.path.exists(bp.module.path) else bp.module.path,
@@ -64,7 +62,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
         "korder": {"shape": list(plan.korder.shape), "tile": list(plan.korder.tile),
                    "dilation": list(plan.korder.dilation)},
         "heads_tables": len(plan.tables),
-        "input_key": _jsonable(_input_key(checked)),
+        "input_key": _jsonable(key[2]),
         "stats": plan.stats(),
         "attndsl": _version(),
     }
@@ -123,8 +121,7 @@ def load_exported(module, meta: dict, source: str, tables_path: str):
     import attndsl
     from attndsl.loader import Loader
 
-    from .runtime import CompiledKernel
-    from .triton_gen import input_args
+    from .runtime import kernel_for
     path = meta["file"]
     base = Path(path).parent if os.path.isabs(path) and Path(path).parent.exists() else None
     mod = Loader().load_text(source, path, base)
@@ -151,13 +148,12 @@ def load_exported(module, meta: dict, source: str, tables_path: str):
     plan = Plan(order("qorder", "qperm"), order("korder", "kperm"), meta["block_q"],
                 meta["block_k"], tuple(tables), tuple(transposed),
                 meta["stats"]["build_seconds"])
-    bp = op.bound
-    _names, arrays, scalars = input_args(bp)
-    kinds = tuple(next(o.inputs[n][0] for o in bp.owners() if n in o.inputs) for n in scalars)
     with open(module.__file__) as f:
         text = f.read()
-    kern = CompiledKernel(module, plan, text, tuple(arrays), tuple(scalars), kinds)
-    op._kernels[(meta["block_q"], meta["block_k"], _tuple(meta["input_key"]))] = kern
+    kern = kernel_for(op.bound, plan, module, text)
+    key = (meta["block_q"], meta["block_k"], _tuple(meta["input_key"]))
+    op._plans[key] = plan
+    op._kernels[key] = kern
     return op
 
 

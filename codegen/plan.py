@@ -51,6 +51,13 @@ class TokenOrder:
     def length(self) -> int:
         return len(self.perm)
 
+    def inverse(self) -> np.ndarray:
+        """position of every row-major token in this order (the scatter back)."""
+        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
+        pos = np.nonzero(self.perm >= 0)[0]
+        inv[self.perm[pos]] = pos
+        return inv
+
     def describe(self) -> str:
         if self.identity:
             return "row-major"
@@ -142,12 +149,19 @@ class _Bounds:
 BIG = np.int64(1 << 62)
 
 
+def padded_perm(order: TokenOrder, block: int) -> np.ndarray:
+    """[blocks, block]: the row-major token at each position, -1 for padding (a whole last
+    block, and the order's own padding)."""
+    nb = -(-order.length // block)
+    perm = np.full(nb * block, -1, dtype=np.int64)
+    perm[:order.length] = order.perm
+    return perm.reshape(nb, block)
+
+
 def _block_bounds(order: TokenOrder, block: int) -> _Bounds:
     n = order.length
     nb = -(-n // block)
-    perm = np.full(nb * block, -1, dtype=np.int64)
-    perm[:n] = order.perm
-    p = perm.reshape(nb, block)
+    p = padded_perm(order, block)
     valid = p >= 0
     coords = []
     rem = np.where(valid, p, 0)
@@ -292,13 +306,8 @@ def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
 def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, inputs):
     """Exact masks of block pairs (qi[t], kj[t]): (any, all-valid-and-true, count)."""
     hooks = _Hooks(bp, {"inputs": inputs})
-    nq, nk = qorder.length, korder.length
-    qperm = np.full((-(-nq // bq)) * bq, -1, dtype=np.int64)
-    qperm[:nq] = qorder.perm
-    kperm = np.full((-(-nk // bk)) * bk, -1, dtype=np.int64)
-    kperm[:nk] = korder.perm
-    qp = torch.from_numpy(qperm.reshape(-1, bq))
-    kp = torch.from_numpy(kperm.reshape(-1, bk))
+    qp = torch.from_numpy(padded_perm(qorder, bq))
+    kp = torch.from_numpy(padded_perm(korder, bk))
     anyv = np.zeros(len(qi), dtype=bool)
     allv = np.zeros(len(qi), dtype=bool)
     cnt = np.zeros(len(qi), dtype=np.int64)
@@ -308,10 +317,7 @@ def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, inputs):
         a = qp[torch.from_numpy(qi[t0:t0 + step])].unsqueeze(2)  # [T, bq, 1]
         b = kp[torch.from_numpy(kj[t0:t0 + step])].unsqueeze(1)  # [T, 1, bk]
         qv, kv = a >= 0, b >= 0
-        val = torch.as_tensor(bp.predicate(bp.context(a.clamp(min=0), b.clamp(min=0), h),
-                                           hooks))
-        while val.dim() > 3:
-            val = val.any(dim=0)
+        val = bp.token_mask(a.clamp(min=0), b.clamp(min=0), hooks, h)
         val = val.expand(a.shape[0], bq, bk)
         m = val & qv & kv
         anyv[t0:t0 + step] = m.flatten(1).any(dim=1).numpy()
@@ -376,9 +382,7 @@ def _eval_boxes(bp, q0, k0, sub, head, inputs) -> np.ndarray:
             max=bp.nq - 1)
         b = (torch.from_numpy(k0[t0:t0 + step]).view(-1, 1, 1) + ar.view(1, 1, -1)).clamp(
             max=bp.nk - 1)
-        val = torch.as_tensor(bp.predicate(bp.context(a, b, h), hooks))
-        while val.dim() > 3:
-            val = val.any(dim=0)
+        val = bp.token_mask(a, b, hooks, h)
         out[t0:t0 + step] = val.expand(a.shape[0], sub, sub).numpy()
     return out
 
@@ -506,13 +510,8 @@ def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, inputs) -> np.ndarray
     """Block pairs whose first/last rows and columns already hold attended and unattended
     valid entries (so the pair is PARTIAL), from 2 (bq + bk) evaluations instead of bq bk."""
     hooks = _Hooks(bp, {"inputs": inputs})
-    nq, nk = qorder.length, korder.length
-    qperm = np.full((-(-nq // bq)) * bq, -1, dtype=np.int64)
-    qperm[:nq] = qorder.perm
-    kperm = np.full((-(-nk // bk)) * bk, -1, dtype=np.int64)
-    kperm[:nk] = korder.perm
-    qp = torch.from_numpy(qperm.reshape(-1, bq))
-    kp = torch.from_numpy(kperm.reshape(-1, bk))
+    qp = torch.from_numpy(padded_perm(qorder, bq))
+    kp = torch.from_numpy(padded_perm(korder, bk))
     out = np.zeros(len(qi), dtype=bool)
     step = max(1, CHUNK_ELEMS // (4 * (bq + bk)))
     h = None if head is None else torch.tensor(head)
@@ -531,10 +530,7 @@ def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, inputs) -> np.ndarray
         seen_t = torch.zeros(len(a), dtype=torch.bool)
         seen_f = torch.zeros(len(a), dtype=torch.bool)
         for qq, kk in ((rows, b.unsqueeze(1)), (a.unsqueeze(2), cols)):
-            val = torch.as_tensor(bp.predicate(bp.context(qq.clamp(min=0), kk.clamp(min=0),
-                                                          h), hooks))
-            while val.dim() > 3:
-                val = val.any(dim=0)
+            val = bp.token_mask(qq.clamp(min=0), kk.clamp(min=0), hooks, h)
             ok = (qq >= 0) & (kk >= 0)
             val = val.expand(ok.shape)
             seen_t |= (val & ok).flatten(1).any(1)
@@ -620,9 +616,7 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, inputs:
     att = torch.cat(atts, dim=-1)  # [G, Nq, R]
     nr = att.shape[-1]
     nqb, nsb = -(-qorder.length // bq), max(1, -(-nr // bk))
-    qperm = np.full(nqb * bq, -1, dtype=np.int64)
-    qperm[:qorder.length] = qorder.perm
-    qp = torch.from_numpy(qperm)
+    qp = torch.from_numpy(padded_perm(qorder, bq).reshape(-1))
     qvalid = (qp >= 0).view(1, nqb, bq, 1, 1)
     a = torch.zeros(att.shape[0], nqb * bq, nsb * bk, dtype=torch.bool)
     a[:, :, :nr] = att[:, qp.clamp(min=0)] & (qp >= 0).view(1, -1, 1)

@@ -125,27 +125,23 @@ class CompiledKernel:
     def inverse_q(self, device) -> torch.Tensor:
         t = self.tables(device)
         if "qinv" not in t:
-            perm = self.plan.qorder.perm
-            inv = np.zeros(math.prod(self.plan.qorder.shape), dtype=np.int64)
-            pos = np.nonzero(perm >= 0)[0]
-            inv[perm[pos]] = pos
-            t["qinv"] = torch.from_numpy(inv).to(device)
+            t["qinv"] = torch.from_numpy(self.plan.qorder.inverse()).to(device)
         return t["qinv"]
 
 
 def compile_kernel(bp: BoundPattern, plan: Plan) -> CompiledKernel:
     """Generate, cache and import the kernels of a bound pattern for one plan."""
-    from .triton_gen import dynamic_config, generate, input_args
+    from .triton_gen import generate
     source = generate(bp, plan)
-    module = load_source(source, bp.name)
+    return kernel_for(bp, plan, load_source(source, bp.name), source)
+
+
+def kernel_for(bp: BoundPattern, plan: Plan, module, source: str) -> CompiledKernel:
+    """A kernel object around an imported module (freshly generated, or exported)."""
+    from .triton_gen import dynamic_config, input_args
     _names, arrays, scalars = input_args(bp)
-    kinds = []
-    for name in scalars:
-        for owner in bp.owners():
-            if name in owner.inputs:
-                kinds.append(owner.inputs[name][0])
-                break
-    return CompiledKernel(module, plan, source, tuple(arrays), tuple(scalars), tuple(kinds),
+    kinds = tuple(next(o.inputs[n][0] for o in bp.owners() if n in o.inputs) for n in scalars)
+    return CompiledKernel(module, plan, source, tuple(arrays), tuple(scalars), kinds,
                           dynamic_config(bp))
 
 

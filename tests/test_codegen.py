@@ -200,3 +200,19 @@ def test_two_processes_compile_into_one_cache(tmp_path):
     files = list(tmp_path.glob("attndsl_*.py"))
     assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
     assert len(files[0].read_text()) == int(outs[0][0])
+
+
+def test_exported_content_dependent_pattern_runs(tmp_path, monkeypatch):
+    """An exported DHSA module keeps its run-time selection (chunk_topk) wiring."""
+    import importlib
+
+    from attndsl.codegen.export import export
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=16, chunk=8, topk=2)
+    export(op.options(block_q=16, block_k=16), tmp_path, "dhsa_export")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("dhsa_export")
+    assert mod.op.kernel().module is mod
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    a = mod.op(q, k, v, backend="triton")
+    b = mod.op(q, k, v, backend="reference")
+    assert (a - b).abs().max() < 1e-4
