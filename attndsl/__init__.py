@@ -1,7 +1,7 @@
 """attndsl: a compiler for attention patterns written in .attn files."""
 
-from .api import Op, check, compile, load
-from .errors import (
+from attndsl.api import Op, check, compile, load
+from attndsl.errors import (
     AttnError,
     AttnErrors,
     AttnNameError,

@@ -1,18 +1,33 @@
-"""The Python API: `attndsl.compile(...)` returns an `Op` bound to parameter values."""
+"""The Python API: `attndsl.compile(...)` returns an `Op`: a bound pattern, the block sizes of
+its compiled kernels and the backend chosen per call. Everything an Op computes is cached in
+the declared caches of attndsl/caches.py, keyed by values, so an Op holds no state of its
+own beyond its options."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
 import torch
 
-from . import ir
-from .bind import BoundPattern, bind
-from .checker import CheckedPattern, check_module, check_pattern
-from .errors import AttnNameError, ParameterError, UnsupportedError, did_you_mean
-from .loader import Loader, resolve_path
-from .reference import attention, check_inputs, dense_mask, summary_masks
+from attndsl import caches
+from attndsl.errors import (
+    AttnNameError,
+    ImportFailure,
+    InputError,
+    ParameterError,
+    UnsupportedError,
+    did_you_mean,
+)
+from attndsl.lang import ir
+from attndsl.lang.checker import check_module, check_pattern
+from attndsl.lang.loader import Loader, resolve_path
+from attndsl.reference import Reference
+from attndsl.semantics import attention as driver
+from attndsl.semantics.bind import BoundPattern, bind
+from attndsl.semantics.inputs import check_tensors, content_of, validate
+from attndsl.semantics.masks import dense_mask, summary_masks
 
 BACKENDS = ("reference", "triton", "cpu", "auto")
 
@@ -21,7 +36,6 @@ def load(source: str | os.PathLike) -> ir.Module:
     """Parse a file path (or .attn source text) and its imports into a module."""
     loader = Loader()
     if not isinstance(source, str | os.PathLike):
-        from .errors import ImportFailure
         raise ImportFailure("expected .attn source text or a file path, not "
                             f"{type(source).__name__}")
     # a path names an .attn file (or an existing one); anything else is source text
@@ -30,13 +44,12 @@ def load(source: str | os.PathLike) -> ir.Module:
     if not text_like:
         path = resolve_path(source)
         if path is None:
-            from .errors import ImportFailure
             raise ImportFailure(f"no such .attn file: '{source}'")
         return loader.load_file(path)
     return loader.load_text(source, "<string>")
 
 
-def check(source: str | os.PathLike) -> dict[str, CheckedPattern]:
+def check(source: str | os.PathLike) -> dict[str, ir.CheckedPattern]:
     """Parse and type-check every pattern and function of a file; raise all errors at once."""
     return check_module(load(source))
 
@@ -59,19 +72,28 @@ def compile(source: str | os.PathLike, pattern: str | None = None, **params) -> 
             cands = [k for k, v in module.scope.items() if isinstance(v, ir.PatternDef)]
             raise AttnNameError(f"'{module.path}' has no pattern '{pattern}'"
                                 + did_you_mean(pattern, cands))
-    checked = check_pattern(module, pdef)
-    return Op(bind(checked, module, params))
+    return Op(bind(check_pattern(module, pdef), params))
 
 
 class Op:
-    """A pattern bound to parameters: its masks, and attention through a backend."""
+    """A pattern bound to parameters: its masks, analyses, compiled kernels, and attention
+    through a backend."""
 
-    def __init__(self, bound: BoundPattern):
+    def __init__(self, bound: BoundPattern, *, block_q: int | None = None,
+                 block_k: int | None = None):
         self.bound = bound
-        self.block_q: int | None = None
-        self.block_k: int | None = None
-        self._plans: dict = {}
-        self._kernels: dict = {}
+        self.block_q = block_q
+        self.block_k = block_k
+        self.compiled = None  # (plan, kernel module) of an exported module, see use_compiled
+        self.key = f"op{next(_OP_IDS)}"  # how a torch.compile graph names this op
+        caches.OPS.put(self.key, self)
+
+    def use_compiled(self, plan, module) -> Op:
+        """Run these tables and this kernel module (an exported module's, see `attndsl
+        compile -o`) instead of planning and generating: for calls whose run-time inputs
+        are the plan's."""
+        self.compiled = (plan, module)
+        return self
 
     # -- description
     @property
@@ -101,11 +123,14 @@ class Op:
     @property
     def inputs(self) -> dict:
         """Run-time inputs: name -> (element kind, dims with None for '*', optional)."""
-        return {n: d[:3] for n, d in self.bound.inputs.items()}
+        return {n: (d.kind, d.dims, d.optional) for n, d in self.bound.inputs.items()}
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{k}={v}" for k, v in self.bound.values.items())
         return f"<attndsl.Op {self.name}({vals}) {self.bound.qshape}x{self.bound.kshape}>"
+
+    def _part(self, sub: BoundPattern) -> Op:
+        return Op(sub, block_q=self.block_q, block_k=self.block_k)
 
     # -- masks
     def mask(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
@@ -117,39 +142,36 @@ class Op:
         content = None
         if bp.content_dependent:
             if q is None or k is None:
-                from .errors import InputError
                 raise InputError(f"pattern '{self.name}' depends on q and k: call "
                                  "mask(q=..., k=...)", bp.checked.span)
-            from .reference import check_tensors
             check_tensors(bp, q, k, k)
-            rep = q.shape[1] // k.shape[1]
-            content = (q, k.repeat_interleave(rep, dim=1))
+            content = content_of(bp, q, k)
         dev = q.device if q is not None else None
         if bp.average:
-            parts = [Op(sub).mask(q, k, **{n: x for n, x in inputs.items() if n in sub.inputs})
-                     for sub in bp.average]
-            out = parts[0]
-            for p in parts[1:]:
-                out = out | p
+            out = None
+            for sub in bp.average:
+                m = self._part(sub).mask(q, k, **{n: x for n, x in inputs.items()
+                                                  if n in sub.inputs})
+                out = m if out is None else out | m
             return out
-        checked = check_inputs(bp, inputs, dev, for_mask=True)
-        return dense_mask(bp, checked, content, dev)
+        run = validate(bp, inputs, dev, for_mask=True, content=content)
+        return dense_mask(bp, run, dev)
 
     def summaries(self, **inputs) -> list[dict]:
         """Each summary's tokens: name, `member` [R, Nk] and `attend` [.., Nq, R] (empty
         regions dropped), and pooling choices."""
         bp = self.bound
-        checked = check_inputs(bp, inputs, for_mask=True)
+        run = validate(bp, inputs, for_mask=True)
         out = []
         for bs in bp.summaries:
-            member, att = summary_masks(bp, bs, checked, torch.device("cpu"),
+            member, att = summary_masks(bp, bs, run, torch.device("cpu"),
                                         bp.heads if bp.head_dependent else None)
             out.append({"name": bs.summary.name, "member": member, "attend": att,
                         "keys": bs.summary.keys, "values": bs.summary.values,
                         "queries": bs.summary.queries})
         for sub in bp.average:
-            out.extend(Op(sub).summaries(**{n: x for n, x in inputs.items()
-                                            if n in sub.inputs}))
+            out.extend(self._part(sub).summaries(**{n: x for n, x in inputs.items()
+                                                    if n in sub.inputs}))
         return out
 
     def reach(self, q=None, k=None, **inputs) -> torch.Tensor:
@@ -166,64 +188,46 @@ class Op:
         """Receptive field, coverage and cost stacked `layers` deep (docs/analysis.md).
 
         With keep_sets, `result.reach_sets[l]` is the bool [Nk] set reached after l+1 layers."""
-        from .analysis import analyze
-        return analyze(self, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
-                       progress=progress, keep_sets=keep_sets)
+        from attndsl.analysis.reach import analyze
+        table_bytes = self.stats(**inputs)["block_table_bytes"]
+        return analyze(self.bound, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
+                       progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
     def path(self, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""
-        from .analysis import shortest_path
-        return shortest_path(self, source, target, inputs, q=q, k=k)
+        from attndsl.analysis.reach import shortest_path
+        return shortest_path(self.bound, source, target, inputs, q=q, k=k)
 
     # -- compiled kernels
     def options(self, *, block_q: int | None = None, block_k: int | None = None) -> Op:
         """Set the kernels' block sizes (powers of two >= 16; default 64 x 64)."""
-        from .errors import ParameterError
         for name, b in (("block_q", block_q), ("block_k", block_k)):
             if b is not None and (not isinstance(b, int) or b < 16 or b & (b - 1)):
                 raise ParameterError(f"{name} must be a power of two >= 16, not {b!r}")
         self.block_q, self.block_k = block_q, block_k
-        self._plans.clear()
-        self._kernels.clear()
         return self
-
-    def plan_key(self, inputs: dict) -> tuple:
-        """(block_q, block_k, inputs' fingerprint): what a plan depends on. The router of
-        `route` gates outputs, not the mask, so it is left out."""
-        from .codegen.plan import default_blocks
-        bp = self.bound
-        checked = check_inputs(bp, inputs, for_mask=True)
-        if bp.route is not None:
-            checked.pop(bp.route[0], None)
-        dq, dk = default_blocks(bp)
-        return (self.block_q or dq, self.block_k or dk, _input_key(checked)), checked
 
     def plan(self, **inputs):
         """The token orders and exact block tables both compiled backends use (cached)."""
-        from .codegen.plan import build_plan
+        from attndsl.codegen.plan.tables import plan_for
         _lowerable(self.bound)
-        key, checked = self.plan_key(inputs)
-        plan = self._plans.get(key)
-        if plan is None:
-            cpu = {n: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                   for n, v in checked.items()}
-            plan = build_plan(self.bound, key[0], key[1], inputs=cpu)
-            if len(self._plans) > 16:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+        run = validate(self.bound, inputs, for_mask=True)
+        if self.compiled is not None:
+            plan = self.compiled[0]
+            if plan.run.fingerprint == run.without(*self._router()).fingerprint:
+                return plan
+        return plan_for(self.bound, self.block_q, self.block_k, run)
+
+    def _router(self) -> tuple:
+        return () if self.bound.route is None else (self.bound.route[0],)
 
     def kernel(self, **inputs):
-        """The compiled kernel for these run-time inputs (generated, cached, imported)."""
-        from .codegen.runtime import compile_kernel
-        key, _ = self.plan_key(inputs)
-        kern = self._kernels.get(key)
-        if kern is None:
-            kern = compile_kernel(self.bound, self.plan(**inputs))
-            if len(self._kernels) > 16:
-                self._kernels.clear()
-            self._kernels[key] = kern
-        return kern
+        """The compiled Triton kernels of this pattern (generated once; the module of an
+        exported op is its own)."""
+        from attndsl.codegen.triton.runtime import kernel_for
+        _lowerable(self.bound)
+        validate(self.bound, inputs, for_mask=True)
+        return kernel_for(self.bound, None if self.compiled is None else self.compiled[1])
 
     def source(self, **inputs) -> str:
         """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
@@ -235,8 +239,8 @@ class Op:
         each part's own figures under "parts"."""
         bp = self.bound
         if bp.average:
-            parts = [Op(sub).options(block_q=self.block_q, block_k=self.block_k).stats(
-                **{n: x for n, x in inputs.items() if n in sub.inputs}) for sub in bp.average]
+            parts = [self._part(sub).stats(**{n: x for n, x in inputs.items()
+                                              if n in sub.inputs}) for sub in bp.average]
             out = dict(parts[0])
             for key in ("full_blocks", "partial_blocks", "empty_blocks", "computed_elements",
                         "needed_elements", "block_table_bytes", "build_seconds"):
@@ -247,7 +251,13 @@ class Op:
             out["content_dependent"] = any(p["content_dependent"] for p in parts)
             out["parts"] = parts
             return out
-        return self.plan(**inputs).stats()
+        from attndsl.codegen.plan.tables import plan_stats
+        return plan_stats(self.plan(**inputs))
+
+    @staticmethod
+    def cache_info() -> dict:
+        """Every cache of attndsl: size, bound, hits and misses (attndsl/caches.py)."""
+        return caches.info()
 
     # -- attention
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
@@ -258,54 +268,101 @@ class Op:
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
-        if backend == "auto":
-            backend = "triton" if (isinstance(q, torch.Tensor) and q.is_cuda
-                                   and _has_triton()) else "reference"
-            # ---- backend="cpu" (codegen/cpu.py): auto picks it for CPU tensors it can run
-            if backend == "reference" and isinstance(q, torch.Tensor) and q.device.type == "cpu":
-                from .codegen.cpu import supported
-                if supported(self.bound):
-                    backend = "cpu"
-        if backend == "cpu":
-            from .codegen.cpu import attention as cpu_attention
-            return cpu_attention(self, q, k, v, inputs, scale)
-        # ---- end backend="cpu"
-        if backend == "triton":
-            return self._triton(q, k, v, scale, inputs)
-        return attention(self.bound, q, k, v, inputs, scale)
+        if torch.compiler.is_compiling():  # one opaque op in the graph (see _graph_op)
+            names = sorted(n for n, x in inputs.items() if x is not None)
+            return _graph_op(q, k, v, [torch.as_tensor(inputs[n]) for n in names],
+                             ",".join(names), self.key, backend,
+                             -1.0 if scale is None else float(scale))
+        return self._attend(q, k, v, backend, scale, inputs)
 
-    def _triton(self, q, k, v, scale, inputs):
-        from .errors import InputError
-        from .reference import check_tensors, route_gates
-        bp = self.bound
-        check_tensors(bp, q, k, v)
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise InputError(f"the Triton backend takes float16, bfloat16 or float32, not "
-                             f"{q.dtype}")
-        if not _has_triton():
-            raise UnsupportedError("backend 'triton' needs the triton package (pip install "
-                                   "triton)")
-        checked = check_inputs(bp, inputs, q.device, q.shape[0])
-        if bp.average:
-            outs = [Op(sub).options(block_q=self.block_q, block_k=self.block_k)._triton(
-                q, k, v, scale, {n: x for n, x in inputs.items() if n in sub.inputs})
-                for sub in bp.average]
-            return sum(outs) / len(outs)
-        kern = self.kernel(**checked)
-        if bp.channel:
-            q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
-        if scale is None:
-            scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        from .codegen.runtime import attention as run
-        gates = None
-        if bp.route is not None:
-            gates = route_gates(bp, checked[bp.route[0]], q.shape[1])
-        out = run(kern, bp, q, k, v, checked, scale, gates)
-        if gates is not None:
-            out = out * gates.to(out.dtype).unsqueeze(-1)
-        if bp.channel:
-            out = out.transpose(-1, -2)
-        return out
+    def _attend(self, q, k, v, backend, scale, inputs):
+        core = _core(backend, self.bound, q, self.compiled)
+        return driver.attention(core, self.bound, q, k, v, inputs, scale, self.block_q,
+                                self.block_k)
+
+
+_OP_IDS = itertools.count()
+
+
+def _named(names: str, tensors) -> dict:
+    return dict(zip(names.split(","), tensors)) if names else {}
+
+
+def _registered(key: str) -> Op:
+    op = caches.OPS.get(key)
+    if op is None:
+        raise UnsupportedError(f"attndsl op '{key}' is no longer registered (more than "
+                               f"{caches.OPS.maxsize} ops were created after it); recompile")
+    return op
+
+
+# torch.compile sees an Op call as one custom op whose fake implementation gives the output
+# shape; eagerly it runs the op through its backend. Its backward, another custom op,
+# recomputes the forward with autograd and differentiates it.
+@torch.library.custom_op("attndsl::attention", mutates_args=())
+def _graph_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
+              names: str, key: str, backend: str, scale: float) -> torch.Tensor:
+    return _registered(key)._attend(q, k, v, backend, None if scale < 0 else scale,
+                                    _named(names, inputs)).clone()
+
+
+@_graph_op.register_fake
+def _(q, k, v, inputs, names, key, backend, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("attndsl::attention_backward", mutates_args=())
+def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  inputs: list[torch.Tensor], names: str, key: str, backend: str,
+                  scale: float, dout: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        out = _registered(key)._attend(*xs, backend, None if scale < 0 else scale,
+                                       _named(names, inputs))
+        grads = torch.autograd.grad(out, xs, dout, allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs))
+
+
+@_graph_op_bwd.register_fake
+def _(q, k, v, inputs, names, key, backend, scale, dout):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, tensors, names, key, backend, scale = inputs
+    ctx.save_for_backward(q, k, v, *tensors)
+    ctx.meta = (names, key, backend, scale)
+
+
+def _backward(ctx, dout):
+    q, k, v, *tensors = ctx.saved_tensors
+    dq, dk, dv = _graph_op_bwd(q, k, v, tensors, *ctx.meta, dout)
+    return dq, dk, dv, [None] * len(tensors), None, None, None, None
+
+
+_graph_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _core(backend: str, bp: BoundPattern, q, compiled=None):
+    """The core of a backend; 'auto' picks Triton for CUDA tensors, the CPU backend for CPU
+    tensors it runs, the reference otherwise."""
+    if backend == "auto":
+        backend = "reference"
+        if isinstance(q, torch.Tensor) and q.is_cuda and _has_triton():
+            backend = "triton"
+        elif isinstance(q, torch.Tensor) and q.device.type == "cpu":
+            from attndsl.codegen.cpu.kernels import supported
+            if supported(bp):
+                backend = "cpu"
+    if backend == "cpu":
+        from attndsl.codegen.cpu.kernels import Cpu
+        return Cpu()
+    if backend == "triton":
+        from attndsl.codegen.triton.runtime import Triton
+        return Triton(None if compiled is None else compiled[1],
+                      None if compiled is None else compiled[0])
+    return Reference()
 
 
 def _has_triton() -> bool:
@@ -322,18 +379,3 @@ def _lowerable(bp: BoundPattern) -> None:
         raise UnsupportedError(f"pattern '{bp.name}' averages several patterns: compile each "
                                "part (its kernels run one after another in op(...))",
                                bp.checked.span)
-
-
-def _input_key(inputs: dict) -> tuple:
-    import hashlib
-    out = []
-    for name in sorted(inputs):
-        v = inputs[name]
-        if v is None:
-            out.append((name, None))
-        elif isinstance(v, torch.Tensor):
-            data = v.detach().cpu().contiguous().numpy().tobytes()
-            out.append((name, tuple(v.shape), str(v.dtype), hashlib.sha1(data).hexdigest()))
-        else:
-            out.append((name, v))
-    return tuple(out)

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import ir
-from .errors import AttnError, ParameterError
+from attndsl.errors import AttnError, ParameterError
+from attndsl.lang import ir
 
 
 def parse_value(text: str):
@@ -63,7 +63,7 @@ def _inputs(pairs) -> dict:
 
 
 def _compile(args):
-    from .api import compile as compile_op
+    from attndsl.api import compile as compile_op
     return compile_op(args.file, pattern=args.pattern, **_sets(args.set))
 
 
@@ -82,9 +82,9 @@ def _content(op, args):
 
 
 def cmd_check(args) -> int:
-    from .api import load
-    from .bind import bind
-    from .checker import check_module
+    from attndsl.api import load
+    from attndsl.lang.checker import check_module
+    from attndsl.semantics.bind import bind
     failed = False
     for f in args.files:
         try:
@@ -93,7 +93,7 @@ def cmd_check(args) -> int:
             defaults_ok = 0
             for cp in checked.values():
                 if all(p.default is not None for p, _ in cp.params):
-                    bind(cp, module, {})
+                    bind(cp, {})
                     defaults_ok += 1
             n = len(checked)
             print(f"{f}: ok ({n} pattern{'s' if n != 1 else ''}"
@@ -111,13 +111,13 @@ def _type_str(p: ir.Param) -> str:
 
 
 def _src(e) -> str:
-    from .printer import expr_source
+    from attndsl.lang.printer import expr_source
     return "*" if e is None else expr_source(e)
 
 
 def cmd_list(args) -> int:
-    from .api import load
-    from .checker import check_module
+    from attndsl.api import load
+    from attndsl.lang.checker import check_module
     module = load(args.file)
     checked = check_module(module)
     for p in module.patterns():
@@ -148,7 +148,7 @@ def cmd_mask(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from . import render
+    from attndsl import render
     if args.width < 2:
         raise ParameterError(f"--width must be at least 2, not {args.width}")
     op = _compile(args)
@@ -163,67 +163,17 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _fmt_flops(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def analysis_table(op, a) -> str:
-    """The human-readable report of `attndsl analyze`."""
-    params = ", ".join(f"{k}={v}" for k, v in a.params.items())
-    lines = [f"{a.pattern}({params}): {' x '.join(map(str, a.query_shape))} queries, "
-             f"{' x '.join(map(str, a.key_shape))} keys, "
-             f"{'causal' if a.causal else 'not causal'}"]
-    from .analysis import _coords
-    lines.append(f"receptive field of query {_coords(op, a.query)} over {len(a.layers)} "
-                 f"layer{'s' if len(a.layers) != 1 else ''} (statistics over {a.queries} "
-                 "queries):")
-    lines.append(f"  {'layer':>5} {'reach':>12} {'of full':>8} {'interval':>8} "
-                 f"{'min reach':>10} {'mean reach':>11} {'max reach':>10} {'covered q':>10}")
-    for s in a.layers:
-        lines.append(f"  {s.layer:>5} {s.reach:>12,} {s.reach_fraction:>8.2%} "
-                     f"{'yes' if s.continuous else 'no':>8} {s.min_reach:>10,} "
-                     f"{s.mean_reach:>11,.1f} {s.max_reach:>10,} {s.covered_queries:>10,}")
-    if a.full_coverage_layers is not None:
-        lines.append(f"full coverage: every query reaches every token full attention would "
-                     f"after {a.full_coverage_layers} layer"
-                     f"{'s' if a.full_coverage_layers != 1 else ''}")
-    elif a.complete is False and a.never_reached_count:
-        shown = ", ".join(map(str, a.never_reached[:16]))
-        lines.append(f"full coverage: never; {a.never_reached_count:,} tokens stay unreachable "
-                     f"from query {a.query} (first: {shown})")
-    else:
-        lines.append(f"full coverage: not within {a.coverage_checked_layers} layers")
-    if a.diameter is not None:
-        lines.append(f"diameter (longest shortest path): {a.diameter} hops")
-    lines.append(f"attended pairs: {a.nnz:,} ({a.density:.4%} dense)")
-    lines.append(f"FLOPs: forward {_fmt_flops(a.flops_forward)}, backward "
-                 f"{_fmt_flops(a.flops_backward)} (4*nnz*D per head, D={a.head_dim}, "
-                 f"{a.heads} head{'s' if a.heads != 1 else ''}; backward 2.5x)")
-    lines.append(f"block table (128-token blocks, int32): {a.block_table_bytes:,} bytes")
-    if a.formula_nnz is not None:
-        ok = {True: "matches the exact count", False: "DISAGREES with the exact count"}[
-            bool(a.formula_verified)]
-        lines.append(f"closed form: nnz = {a.formula_nnz} ({ok})")
-        lines.append(f"             density = {a.formula_density}")
-    lines.append(f"growth: {a.asymptotic}")
-    lines.append(f"method: {a.method}")
-    for n in a.notes:
-        lines.append(f"note: {n}")
-    lines.append(f"({a.seconds:.2f} s)")
-    return "\n".join(lines)
-
-
 def cmd_analyze(args) -> int:
     import json
 
-    from .analysis import analyze
+    from attndsl.report import analysis_table
     op = _compile(args)
     content = _content(op, args)
     inputs = _inputs(args.input)
     query = parse_value(args.query) if args.query is not None else None
-    a = analyze(op, args.layers, query, head_dim=args.head_dim, inputs=inputs,
-                q=content.get("q"), k=content.get("k"),
-                progress=False if args.json else None, keep_sets=bool(args.plot))
+    a = op.analyze(args.layers, query, head_dim=args.head_dim, q=content.get("q"),
+                   k=content.get("k"), progress=False if args.json else None,
+                   keep_sets=bool(args.plot), **inputs)
     p = op.path(*(parse_value(x) for x in args.path), **content, **inputs) if args.path \
         else None
     if args.json:
@@ -234,11 +184,11 @@ def cmd_analyze(args) -> int:
                            "engine": p.engine}
         print(json.dumps(out, indent=2))
     else:
-        print(analysis_table(op, a))
+        print(analysis_table(a))
         if p is not None:
-            print(f"shortest path ({p.engine}): {p.describe(op)}")
+            print(f"shortest path ({p.engine}): {p.describe(op.query_shape)}")
     if args.plot:
-        from . import render
+        from attndsl import render
         render.plot_reach(op, a, args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
@@ -246,9 +196,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .analysis import analyze as _an
-    from .api import compile as compile_op
-    from .api import load
+    from attndsl.api import compile as compile_op
+    from attndsl.api import load
     sets = _sets(args.set)
     used = set()
     results = []
@@ -259,12 +208,12 @@ def cmd_compare(args) -> int:
         for n in names:
             pdef = probe.scope.get(n)
             if pdef is None:
-                from .errors import AttnNameError
+                from attndsl.errors import AttnNameError
                 raise AttnNameError(f"'{file}' has no pattern '{n}'")
             mine = {k: v for k, v in sets.items() if k in {p.name for p in pdef.params}}
             used |= set(mine)
             op = compile_op(file, pattern=n, **mine)
-            results.append((op, _an(op, args.layers)))
+            results.append((op, op.analyze(args.layers)))
     unused = set(sets) - used
     if unused:
         raise ParameterError("no compared pattern has parameter"
@@ -280,7 +229,7 @@ def cmd_compare(args) -> int:
         print(f"{label:<28}" + "".join(f"{s.reach_fraction:>8.1%}" for s in a.layers)
               + f"{cov:>10}")
     if args.plot:
-        from . import render
+        from attndsl import render
         render.plot_compare([(op, a) for op, a in results], args.plot)
         print(f"wrote {args.plot}")
     return 0
@@ -323,7 +272,7 @@ def cmd_compile(args) -> int:
     elif args.output is None:
         raise ParameterError("--emit flex needs -o DIR")
     else:
-        from .codegen.export import export
+        from attndsl.codegen.export import export
         res = export(op, args.output, args.name, flex=args.emit == "flex", **inputs)
         stats, paths = res["stats"], res["paths"]
     if args.json:
@@ -332,27 +281,9 @@ def cmd_compile(args) -> int:
     for kind, path in paths.items():
         print(f"wrote {path} ({kind})")
     if args.stats or not paths:
+        from attndsl.report import format_stats
         print(format_stats(op, stats))
     return 0
-
-
-def format_stats(op, s: dict) -> str:
-    """The --stats report: one line per figure."""
-    vals = ", ".join(f"{k}={v}" for k, v in op.params.items())
-    rows = [
-        f"{op.name}({vals}): queries {s['order_q']}, keys {s['order_k']}",
-        f"  blocks          {s['block_q']} x {s['block_k']} tokens"
-        + (f", {s['head_tables']} head tables" if s["head_tables"] > 1 else ""),
-        f"  full            {s['full_blocks']:,}",
-        f"  partial         {s['partial_blocks']:,}",
-        f"  empty           {s['empty_blocks']:,}",
-        f"  computed        {s['computed_elements']:,} score elements",
-        f"  needed          {s['needed_elements']:,} (the mask's nnz)",
-        f"  waste           {s['waste']:.2f}x computed / needed",
-        f"  block tables    {s['block_table_bytes']:,} bytes",
-        f"  build           {s['build_seconds']:.3f} s",
-    ]
-    return "\n".join(rows)
 
 
 # -- `attndsl bench` (issue 5): runs the repository's bench/cpu_bench.py ----------------

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .errors import ParameterError
+from attndsl.errors import ParameterError
 
 _SHADES = " ░▒▓█"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import attndsl
-from attndsl.analysis import analyze
-from attndsl.blocks import decompose
+from attndsl.analysis.blocks import decompose
+from attndsl.analysis.reach import analyze
 
 ROOT = Path(__file__).resolve().parent.parent
 M = 1 << 20

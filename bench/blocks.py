@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import attndsl  # noqa: E402
-from attndsl.codegen.plan import build_plan  # noqa: E402
+from attndsl.codegen.plan.tables import build_plan  # noqa: E402
 
 BUILD = [
     ("sliding.attn", "sliding_window", dict(N=1 << 20, window=4096)),

@@ -358,7 +358,7 @@ def run_case(case: Case, cfg: Settings, progress: Progress) -> dict:
     import torch.nn.functional as F
 
     import attndsl
-    from attndsl.codegen.plan import build_plan
+    from attndsl.codegen.plan.tables import build_plan
     params = dict(case.quick if cfg.quick else case.full)
     row: dict = {"case": case.name, "file": case.file, "pattern": case.pattern,
                  "params": params, "systems": {s: {} for s in SYSTEMS}, "check": {}}
@@ -566,7 +566,7 @@ def big_tables(repeats: int = 3) -> list[dict]:
     """build_plan at N = 1,048,576 (the < 1 s target); FlexAttention is not attempted here:
     its create_block_mask already runs out of memory eagerly at 65,536."""
     import attndsl
-    from attndsl.codegen.plan import build_plan
+    from attndsl.codegen.plan.tables import build_plan
     out = []
     for file, pattern, params in (("sliding.attn", "sliding_window",
                                    dict(N=BIG_N, window=4096)),

@@ -3,8 +3,10 @@
 Everything static (parameters, constants, static lets) is folded to a literal by the
 reference evaluator, so the generated code holds only what depends on q, k, h or run-time
 inputs. Integer semantics follow the language (floor division, non-negative modulo), via
-helpers the generated module defines. Nothing from the .attn text is pasted into the code:
-only numbers, operators chosen from fixed tables, and names this module invents.
+helpers of codegen/triton/kernels.py (and TORCH_HELPERS). Nothing from the .attn text is
+pasted into the code: only numbers, operators chosen from fixed tables, and names this
+module invents. Each built-in has one entry in BUILTIN_IMPLS; each dialect (Triton, PyTorch)
+spells the operators.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attndsl import ir
-from attndsl.bind import BoundPattern, _Hooks, bind_def
 from attndsl.errors import EvaluationError, UnsupportedError
-from attndsl.evaluate import Evaluator, fn_locals
+from attndsl.lang import ir
+from attndsl.lang.walk import names
+from attndsl.semantics import rules
+from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
+from attndsl.semantics.evaluate import Evaluator, call_builtin, fn_locals
+from attndsl.semantics.evaluate import binop as eval_binop
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +48,26 @@ class SummaryCode:
 
 @dataclass(frozen=True, slots=True)
 class Arr:
-    """A run-time input array: loads through a pointer argument."""
+    """A run-time input (array or scalar) of the kernel: its name, its slot in the packed
+    inputs (kernels.py: INI / INF) and its element kind."""
 
     name: str
-    length: int
+    slot: int
     kind: str
+    scalar: bool = False
+
+
+def input_layout(bp: BoundPattern) -> dict[str, Arr]:
+    """The run-time inputs a compiled mask or bias reads, with their slots: every input the
+    pattern (and what it includes) declares, but the router of `route`, which gates outputs
+    and never reaches a kernel."""
+    out: dict[str, Arr] = {}
+    for owner in bp.owners():
+        for name, spec in owner.inputs.items():
+            if (bp.route is not None and name == bp.route[0]) or name in out:
+                continue
+            out[name] = Arr(name, len(out), spec.kind, not spec.dims)
+    return out
 
 
 class Dialect:
@@ -69,10 +89,13 @@ class TritonDialect(Dialect):
     ABS = "tl.abs({})"
 
     def load(self, arr, idx):
-        return (f"tl.load({arr.name} + tl.minimum(tl.maximum({idx}, 0), {arr.length - 1}))")
+        if arr.kind == "float":
+            return f"_in_float(INI, INF, {arr.slot}, {idx})"
+        v = f"_in_int(INI, {arr.slot}, {idx})"
+        return f"({v} != 0)" if arr.kind == "bool" else v
 
-    def scalar_input(self, name):
-        return name
+    def scalar(self, arr):
+        return self.load(arr, "0")
 
 
 class TorchDialect(Dialect):
@@ -90,35 +113,12 @@ class TorchDialect(Dialect):
         return f"torch.where({c}, _t({a}), _t({b}))"
 
     def load(self, arr, idx):
-        return f"{arr.name}[torch.clamp({idx}, 0, {arr.length - 1})]"
+        name = f"in_{arr.name}"
+        return f"{name}[torch.clamp({idx}, 0, {name}.shape[0] - 1)]"
 
+    def scalar(self, arr):
+        return f"in_{arr.name}"
 
-TRITON_HELPERS = '''
-@triton.jit
-def _fdiv(a, b):
-    """Python's floor division on integers."""
-    b = tl.where(b == 0, 1, b)
-    q = a // b
-    return q - ((a % b != 0) & ((a < 0) != (b < 0))).to(q.dtype)
-
-
-@triton.jit
-def _fmod(a, b):
-    """Python's modulo: the result has the divisor's sign."""
-    b = tl.where(b == 0, 1, b)
-    r = a % b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
-
-
-@triton.jit
-def _not(x):
-    return x == 0
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-'''
 
 TORCH_HELPERS = '''
 def _t(x):
@@ -146,12 +146,10 @@ def prune(lines: list[str], results: list[str]) -> list[str]:
 class Emitter:
     """Emits the attend predicate (and bias terms) of a bound pattern as code lines."""
 
-    def __init__(self, bp: BoundPattern, dialect: Dialect, arrays: dict[str, Arr],
-                 scalars: dict[str, str]):
+    def __init__(self, bp: BoundPattern, dialect: Dialect, inputs: dict[str, Arr]):
         self.bp = bp
         self.d = dialect
-        self.arrays = arrays  # input name -> Arr (pointer argument)
-        self.scalars = scalars  # scalar input name -> argument name
+        self.inputs = inputs  # run-time input name -> Arr (see input_layout)
         self.lines: list[str] = []
         self.n = 0
         self.memo: dict = {}
@@ -200,29 +198,16 @@ class Emitter:
         return "bool" if isinstance(v, bool) else "float" if isinstance(v, float) else "int"
 
     # -------------------------------------------------------------- predicate
-    def predicate(self, ctx: dict, owner: BoundPattern | None = None) -> str:
-        """The direct mask as one boolean expression name (rules combined as in bind.py)."""
-        attend = within = exclude = None
-        envs = {}
-        for own, rule, hr in self.bp.rules:
-            sub = envs.setdefault(id(own), _Scope(own, ctx))
-            val = self.bool_text(self.expr(rule.expr, sub, {}))
-            if hr is not None:
-                inside = f"(({ctx['h'].text} >= {hr[0]}) & ({ctx['h'].text} < {hr[1]}))"
-                val = (f"(({val}) | {self.d.NOT.format(inside)})" if rule.kind == "within"
-                       else f"(({val}) & {inside})")
-            if rule.kind == "attend":
-                attend = val if attend is None else f"({attend}) | ({val})"
-            elif rule.kind == "within":
-                within = val if within is None else f"({within}) & ({val})"
-            else:
-                exclude = val if exclude is None else f"({exclude}) | ({val})"
-        out = attend or "False"
-        if within is not None:
-            out = f"({out}) & ({within})"
-        if exclude is not None:
-            out = f"({out}) & {self.d.NOT.format(exclude)}"
-        return self.fresh(out, "bool").text
+    def predicate(self, ctx: dict) -> str:
+        """The direct mask as one boolean expression name (semantics/rules.py)."""
+        scopes: dict = {}
+
+        def value(owner, rule):
+            sc = scopes.setdefault(id(owner), _Scope(owner, ctx))
+            return self.bool_text(self.expr(rule.expr, sc, {}))
+
+        out = rules.combine(self.bp.rules, value, _CodeDomain(self, ctx))
+        return out if out.isidentifier() else self.fresh(out, "bool").text
 
     def summary_predicate(self, bs, ctx: dict) -> str:
         """One summary's attend rule for the query and region in ctx."""
@@ -232,9 +217,7 @@ class Emitter:
         """The sum of bias terms (float), or None when the pattern has none."""
         terms = []
         envs = {}
-        for own, sc, hr in self.bp.scores:
-            if sc.kind != "bias":
-                continue
+        for own, sc, hr in self.bp.biases:
             sub = envs.setdefault(id(own), _Scope(own, ctx))
             v = self.expr(sc.expr, sub, {})
             t = self.d.TO_FLOAT.format(self.text(v))
@@ -244,7 +227,7 @@ class Emitter:
             terms.append(self.fresh(t, "float").text)
         if not terms:
             return None
-        return self.fresh(" + ".join(terms), "float").text
+        return terms[0] if len(terms) == 1 else self.fresh(" + ".join(terms), "float").text
 
     def bool_text(self, v) -> str:
         if isinstance(v, tuple):
@@ -254,10 +237,9 @@ class Emitter:
     # -------------------------------------------------------------- expressions
     def expr(self, e: ir.Expr, sc: _Scope, local: dict):
         if e.ty is not None and e.ty.static and not _mentions_local(e, local):
-            try:
-                return sc.static(e)
-            except Exception:  # noqa: BLE001 - q.shape and the like: the code path decides
-                pass
+            v = sc.static(e)
+            if v is not None:
+                return v
         return getattr(self, "e_" + type(e).__name__)(e, sc, local)
 
     def e_IntLit(self, e, sc, local):
@@ -273,12 +255,11 @@ class Emitter:
                 raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel here",
                                        e.span)
             return sc.ctx[e.ref]
-        if e.id in sc.owner.inputs:
-            if e.id in self.arrays:
-                return self.arrays[e.id]
-            if e.id in self.scalars:
-                kind = sc.owner.inputs[e.id][0]
-                return Code(self.scalars[e.id], kind)
+        if e.id in sc.owner.inputs and e.id in self.inputs:
+            arr = self.inputs[e.id]
+            if arr.scalar:
+                return self.fresh(self.d.scalar(arr), arr.kind)
+            return arr
         if e.id in sc.owner.env:
             return sc.owner.env[e.id]
         if e.id in sc.lazy:
@@ -286,8 +267,8 @@ class Emitter:
             if key not in self.memo:
                 self.memo[key] = self.materialise(self.expr(sc.lazy[e.id], sc, {}))
             return self.memo[key]
-        if e.ref and e.ref.startswith("const"):
-            return _Hooks(sc.owner).const(e.id, e.ref[6:] or None)
+        if e.value is not None:  # a constant
+            return Evaluator({}, {}).eval(e.value)
         raise UnsupportedError(f"'{e.id}' has no value in a compiled kernel", e.span)
 
     def materialise(self, v):
@@ -331,12 +312,11 @@ class Emitter:
 
     def binop(self, op, a, b, span):
         if not isinstance(a, Code) and not isinstance(b, Code):
-            from attndsl.evaluate import binop as pyop
             if op == "and":
                 return a and b
             if op == "or":
                 return a or b
-            return pyop(op, a, b, span)
+            return eval_binop(op, a, b, span)
         ta, tb = self.text(a), self.text(b)
         kind = "float" if "float" in (self.kind(a), self.kind(b)) else "int"
         # identities on integer code (float code keeps its IEEE behaviour)
@@ -479,21 +459,18 @@ class Emitter:
         q = self.text(sc.ctx["q"].index)
         k = self.text(sc.ctx["k"].index)
         qb = self.fresh(f"tl.maximum({q}, 0) // {conf['block']}", "int").text
-        cid = self.fresh(f"tl.load(dyn_chunk_of + tl.maximum({k}, 0))", "int").text
-        keep = self.fresh(f"tl.load(dyn_keep + (bh * dyn_nb + {qb}) * dyn_nc + {cid})", "int")
+        cid = self.fresh(f"tl.load(DYN_CHUNK + tl.maximum({k}, 0))", "int").text
+        keep = self.fresh(f"tl.load(DYN_KEEP + (bh * DYN_NB + {qb}) * DYN_NC + {cid})", "int")
         return self.fresh(f"({keep.text}) != 0", "bool")
 
     def pattern_call(self, e, sc, local):
-        pdef = sc.owner.module.scope[e.func]
-        values = {}
-        for p, a in zip(pdef.params, e.args):
-            values[p.name] = self.expr(a, sc, local)
-        for kw in e.kwargs:
-            values[kw.name] = self.expr(kw.value, sc, local)
-        if any(isinstance(v, Code | Tok) for v in values.values()):
-            raise UnsupportedError(f"pattern '{e.func}' is called with run-time arguments",
-                                   e.span)
-        sub = bind_def(sc.owner.module.home(pdef), pdef, values, e.span)
+        def value(a):
+            v = self.expr(a, sc, local)
+            if isinstance(v, Code | Tok):
+                raise UnsupportedError(f"pattern '{e.func}' is called with run-time arguments",
+                                       e.span)
+            return v
+        sub = bind_cached(e.callee, call_values(e.callee, e, value))
         saved = self.bp
         self.bp = sub
         try:
@@ -504,52 +481,12 @@ class Emitter:
     def builtin(self, name, args, span):
         if not any(isinstance(a, Code) or (isinstance(a, tuple) and any(
                 isinstance(x, Code) for x in a)) for a in args):
-            from attndsl.evaluate import call_builtin
             return call_builtin(name, list(args), span)
-        d = self.d
+        return BUILTIN_IMPLS[name](self, args, span)
 
-        def one(fmt, kind=None):
-            return self.lift(lambda x: self.fresh(fmt.format(self.text(x)),
-                                                  kind or self.kind(x)), args[0])
-
-        if name == "abs":
-            return one(d.ABS)
-        if name in ("min", "max"):
-            items = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else None
-            if items is None:
-                return self.lift(lambda *xs: self.minmax(name, list(xs)), *args)
-            return self.minmax(name, items)
-        if name == "clamp":
-            return self.lift(lambda x, lo, hi: self.minmax(
-                "min", [self.minmax("max", [x, lo]), hi]), *args)
-        if name == "cdiv":
-            return self.lift(lambda a, b: self.binop(
-                "-", 0, self.binop("//", self.binop("-", 0, a, span), b, span), span), *args)
-        if name in ("all", "any", "sum", "prod"):
-            x = args[0]
-            if not isinstance(x, tuple):
-                return x
-            op = {"all": "and", "any": "or", "sum": "+", "prod": "*"}[name]
-            out = x[0]
-            for y in x[1:]:
-                out = self.binop(op, out, y, span)
-            return out
-        if name == "is_pow2":
-            return self.lift(lambda x: self.fresh(
-                f"(({self.text(x)}) > 0) & ((({self.text(x)}) & (({self.text(x)}) - 1)) == 0)",
-                "bool"), args[0])
-        if name in ("popcount", "bit_length", "ilog2"):
-            return self.lift(lambda x: self.bits(name, x), args[0])
-        if name == "float":
-            return one(d.TO_FLOAT, "float")
-        if name == "floor":
-            return self.lift(lambda x: x if self.kind(x) == "int" else self.fresh(
-                d.FLOOR.format(self.text(x)), "int"), args[0])
-        if name in ("sqrt", "exp", "log", "tanh"):
-            fmt = {"sqrt": d.SQRT, "exp": d.EXP, "log": d.LOG, "tanh": d.TANH}[name]
-            return self.lift(lambda x: self.fresh(fmt.format(d.TO_FLOAT.format(self.text(x))),
-                                                  "float"), args[0])
-        raise UnsupportedError(f"built-in '{name}' cannot be compiled", span)
+    def one(self, fmt, args, kind=None):
+        return self.lift(lambda x: self.fresh(fmt.format(self.text(x)), kind or self.kind(x)),
+                         args[0])
 
     def minmax(self, name, items):
         out = items[0]
@@ -586,37 +523,113 @@ class Emitter:
         return out
 
 
+class _CodeDomain:
+    """rules.combine over generated boolean expressions."""
+
+    def __init__(self, em: Emitter, ctx: dict):
+        self.em = em
+        self.h = ctx.get("h")
+
+    def false(self):
+        return "False"
+
+    def union(self, a, b):
+        return f"({a}) | ({b})"
+
+    def intersect(self, a, b):
+        return f"({a}) & ({b})"
+
+    def minus(self, a, b):
+        return f"({a}) & {self.em.d.NOT.format(b)}"
+
+    def in_heads(self, lo, hi):
+        return f"(({self.h.text} >= {lo}) & ({self.h.text} < {hi}))"
+
+    def not_in_heads(self, lo, hi):
+        return self.em.d.NOT.format(self.in_heads(lo, hi))
+
+
+def _b_minmax(name):
+    def impl(em, args, span):
+        if len(args) == 1 and isinstance(args[0], tuple):
+            return em.minmax(name, list(args[0]))
+        return em.lift(lambda *xs: em.minmax(name, list(xs)), *args)
+    return impl
+
+
+def _b_reduce(name):
+    op = {"all": "and", "any": "or", "sum": "+", "prod": "*"}[name]
+
+    def impl(em, args, span):
+        x = args[0]
+        if not isinstance(x, tuple):
+            return x
+        out = x[0]
+        for y in x[1:]:
+            out = em.binop(op, out, y, span)
+        return out
+    return impl
+
+
+def _b_float_fn(attr):
+    def impl(em, args, span):
+        fmt = getattr(em.d, attr)
+        return em.lift(lambda x: em.fresh(fmt.format(em.d.TO_FLOAT.format(em.text(x))),
+                                          "float"), args[0])
+    return impl
+
+
+# One entry per built-in of lang/builtins.BUILTINS (tests/test_architecture.py checks that
+# none is missing): f(emitter, args, span) -> generated value; each dialect spells the
+# operators (Dialect subclasses above).
+BUILTIN_IMPLS = {
+    "abs": lambda em, args, span: em.one(em.d.ABS, args),
+    "min": _b_minmax("min"),
+    "max": _b_minmax("max"),
+    "clamp": lambda em, args, span: em.lift(lambda x, lo, hi: em.minmax(
+        "min", [em.minmax("max", [x, lo]), hi]), *args),
+    "cdiv": lambda em, args, span: em.lift(lambda a, b: em.binop(
+        "-", 0, em.binop("//", em.binop("-", 0, a, span), b, span), span), *args),
+    "popcount": lambda em, args, span: em.lift(lambda x: em.bits("popcount", x), args[0]),
+    "bit_length": lambda em, args, span: em.lift(lambda x: em.bits("bit_length", x),
+                                                 args[0]),
+    "ilog2": lambda em, args, span: em.lift(lambda x: em.bits("ilog2", x), args[0]),
+    "is_pow2": lambda em, args, span: em.lift(lambda x: em.fresh(
+        f"(({em.text(x)}) > 0) & ((({em.text(x)}) & (({em.text(x)}) - 1)) == 0)", "bool"),
+        args[0]),
+    "all": _b_reduce("all"),
+    "any": _b_reduce("any"),
+    "sum": _b_reduce("sum"),
+    "prod": _b_reduce("prod"),
+    "float": lambda em, args, span: em.one(em.d.TO_FLOAT, args, "float"),
+    "floor": lambda em, args, span: em.lift(lambda x: x if em.kind(x) == "int" else em.fresh(
+        em.d.FLOOR.format(em.text(x)), "int"), args[0]),
+    "sqrt": _b_float_fn("SQRT"),
+    "exp": _b_float_fn("EXP"),
+    "log": _b_float_fn("LOG"),
+    "tanh": _b_float_fn("TANH"),
+}
+
+
 class _Scope:
     """One owner pattern's values while emitting its rules."""
 
     def __init__(self, owner: BoundPattern, ctx: dict):
         self.owner = owner
         self.ctx = ctx
-        self.lazy = owner.lazy_lets()
-        self.ev = Evaluator(owner.env, {}, _Hooks(owner))
+        self.lazy = owner.lazy_lets
+        self.ev = Evaluator(dict(owner.env), {})
 
     def static(self, e):
-        v = self.ev.eval(e)
-        if isinstance(v, tuple | int | float | bool):
-            return v
-        raise UnsupportedError("static value of an unsupported kind")
+        """The value of a static expression, or None where only code can say (q.shape and
+        the like read the token, which the static evaluator has not)."""
+        try:
+            v = self.ev.eval(e)
+        except (EvaluationError, KeyError, AttributeError, TypeError):
+            return None
+        return v if isinstance(v, tuple | int | float | bool) else None
 
 
 def _mentions_local(e, local) -> bool:
     """Static-typed expressions may still name a local bound to generated code."""
-    if not local:
-        return False
-    import dataclasses
-    if isinstance(e, ir.Name):
-        return e.id in local
-    for f in dataclasses.fields(e):
-        v = getattr(e, f.name)
-        if isinstance(v, ir.Expr) and _mentions_local(v, local):
-            return True
-        if isinstance(v, tuple):
-            for x in v:
-                if isinstance(x, ir.Expr) and _mentions_local(x, local):
-                    return True
-                if isinstance(x, ir.Keyword) and _mentions_local(x.value, local):
-                    return True
-    return False
+    return bool(local) and any(n.id in local for n in names(e))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .plan import BlockTable, Plan, TokenOrder
+from attndsl.codegen.plan.orders import TokenOrder
+from attndsl.codegen.plan.tables import BlockTable, Plan
 
 LOADER = '''
 
@@ -40,7 +41,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
     """Write DIR/<name>.py (+ .npz, + _flex.py with flex=True); return paths and stats."""
     bp = op.bound
     kern = op.kernel(**inputs)
-    plan = kern.plan
+    plan = op.plan(**inputs)
     name = name or f"attn_{bp.name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -50,11 +51,13 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
             arrays[f"t{i}_{attr}"] = getattr(t, attr)
             arrays[f"tt{i}_{attr}"] = getattr(tt, attr)
         arrays[f"t{i}_needed"] = np.asarray(plan.table_needed(i))
+    for n, v in plan.run.values.items():  # the mask's run-time inputs the tables are for
+        if v is not None:
+            arrays[f"in_{n}"] = np.asarray(v)
     np.savez(out / f"{name}.npz", **arrays)
-    key, _ = op.plan_key(inputs)
     meta = {
-        "pattern": bp.name, "file": str(Path(bp.module.path).resolve())
-        if os.path.exists(bp.module.path) else bp.module.path,
+        "pattern": bp.name, "file": str(Path(bp.checked.file).resolve())
+        if os.path.exists(bp.checked.file) else bp.checked.file,
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in bp.values.items()},
         "block_q": plan.block_q, "block_k": plan.block_k,
         "qorder": {"shape": list(plan.qorder.shape), "tile": list(plan.qorder.tile),
@@ -62,7 +65,6 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
         "korder": {"shape": list(plan.korder.shape), "tile": list(plan.korder.tile),
                    "dilation": list(plan.korder.dilation)},
         "heads_tables": len(plan.tables),
-        "input_key": _jsonable(key[2]),
         "stats": plan.stats(),
         "attndsl": _version(),
     }
@@ -75,7 +77,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
     py.write_text(text)
     paths = {"module": str(py), "tables": str(out / f"{name}.npz")}
     if flex:
-        from .flex import flex_source
+        from attndsl.codegen.flex import flex_source
         fp = out / f"{name}_flex.py"
         fp.write_text(flex_source(bp))
         paths["flex"] = str(fp)
@@ -84,7 +86,7 @@ def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool =
 
 def _module_text(bp) -> str:
     from attndsl.errors import UnsupportedError
-    text = bp.module.text
+    text = bp.checked.text
     if text is None:  # pragma: no cover - every loader path records the text
         raise UnsupportedError("only patterns loaded from a file or source text can be "
                                "exported")
@@ -118,18 +120,16 @@ def _tuple(x):
 
 def load_exported(module, meta: dict, source: str, tables_path: str):
     """The Op of an exported module, using the module's kernels and the saved tables."""
-    import attndsl
-    from attndsl.loader import Loader
-
-    from .runtime import kernel_for
+    from attndsl.api import Op
+    from attndsl.lang.checker import check_pattern
+    from attndsl.lang.loader import Loader
+    from attndsl.semantics.bind import bind
+    from attndsl.semantics.inputs import validate
     path = meta["file"]
     base = Path(path).parent if os.path.isabs(path) and Path(path).parent.exists() else None
     mod = Loader().load_text(source, path, base)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
-    from attndsl.bind import bind
-    from attndsl.checker import check_pattern
-    op = attndsl.Op(bind(check_pattern(mod, mod.scope[meta["pattern"]]), mod, params))
-    op.options(block_q=meta["block_q"], block_k=meta["block_k"])
+    bp = bind(check_pattern(mod, mod.scope[meta["pattern"]]), params)
     data = np.load(tables_path)
 
     def order(key, perm):
@@ -145,16 +145,13 @@ def load_exported(module, meta: dict, source: str, tables_path: str):
             "full_off", "full_idx", "part_off", "part_idx")), needed))
         transposed.append(BlockTable(*(data[f"tt{i}_{a}"] for a in (
             "full_off", "full_idx", "part_off", "part_idx")), needed))
+    run = validate(bp, {k[3:]: data[k] for k in data.files if k.startswith("in_")},
+                   for_mask=True)
     plan = Plan(order("qorder", "qperm"), order("korder", "kperm"), meta["block_q"],
                 meta["block_k"], tuple(tables), tuple(transposed),
-                meta["stats"]["build_seconds"])
-    with open(module.__file__) as f:
-        text = f.read()
-    kern = kernel_for(op.bound, plan, module, text)
-    key = (meta["block_q"], meta["block_k"], _tuple(meta["input_key"]))
-    op._plans[key] = plan
-    op._kernels[key] = kern
-    return op
+                meta["stats"]["build_seconds"], bp, run)
+    return Op(bp, block_q=meta["block_q"], block_k=meta["block_k"]).use_compiled(
+        plan, module)
 
 
 __all__ = ["export", "load_exported", "sys"]

@@ -7,11 +7,9 @@ spelled with torch operations; run-time inputs become module globals set by `set
 
 from __future__ import annotations
 
-from attndsl.bind import BoundPattern
+from attndsl.codegen.emit import TORCH_HELPERS, Code, Emitter, TorchDialect, input_layout, prune
 from attndsl.errors import UnsupportedError
-
-from .emit import TORCH_HELPERS, Code, Emitter, TorchDialect, prune
-from .triton_gen import input_args
+from attndsl.semantics.bind import BoundPattern
 
 
 def flex_source(bp: BoundPattern) -> str:
@@ -19,10 +17,11 @@ def flex_source(bp: BoundPattern) -> str:
         raise UnsupportedError(f"pattern '{bp.name}' uses summary tokens, content-dependent "
                                "selection, averaging or channel tokens, which a FlexAttention "
                                "mask_mod cannot express", bp.checked.span)
-    names, arrays, scalars = input_args(bp)
+    layout = input_layout(bp)
+    names = [f"in_{n}" for n in layout]
 
     def body(which: str) -> tuple[str, str]:
-        em = Emitter(bp, TorchDialect(), arrays, scalars)
+        em = Emitter(bp, TorchDialect(), layout)
         ctx = {"q": em.token("q_idx", bp.qshape, bp.checked.qspace.axes),
                "k": em.token("kv_idx", bp.kshape, bp.checked.kspace.axes),
                "h": Code("h", "int")}

@@ -15,7 +15,6 @@ import torch
 
 import attndsl
 from attndsl import render
-from attndsl.analysis import analyze
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "standard_library"
@@ -92,7 +91,7 @@ def main() -> int:
             print(f"{'':<20} with summary tokens, every query reaches "
                   f"{float(reach.sum(1).float().mean()):.1f} keys on average")
         render.plot(op, mask, str(OUT / f"{name}.png"))
-        analyses.append((name, analyze(op, layers=2, inputs=inputs, q=content.get("q"),
+        analyses.append((name, op.analyze(layers=2, **inputs, q=content.get("q"),
                                        k=content.get("k"))))
     print("\nstacked (attndsl analyze): receptive field of the last token (or the grid "
           "centre)")
@@ -109,7 +108,8 @@ def main() -> int:
     print("\ncompiled kernels (attndsl compile --stats): token order, 64 x 64 blocks, score "
           "elements the kernels compute per attended one, and against FlexAttention's "
           "row-major block mask at the same block size")
-    from attndsl.codegen.plan import build_plan
+    from attndsl.codegen.plan.tables import build_plan
+    from attndsl.semantics.inputs import validate
     head = (f"{'pattern':<20} {'order':<34} {'full':>7} {'partial':>8} {'computed/needed':>16}"
             f" {'vs Flex':>8} {'build ms':>9}")
     print(head)
@@ -117,8 +117,9 @@ def main() -> int:
     for file, name, params, inputs in CASES:
         op = attndsl.compile(ROOT / "patterns" / file, pattern=name, **params)
         s = op.stats(**inputs)  # the block tables both compiled backends use
-        flex_computed = sum(build_plan(b, 64, 64, inputs=inputs, order="row-major").stats()[
-            "computed_elements"] for b in (op.bound.average or [op.bound]))
+        flex_computed = sum(
+            build_plan(b, 64, 64, validate(b, inputs, for_mask=True), order="row-major")
+            .stats()["computed_elements"] for b in (op.bound.average or [op.bound]))
         # Flex cannot express summary tokens or content-dependent selection: no ratio there
         vs = ("-" if s["content_dependent"] or s.get("summary_tokens")
               else f"{s['computed_elements'] / flex_computed:.2f}x")

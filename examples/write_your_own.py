@@ -18,7 +18,7 @@ import torch
 
 import attndsl
 from attndsl import render
-from attndsl.printer import expr_source
+from attndsl.lang.printer import expr_source
 
 HERE = Path(__file__).resolve().parent
 PATTERN_FILE = HERE / "my_pattern.attn"

@@ -12,10 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.analysis import analyze
-from attndsl.blocks import decompose
+from attndsl.analysis.blocks import decompose
+from attndsl.analysis.formulas import nnz_formula, substitute
 from attndsl.cli import main
-from attndsl.formulas import nnz_formula, substitute
+
+
+def analyze(op, inputs=None, **kw):
+    """The analysis as users get it (Op.analyze), inputs given as a dict."""
+    return op.analyze(**kw, **(inputs or {}))
 
 
 def _op(file, pattern, **kw):
@@ -204,8 +208,10 @@ def test_cost_fields():
     assert a.density == pytest.approx(a.nnz / 1e6)
     assert a.flops_forward == 4 * a.nnz * 32 and a.flops_backward == 2.5 * a.flops_forward
     assert a.formula_verified is True and a.asymptotic.startswith("O(N) ")
-    # 128-token blocks: 8 query blocks, each with itself and the previous block
-    assert a.block_table_bytes == 4 * (8 + 7) + 4 * 9
+    # the compiled kernels' tables (64-token blocks): 16 query blocks, each with itself and
+    # the previous block, listed per query block and per key block, int32 indices + offsets
+    assert a.block_table_bytes == 2 * 4 * (16 + 15) + 4 * 4 * 17
+    assert a.block_table_bytes == op.stats()["block_table_bytes"]
 
 
 @pytest.mark.parametrize("file,pattern,kw,cls", [

@@ -43,8 +43,8 @@ def test_compile_source_text_and_single_pattern_default():
 
 
 def test_mask_is_evaluated_in_row_chunks(monkeypatch):
-    import attndsl.reference as ref
-    monkeypatch.setattr(ref, "CHUNK_ELEMS", 1000)
+    from attndsl.semantics import masks
+    monkeypatch.setattr(masks, "CHUNK_ELEMS", 1000)
     op = attndsl.compile("patterns/sliding.attn", pattern="sliding_window", N=300, window=7,
                          causal=False)
     i = torch.arange(300)

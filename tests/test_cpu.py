@@ -1,4 +1,4 @@
-"""backend="cpu" (codegen/cpu.py) against the reference backend run in float64: outputs and
+"""backend="cpu" (codegen/cpu/) against the reference backend run in float64: outputs and
 all three gradients for every standard pattern it runs, odd lengths, empty rows, GQA, head
 dim 48, every float dtype, per-head rules with bias, softcap and scale, long rows cut into
 key pieces, uncached masks, hypothesis-generated patterns, and backend="auto" on CPU."""
@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.codegen import cpu
+from attndsl import caches
+from attndsl.codegen.cpu import kernels as cpu
+from attndsl.codegen.cpu import plan as cpu_plan_module
+from attndsl.codegen.cpu.plan import cpu_plan
 from attndsl.errors import AttnError, InputError
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -120,8 +123,8 @@ def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern
     compare(op, dtype=torch.float64, heads=4, kv_heads=2)
     assert cpu.supported(op.bound)
     calls = []
-    real = cpu.attention
-    monkeypatch.setattr(cpu, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu.Cpu.direct
+    monkeypatch.setattr(cpu.Cpu, "direct", lambda *a: calls.append(1) or real(*a))
     q = torch.randn(1, 2, op.bound.nq, 8)
     op(q, q, q)
     assert calls  # (an average calls it once more per part)
@@ -202,7 +205,7 @@ def test_lengths_not_multiple_of_block_and_block_sizes():
         compare(op, block=block)
     op = attndsl.compile("patterns/power.attn", "power_attention", N=100, block=8)
     compare(op.options(block_q=32, block_k=16), block=None)
-    assert cpu.cpu_plan(op, {}).plan.block_q == 32
+    assert cpu_plan(op.plan()).plan.block_q == 32
 
 
 def test_empty_rows_give_zero_and_finite_gradients():
@@ -232,7 +235,7 @@ def test_per_head_rules_bias_softcap_and_scale():
     op = attndsl.compile(src, N=50)
     compare(op, heads=4)
     compare(op, heads=4, kv_heads=2, batch=2)
-    assert len(cpu.cpu_plan(op, {}).plan.tables) == 4
+    assert len(cpu_plan(op.plan()).plan.tables) == 4
 
 
 def test_bias_on_some_heads_with_one_table_and_gqa():
@@ -263,8 +266,8 @@ def test_runtime_inputs_change_the_plan():
     b = torch.tensor([0] * 40 + [1] * 8)
     compare(op, inputs={"doc": a})
     compare(op, inputs={"doc": b})
-    pa, pb = cpu.cpu_plan(op, {"doc": a}), cpu.cpu_plan(op, {"doc": b})
-    assert pa is not pb and pa is cpu.cpu_plan(op, {"doc": a.clone()})
+    pa, pb = cpu_plan(op.plan(doc=a)), cpu_plan(op.plan(doc=b))
+    assert pa is not pb and pa is cpu_plan(op.plan(doc=a.clone()))
 
 
 def test_moh_gates_zero_heads():
@@ -290,7 +293,8 @@ def test_long_rows_in_key_pieces_and_small_items(monkeypatch):
 
 
 def test_masks_evaluated_per_call_when_too_many(monkeypatch):
-    monkeypatch.setattr(cpu, "MASK_CACHE", 0)
+    monkeypatch.setattr(cpu_plan_module, "MASK_CACHE", 0)
+    caches.CPU_PLANS.clear()
     op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and q % 3 != 0 }",
                          N=40)
     out = compare(op)
@@ -302,7 +306,7 @@ def test_masks_evaluated_per_call_when_too_many(monkeypatch):
 def test_realistic_size_default_blocks_strided_windows():
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=1100, window=200)
     compare(op, heads=2, dim=32, block=None)
-    groups = cpu.cpu_plan(op, {}).groups[0]
+    groups = cpu_plan(op.plan()).groups[0]
     assert any(g.step == 1 and len(g.rows) > 1 for g in groups)  # read through views
 
 
@@ -312,8 +316,8 @@ def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
     q, k, v = (torch.randn(2, 2, 72, 16, generator=gen) for _ in range(3))
     assert torch.equal(op(q, k, v), op(q, k, v, backend="cpu"))
     calls = []
-    real = cpu.attention
-    monkeypatch.setattr(cpu, "attention", lambda *a: calls.append(1) or real(*a))
+    real = cpu.Cpu.direct
+    monkeypatch.setattr(cpu.Cpu, "direct", lambda *a: calls.append(1) or real(*a))
     op(q, k, v)
     assert calls == [1]
 

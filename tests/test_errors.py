@@ -1099,7 +1099,7 @@ def mutated_source(draw):
     return text + "\n"
 
 
-def _small(t: attndsl.ir.Type):
+def _small(t: attndsl.lang.ir.Type):
     value = {"int": 4, "bool": False, "float": 0.5}.get(t.kind, 4)
     return value if t.n is None else (value,) * t.n
 

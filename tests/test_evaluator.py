@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.bind import bind
-from attndsl.checker import check_pattern
-from attndsl.evaluate import Evaluator
-from attndsl.loader import Loader
+from attndsl.lang.checker import check_pattern
+from attndsl.lang.loader import Loader
+from attndsl.semantics.bind import bind
+from attndsl.semantics.evaluate import Evaluator
+from attndsl.semantics.masks import context
 
 LIMIT = 1 << 62
 
@@ -150,7 +151,7 @@ def _bound(expr_src: str, kind: str, values: dict, n: int = 1):
     module = Loader().load_text(text, "<prop>")
     cp = check_pattern(module, module.scope["t"])
     assert cp.lets[0].value.ty.kind == kind
-    return cp, module, bind(cp, module, values)
+    return cp, module, bind(cp, values)
 
 
 SETTINGS = settings(max_examples=300, deadline=None,
@@ -208,14 +209,14 @@ def test_tensor_int_expressions_match_python(t, a):
     if undefined:
         try:  # the undefined part may be constant (caught while binding) or per (q, k)
             cp, module, bp = _bound(expr, "int", {"a": a, "b": 0, "c": 0}, n)
-            ctx = bp.context(torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1))
-            Evaluator(bp.env, ctx).eval(cp.lets[0].value)
+            ctx = context(bp, torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1))
+            Evaluator(dict(bp.env), ctx).eval(cp.lets[0].value)
         except attndsl.EvaluationError:
             return
         raise AssertionError("expected an EvaluationError")
     cp, module, bp = _bound(expr, "int", {"a": a, "b": 0, "c": 0}, n)
-    ctx = bp.context(torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1))
-    ev = Evaluator(bp.env, ctx)
+    ctx = context(bp, torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1))
+    ev = Evaluator(dict(bp.env), ctx)
     got = torch.as_tensor(ev.eval(cp.lets[0].value)).expand(n, n)
     want = torch.tensor([[outs[i, j] for j in range(n)] for i in range(n)])
     assert torch.equal(got, want)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import attndsl
-from attndsl.printer import expr_source, pattern_tree
+from attndsl.lang.printer import expr_source, pattern_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 STD = sorted(p for p in (ROOT / "patterns").glob("*.attn") if p.name != "prelude.attn")
@@ -28,7 +28,7 @@ def test_every_standard_pattern_has_a_golden_file():
 
 def test_expr_source_round_trips():
     """Printing an expression and parsing it again gives the same printed text."""
-    from attndsl.parser import parse_text
+    from attndsl.lang.parser import parse_text
     exprs = ["a + b * c", "(a + b) * c", "-a ** 2", "(-a) ** 2", "a - (b - c)", "a - b - c",
              "not a < b and c", "if a then b else c", "x[0].y", "f(a, b = 2)", "(1,)",
              "a << 1 | b & 3 ^ c", "1 <= a < b", "let t = a in t + 1", "2 ** 3 ** 2"]

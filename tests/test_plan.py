@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.codegen.plan import _tilings, build_plan, make_order
+from attndsl.codegen.plan.orders import make_order, tilings
+from attndsl.codegen.plan.tables import build_plan
+from attndsl.semantics.inputs import validate
 
 
 def brute(mask: np.ndarray, plan, table) -> tuple[set, set, int]:
@@ -41,7 +43,7 @@ def listed(table) -> tuple[set, set]:
 
 
 def check(op, bq=16, bk=16, order="auto", **inputs):
-    plan = build_plan(op.bound, bq, bk, inputs=inputs, order=order)
+    plan = build_plan(op.bound, bq, bk, validate(op.bound, inputs, for_mask=True), order=order)
     mask = op.mask(**inputs).numpy()
     masks = mask if mask.ndim == 3 else mask[None]
     assert len(plan.tables) == len(masks)
@@ -142,7 +144,7 @@ def test_orders_are_permutations_with_padding():
     real = o.perm[o.perm >= 0]
     assert sorted(real.tolist()) == list(range(130))
     assert o.length % 16 == 0 or o.length == len(o.perm)
-    assert all(np.prod(t) == 64 for t in _tilings((128, 128), 64))
+    assert all(np.prod(t) == 64 for t in tilings((128, 128), 64))
 
 
 def test_neighborhood_orders_beat_flex_block_masks():

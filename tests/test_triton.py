@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl import caches
 from attndsl.errors import AttnError, InputError, UnsupportedError
 
 pytest.importorskip("triton")
@@ -245,10 +246,10 @@ def test_errors_are_attn_errors():
         op.options(block_q=24)
 
 
-def test_debug_prints_source(monkeypatch, capsys):
-    from attndsl.codegen import runtime
+def test_debug_prints_source(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("ATTNDSL_DEBUG", "1")
-    monkeypatch.setattr(runtime, "_MODULES", {})
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path))
+    caches.clear_all()
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=33, window=4)
     op.options(block_q=16, block_k=16).kernel()
     err = capsys.readouterr().err
@@ -256,9 +257,8 @@ def test_debug_prints_source(monkeypatch, capsys):
 
 
 def test_generated_code_is_cached_on_disk(tmp_path, monkeypatch):
-    from attndsl.codegen import runtime
     monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path))
-    monkeypatch.setattr(runtime, "_MODULES", {})
+    caches.clear_all()
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=33, window=4)
     src = op.options(block_q=16, block_k=16).source()
     files = list(tmp_path.glob("attndsl_*.py"))
@@ -324,9 +324,9 @@ def test_compiled_op_inside_torch_compile():
 
 def test_integer_helpers_follow_python_semantics():
     """The generated _fdiv/_fmod give Python's floor division and modulo for every sign."""
-    from attndsl.codegen.emit import TRITON_HELPERS
-    from attndsl.codegen.runtime import load_source
-    src = ("import triton\nimport triton.language as tl\n" + TRITON_HELPERS + '''
+    from attndsl.codegen.triton.generate import KERNELS
+    from attndsl.codegen.triton.runtime import load_source
+    src = (KERNELS.read_text() + '''
 
 @triton.jit
 def kernel(A, B, Q, R, N: tl.constexpr):

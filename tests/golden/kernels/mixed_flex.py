@@ -33,7 +33,7 @@ def mask_mod(b, h, q_idx, kv_idx):
     t7 = (t6) < (3)
     t8 = (kv_idx) < (4)
     t9 = (t7) | (t8)
-    t10 = (((t4) & ((h >= 0) & (h < 2)))) | (((t9) & ((h >= 2) & (h < 4))))
+    t10 = ((t4) & (((h >= 0) & (h < 2)))) | ((t9) & (((h >= 2) & (h < 4))))
     return t10 & (q_idx == q_idx)
 
 
@@ -46,8 +46,7 @@ def score_mod(score, b, h, q_idx, kv_idx):
     t6 = (0.5) * (t5)
     t7 = (t4) + (t6)
     t8 = _t(t7).to(torch.float32)
-    t9 = t8
-    return 5.0 * torch.tanh((score + t9) / 5.0)
+    return 5.0 * torch.tanh((score + t8) / 5.0)
 
 SCALE = None  # pass as flex_attention(..., scale=SCALE); None means 1/sqrt(D)
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ir
-from .evaluate import fn_locals
-from .evaluate import lift as _map
+from attndsl.lang import ir
+from attndsl.semantics.evaluate import Evaluator, fn_locals
+from attndsl.semantics.evaluate import lift as _map
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 BIG = np.int64(1 << 62)
@@ -108,10 +108,15 @@ def tile_box(starts, stops, shape, axes) -> TokIV:
 
 
 class AbstractEvaluator:
-    def __init__(self, env: dict, ctx: dict, hooks=None):
+    """Evaluates typed expressions on boxes. `diff` = (lo, hi) arrays: the range of q - k
+    (flat indices) in each box, which narrows every tagged difference."""
+
+    def __init__(self, env: dict, ctx: dict, hooks=None, diff=None):
         self.env = env
         self.ctx = ctx
         self.hooks = hooks
+        self.diff = diff
+        self.arrays: dict = {}
 
     def eval(self, e: ir.Expr, local: dict | None = None):
         return getattr(self, "e_" + type(e).__name__)(e, local or {})
@@ -137,10 +142,12 @@ class AbstractEvaluator:
         if e.id in self.env:
             v = self.env[e.id]
             if v is None or hasattr(v, "shape") and not isinstance(v, np.ndarray | tuple):
-                return _Array(v)
+                if e.id not in self.arrays:
+                    self.arrays[e.id] = _Array(v)
+                return self.arrays[e.id]
             return lift(v)
-        if e.ref and e.ref.startswith("const") and self.hooks is not None:
-            return lift(self.hooks.const(e.id, e.ref[6:] or None))
+        if e.value is not None:  # a constant
+            return lift(Evaluator({}, {}).eval(e.value))
         raise Unknown(e.id)
 
     def e_TupleLit(self, e, local):
@@ -160,13 +167,13 @@ class AbstractEvaluator:
     def e_Binary(self, e, local):
         a = self.num(self.eval(e.left, local))
         b = self.num(self.eval(e.right, local))
-        return _map(lambda x, y: binop(e.op, x, y), a, b)
+        return _map(lambda x, y: binop(e.op, x, y, self.diff), a, b)
 
     def e_Compare(self, e, local):
         vals = [self.num(self.eval(o, local)) for o in e.operands]
         out = None
         for i, op in enumerate(e.ops):
-            r = _map(lambda x, y, op=op: compare(op, x, y), vals[i], vals[i + 1])
+            r = _map(lambda x, y, op=op: compare(op, x, y, self.diff), vals[i], vals[i + 1])
             out = r if out is None else _map(_and, out, r)
         return out
 
@@ -209,9 +216,9 @@ class AbstractEvaluator:
             return self.eval(e.body, fn_locals(e, self.eval, local))
         if e.ref == "builtin":
             args = [self.num(self.eval(a, local)) for a in e.args]
-            return builtin(e.func, args)
+            return BUILTIN_IMPLS[e.func](args, self.diff)
         if e.ref == "pattern" and self.hooks is not None:
-            return self.hooks.pattern_abstract(self, e, local)
+            return self.hooks.pattern(self, e, local)
         if e.ref == "dynamic" and e.ty is not None and e.ty.kind == "bool":
             # content-dependent selection: may be true or false anywhere, so the rest of
             # the predicate still prunes (a causal DHSA box above the diagonal is EMPTY)
@@ -279,12 +286,12 @@ def _select(c, a, b):
     raise Unknown("select")
 
 
-def compare(op, a, b) -> BV:
+def compare(op, a, b, diff=None) -> BV:
     if isinstance(a, IV) and isinstance(b, IV) and a.tag and b.tag and a.tag[0] != b.tag[0]:
         # compare the tagged difference with 0, which keeps the query-key correlation
-        diff = binop("-", a, b)
-        if diff.tag is not None and diff.tag[0] in ("d", "-d"):
-            return compare(op, diff, IV(_i(0), _i(0)))
+        d = binop("-", a, b, diff)
+        if d.tag is not None and d.tag[0] in ("d", "-d"):
+            return compare(op, d, IV(_i(0), _i(0)))
     if isinstance(a, BV):
         if op == "==":
             t = (a.t & b.t) | (a.f & b.f)
@@ -306,9 +313,6 @@ def compare(op, a, b) -> BV:
     if op == "==":
         return BV(overlap, ~single)
     return BV(~single, overlap)
-
-
-DIFF = {"lo": None, "hi": None}  # the range of q - k for the boxes being evaluated
 
 
 def _const(x: IV):
@@ -340,12 +344,12 @@ def _tag_add(a: IV, b: IV, sign: int):
     return None
 
 
-def _tagged(iv: IV, tag) -> IV:
-    """Attach a tag, narrowing a difference to the known range of q - k."""
+def _tagged(iv: IV, tag, diff) -> IV:
+    """Attach a tag, narrowing a difference to the known range `diff` of q - k."""
     if tag is None:
         return iv
-    if tag[0] in ("d", "-d") and DIFF["lo"] is not None:
-        dlo, dhi = DIFF["lo"], DIFF["hi"]
+    if tag[0] in ("d", "-d") and diff is not None:
+        dlo, dhi = diff
         if tag[0] == "d":
             lo, hi = dlo + tag[1], dhi + tag[1]
         else:
@@ -371,15 +375,15 @@ def _bits(x):
         out = np.where(more, out * 2 + 1, out)
 
 
-def binop(op, a, b):
+def binop(op, a, b, diff=None):
     if op in ("and", "or"):
         return _and(a, b) if op == "and" else _or(a, b)
     if isinstance(a, FV) or isinstance(b, FV) or op in ("/", "**"):
         raise Unknown(op)
     if op == "+":
-        return _tagged(IV(a.lo + b.lo, a.hi + b.hi), _tag_add(a, b, 1))
+        return _tagged(IV(a.lo + b.lo, a.hi + b.hi), _tag_add(a, b, 1), diff)
     if op == "-":
-        return _tagged(IV(a.lo - b.hi, a.hi - b.lo), _tag_add(a, b, -1))
+        return _tagged(IV(a.lo - b.hi, a.hi - b.lo), _tag_add(a, b, -1), diff)
     if op == "*":
         return _corners(np.multiply, a, b)
     if op in ("//", "%"):
@@ -417,66 +421,104 @@ def binop(op, a, b):
     return IV(lo, hi)
 
 
-def builtin(name, args):
-    def m(f):
-        return _map(f, *args)
+def _elementwise(f):
+    return lambda args, diff: _map(f, *args)
 
-    if name == "abs":
-        return m(lambda a: IV(np.where(a.lo >= 0, a.lo, np.where(a.hi <= 0, -a.hi, 0)),
-                              np.maximum(np.abs(a.lo), np.abs(a.hi))))
-    if name in ("min", "max"):
-        items = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else None
-        if items is None:
-            return _map(lambda *xs: _minmax(name, xs), *args)
-        return _minmax(name, items)
-    if name == "clamp":
-        return _map(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
-    if name == "cdiv":
-        return _map(lambda a, b: binop("-", lift(0), binop("//", binop("-", lift(0), a), b)),
-                    *args)
-    if name == "is_pow2":
-        def p2(a):
-            hi = np.maximum(a.hi, 1)
-            top = np.left_shift(1, np.floor(np.log2(hi.astype(np.float64))).astype(np.int64))
-            top = np.where(top > hi, top // 2, top)
-            t = (a.hi >= 1) & (top >= np.maximum(a.lo, 1))
-            ex = (a.lo == a.hi) & (a.lo >= 1) & ((a.lo & (a.lo - 1)) == 0)
-            return BV(t, ~ex)
-        return m(p2)
-    if name in ("all", "any"):
+
+def _b_abs(a):
+    return IV(np.where(a.lo >= 0, a.lo, np.where(a.hi <= 0, -a.hi, 0)),
+              np.maximum(np.abs(a.lo), np.abs(a.hi)))
+
+
+def _b_minmax(name):
+    def impl(args, diff):
+        if len(args) == 1 and isinstance(args[0], tuple):
+            return _minmax(name, list(args[0]))
+        return _map(lambda *xs: _minmax(name, xs), *args)
+    return impl
+
+
+def _b_cdiv(args, diff):
+    return _map(lambda a, b: binop("-", lift(0), binop("//", binop("-", lift(0), a, diff), b,
+                                                        diff), diff), *args)
+
+
+def _b_is_pow2(a):
+    hi = np.maximum(a.hi, 1)
+    top = np.left_shift(1, np.floor(np.log2(hi.astype(np.float64))).astype(np.int64))
+    top = np.where(top > hi, top // 2, top)
+    t = (a.hi >= 1) & (top >= np.maximum(a.lo, 1))
+    ex = (a.lo == a.hi) & (a.lo >= 1) & ((a.lo & (a.lo - 1)) == 0)
+    return BV(t, ~ex)
+
+
+def _b_reduce(name):
+    def impl(args, diff):
         x = args[0]
         if not isinstance(x, tuple):
             return x
         out = x[0]
         for y in x[1:]:
-            out = _and(out, y) if name == "all" else _or(out, y)
+            if name == "all":
+                out = _and(out, y)
+            elif name == "any":
+                out = _or(out, y)
+            else:
+                out = binop("+" if name == "sum" else "*", out, y, diff)
         return out
-    if name in ("sum", "prod"):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        out = x[0]
-        for y in x[1:]:
-            out = binop("+" if name == "sum" else "*", out, y)
-        return out
-    if name in ("bit_length", "ilog2"):
-        def bl(a):
-            if np.any(a.lo < 0):
-                raise Unknown(name)
-            f = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])
-            lo, hi = f(a.lo), f(a.hi)
-            return IV(lo - 1, hi - 1) if name == "ilog2" else IV(lo, hi)
-        return m(bl)
-    if name == "popcount":
-        def pc(a):
-            if np.any(a.lo < 0):
-                raise Unknown(name)
-            f = np.vectorize(lambda v: bin(int(v)).count("1"), otypes=[np.int64])
-            ex = a.lo == a.hi
-            bits = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])(a.hi)
-            return IV(np.where(ex, f(a.lo), 0), np.where(ex, f(a.lo), bits))
-        return m(pc)
-    raise Unknown(name)
+    return impl
+
+
+def _b_bit_length(ilog2: bool):
+    def bl(a):
+        if np.any(a.lo < 0):
+            raise Unknown("ilog2" if ilog2 else "bit_length")
+        f = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])
+        lo, hi = f(a.lo), f(a.hi)
+        return IV(lo - 1, hi - 1) if ilog2 else IV(lo, hi)
+    return bl
+
+
+def _b_popcount(a):
+    if np.any(a.lo < 0):
+        raise Unknown("popcount")
+    f = np.vectorize(lambda v: bin(int(v)).count("1"), otypes=[np.int64])
+    ex = a.lo == a.hi
+    bits = np.vectorize(lambda v: int(v).bit_length(), otypes=[np.int64])(a.hi)
+    return IV(np.where(ex, f(a.lo), 0), np.where(ex, f(a.lo), bits))
+
+
+def _unknown(name):
+    def impl(args, diff):
+        raise Unknown(name)
+    return impl
+
+
+# One entry per built-in of lang/builtins.BUILTINS (tests/test_architecture.py checks that
+# none is missing): f(args, diff) on intervals; float built-ins are not modelled (Unknown
+# makes the box PARTIAL, which is always sound).
+BUILTIN_IMPLS = {
+    "abs": _elementwise(_b_abs),
+    "min": _b_minmax("min"),
+    "max": _b_minmax("max"),
+    "clamp": lambda args, diff: _map(
+        lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args),
+    "cdiv": _b_cdiv,
+    "popcount": _elementwise(_b_popcount),
+    "bit_length": _elementwise(_b_bit_length(False)),
+    "ilog2": _elementwise(_b_bit_length(True)),
+    "is_pow2": _elementwise(_b_is_pow2),
+    "all": _b_reduce("all"),
+    "any": _b_reduce("any"),
+    "sum": _b_reduce("sum"),
+    "prod": _b_reduce("prod"),
+    "float": _unknown("float"),
+    "floor": _unknown("floor"),
+    "sqrt": _unknown("sqrt"),
+    "exp": _unknown("exp"),
+    "log": _unknown("log"),
+    "tanh": _unknown("tanh"),
+}
 
 
 def _minmax(name, items):

@@ -15,104 +15,31 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from attndsl.bind import CHUNK_ELEMS, BoundPattern, _Hooks
-from attndsl.blocks import classify_token_boxes, diag_pairs, diagonal_split
-from attndsl.errors import SizeLimitError
-from attndsl.intervals import FULL, IV, PARTIAL, TokIV
+from attndsl import caches
+from attndsl.analysis.blocks import classify_token_boxes, diag_pairs, diagonal_split
+from attndsl.analysis.intervals import FULL, IV, PARTIAL, TokIV
+from attndsl.codegen.plan.orders import (
+    TokenOrder,
+    neighborhood_dilation,
+    order_with_tile,
+    padded_perm,
+    tilings,
+)
+from attndsl.errors import ParameterError, SizeLimitError
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.inputs import NONE, RunInputs
+from attndsl.semantics.masks import chunks, summary_masks, token_mask
 
 PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
 TOP_GROUPS = 64  # groups per side where the quadtree starts
 
 
 # ------------------------------------------------------------------ token orders
-
-
-@dataclass(frozen=True, eq=False)
-class TokenOrder:
-    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding."""
-
-    shape: tuple[int, ...]
-    tile: tuple[int, ...]
-    dilation: tuple[int, ...]
-    perm: np.ndarray
-    identity: bool = False  # perm is arange(N): kernels skip the gathers
-    tile_block: int = 0  # tokens per block this order was made for
-
-    def __post_init__(self):
-        object.__setattr__(self, "identity", len(self.perm) == math.prod(self.shape) and bool(
-            (self.perm == np.arange(len(self.perm))).all()))
-
-    @property
-    def length(self) -> int:
-        return len(self.perm)
-
-    def inverse(self) -> np.ndarray:
-        """position of every row-major token in this order (the scatter back)."""
-        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
-        pos = np.nonzero(self.perm >= 0)[0]
-        inv[self.perm[pos]] = pos
-        return inv
-
-    def describe(self) -> str:
-        if self.identity:
-            return "row-major"
-        t = "x".join(map(str, self.tile))
-        d = "" if all(x == 1 for x in self.dilation) else (
-            ", dilation groups " + "x".join(map(str, self.dilation)))
-        return f"tiles {t}{d}"
-
-
-def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
-    """Power-of-two tile dims with product `block` (or the whole space), roughly cubic."""
-    t = [1] * len(shape)
-    cap = [1 << max(0, math.ceil(math.log2(s))) for s in shape]
-    while math.prod(t) < block:
-        grow = [a for a in range(len(t)) if t[a] < cap[a]]
-        if not grow:
-            break
-        a = min(grow, key=lambda a: (t[a], -a))
-        t[a] *= 2
-    return tuple(t)
-
-
-def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None,
-               tile: tuple[int, ...] | None = None) -> TokenOrder:
-    """Row-major for 1D; for 2D/3D, dilation groups one after another, each cut into tiles
-    of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside."""
-    n = len(shape)
-    if n == 1:
-        return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64),
-                          tile_block=block)
-    dil = tuple(dilation or (1,) * n)
-    sub = tuple(-(-s // d) for s, d in zip(shape, dil))  # largest dilation-group extent
-    tile = tile or tile_shape(sub, block)
-    parts = []
-    strides = np.cumprod((1,) + tuple(reversed(shape)))[:-1][::-1]
-    for g in np.ndindex(*dil):
-        ext = [len(range(gi, s, d)) for gi, s, d in zip(g, shape, dil)]
-        padded = [-(-e // t) * t for e, t in zip(ext, tile)]
-        # coordinates of the padded group grid in tile order
-        grids = np.meshgrid(*[np.arange(p) for p in padded], indexing="ij")
-        c = [x.reshape(-1) for x in grids]
-        tid = np.zeros_like(c[0])
-        inner = np.zeros_like(c[0])
-        for a in range(n):
-            tid = tid * (padded[a] // tile[a]) + c[a] // tile[a]
-            inner = inner * tile[a] + c[a] % tile[a]
-        order = np.lexsort((inner, tid))
-        c = [x[order] for x in c]
-        ok = np.ones(len(order), dtype=bool)
-        flat = np.zeros(len(order), dtype=np.int64)
-        for a in range(n):
-            ok &= c[a] < ext[a]
-            flat += (g[a] + c[a] * dil[a]) * int(strides[a])
-        parts.append(np.where(ok, flat, -1))
-    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts), tile_block=block)
 
 
 # ------------------------------------------------------------------ block bounds
@@ -147,15 +74,6 @@ class _Bounds:
 
 
 BIG = np.int64(1 << 62)
-
-
-def padded_perm(order: TokenOrder, block: int) -> np.ndarray:
-    """[blocks, block]: the row-major token at each position, -1 for padding (a whole last
-    block, and the order's own padding)."""
-    nb = -(-order.length // block)
-    perm = np.full(nb * block, -1, dtype=np.int64)
-    perm[:order.length] = order.perm
-    return perm.reshape(nb, block)
 
 
 def _block_bounds(order: TokenOrder, block: int) -> _Bounds:
@@ -220,7 +138,8 @@ class SummaryPlan:
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """Everything a kernel launch needs besides the tensors."""
+    """Everything a kernel launch needs besides the tensors: token orders, block sizes and
+    the CSR tables (see BlockTable). Frozen; hashed by identity (caches key on it)."""
 
     qorder: TokenOrder
     korder: TokenOrder
@@ -229,12 +148,15 @@ class Plan:
     tables: tuple[BlockTable, ...]  # one, or one per head
     transposed: tuple[BlockTable, ...]  # the same pairs, per key block
     build_seconds: float
-    stats_extra: dict = field(default_factory=dict)
-    content_dependent: bool = False  # tables are a static superset, refined per call
-    bound: object = None  # the BoundPattern and inputs, to count entries on demand
-    inputs: dict = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)
+    bound: BoundPattern | None = None  # to count proven-PARTIAL pairs on demand
+    run: RunInputs = NONE  # the mask's run-time inputs the tables were built for
     summary: SummaryPlan | None = None
+    orders_tried: tuple = ()  # (order, measured cost) of the orders the planner compared
+
+    @property
+    def content_dependent(self) -> bool:
+        """Tables are a static superset, refined per call from q and k."""
+        return self.bound is not None and self.bound.content_dependent
 
     @property
     def nsb(self) -> int:
@@ -253,18 +175,25 @@ class Plan:
         return sum(self.table_needed(h) for h in range(len(self.tables)))
 
     def table_needed(self, h: int) -> int:
-        key = ("needed", h)
-        if key not in self.cache:
-            t = self.tables[h]
-            total = t.needed
-            if t.uncounted is not None and len(t.uncounted):
-                head = h if len(self.tables) > 1 else None
-                _, _, cnt = _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
-                                          self.block_k, t.uncounted[:, 0], t.uncounted[:, 1],
-                                          head, self.inputs)
-                total += int(cnt.sum())
-            self.cache[key] = total
-        return self.cache[key]
+        return caches.NEEDED.get_or_create((self, h), lambda: self._count(h))
+
+    def _count(self, h: int) -> int:
+        t = self.tables[h]
+        total = t.needed
+        if t.uncounted is not None and len(t.uncounted):
+            head = h if len(self.tables) > 1 else None
+            _, _, cnt = _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
+                                      self.block_k, t.uncounted[:, 0], t.uncounted[:, 1],
+                                      head, self.run)
+            total += int(cnt.sum())
+        return total
+
+    def table_bytes(self) -> int:
+        """Bytes of every CSR array a launch reads (tables, transposed, summary tables): the
+        one block-table figure, reported by `compile --stats` and `analyze` alike."""
+        extra = () if self.summary is None else self.summary.tables + self.summary.transposed
+        return int(sum(a.nbytes for tab in self.tables + self.transposed + extra
+                       for a in (tab.full_off, tab.full_idx, tab.part_off, tab.part_idx)))
 
     def stats(self) -> dict:
         tabs = self.tables + (self.summary.tables if self.summary is not None else ())
@@ -273,10 +202,7 @@ class Plan:
         total = self.nqb * (self.nkb + self.nsb) * len(self.tables)
         needed = self.needed() + (self.summary.needed if self.summary is not None else 0)
         computed = (full + part) * self.block_q * self.block_k
-        extra = () if self.summary is None else self.summary.tables + self.summary.transposed
-        table_bytes = sum(a.nbytes for t in self.tables + self.transposed + extra
-                          for a in (t.full_off, t.full_idx, t.part_off, t.part_idx))
-        return {
+        out = {
             "block_q": self.block_q, "block_k": self.block_k,
             "tile_q": list(self.qorder.tile), "tile_k": list(self.korder.tile),
             "order_q": self.qorder.describe(), "order_k": self.korder.describe(),
@@ -284,12 +210,18 @@ class Plan:
             "full_blocks": full, "partial_blocks": part, "empty_blocks": total - full - part,
             "computed_elements": computed, "needed_elements": needed,
             "waste": computed / needed if needed else float("inf"),
-            "block_table_bytes": int(table_bytes),
+            "block_table_bytes": self.table_bytes(),
             "content_dependent": self.content_dependent,
             "summary_tokens": 0 if self.summary is None else self.summary.nr,
             "build_seconds": round(self.build_seconds, 4),
-            **self.stats_extra,
         }
+        if self.orders_tried:
+            out["orders_tried"] = dict(self.orders_tried)
+        return out
+
+
+def plan_stats(plan: Plan) -> dict:
+    return plan.stats()
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
@@ -303,32 +235,30 @@ def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
         np.int32)
 
 
-def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, inputs):
+def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, run):
     """Exact masks of block pairs (qi[t], kj[t]): (any, all-valid-and-true, count)."""
-    hooks = _Hooks(bp, {"inputs": inputs})
     qp = torch.from_numpy(padded_perm(qorder, bq))
     kp = torch.from_numpy(padded_perm(korder, bk))
     anyv = np.zeros(len(qi), dtype=bool)
     allv = np.zeros(len(qi), dtype=bool)
     cnt = np.zeros(len(qi), dtype=np.int64)
-    step = max(1, CHUNK_ELEMS // (bq * bk))
     h = None if head is None else torch.tensor(head)
-    for t0 in range(0, len(qi), step):
-        a = qp[torch.from_numpy(qi[t0:t0 + step])].unsqueeze(2)  # [T, bq, 1]
-        b = kp[torch.from_numpy(kj[t0:t0 + step])].unsqueeze(1)  # [T, 1, bk]
+    for t0, t1 in chunks(len(qi), bq * bk):
+        a = qp[torch.from_numpy(qi[t0:t1])].unsqueeze(2)  # [T, bq, 1]
+        b = kp[torch.from_numpy(kj[t0:t1])].unsqueeze(1)  # [T, 1, bk]
         qv, kv = a >= 0, b >= 0
-        val = bp.token_mask(a.clamp(min=0), b.clamp(min=0), hooks, h)
+        val = token_mask(bp, run, a.clamp(min=0), b.clamp(min=0), h)
         val = val.expand(a.shape[0], bq, bk)
         m = val & qv & kv
-        anyv[t0:t0 + step] = m.flatten(1).any(dim=1).numpy()
-        cnt[t0:t0 + step] = m.flatten(1).sum(dim=1).numpy()
+        anyv[t0:t1] = m.flatten(1).any(dim=1).numpy()
+        cnt[t0:t1] = m.flatten(1).sum(dim=1).numpy()
         # FULL: no key padding and every valid query attends every key
-        allv[t0:t0 + step] = ((val | ~qv).flatten(1).all(dim=1) & kv.flatten(1).all(dim=1)
+        allv[t0:t1] = ((val | ~qv).flatten(1).all(dim=1) & kv.flatten(1).all(dim=1)
                               ).numpy()
     return anyv, allv, cnt
 
 
-def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs, sub=16):
+def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, run, sub=16):
     """Like _dense_leaves for contiguous 1D blocks, but each pair is first cut into sub x sub
     boxes that the abstract interpreter classifies; only undecided ones are evaluated."""
     nq, nk = bp.nq, bp.nk
@@ -345,7 +275,7 @@ def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs, sub=16):
                  bp.checked.qspace.axes)
     kbox = TokIV(IV(k0, k1, ("k", 0)), (IV(k0, k1, ("k", 0)),), bp.kshape,
                  bp.checked.kspace.axes)
-    cls = classify_token_boxes(bp, qbox, kbox, q0 - k1, q1 - k0, head)
+    cls = classify_token_boxes(bp, qbox, kbox, q0 - k1, q1 - k0, head, run)
     n = len(gi)
     cnt = np.zeros(n, dtype=np.int64)
     anyv = np.zeros(n, dtype=bool)
@@ -356,7 +286,7 @@ def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs, sub=16):
     allv[t[cls == 0]] = False
     p = cls == PARTIAL
     if p.any():
-        m = _eval_boxes(bp, q0[p], k0[p], sub, head, inputs)  # [P, sub, sub]
+        m = _eval_boxes(bp, q0[p], k0[p], sub, head, run)  # [P, sub, sub]
         m &= (q0[p][:, None, None] + np.arange(sub)[None, :, None] < nq)
         m &= (k0[p][:, None, None] + np.arange(sub)[None, None, :] < nk)
         c = m.reshape(len(m), -1).sum(axis=1)
@@ -370,24 +300,22 @@ def _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs, sub=16):
     return anyv, allv, cnt
 
 
-def _eval_boxes(bp, q0, k0, sub, head, inputs) -> np.ndarray:
+def _eval_boxes(bp, q0, k0, sub, head, run) -> np.ndarray:
     """The exact mask of sub x sub boxes at (q0[i], k0[i]) (indices clamped in range)."""
-    hooks = _Hooks(bp, {"inputs": inputs})
     out = np.zeros((len(q0), sub, sub), dtype=bool)
-    step = max(1, CHUNK_ELEMS // (sub * sub))
     h = None if head is None else torch.tensor(head)
     ar = torch.arange(sub)
-    for t0 in range(0, len(q0), step):
-        a = (torch.from_numpy(q0[t0:t0 + step]).view(-1, 1, 1) + ar.view(1, -1, 1)).clamp(
+    for t0, t1 in chunks(len(q0), sub * sub):
+        a = (torch.from_numpy(q0[t0:t1]).view(-1, 1, 1) + ar.view(1, -1, 1)).clamp(
             max=bp.nq - 1)
-        b = (torch.from_numpy(k0[t0:t0 + step]).view(-1, 1, 1) + ar.view(1, 1, -1)).clamp(
+        b = (torch.from_numpy(k0[t0:t1]).view(-1, 1, 1) + ar.view(1, 1, -1)).clamp(
             max=bp.nk - 1)
-        val = bp.token_mask(a, b, hooks, h)
-        out[t0:t0 + step] = val.expand(a.shape[0], sub, sub).numpy()
+        val = token_mask(bp, run, a, b, h)
+        out[t0:t1] = val.expand(a.shape[0], sub, sub).numpy()
     return out
 
 
-def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
+def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
     listed for those query blocks (to compare token orders cheaply)."""
     qb0 = _block_bounds(qorder, bq)
@@ -416,7 +344,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
         gi, gj, qb, kb = gi[live], gj[live], qb.take(live), kb.take(live)
         cls = classify_token_boxes(bp, _box(qb, bp.qshape, qaxes, "q"),
                                    _box(kb, bp.kshape, kaxes, "k"),
-                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head)
+                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
         f = cls == FULL
         if f.any():
             # expand to leaf blocks; a key block with padding needs the mask: PARTIAL
@@ -463,7 +391,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
     if len(gi) and one_d and qorder.identity and korder.identity:
         q0, q1 = qb0.flo[gi], qb0.fhi[gi]
         k0, k1 = kb0.flo[gj], kb0.fhi[gj]
-        c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head)
+        c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head, run)
         g = c > -(1 << 62)
         if g.any():
             d = np.stack([q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]], axis=1)
@@ -475,7 +403,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
         # cheap proof of PARTIAL: the block pair's edge rows and columns hold both values;
         # the exact count of those pairs waits until stats() asks for it
         rows = gi
-        proven = _edges_mixed(bp, qorder, korder, bq, bk, rows, gj, head, inputs)
+        proven = _edges_mixed(bp, qorder, korder, bq, bk, rows, gj, head, run)
         if proven.any():
             part_i.append(gi[proven])
             part_j.append(gj[proven])
@@ -483,11 +411,10 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
             gi, gj = gi[~proven], gj[~proven]
     if len(gi):
         if one_d and qorder.identity and korder.identity:
-            anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, inputs)
+            anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, run)
         else:
             rows = gi if qsel is None else np.asarray(qsel)[gi]
-            anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, rows, gj, head,
-                                            inputs)
+            anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, rows, gj, head, run)
         needed += int(cnt.sum())
         full_i.append(gi[allv])
         full_j.append(gj[allv])
@@ -506,18 +433,16 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, inputs, qsel=None):
     return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
 
 
-def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, inputs) -> np.ndarray:
+def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
     """Block pairs whose first/last rows and columns already hold attended and unattended
     valid entries (so the pair is PARTIAL), from 2 (bq + bk) evaluations instead of bq bk."""
-    hooks = _Hooks(bp, {"inputs": inputs})
     qp = torch.from_numpy(padded_perm(qorder, bq))
     kp = torch.from_numpy(padded_perm(korder, bk))
     out = np.zeros(len(qi), dtype=bool)
-    step = max(1, CHUNK_ELEMS // (4 * (bq + bk)))
     h = None if head is None else torch.tensor(head)
-    for t0 in range(0, len(qi), step):
-        a = qp[torch.from_numpy(qi[t0:t0 + step])]  # [T, bq]
-        b = kp[torch.from_numpy(kj[t0:t0 + step])]  # [T, bk]
+    for t0, t1 in chunks(len(qi), 4 * (bq + bk)):
+        a = qp[torch.from_numpy(qi[t0:t1])]  # [T, bq]
+        b = kp[torch.from_numpy(kj[t0:t1])]  # [T, bk]
         # the first and last valid query of each block, against all its keys; and back
         qv = a >= 0
         first = torch.where(qv.any(1), qv.float().argmax(1), 0)
@@ -530,45 +455,41 @@ def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, inputs) -> np.ndarray
         seen_t = torch.zeros(len(a), dtype=torch.bool)
         seen_f = torch.zeros(len(a), dtype=torch.bool)
         for qq, kk in ((rows, b.unsqueeze(1)), (a.unsqueeze(2), cols)):
-            val = bp.token_mask(qq.clamp(min=0), kk.clamp(min=0), hooks, h)
+            val = token_mask(bp, run, qq.clamp(min=0), kk.clamp(min=0), h)
             ok = (qq >= 0) & (kk >= 0)
             val = val.expand(ok.shape)
             seen_t |= (val & ok).flatten(1).any(1)
             seen_f |= (~val & ok).flatten(1).any(1)
-        out[t0:t0 + step] = (seen_t & seen_f).numpy()
+        out[t0:t1] = (seen_t & seen_f).numpy()
     return out
-
-
-def neighborhood_dilation(bp: BoundPattern) -> tuple[int, ...] | None:
-    """The per-axis dilation of a pattern's `neighborhood(...)`-style parameters, if any."""
-    d = bp.values.get("dilation")
-    if d is None:
-        return None
-    if isinstance(d, int):
-        d = (d,) * len(bp.qshape)
-    if len(d) != len(bp.qshape) or any(not isinstance(x, int) or x < 1 for x in d):
-        return None
-    return tuple(d)
 
 
 def default_blocks(bp: BoundPattern) -> tuple[int, int]:
     return 64, 64
 
 
+def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
+             run: RunInputs = NONE, order: str = "auto") -> Plan:
+    """build_plan through the declared cache, keyed by the bound pattern, the block sizes,
+    the order and the fingerprint of the mask's run-time inputs (the router of `route` and
+    the content are not part of the mask's tables)."""
+    if bp.route is not None:
+        run = run.without(bp.route[0])
+    dq, dk = default_blocks(bp)
+    bq, bk = block_q or dq, block_k or dk
+    key = (bp, bq, bk, order, run.fingerprint)
+    return caches.PLANS.get_or_create(key, lambda: build_plan(bp, bq, bk, run, order))
+
+
 def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None = None,
-               inputs: dict | None = None, order: str = "auto") -> Plan:
+               run: RunInputs = NONE, order: str = "auto") -> Plan:
     """Token orders and exact block tables (one per head for per-head patterns)."""
     t0 = time.perf_counter()
-    from attndsl.reference import _input_env, check_inputs
-    inputs = {n: v.cpu() if isinstance(v, torch.Tensor) else v
-              for n, v in check_inputs(bp, inputs or {}, for_mask=True).items()}
-    for owner in bp.owners():
-        _input_env(owner, inputs)
+    run = RunInputs(run.values).cpu()  # the tables never read the content
     dq, dk = default_blocks(bp)
     bq, bk = block_q or dq, block_k or dk
     for b in (bq, bk):
         if b < 16 or b & (b - 1):
-            from attndsl.errors import ParameterError
             raise ParameterError(f"block sizes must be powers of two >= 16, not {b}")
     rm_q = TokenOrder(bp.qshape, (bq,), (1,) * len(bp.qshape), np.arange(bp.nq),
                       tile_block=bq)
@@ -577,33 +498,30 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
     qorder, korder = rm_q, rm_k
     tried = {}
     if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape:
-        korder = choose_order(bp, bk, inputs or {}, tried)
-        qorder = korder if bq == bk else choose_order(bp, bq, inputs or {}, tried, korder)
+        korder = choose_order(bp, bk, run, tried)
+        qorder = korder if bq == bk else choose_order(bp, bq, run, tried, korder)
     elif order not in ("auto", "row-major"):
-        from attndsl.errors import ParameterError
         raise ParameterError(f"order must be 'auto' or 'row-major', not {order!r}")
     heads = range(bp.heads) if bp.head_dependent else [None]
     tables, transposed = [], []
     for h in heads:
-        t, tt = _table(bp, qorder, korder, bq, bk, h, inputs or {})
+        t, tt = _table(bp, qorder, korder, bq, bk, h, run)
         tables.append(t)
         transposed.append(tt)
-    summary = summary_plan(bp, qorder, bq, bk, inputs) if bp.summaries else None
+    summary = summary_plan(bp, qorder, bq, bk, run) if bp.summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
-                time.perf_counter() - t0, {"orders_tried": tried} if tried else {},
-                bp.content_dependent, bp, inputs, {}, summary)
+                time.perf_counter() - t0, bp, run, summary, tuple(tried.items()))
 
 
-def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, inputs: dict
+def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs
                  ) -> SummaryPlan:
     """Regions and attend tables of every summary (dense over queries x regions: summary
     tokens are few, and the reference's own evaluation defines them)."""
-    from attndsl.reference import summary_masks
     heads = bp.heads if bp.head_dependent else None
     members, rows, offsets, atts = [], [], [], []
     base = 0
     for bs in bp.summaries:
-        member, att, kept = summary_masks(bp, bs, inputs, torch.device("cpu"), heads,
+        member, att, kept = summary_masks(bp, bs, run, torch.device("cpu"), heads,
                                           rows=True)
         size = math.prod(bs.sizes)
         members.append(member)
@@ -635,24 +553,7 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, inputs:
                        tuple(transposed), int(a.sum()))
 
 
-def _tilings(shape, block):
-    """Every power-of-two tile shape with `block` tokens that fits the space."""
-    caps = [max(0, math.ceil(math.log2(s))) for s in shape]
-    total = int(math.log2(block))
-    out = []
-
-    def rec(a, left, acc):
-        if a == len(shape) - 1:
-            if left <= caps[a]:
-                out.append(tuple(1 << e for e in acc + [left]))
-            return
-        for e in range(min(left, caps[a]) + 1):
-            rec(a + 1, left - e, acc + [e])
-    rec(0, total, [])
-    return out or [tile_shape(shape, block)]
-
-
-def choose_order(bp: BoundPattern, block: int, inputs: dict, tried: dict,
+def choose_order(bp: BoundPattern, block: int, run: RunInputs, tried: dict,
                  korder: TokenOrder | None = None, samples: int = 24) -> TokenOrder:
     """The token order (row-major, or tiles of any shape, with or without dilation groups)
     whose blocks list the fewest pairs, measured exactly on evenly spaced query blocks;
@@ -662,15 +563,15 @@ def choose_order(bp: BoundPattern, block: int, inputs: dict, tried: dict,
                         tile_block=block)]
     for d in {None, dil} if dil and any(x > 1 for x in dil) else {None}:
         sub = bp.qshape if d is None else tuple(-(-s // x) for s, x in zip(bp.qshape, d))
-        for t in _tilings(sub, block):
-            cands.append(_order_with_tile(bp.qshape, t, d))
+        for t in tilings(sub, block):
+            cands.append(order_with_tile(bp.qshape, t, d))
     best, best_cost = None, None
     for o in cands:
         nqb = -(-o.length // block)
         sel = np.unique(np.linspace(0, nqb - 1, min(samples, nqb)).astype(np.int64))
         ko = korder or o
         bk = block if korder is None else korder.tile_block
-        pairs = _table(bp, o, ko, block, bk, None if not bp.head_dependent else 0, inputs,
+        pairs = _table(bp, o, ko, block, bk, None if not bp.head_dependent else 0, run,
                        qsel=sel)
         # computed elements, scaled to the order's block count (padding costs)
         cost = pairs / len(sel) * nqb * block * bk
@@ -680,5 +581,3 @@ def choose_order(bp: BoundPattern, block: int, inputs: dict, tried: dict,
     return best
 
 
-def _order_with_tile(shape, tile, dilation):
-    return make_order(shape, math.prod(tile), dilation, tile=tile)

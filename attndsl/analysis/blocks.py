@@ -13,109 +13,119 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .bind import BoundPattern, _Hooks
-from .intervals import BV, FULL, PARTIAL, AbstractEvaluator, Unknown, classify
-from .intervals import token_box as _token_box
+from attndsl.analysis.intervals import (
+    BV,
+    FULL,
+    IV,
+    PARTIAL,
+    AbstractEvaluator,
+    Unknown,
+    classify,
+    exact,
+    token_box,
+)
+from attndsl.semantics import rules
+from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
+from attndsl.semantics.inputs import NONE, RunInputs
+from attndsl.semantics.masks import chunks, token_mask
 
 
 class _AbsHooks:
-    def __init__(self, bp: BoundPattern):
-        self.bp = bp
+    """Pattern calls inside a rule, interpreted on the same boxes."""
 
-    def const(self, name, file=None):
-        return _Hooks(self.bp).const(name, file)
+    def __init__(self, run: RunInputs):
+        self.run = run
 
-    def pattern_abstract(self, ev, call, local):
-        from .intervals import exact
-        values = {}
-        pdef = self.bp.module.scope[call.func]
-        home = self.bp.module.home(pdef)
-        for p, a in zip(pdef.params, call.args):
+    def pattern(self, ev, call, local):
+        def value(a):
             v = ev.eval(a, local)
             if not exact(v):
                 raise Unknown("pattern argument")
-            values[p.name] = int(np.asarray(v.lo).reshape(-1)[0])
-        for kw in call.kwargs:
-            v = ev.eval(kw.value, local)
-            values[kw.name] = int(np.asarray(v.lo).reshape(-1)[0])
-        from .bind import bind_def
-        key = ("abs-pattern", call.func, tuple(sorted(values.items())))
-        sub = self.bp.cache.get(key)
-        if sub is None:
-            sub = bind_def(home, pdef, values, call.span)
-            self.bp.cache[key] = sub
-        return abstract_predicate(sub, ev.ctx)
+            return int(np.asarray(v.lo).reshape(-1)[0])
+        sub = bind_cached(call.callee, call_values(call.callee, call, value))
+        return abstract_predicate(sub, ev.ctx, self.run, ev.diff)
 
 
-def abstract_predicate(bp: BoundPattern, ctx: dict) -> BV:
+class _BoxDomain:
+    """rules.combine over (may-true, may-false) pairs; `h` the head interval."""
+
+    def __init__(self, h):
+        self.h = h
+
+    def false(self):
+        return BV(np.asarray(False), np.asarray(True))
+
+    def union(self, a, b):
+        return BV(a.t | b.t, a.f & b.f)
+
+    def intersect(self, a, b):
+        return BV(a.t & b.t, a.f | b.f)
+
+    def minus(self, a, b):
+        return BV(a.t & b.f, a.f | b.t)
+
+    def in_heads(self, lo, hi):
+        h = self.h
+        return BV((h.hi >= lo) & (h.lo < hi), (h.lo < lo) | (h.hi >= hi))
+
+    def not_in_heads(self, lo, hi):
+        x = self.in_heads(lo, hi)
+        return BV(x.f, x.t)
+
+
+def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None) -> BV:
     """The (may-true, may-false) of the direct mask over the boxes in ctx."""
-    attend = within = exclude = None
-    for owner, rule, hr in bp.rules:
-        ev = AbstractEvaluator(owner.env, ctx, _AbsHooks(owner))
-        local = {}
-        for let in owner.checked.lets:  # in order: each let sees the earlier ones
-            if let.name in owner.env and let.value.ty.static:
-                continue
-            try:
-                local[let.name] = ev.eval(let.value, local)
-            except Unknown:
-                pass  # only an error if a rule uses it
-        val = ev.eval(rule.expr, local)
-        if hr is not None:
-            h = ctx["h"]
-            inside = BV((h.hi >= hr[0]) & (h.lo < hr[1]), (h.lo < hr[0]) | (h.hi >= hr[1]))
-            if rule.kind == "within":
-                val = BV(val.t | inside.f, val.f & inside.t)
-            else:
-                val = BV(val.t & inside.t, val.f | inside.f)
-        if rule.kind == "attend":
-            attend = val if attend is None else BV(attend.t | val.t, attend.f & val.f)
-        elif rule.kind == "within":
-            within = val if within is None else BV(within.t & val.t, within.f | val.f)
-        else:
-            exclude = val if exclude is None else BV(exclude.t | val.t, exclude.f & val.f)
-    if attend is None:
-        attend = BV(np.asarray(False), np.asarray(True))
-    if within is not None:
-        attend = BV(attend.t & within.t, attend.f | within.f)
-    if exclude is not None:
-        attend = BV(attend.t & exclude.f, attend.f | exclude.t)
-    return attend
+    evaluators: dict = {}
+
+    def value(owner, rule):
+        got = evaluators.get(id(owner))
+        if got is None:
+            ev = AbstractEvaluator({**owner.env, **run.env}, ctx, _AbsHooks(run), diff)
+            local = {}
+            for let in owner.checked.lets:  # in order: each let sees the earlier ones
+                if let.name in owner.env and let.value.ty.static:
+                    continue
+                try:
+                    local[let.name] = ev.eval(let.value, local)
+                except Unknown:
+                    pass  # only an error if a rule uses it
+            got = evaluators[id(owner)] = (ev, local)
+        ev, local = got
+        return ev.eval(rule.expr, local)
+
+    return rules.combine(bp.rules, value, _BoxDomain(ctx.get("h")))
 
 
-def classify_boxes(bp: BoundPattern, q0, q1, k0, k1, head=None, dlo=None, dhi=None
-                   ) -> np.ndarray:
+def classify_boxes(bp: BoundPattern, q0, q1, k0, k1, head=None, dlo=None, dhi=None,
+                   run: RunInputs = NONE) -> np.ndarray:
     """EMPTY/PARTIAL/FULL for boxes q in [q0, q1], k in [k0, k1] (inclusive, arrays).
 
     With dlo/dhi, only the part of each box where dlo <= q - k <= dhi is classified."""
-    qbox = _token_box(q0, q1, bp.qshape, bp.checked.qspace.axes, "q")
-    kbox = _token_box(k0, k1, bp.kshape, bp.checked.kspace.axes, "k")
+    qbox = token_box(q0, q1, bp.qshape, bp.checked.qspace.axes, "q")
+    kbox = token_box(k0, k1, bp.kshape, bp.checked.kspace.axes, "k")
     return classify_token_boxes(
         bp, qbox, kbox, np.asarray(q0) - np.asarray(k1) if dlo is None else dlo,
-        np.asarray(q1) - np.asarray(k0) if dhi is None else dhi, head)
+        np.asarray(q1) - np.asarray(k0) if dhi is None else dhi, head, run)
 
 
-def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None) -> np.ndarray:
+def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None,
+                         run: RunInputs = NONE) -> np.ndarray:
     """EMPTY/PARTIAL/FULL for boxes of query and key tokens given per axis (TokIV), where
     q - k (flat indices) lies in [dlo, dhi]."""
-    from . import intervals
     shape = np.broadcast(np.asarray(qbox.index.lo), np.asarray(kbox.index.lo)).shape
     ctx = {"q": qbox, "k": kbox}
     if head is not None:
         h = np.asarray(head, dtype=np.int64)
-        ctx["h"] = intervals.IV(h, h)
-    saved = dict(intervals.DIFF)
-    intervals.DIFF["lo"], intervals.DIFF["hi"] = dlo, dhi
+        ctx["h"] = IV(h, h)
     try:
         with np.errstate(all="ignore"):
-            return np.broadcast_to(classify(abstract_predicate(bp, ctx)), shape)
+            return np.broadcast_to(classify(abstract_predicate(bp, ctx, run, (dlo, dhi))),
+                                   shape)
     except (Unknown, FloatingPointError, OverflowError, ValueError, ZeroDivisionError):
         return np.full(shape, PARTIAL, dtype=np.int8)
-    finally:
-        intervals.DIFF.update(saved)
 
 
-def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None):
+def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None, run: RunInputs = NONE):
     """For each box, a threshold c with the part q - k >= c uniform one way and q - k < c
     uniform the other (a causal diagonal, a window edge), or c = None.
 
@@ -124,8 +134,8 @@ def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None):
     none = np.full(q0.shape, -(1 << 62), dtype=np.int64)
     if not len(q0):
         return none, none.astype(np.int8), none.astype(np.int8)
-    top = classify_boxes(bp, q0, q1, k0, k1, head, dhi, dhi)
-    bottom = classify_boxes(bp, q0, q1, k0, k1, head, dlo, dlo)
+    top = classify_boxes(bp, q0, q1, k0, k1, head, dhi, dhi, run)
+    bottom = classify_boxes(bp, q0, q1, k0, k1, head, dlo, dlo, run)
     cand = (top != PARTIAL) & (bottom != PARTIAL) & (top != bottom) & (dhi > dlo)
     idx = np.nonzero(cand)[0]
     if not len(idx):
@@ -138,11 +148,11 @@ def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None):
         if not open_.any():
             break
         mid = (lo + hi) // 2
-        cls = classify_boxes(bp, a0, a1, b0, b1, head, mid, dhi[idx])
+        cls = classify_boxes(bp, a0, a1, b0, b1, head, mid, dhi[idx], run)
         ok = cls == want
         hi = np.where(open_ & ok, mid, hi)
         lo = np.where(open_ & ~ok, mid + 1, lo)
-    below = classify_boxes(bp, a0, a1, b0, b1, head, dlo[idx], lo - 1)
+    below = classify_boxes(bp, a0, a1, b0, b1, head, dlo[idx], lo - 1, run)
     good = below == bottom[idx]
     c = none.copy()
     lower = np.zeros(q0.shape, dtype=np.int8)
@@ -153,23 +163,22 @@ def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None):
     return c, lower, upper
 
 
-def dense_tiles(bp: BoundPattern, q0, k0, bq: int, bk: int, head=None, runtime=None):
+def dense_tiles(bp: BoundPattern, q0, k0, bq: int, bk: int, head=None,
+                run: RunInputs = NONE):
     """Exact masks of tiles starting at (q0[i], k0[i]): bool [T, bq, bk] (out of range False).
 
     Per-head and per-batch masks (content-dependent patterns) are reduced to their union."""
-    hooks = _Hooks(bp, runtime or {})
     q0 = torch.as_tensor(np.asarray(q0), dtype=torch.int64).view(-1, 1, 1)
     k0 = torch.as_tensor(np.asarray(k0), dtype=torch.int64).view(-1, 1, 1)
     out = np.zeros((q0.shape[0], bq, bk), dtype=bool)
-    step = max(1, (1 << 21) // (bq * bk))
     h = None if head is None else torch.tensor(head)
-    for t0 in range(0, q0.shape[0], step):
-        qi = q0[t0:t0 + step] + torch.arange(bq).view(1, -1, 1)
-        ki = k0[t0:t0 + step] + torch.arange(bk).view(1, 1, -1)
+    for t0, t1 in chunks(q0.shape[0], bq * bk):
+        qi = q0[t0:t1] + torch.arange(bq).view(1, -1, 1)
+        ki = k0[t0:t1] + torch.arange(bk).view(1, 1, -1)
         valid = (qi < bp.nq) & (ki < bp.nk)
         qc, kc = qi.clamp(max=bp.nq - 1), ki.clamp(max=bp.nk - 1)
-        val = bp.token_mask(qc, kc, hooks, h)
-        out[t0:t0 + step] = (val.expand(valid.shape) & valid).numpy()
+        val = token_mask(bp, run, qc, kc, h)
+        out[t0:t1] = (val.expand(valid.shape) & valid).numpy()
     return out
 
 
@@ -230,7 +239,7 @@ class Decomposition:
         return m
 
 
-def decompose(bp: BoundPattern, tile: int = 16, head=None, runtime=None,
+def decompose(bp: BoundPattern, tile: int = 16, head=None, run: RunInputs = NONE,
               max_boxes: int = 50_000_000) -> Decomposition:
     """Quadtree refinement of [0, Nq) x [0, Nk), exact at the leaves.
 
@@ -248,10 +257,10 @@ def decompose(bp: BoundPattern, tile: int = 16, head=None, runtime=None,
     while len(q0):
         q1 = np.minimum(q0 + s, nq) - 1
         k1 = np.minimum(k0 + s, nk) - 1
-        cls = np.broadcast_to(classify_boxes(bp, q0, q1, k0, k1, head), q0.shape)
+        cls = np.broadcast_to(classify_boxes(bp, q0, q1, k0, k1, head, run=run), q0.shape)
         evaluated += len(q0)
         if evaluated > max_boxes:
-            from .errors import SizeLimitError
+            from attndsl.errors import SizeLimitError
             raise SizeLimitError(f"pattern '{bp.name}' needs more than {max_boxes:,} boxes to "
                                  "decompose exactly at this size", bp.checked.span)
         f = cls == FULL
@@ -260,7 +269,7 @@ def decompose(bp: BoundPattern, tile: int = 16, head=None, runtime=None,
         p = cls == PARTIAL
         q0, q1, k0, k1 = q0[p], q1[p], k0[p], k1[p]
         if len(q0) and bp.nq == bp.nk and len(bp.qshape) == 1:
-            c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head)
+            c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head, run)
             g = c > -(1 << 62)
             if g.any():
                 diag.append(np.stack([q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]],
@@ -268,7 +277,7 @@ def decompose(bp: BoundPattern, tile: int = 16, head=None, runtime=None,
                 q0, q1, k0, k1 = q0[~g], q1[~g], k0[~g], k1[~g]
         if s <= tile:
             if len(q0):
-                tm = dense_tiles(bp, q0, k0, s, s, head, runtime)
+                tm = dense_tiles(bp, q0, k0, s, s, head, run)
                 keep = tm.any(axis=(1, 2))
                 tiles.append(np.stack([q0[keep], k0[keep]], axis=1))
                 tile_masks.append(tm[keep])

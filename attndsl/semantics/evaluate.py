@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ir
-from .errors import EvaluationError
-
-INT_LIMIT = 1 << 63
+from attndsl.errors import EvaluationError
+from attndsl.lang import ir
+from attndsl.lang.ir import INT_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +33,19 @@ class SummaryVal:
     coords: dict
 
 
-def token(index, shape: tuple[int, ...], axes: tuple[str, ...]) -> TokenVal:
-    """Row-major coordinates of a flat index (last axis fastest)."""
+def unravel(index, shape: tuple[int, ...]) -> tuple:
+    """Row-major coordinates (last axis fastest) of flat indices: Python ints, numpy arrays
+    or tensors alike. The one place that turns a token index into its position."""
     pos = []
     rem = index
     for size in reversed(shape):
         pos.append(rem % size)
         rem = rem // size
-    return TokenVal(index, tuple(reversed(pos)), tuple(shape), axes)
+    return tuple(reversed(pos))
+
+
+def token(index, shape: tuple[int, ...], axes: tuple[str, ...]) -> TokenVal:
+    return TokenVal(index, unravel(index, shape), tuple(shape), axes)
 
 
 def _is_t(x) -> bool:
@@ -99,9 +103,10 @@ class Evaluator:
     def __init__(self, env: dict, ctx: dict | None = None, hooks=None, lazy=None):
         self.env = env  # name -> value for params, consts, inputs, static lets
         self.ctx = ctx or {}  # q, k, h and summary values
-        self.hooks = hooks  # callbacks for pattern calls and dynamic builtins
+        self.hooks = hooks  # pattern calls and content-dependent built-ins (semantics/masks.py)
         self.lazy = lazy or {}  # pattern-level lets on q/k/h: evaluated when first used
         self.memo: dict = {}
+        self.consts: dict = {}
         self.guard = None  # tensors: the elements whose value is used (and/or/if branches)
 
     def eval(self, e: ir.Expr, local: dict | None = None):
@@ -136,8 +141,10 @@ class Evaluator:
                 finally:
                     self.guard = saved
             return self.memo[e.id]
-        if e.ref and e.ref.startswith("const") and self.hooks is not None:
-            return self.hooks.const(e.id, e.ref[6:] or None)
+        if e.value is not None:  # a constant: its typed definition, evaluated once here
+            if e.id not in self.consts:
+                self.consts[e.id] = Evaluator({}, {}).eval(e.value)
+            return self.consts[e.id]
         raise EvaluationError(f"'{e.id}' has no value here", e.span)
 
     def _guarded(self, e, local, mask):
@@ -244,9 +251,9 @@ class Evaluator:
         if e.ref == "builtin":
             args = [num(self.eval(a, local)) for a in e.args]
             return call_builtin(e.func, args, e.span)
-        if e.ref == "pattern":
-            return self.hooks.pattern_mask(self, e, local)
-        if e.ref == "dynamic":
+        if e.ref == "pattern" and self.hooks is not None:
+            return self.hooks.pattern(self, e, local)
+        if e.ref == "dynamic" and self.hooks is not None:
             args = {p: self.eval(a, local) for p, a in zip(e.params, e.args)}
             return self.hooks.dynamic(self, e, args)
         raise EvaluationError(f"cannot evaluate call of '{e.func}'", e.span)
@@ -345,58 +352,65 @@ def _floor(x, span):
     return math.floor(x)
 
 
-def call_builtin(name: str, args: list, span):
-    def elementwise(f):
-        return lift(f, *args)
+def _elementwise(f):
+    """A one-argument built-in applied item by item to tuples."""
+    return lambda args, span: lift(lambda x: f(x, span), *args)
 
-    if name == "abs":
-        return elementwise(lambda x: x.abs() if _is_t(x) else _check_int(abs(x), span))
-    if name in ("min", "max"):
+
+def _b_minmax(name):
+    def impl(args, span):
         if len(args) == 1:
-            items = list(args[0]) if isinstance(args[0], tuple) else [args[0]]
-        else:
-            return lift(lambda *xs: _minmax(name, list(xs)), *args)
-        return _minmax(name, items)
-    if name == "clamp":
-        return lift(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
-    if name == "cdiv":
-        return lift(lambda a, b: -binop("//", -a, b, span), *args)
-    if name == "popcount":
-        def pc(x):
-            if _is_t(x):
-                if bool((x < 0).any()):
-                    raise EvaluationError("popcount of a negative number", span)
-                c = torch.zeros_like(x)
-                y = x.clone()
-                while bool((y != 0).any()):
-                    c += y & 1
-                    y = y >> 1
-                return c
-            if x < 0:
-                raise EvaluationError("popcount of a negative number", span)
-            return bin(x).count("1")
-        return elementwise(pc)
-    if name == "bit_length":
-        def bl(x):
-            if _is_t(x):
-                y = x.abs()
-                c = torch.zeros_like(y)
-                while bool((y != 0).any()):
-                    c += (y != 0).long()
-                    y = y >> 1
-                return c
-            return x.bit_length()
-        return elementwise(bl)
-    if name == "ilog2":
-        def lg(x):
-            if (_is_t(x) and bool((x < 1).any())) or (not _is_t(x) and x < 1):
-                raise EvaluationError("ilog2 needs x >= 1", span)
-            return call_builtin("bit_length", [x], span) - 1
-        return elementwise(lg)
-    if name == "is_pow2":
-        return elementwise(lambda x: (x > 0) & ((x & (x - 1)) == 0) if _is_t(x)
-                           else x > 0 and x & (x - 1) == 0)
-    if name in ("all", "any"):
+            return _minmax(name, list(args[0]) if isinstance(args[0], tuple) else [args[0]])
+        return lift(lambda *xs: _minmax(name, list(xs)), *args)
+    return impl
+
+
+def _b_clamp(args, span):
+    return lift(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
+
+
+def _b_cdiv(args, span):
+    return lift(lambda a, b: -binop("//", -a, b, span), *args)
+
+
+def _popcount(x, span):
+    if _is_t(x):
+        if bool((x < 0).any()):
+            raise EvaluationError("popcount of a negative number", span)
+        c = torch.zeros_like(x)
+        y = x.clone()
+        while bool((y != 0).any()):
+            c += y & 1
+            y = y >> 1
+        return c
+    if x < 0:
+        raise EvaluationError("popcount of a negative number", span)
+    return bin(x).count("1")
+
+
+def _bit_length(x, span):
+    if _is_t(x):
+        y = x.abs()
+        c = torch.zeros_like(y)
+        while bool((y != 0).any()):
+            c += (y != 0).long()
+            y = y >> 1
+        return c
+    return x.bit_length()
+
+
+def _ilog2(x, span):
+    if (_is_t(x) and bool((x < 1).any())) or (not _is_t(x) and x < 1):
+        raise EvaluationError("ilog2 needs x >= 1", span)
+    return _bit_length(x, span) - 1
+
+
+def _is_pow2(x, span):
+    return (x > 0) & ((x & (x - 1)) == 0) if _is_t(x) else x > 0 and x & (x - 1) == 0
+
+
+def _b_reduce(name):
+    def impl(args, span):
         x = args[0]
         if not isinstance(x, tuple):
             return x
@@ -404,39 +418,60 @@ def call_builtin(name: str, args: list, span):
         for y in x[1:]:
             if name == "all":
                 out = out & y if _is_t(out) or _is_t(y) else (out and y)
-            else:
+            elif name == "any":
                 out = out | y if _is_t(out) or _is_t(y) else (out or y)
+            else:
+                out = binop("+" if name == "sum" else "*", out, y, span)
         return out
-    if name in ("sum", "prod"):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        out = x[0]
-        for y in x[1:]:
-            out = binop("+" if name == "sum" else "*", out, y, span)
-        return out
-    if name == "float":
-        return elementwise(lambda x: x.double() if _is_t(x) else float(x))
-    if name == "floor":
-        return elementwise(lambda x: torch.floor(x).long() if _is_t(x) and x.is_floating_point()
-                           else x if _is_t(x) else _floor(x, span))
-    if name == "sqrt":
-        def sq(x):
-            if (_is_t(x) and bool((x < 0).any())) or (not _is_t(x) and x < 0):
-                raise EvaluationError("square root of a negative number", span)
-            return torch.sqrt(_t(x).double()) if _is_t(x) else math.sqrt(x)
-        return elementwise(sq)
-    if name == "log":
-        def lg2(x):
-            if (_is_t(x) and bool((x <= 0).any())) or (not _is_t(x) and x <= 0):
-                raise EvaluationError("logarithm of a number <= 0", span)
-            return torch.log(_t(x).double()) if _is_t(x) else math.log(x)
-        return elementwise(lg2)
-    if name == "exp":
-        return elementwise(lambda x: torch.exp(x.double()) if _is_t(x) else _exp(x, span))
-    if name == "tanh":
-        return elementwise(lambda x: torch.tanh(x.double()) if _is_t(x) else math.tanh(x))
-    raise EvaluationError(f"unknown built-in '{name}'", span)  # pragma: no cover
+    return impl
+
+
+def _b_floor(x, span):
+    if _is_t(x):
+        return torch.floor(x).long() if x.is_floating_point() else x
+    return _floor(x, span)
+
+
+def _sqrt(x, span):
+    if (_is_t(x) and bool((x < 0).any())) or (not _is_t(x) and x < 0):
+        raise EvaluationError("square root of a negative number", span)
+    return torch.sqrt(_t(x).double()) if _is_t(x) else math.sqrt(x)
+
+
+def _log(x, span):
+    if (_is_t(x) and bool((x <= 0).any())) or (not _is_t(x) and x <= 0):
+        raise EvaluationError("logarithm of a number <= 0", span)
+    return torch.log(_t(x).double()) if _is_t(x) else math.log(x)
+
+
+# One implementation per built-in of lang/builtins.BUILTINS (tests/test_architecture.py
+# checks that none is missing): f(args, span) on Python values or tensors.
+BUILTIN_IMPLS = {
+    "abs": _elementwise(lambda x, span: x.abs() if _is_t(x) else _check_int(abs(x), span)),
+    "min": _b_minmax("min"),
+    "max": _b_minmax("max"),
+    "clamp": _b_clamp,
+    "cdiv": _b_cdiv,
+    "popcount": _elementwise(_popcount),
+    "bit_length": _elementwise(_bit_length),
+    "ilog2": _elementwise(_ilog2),
+    "is_pow2": _elementwise(_is_pow2),
+    "all": _b_reduce("all"),
+    "any": _b_reduce("any"),
+    "sum": _b_reduce("sum"),
+    "prod": _b_reduce("prod"),
+    "float": _elementwise(lambda x, span: x.double() if _is_t(x) else float(x)),
+    "floor": _elementwise(_b_floor),
+    "sqrt": _elementwise(_sqrt),
+    "exp": _elementwise(lambda x, span: torch.exp(x.double()) if _is_t(x) else _exp(x, span)),
+    "log": _elementwise(_log),
+    "tanh": _elementwise(lambda x, span: torch.tanh(x.double()) if _is_t(x)
+                         else math.tanh(x)),
+}
+
+
+def call_builtin(name: str, args: list, span):
+    return BUILTIN_IMPLS[name](args, span)
 
 
 def _exp(x, span):

@@ -1,14 +1,18 @@
 """The IR: immutable, slotted nodes, each with the source span it came from.
 
 The parser builds untyped nodes (`ty is None`); the checker returns copies with `ty` set and
-names resolved (`ref`), so the same classes serve both stages.
+names resolved (`ref`), so the same classes serve both stages. The checker's output for a
+whole pattern, `CheckedPattern`, lives here too: every later stage reads it and none of
+them needs the checker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import Span
+from attndsl.errors import Span
+
+INT_LIMIT = 1 << 63  # integers are signed 64-bit: |value| < INT_LIMIT
 
 # ---------------------------------------------------------------- types
 
@@ -33,8 +37,7 @@ class Type:
         if self.kind == "summary":
             return f"summary<{self.space}>"
         if self.kind == "array":
-            from .printer import expr_source
-            dims = ", ".join("*" if d is None else expr_source(d) if isinstance(d, Expr)
+            dims = ", ".join("*" if d is None else source(d) if isinstance(d, Expr)
                              else str(d) for d in self.dims)
             return f"{self.space}[{dims}]" + (" optional" if self.optional else "")
         if self.n is None:
@@ -82,9 +85,13 @@ class BoolLit(Expr):
 
 @dataclass(frozen=True, slots=True)
 class Name(Expr):
+    """A name; after checking `ref` says what it is (param|local|const:FILE|q|k|h|input|
+    summary) and, for a constant, `value` is its typed defining expression."""
+
     id: str
     ty: Type | None = None
-    ref: str | None = None  # param|local|const|q|k|h|input|summary
+    ref: str | None = None
+    value: Expr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +149,11 @@ class Keyword:
 
 @dataclass(frozen=True, slots=True)
 class Call(Expr):
-    """A call; after checking `ref` says builtin|fn|pattern.
+    """A call; after checking `ref` says builtin|fn|pattern|dynamic.
 
-    For `fn` the checker stores the callee instantiated at this call site: `params` are the
-    bound names in order (defaults filled into `args`) and `body` its typed body.
+    For `fn` the checker stores the callee instantiated for the argument types at this call
+    site: `params` are the bound names in order (defaults filled into `args`) and `body` its
+    typed body. For `pattern`, `callee` is the called pattern's CheckedPattern.
     """
 
     func: str
@@ -156,6 +164,7 @@ class Call(Expr):
     params: tuple[str, ...] = ()
     body: Expr | None = None
     defaults: tuple[bool, ...] = ()  # fn: which args are the callee's defaults
+    callee: CheckedPattern | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +287,13 @@ class RouteStmt:
 
 @dataclass(frozen=True, slots=True)
 class PatternRef:
+    """`include P(...)` or a part of `average`; after checking `checked` is P's typed IR."""
+
     name: str
     args: tuple[Expr, ...]
     kwargs: tuple[Keyword, ...]
     span: Span
+    checked: CheckedPattern | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,3 +379,142 @@ class Module:
 
     def patterns(self) -> list[PatternDef]:
         return [i for i in self.items if isinstance(i, PatternDef)]
+
+
+# ---------------------------------------------------------------- the checker's output
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    kind: str
+    sizes: tuple[Expr, ...]
+    axes: tuple[str, ...]
+    span: Span
+    inherited: bool = False  # taken from an included pattern; sizes come from binding
+
+
+@dataclass(frozen=True, slots=True)
+class InputDecl:
+    name: str
+    kind: str  # int|float|bool
+    dims: tuple  # () scalar; a None item is '*'
+    optional: bool
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    name: str
+    axes: tuple[SummaryAxis, ...]
+    member: Expr
+    attend: Expr
+    keys: str
+    values: str
+    queries: str
+    span: Span
+
+
+@dataclass(frozen=True, eq=False)
+class CheckedPattern:
+    """The typed IR of one pattern; every expression in it has `ty` set, every name its
+    `ref`, every called function its instantiated body and every called or included pattern
+    its own CheckedPattern. Equal (and hashed) by `key`: the pattern's file, name and span
+    and a digest of the source texts it was checked from."""
+
+    name: str
+    params: tuple[tuple[Param, Type], ...]
+    doc: str
+    span: Span
+    file: str
+    qspace: Space | None
+    kspace: Space | None
+    lets: tuple[LetStmt, ...]
+    requires: tuple[RequireStmt, ...]
+    inputs: tuple[InputDecl, ...]
+    heads: Expr | None
+    rules: tuple[RuleStmt, ...]
+    scores: tuple[ScoreStmt, ...]
+    summaries: tuple[Summary, ...]
+    route: RouteStmt | None
+    average: tuple[tuple[str, PatternRef], ...]
+    includes: tuple[PatternRef, ...]
+    uses_h: bool
+    uses_content: bool
+    nnz: NnzStmt | None = None
+    key: tuple = ()
+    text: str | None = None  # the source text of the file that defines the pattern
+
+    @property
+    def channel(self) -> bool:
+        return self.qspace is not None and self.qspace.kind == "channels"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CheckedPattern) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+# ---------------------------------------------------------------- expressions as text
+
+_PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "|": 5, "^": 6, "&": 7, "<<": 8, ">>": 8,
+         "+": 9, "-": 9, "*": 10, "/": 10, "//": 10, "%": 10, "neg": 11, "~": 11, "**": 12}
+
+
+def _prec(e) -> int:
+    if isinstance(e, Binary):
+        return _PREC[e.op]
+    if isinstance(e, Compare):
+        return _PREC["cmp"]
+    if isinstance(e, Unary):
+        return _PREC["not"] if e.op == "not" else _PREC["neg"]
+    if isinstance(e, IfExpr | LetExpr):
+        return 0
+    return 13
+
+
+def source(e: Expr) -> str:
+    """Source text for an expression, with the parentheses its precedence needs."""
+    def sub(x, min_prec):
+        s = source(x)
+        return f"({s})" if _prec(x) < min_prec else s
+
+    if isinstance(e, IntLit):
+        return str(e.value)
+    if isinstance(e, FloatLit):
+        return repr(e.value)
+    if isinstance(e, BoolLit):
+        return "true" if e.value else "false"
+    if isinstance(e, Name):
+        return e.id
+    if isinstance(e, TupleLit):
+        inner = ", ".join(source(i) for i in e.items)
+        return f"({inner},)" if len(e.items) == 1 else f"({inner})"
+    if isinstance(e, Unary):
+        if e.op == "not":
+            return "not " + sub(e.operand, _PREC["not"])
+        return e.op + sub(e.operand, _PREC["neg"])
+    if isinstance(e, Binary):
+        p = _PREC[e.op]
+        if e.op == "**":
+            return f"{sub(e.left, p + 1)} ** {sub(e.right, p - 1)}"
+        return f"{sub(e.left, p)} {e.op} {sub(e.right, p + 1)}"
+    if isinstance(e, Compare):
+        p = _PREC["cmp"] + 1
+        parts = [sub(e.operands[0], p)]
+        for op, x in zip(e.ops, e.operands[1:]):
+            parts += [op, sub(x, p)]
+        return " ".join(parts)
+    if isinstance(e, IfExpr):
+        return f"if {source(e.cond)} then {source(e.then)} else {source(e.orelse)}"
+    if isinstance(e, LetExpr):
+        return f"let {e.name} = {source(e.value)} in {source(e.body)}"
+    if isinstance(e, Call):
+        args = [source(a) for a in e.args]
+        args += [f"{k.name} = {source(k.value)}" for k in e.kwargs]
+        return f"{e.func}({', '.join(args)})"
+    if isinstance(e, Index):
+        return f"{sub(e.base, 13)}[{source(e.index)}]"
+    if isinstance(e, Attr):
+        return f"{sub(e.base, 13)}.{e.name}"
+    raise TypeError(type(e).__name__)  # pragma: no cover

@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .blocks import FULL, Decomposition, decompose
-from .errors import InputError, ParameterError, UnsupportedError
+from attndsl.analysis.blocks import FULL, Decomposition, decompose
+from attndsl.analysis.formulas import growth_class, nnz_formula
+from attndsl.errors import InputError, ParameterError, UnsupportedError
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.evaluate import unravel
+from attndsl.semantics.inputs import validate
+from attndsl.semantics.masks import summary_masks, token_mask
 
 ALL_QUERIES_LIMIT = 1024  # above this, statistics over all queries use a sample
 SAMPLE = 16
 SAMPLE_LIMIT = 1 << 16  # above this, only the chosen query is followed
-BLOCK = 128  # block size of the block-table memory estimate
 DENSE_LIMIT = 1 << 24  # graphs up to this many (query, key) pairs step by dense products
 
 
@@ -259,26 +263,21 @@ class Graph:
         return keys
 
 
-def _union_parts(bp, runtime, tile):
+def _union_parts(bp, run, tile):
     heads = range(bp.heads) if bp.head_dependent and bp.heads else [None]
-    return [decompose(bp, tile=tile, head=h, runtime=runtime) for h in heads]
+    return [decompose(bp, tile=tile, head=h, run=run) for h in heads]
 
 
-def build_graph(op, inputs: dict, content=None, tile: int = 16):
-    """The exact attention graph of an op (union over heads and averaged parts)."""
-    from .reference import _input_env, check_inputs, summary_masks
-    bp = op.bound
+def build_graph(bp: BoundPattern, inputs: dict, content=None, tile: int = 16):
+    """The exact attention graph of a pattern (union over heads and averaged parts)."""
     subs = bp.average or [bp]
     parts, summaries = [], []
     for sub in subs:
-        checked = check_inputs(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
-                               for_mask=True)
-        for owner in sub.owners():
-            _input_env(owner, checked)
-        runtime = {"inputs": checked, "content": content}
-        parts += _union_parts(sub, runtime, tile)
+        run = validate(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
+                       for_mask=True, content=content)
+        parts += _union_parts(sub, run, tile)
         for bs in sub.summaries:
-            mem, att = summary_masks(sub, bs, checked, torch.device("cpu"),
+            mem, att = summary_masks(sub, bs, run, torch.device("cpu"),
                                      sub.heads if sub.head_dependent else None)
             while att.dim() > 2:
                 att = att.any(dim=0)
@@ -289,8 +288,8 @@ def build_graph(op, inputs: dict, content=None, tile: int = 16):
 # ------------------------------------------------------------------ analysis
 
 
-def _default_query(op) -> int:
-    shape = op.query_shape
+def _default_query(bp: BoundPattern) -> int:
+    shape = bp.qshape
     if len(shape) == 1:
         return shape[0] - 1
     idx = 0
@@ -348,20 +347,21 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def analyze(op, layers: int = 4, query=None, head_dim: int = 64, inputs: dict | None = None,
-            q=None, k=None, progress: bool | None = None, coverage_limit: int = 64,
-            keep_sets: bool = False) -> Analysis:
-    """Receptive field, coverage and cost of `op` stacked `layers` times."""
+def analyze(bp: BoundPattern, layers: int = 4, query=None, head_dim: int = 64,
+            inputs: dict | None = None, q=None, k=None, progress: bool | None = None,
+            coverage_limit: int = 64, keep_sets: bool = False, table_bytes: int = -1
+            ) -> Analysis:
+    """Receptive field, coverage and cost of `bp` stacked `layers` times; `table_bytes` is
+    the compiled plan's block-table size (codegen.plan.tables.plan_stats), reported as is."""
     t0 = time.perf_counter()
     inputs = dict(inputs or {})
     if not isinstance(layers, int) or layers < 1:
         raise ParameterError(f"layers must be a positive integer, not {layers!r}")
-    bp = op.bound
     notes = []
     content = None
     if bp.content_dependent:
         if q is None or k is None:
-            raise InputError(f"pattern '{op.name}' depends on q and k: analyze(q=..., k=...)")
+            raise InputError(f"pattern '{bp.name}' depends on q and k: analyze(q=..., k=...)")
         rep = q.shape[1] // k.shape[1]
         content = (q, k.repeat_interleave(rep, dim=1))
         notes.append("the mask depends on q and k: this analysis holds for the given tensors "
@@ -383,12 +383,12 @@ def analyze(op, layers: int = 4, query=None, head_dim: int = 64, inputs: dict | 
     if bp.summaries or any(s.summaries for s in bp.average):
         notes.append("summary tokens: attending a summary of region R reaches every token of R "
                      "in the same layer")
-    graph, parts, summaries = build_graph(op, inputs, content)
+    graph, parts, summaries = build_graph(bp, inputs, content)
     nq, nk = bp.nq, bp.nk
     causal = _is_causal(parts, nq, nk) and all(_summary_causal(a, m) for a, m in summaries)
     if query is None:
-        query = _default_query(op)
-    query = _query_index(op, query)
+        query = _default_query(bp)
+    query = _query_index(bp, query)
     if nq <= ALL_QUERIES_LIMIT:
         qs = torch.arange(nq)
         queries = "all"
@@ -419,7 +419,7 @@ def analyze(op, layers: int = 4, query=None, head_dim: int = 64, inputs: dict | 
     coverage = None
     checked = max(layers, coverage_limit) if nq == nk else 1
     bar = _Progress(checked, bool(progress if progress is not None else (
-        nq > 1 << 16 and sys.stderr.isatty())), f"analyzing {op.name}")
+        nq > 1 << 16 and sys.stderr.isatty())), f"analyzing {bp.name}")
     prev = R
     fixpoint = None
     prev_cnt = np.ones(len(qs), dtype=np.int64)
@@ -476,18 +476,18 @@ def analyze(op, layers: int = 4, query=None, head_dim: int = 64, inputs: dict | 
     heads = bp.heads or 1
     per_head = nnz_heads if bp.head_dependent else nnz_union * heads
     flops = 4.0 * (per_head + nsum * heads) * head_dim
-    formula, formula_density, verified = _formula(op, nnz_union, nq, nk)
-    asym = _asymptotic(op, formula)
+    formula, formula_density, verified = _formula(bp, nnz_union)
+    asym = growth_class(bp)
     method = (f"exact decomposition: {sum(len(p.full) for p in parts):,} FULL rectangles "
               f"proved by interval reasoning, {sum(len(p.tiles) for p in parts):,} dense "
               f"{parts[0].tile}x{parts[0].tile} tiles where reasoning could not decide")
     return Analysis(
-        op.name, dict(op.params), tuple(op.query_shape), tuple(op.key_shape), query, causal,
+        bp.name, dict(bp.values), tuple(bp.qshape), tuple(bp.kshape), query, causal,
         tuple(stats), coverage, checked,
         coverage if coverage is not None else (fixpoint - 1 if fixpoint else None), complete,
         tuple(int(x) for x in never[:64]),
         int(len(never)), queries, nnz_union, nnz_union / (nq * nk), heads, head_dim, flops,
-        2.5 * flops, _block_table_bytes(parts, nq, nk), formula, formula_density, verified,
+        2.5 * flops, table_bytes, formula, formula_density, verified,
         asym, method, tuple(notes), time.perf_counter() - t0, tuple(sets))
 
 
@@ -501,8 +501,8 @@ def _summary_causal(att, mem) -> bool:
     return not bool((att & (last.view(1, -1) > q)).any())
 
 
-def _query_index(op, query) -> int:
-    shape = op.query_shape
+def _query_index(bp: BoundPattern, query) -> int:
+    shape = bp.qshape
     if isinstance(query, tuple | list):
         if len(query) != len(shape) or any(not 0 <= c < s for c, s in zip(query, shape)):
             raise ParameterError(f"query {tuple(query)} is not a coordinate of the "
@@ -555,72 +555,15 @@ def _paint(p: Decomposition, rows: torch.Tensor, q0: int) -> None:
             rows[lo - q0:hi - q0, c:c + w] |= torch.as_tensor(m[lo - a:hi - a, :w])
 
 
-def _box_blocks(boxes: np.ndarray, block: int):
-    """Every (box, query block, key block) a box [q0, q1, k0, k1, ...] overlaps."""
-    a, b = boxes[:, 0] // block, boxes[:, 1] // block
-    c, d = boxes[:, 2] // block, boxes[:, 3] // block
-    cnt = (b - a + 1) * (d - c + 1)
-    if cnt.sum() > 50_000_000:
-        return None
-    rep = np.repeat(np.arange(len(boxes)), cnt)
-    off = np.arange(len(rep)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    width = (d - c + 1)[rep]
-    return rep, a[rep] + off // width, c[rep] + off % width
-
-
-def _block_table_bytes(parts, nq, nk, block: int = BLOCK) -> int:
-    """int32 key-block indices of every non-empty (query block, key block) + row offsets;
-    -1 when the decomposition is too fine to count."""
-    nqb, nkb = -(-nq // block), -(-nk // block)
-    codes = []
-    for p in parts:
-        if len(p.full):
-            blocks = _box_blocks(p.full, block)
-            if blocks is None:
-                return -1
-            _, qb, kb = blocks
-            codes.append(qb * nkb + kb)
-        g = p.diag if p.diag is not None else np.zeros((0, 7), dtype=np.int64)
-        if len(g):  # the boxes' blocks that meet the attended part
-            blocks = _box_blocks(g, block)
-            if blocks is None:
-                return -1
-            rep, qb, kb = blocks
-            qmax = np.minimum((qb + 1) * block - 1, g[rep, 1])
-            qmin = np.maximum(qb * block, g[rep, 0])
-            kmin = np.maximum(kb * block, g[rep, 2])
-            kmax = np.minimum((kb + 1) * block - 1, g[rep, 3])
-            lower = g[rep, 5] == FULL
-            meet = np.where(lower, qmax - kmin >= g[rep, 4], qmin - kmax < g[rep, 4])
-            codes.append((qb * nkb + kb)[meet])
-        if len(p.tiles):
-            t = p.tile
-            for dq in (0, t - 1):
-                for dk in (0, t - 1):
-                    qq = np.minimum(p.tiles[:, 0] + dq, nq - 1) // block
-                    kk = np.minimum(p.tiles[:, 1] + dk, nk - 1) // block
-                    codes.append(qq * nkb + kk)
-    n = len(np.unique(np.concatenate(codes))) if codes else 0
-    return 4 * n + 4 * (nqb + 1)
-
-
 # ------------------------------------------------------------------ formulas
 
 
-def _formula(op, exact_nnz: int, nq: int, nk: int):
-    from .formulas import nnz_formula
-    f = nnz_formula(op.bound)
+def _formula(bp: BoundPattern, exact_nnz: int):
+    f = nnz_formula(bp)
     if f is None:
         return None, None, None
     expr, value, density = f
     return str(expr), str(density), value == exact_nnz
-
-
-def _asymptotic(op, formula) -> str:
-    from .formulas import growth_class
-    return growth_class(op)
-
-
 
 
 # ------------------------------------------------------------------ paths
@@ -636,61 +579,53 @@ class Path:
     hops: int | None
     engine: str
 
-    def describe(self, op) -> str:
+    def describe(self, shape: tuple[int, ...]) -> str:
+        """The path as text; grid tokens also show their coordinates in `shape`."""
         if self.tokens is None:
             return f"token {self.target} is never reached from query {self.source}"
-        coords = [_coords(op, t) for t in self.tokens]
+        coords = [coords_text(shape, t) for t in self.tokens]
         return " -> ".join(coords) + f"  ({self.hops} hop{'s' if self.hops != 1 else ''})"
 
 
-def _coords(op, t: int) -> str:
-    shape = op.query_shape
+def coords_text(shape: tuple[int, ...], t: int) -> str:
+    """'t' for 1-D spaces, 't(y,x)' for grids."""
     if len(shape) == 1:
         return str(t)
-    pos, rem = [], t
-    for s in reversed(shape):
-        pos.append(rem % s)
-        rem //= s
-    return str(t) + "(" + ",".join(map(str, reversed(pos))) + ")"
+    return str(t) + "(" + ",".join(map(str, unravel(t, shape))) + ")"
 
 
-def _column(op, graph: Graph, key: int, inputs, content) -> torch.Tensor:
+def _column(bp: BoundPattern, graph: Graph, key: int, inputs, content) -> torch.Tensor:
     """Queries that attend `key` directly or through a summary token: bool [Nq]."""
-    from .bind import _Hooks
-    bp = op.bound
-    subs = bp.average or [bp]
     col = torch.zeros(bp.nq, dtype=torch.bool)
-    for sub in subs:
+    for sub in bp.average or [bp]:
+        run = validate(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
+                       for_mask=True, content=content)
         heads = range(sub.heads) if sub.head_dependent and sub.heads else [None]
         for h in heads:
-            ctx = sub.context(torch.arange(sub.nq).view(-1, 1), torch.tensor([[key]]),
-                              None if h is None else torch.tensor(h))
-            val = torch.as_tensor(sub.predicate(ctx, _Hooks(sub, {"inputs": inputs,
-                                                                  "content": content})))
-            while val.dim() > 2:
-                val = val.any(dim=0)
+            val = token_mask(sub, run, torch.arange(sub.nq).view(-1, 1),
+                             torch.tensor([[key]]), None if h is None else torch.tensor(h),
+                             dims=2)
             col |= val.expand(sub.nq, 1)[:, 0]
     for att, mem in graph.summaries:
         col |= (att @ mem[:, key:key + 1])[:, 0] > 0
     return col
 
 
-def shortest_path(op, source, target, inputs: dict | None = None, q=None, k=None,
+def shortest_path(bp: BoundPattern, source, target, inputs: dict | None = None, q=None, k=None,
                   max_hops: int = 4096) -> Path:
     """The shortest chain of 'attends' from query `source` to token `target`."""
     import networkx as nx
     inputs = dict(inputs or {})
-    src, dst = _query_index(op, source), _query_index(op, target)
-    bp = op.bound
+    src, dst = _query_index(bp, source), _query_index(bp, target)
     if bp.nq != bp.nk:
         raise UnsupportedError("paths need a pattern whose queries and keys are the same "
                                "tokens")
     content = None
     if bp.content_dependent:
         if q is None or k is None:
-            raise InputError(f"pattern '{op.name}' depends on q and k: pass q=..., k=...")
+            raise InputError(f"pattern '{bp.name}' depends on q and k: pass q=..., k=...")
         content = (q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
-    graph, parts, summaries = build_graph(op, inputs, content)
+    graph, parts, summaries = build_graph(bp, inputs, content)
     nnz = sum(p.nnz for p in parts) + sum(int(a.sum()) * m.shape[1] for a, m in summaries)
     if nnz <= 1_000_000 and bp.nq * bp.nk <= 1 << 24:
         g = nx.DiGraph()
@@ -721,7 +656,7 @@ def shortest_path(op, source, target, inputs: dict | None = None, q=None, k=None
         layers.append(R[0].clone())
     path = [dst]
     for h in range(len(layers) - 1, 0, -1):
-        col = _column(op, graph, path[-1], inputs, content)
+        col = _column(bp, graph, path[-1], inputs, content)
         cand = (layers[h - 1] & col).nonzero().view(-1)
         path.append(int(cand[-1]))
     path.reverse()

@@ -1,5 +1,5 @@
 """backend="cpu": block-sparse attention on the CPU, from the same exact block tables as the
-compiled kernels (codegen/plan.py), in batched matrix products.
+compiled kernels (codegen/plan/), in batched matrix products; plan.py groups the work.
 
 Query blocks whose key-block lists have the same length and the same PARTIAL positions form a
 group. A group is cut into work items of at most BUDGET scores; an item is one batched product
@@ -16,91 +16,58 @@ rowsum(dO O)) (times 1 - tanh^2 under a softcap), dQ = dS K scale, dK = dS^T Q s
 gradients scattered into their key blocks.
 
 Patterns whose masks read q and k (DHSA's chunk_topk) evaluate their PARTIAL blocks' masks
-per call, per (batch, head), from the plan's static superset of blocks. Summary tokens run
-densely over their few rows (reference.summary_masks, _summarise) and merge with the direct
-keys' output through its log-sum-exp, which the backward differentiates too (delta - dlse).
+per call, per (batch, head), from the plan's static superset of blocks. The rows'
+log-sum-exps are an output when the driver merges summary tokens through them, and the
+backward differentiates them too (delta - dlse).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from attndsl.bind import CHUNK_ELEMS, BoundPattern, _Hooks
+from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
+from attndsl.codegen.plan.tables import plan_for
 from attndsl.errors import InputError, UnsupportedError
-from attndsl.reference import (
-    _input_env,
-    _summarise,
-    check_inputs,
-    check_tensors,
-    route_gates,
-    summary_masks,
-)
-
-from .plan import Plan, padded_perm
+from attndsl.reference import Reference
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.masks import bias
 
 BUDGET = 1 << 20  # scores per work item (4 MiB in float32): the working set stays in cache
-MASK_CACHE = 1 << 28  # PARTIAL-block mask entries kept per plan; beyond, evaluated per call
-MAX_RUNS = 3  # masked slot runs per group before one run covers them all
 STRIDED_GROUPS = 16  # at most this many (batch, kv head) products per strided item
 
 
 # ------------------------------------------------------------------ entry point
 
 
-def attention(op, q, k, v, inputs: dict, scale: float | None) -> torch.Tensor:
-    """Exactly the reference backend's attention (attndsl/reference.py), block-sparse."""
-    bp = op.bound
-    check_tensors(bp, q, k, v)
-    if q.device.type != "cpu":
-        raise InputError(f"backend 'cpu' takes CPU tensors, not {q.device}; use "
-                         "backend='triton' or 'reference'", bp.checked.span)
-    checked = check_inputs(bp, inputs, q.device, q.shape[0])
-    if bp.average:
-        parts = op.__dict__.setdefault("_cpu_parts", {})
-        outs = []
-        for i, sub in enumerate(bp.average):
-            part = parts.get(i)
-            if part is None:
-                part = parts[i] = type(op)(sub)
-            part.block_q, part.block_k = op.block_q, op.block_k
-            outs.append(attention(part, q, k, v, {n: x for n, x in inputs.items()
-                                                  if n in sub.inputs}, scale))
-        return sum(outs) / len(outs)
-    lowerable(bp)
-    dtype = q.dtype
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    if bp.channel:
-        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
-    if scale is None:
-        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    mask_inputs = {n: x for n, x in checked.items()
-                   if not (bp.route is not None and n == bp.route[0])}
-    cp = cpu_plan(op, mask_inputs)
-    content = None
-    if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: evaluated per call
-        content = (q.detach(), k.detach().repeat_interleave(q.shape[1] // k.shape[1], dim=1))
-        bp.cache.clear()  # chunk_topk caches by tensor id: no stale entry may match
-    out, lse = _Attention.apply(q, k, v, cp, float(scale), cdt, mask_inputs, content,
-                                bool(bp.summaries))
-    if bp.summaries:
-        out = _with_summaries(bp, checked, q, k, v, out, lse, float(scale), cdt)
-    if bp.route is not None:
-        out = out * route_gates(bp, checked[bp.route[0]], q.shape[1]).to(cdt).unsqueeze(-1)
-    if bp.channel:
-        out = out.transpose(-1, -2)
-    return out.to(dtype)
+class Cpu:
+    """The core of backend='cpu' (the Core protocol of semantics/attention.py): the direct
+    keys block-sparse, the few summary tokens densely as the reference does."""
 
+    name = "cpu"
+    summary = Reference.summary
 
-def lowerable(bp: BoundPattern) -> None:
-    """What the compiled kernels refuse, and per-head rules without a head count."""
-    from attndsl.api import _lowerable
-    _lowerable(bp)
-    if bp.head_dependent and bp.heads is None:
-        raise UnsupportedError("per-head rules need a 'heads N' declaration", bp.checked.span)
+    def check(self, bp: BoundPattern, q, k, v) -> None:
+        if q.device.type != "cpu":
+            raise InputError(f"backend 'cpu' takes CPU tensors, not {q.device}; use "
+                             "backend='triton' or 'reference'", bp.checked.span)
+        if bp.head_dependent and bp.heads is None:
+            raise UnsupportedError("per-head rules need a 'heads N' declaration",
+                                   bp.checked.span)
+
+    def direct(self, call):
+        bp = call.bp
+        cdt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
+        mask_run = call.run if bp.route is None else call.run.without(bp.route[0])
+        cp = cpu_plan(plan_for(bp, call.block_q, call.block_k, mask_run))
+        content = None
+        if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
+            content = tuple(x.detach() for x in call.run.content)
+        out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
+                                    call.need_lse)
+        return out, (lse if call.need_lse else None)
 
 
 def supported(bp: BoundPattern) -> bool:
@@ -108,235 +75,6 @@ def supported(bp: BoundPattern) -> bool:
     if bp.average:
         return all(supported(sub) for sub in bp.average)
     return not (bp.head_dependent and bp.heads is None)
-
-
-def _with_summaries(bp, inputs, q, k, v, out, lse, scale, cdt):
-    """The summary tokens, dense over their few rows, merged with the direct keys' output
-    `out` [B, H, Nq, Dv] through its log-sum-exp `lse` [B, H, Nq] (-inf: no direct key)
-    into one softmax. Their logits get the softcap, not the bias (as the reference)."""
-    B, H, Nq, _ = q.shape
-    rep = H // k.shape[1]
-    qc = q.to(cdt)
-    kc = k.to(cdt).repeat_interleave(rep, dim=1)
-    vc = v.to(cdt).repeat_interleave(rep, dim=1)
-    logits, masks, values = [], [], []
-    for bs in bp.summaries:
-        member, att = summary_masks(bp, bs, inputs, q.device, bp.heads)
-        if member.shape[0] == 0:
-            continue
-        ks, vs = _summarise(bs.summary, member, qc, kc, vc, scale)
-        sl = (qc @ ks.transpose(-1, -2)) * scale
-        if bp.softcap is not None:
-            sl = bp.softcap * torch.tanh(sl / bp.softcap)
-        logits.append(sl)
-        masks.append(att.expand(B, H, Nq, member.shape[0]))
-        values.append(vs)
-    if not logits:
-        return out
-    sl, att, vs = torch.cat(logits, -1), torch.cat(masks, -1), torch.cat(values, -2)
-    lse = lse.unsqueeze(-1)
-    neg = torch.tensor(float("-inf"), dtype=cdt)
-    m = torch.maximum(lse, torch.where(att, sl, neg).amax(dim=-1, keepdim=True)).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wd = torch.exp(lse - m)  # 0 where no direct key (no gradient either)
-    ps = torch.exp(torch.where(att, sl - m, neg))
-    num = wd * out + ps @ vs
-    den = wd + ps.sum(dim=-1, keepdim=True)
-    return num / torch.where(den > 0, den, torch.ones_like(den))
-
-
-# ------------------------------------------------------------------ plans
-
-
-@dataclass(eq=False)
-class _Group:
-    """Query blocks (`rows`, increasing) with key-block lists of one length and one set of
-    PARTIAL positions: kidx[i] lists row i's key blocks, increasing."""
-
-    rows: np.ndarray  # [n] query block ids
-    kidx: np.ndarray  # [n, slots] key block ids
-    runs: list  # [(s0, s1)]: slot ranges that need the mask
-    any_full: bool  # some slot needs no mask: no row can be empty
-    contiguous: bool  # rows are consecutive
-    step: int | None  # kidx[i, j] == kidx[0, 0] + i * step + j (strided views)
-    rows_t: torch.Tensor = None
-    kidx_t: torch.Tensor = None
-    masks: list = field(default_factory=list)  # per run: ~mask [n, 1, bq, w], or None
-    empty: torch.Tensor | None = None  # [n, 1, bq, 1] rows with no key at all
-
-    @property
-    def slots(self) -> int:
-        return self.kidx.shape[1]
-
-
-@dataclass(eq=False)
-class CpuPlan:
-    """A Plan plus what the CPU backend derives from it once: groups, masks, indices."""
-
-    bp: BoundPattern
-    plan: Plan
-    inputs: dict
-    groups: list  # per table: [_Group]
-    qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
-    ktok: torch.Tensor  # [nkb, bk]
-    qvalid: torch.Tensor  # [nqb, bq] bool
-    kvalid: torch.Tensor
-    qinv: torch.Tensor | None  # token -> position (None: identity order)
-    kinv: torch.Tensor | None
-    keyless: list  # per table: query blocks with no key block
-    cache_masks: bool = True
-
-    @property
-    def bq(self) -> int:
-        return self.plan.block_q
-
-    @property
-    def bk(self) -> int:
-        return self.plan.block_k
-
-    def run_mask(self, grp: _Group, t: int, run: int, i0: int, i1: int) -> torch.Tensor:
-        """~mask of rows i0:i1 of a group over one run of its slots: [n, 1, bq, w]."""
-        m = grp.masks[run] if run < len(grp.masks) else None
-        if m is not None:
-            return m[i0:i1]
-        return self._eval_mask(grp, t, run, i0, i1)
-
-    def _eval_mask(self, grp, t, run, i0, i1):
-        bp = self.bp
-        s0, s1 = grp.runs[run]
-        bq, bk = self.bq, self.bk
-        for owner in bp.owners():
-            _input_env(owner, self.inputs)
-        hooks = _Hooks(bp, {"inputs": self.inputs})
-        h = torch.tensor(t) if len(self.plan.tables) > 1 else None
-        out = torch.empty(i1 - i0, 1, bq, (s1 - s0) * bk, dtype=torch.bool)
-        step = max(1, CHUNK_ELEMS // (bq * (s1 - s0) * bk))
-        for a in range(i0, i1, step):
-            b = min(i1, a + step)
-            rows = grp.rows_t[a:b]
-            kb = grp.kidx_t[a:b, s0:s1]
-            qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
-            ki = self.ktok[kb].reshape(b - a, 1, -1)  # [n, 1, w]
-            val = bp.token_mask(qi, ki, hooks, h)
-            val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(b - a, 1, -1)
-            out[a - i0:b - i0, 0] = ~val
-        return out
-
-    def content_mask(self, grp, t, run, i0, i1, content, hkv: int, gsl: slice, hsl: slice):
-        """~mask of a content-dependent pattern (it reads q and k): rows i0:i1 of a group over
-        one run of its slots, for (batch, kv head) pairs gsl and query heads hsl of each GQA
-        group: [Gc, n, rq, bq, w]."""
-        bp = self.bp
-        s0, s1 = grp.runs[run]
-        for owner in bp.owners():
-            _input_env(owner, self.inputs)
-        hooks = _Hooks(bp, {"inputs": self.inputs, "content": content})
-        h = torch.tensor(t) if len(self.plan.tables) > 1 else None
-        n = i1 - i0
-        rows = grp.rows_t[i0:i1]
-        kb = grp.kidx_t[i0:i1, s0:s1]
-        qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
-        ki = self.ktok[kb].reshape(n, 1, -1)  # [n, 1, w]
-        val = torch.as_tensor(bp.predicate(bp.context(qi, ki, h), hooks))
-        B, H = content[0].shape[:2]
-        val = val.expand(B, H, n, self.bq, ki.shape[-1])
-        val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(n, 1, -1)
-        val = val.reshape(B * hkv, H // hkv, *val.shape[2:])[gsl, hsl]
-        return ~val.transpose(1, 2)
-
-
-def cpu_plan(op, inputs: dict) -> CpuPlan:
-    """The plan for these mask inputs, built once and cached on the Op."""
-    key, checked = op.plan_key(inputs)
-    cache = op.__dict__.setdefault("_cpu_plans", {})
-    cp = cache.get(key)
-    if cp is None:
-        cpu_inputs = {n: (x.cpu() if isinstance(x, torch.Tensor) else x)
-                      for n, x in checked.items()}
-        cp = _derive(op.bound, op.plan(**inputs), cpu_inputs)
-        if len(cache) > 16:
-            cache.clear()
-        cache[key] = cp
-    return cp
-
-
-def _positions(order, block):
-    perm = padded_perm(order, block)
-    tok = torch.from_numpy(np.maximum(perm, 0))
-    valid = torch.from_numpy(perm >= 0)
-    inv = None if order.identity else torch.from_numpy(order.inverse())
-    return tok, valid, inv
-
-
-def _derive(bp: BoundPattern, plan: Plan, inputs: dict) -> CpuPlan:
-    qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
-    ktok, kvalid, kinv = _positions(plan.korder, plan.block_k)
-    groups = [_groups(t, plan.nqb) for t in plan.tables]
-    keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
-               for t in plan.tables]
-    cp = CpuPlan(bp, plan, inputs, groups, qtok, ktok, qvalid, kvalid, qinv, kinv, keyless)
-    total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
-    cp.cache_masks = (not bp.content_dependent
-                      and total * plan.block_q * plan.block_k <= MASK_CACHE)
-    for t, gs in enumerate(groups):
-        for g in gs:
-            if not cp.cache_masks:
-                g.masks = [None] * len(g.runs)
-                continue
-            g.masks = [cp._eval_mask(g, t, r, 0, len(g.rows)) for r in range(len(g.runs))]
-            if not g.any_full and g.runs:
-                hit = torch.zeros(len(g.rows), 1, plan.block_q, dtype=torch.bool)
-                for m in g.masks:
-                    hit |= (~m).any(dim=-1)
-                if not hit.all():
-                    g.empty = (~hit).unsqueeze(-1)
-    return cp
-
-
-def _groups(table, nqb: int) -> list[_Group]:
-    """Query blocks grouped by (number of key blocks, positions of the PARTIAL ones)."""
-    fo, fi = table.full_off.astype(np.int64), table.full_idx.astype(np.int64)
-    po, pi = table.part_off.astype(np.int64), table.part_idx.astype(np.int64)
-    nf, npart = np.diff(fo), np.diff(po)
-    deg = nf + npart
-    cols = np.concatenate([fi, pi])
-    flag = np.concatenate([np.zeros(len(fi), dtype=bool), np.ones(len(pi), dtype=bool)])
-    rr = np.concatenate([np.repeat(np.arange(nqb), nf), np.repeat(np.arange(nqb), npart)])
-    order = np.lexsort((cols, rr))
-    cols, flag = cols[order], flag[order]
-    off = np.zeros(nqb + 1, dtype=np.int64)
-    np.cumsum(deg, out=off[1:])
-    by_key: dict = {}
-    for r in np.nonzero(deg)[0]:
-        f = flag[off[r]:off[r + 1]]
-        by_key.setdefault((int(deg[r]), np.packbits(f).tobytes()), []).append(r)
-    out = []
-    for (d, _), rs in sorted(by_key.items(), key=lambda kv: kv[1][0]):
-        rs = np.asarray(rs, dtype=np.int64)
-        kidx = cols[off[rs][:, None] + np.arange(d)[None, :]]
-        f = flag[off[rs[0]]:off[rs[0]] + d]
-        runs = []
-        for j in np.nonzero(f)[0].tolist():
-            if runs and runs[-1][1] == j:
-                runs[-1][1] = j + 1
-            else:
-                runs.append([j, j + 1])
-        if len(runs) > MAX_RUNS:
-            runs = [[runs[0][0], runs[-1][1]]]
-        runs = [tuple(r) for r in runs]
-        covered = sum(b - a for a, b in runs)
-        contiguous = bool((np.diff(rs) == 1).all())
-        step = None
-        inner = bool((kidx - kidx[:, :1] == np.arange(d)[None, :]).all())
-        if contiguous and inner:
-            s = np.diff(kidx[:, 0])
-            if len(s) == 0:
-                step = 0
-            elif (s == s[0]).all() and s[0] >= 0:
-                step = int(s[0])
-        out.append(_Group(rs, kidx, runs, bool(covered < d), contiguous, step,
-                          torch.from_numpy(rs), torch.from_numpy(kidx)))
-    return out
 
 
 # ------------------------------------------------------------------ layouts
@@ -395,10 +133,9 @@ class _Ctx:
     R: int
     scale: float
     cdt: torch.dtype
-    inputs: dict
     head_mode: bool
     scratch: _Scratch = None
-    content: tuple | None = None  # (q, k repeated to q's heads) of content-dependent masks
+    content: object = None  # RunInputs with (q, k) for content-dependent masks, one per call
     need_lse: bool = False  # every row's log-sum-exp (summary tokens merge through it)
 
     def passes(self) -> list:
@@ -423,7 +160,7 @@ class _Ctx:
                     yield _Item(self, t, grp, head, gsel, hsl, rq, i0, i1, g0, g1, pieces)
 
 
-def _cuts(ctx: _Ctx, grp: _Group, gcount: int, rq: int):
+def _cuts(ctx: _Ctx, grp: Group, gcount: int, rq: int):
     """A group cut into items of about BUDGET scores: (i0, i1, g0, g1, pieces): rows i0:i1
     of the group, (batch, kv head) pairs g0:g1 of the pass, and the key slot pieces of a
     row too long for one item (None: all of them at once)."""
@@ -459,7 +196,7 @@ class _Item:
 
     ctx: _Ctx
     t: int  # table
-    grp: _Group
+    grp: Group
     head: int | None  # the one query head of a per-head pass
     gsel: tuple  # (first, stride, count) of the pass's (batch, kv head) pairs
     hsl: slice  # the pass's query heads within a GQA group
@@ -531,27 +268,13 @@ class _Item:
 
     def bias(self, s0, s1):
         """The bias statements' sum on this item's (query, key) pairs: [n, 1, bq, w]."""
-        ctx, cp = self.ctx, self.ctx.cp
-        bp = cp.bp
-        biases = [(o, sc, hr) for o, sc, hr in bp.scores if sc.kind == "bias"]
-        if not biases:
+        cp = self.ctx.cp
+        if not cp.bp.biases:
             return None
         rows = self.grp.rows_t[self.i0:self.i1]
         qi = cp.qtok[rows].view(self.n, 1, cp.bq, 1)
         ki = cp.ktok[self.grp.kidx_t[self.i0:self.i1, s0:s1]].reshape(self.n, 1, 1, -1)
-        for owner in bp.owners():
-            _input_env(owner, ctx.inputs)
-        total = None
-        for owner, sc, hr in biases:
-            if hr is not None and not hr[0] <= self.head < hr[1]:
-                continue
-            h = (torch.tensor(self.head) if self.head is not None and owner.heads is not None
-                 else None)
-            ev = owner.evaluator(owner.context(qi, ki, h),
-                                 _Hooks(owner, {"inputs": ctx.inputs}))
-            b = torch.as_tensor(ev.eval(sc.expr)).to(ctx.cdt)
-            total = b if total is None else total + b
-        return total
+        return bias(cp.bp, cp.run, qi, ki, None, self.ctx.cdt, head=self.head)
 
     def scores(self, q4, kv, s0, s1):
         """Scores [Gc, n, rq * bq, w] with bias, softcap and the PARTIAL slots' mask; and
@@ -767,7 +490,7 @@ class _Attention(torch.autograd.Function):
     """q, k, v [B, H, N, D] -> out [B, H, Nq, Dv] in the compute dtype."""
 
     @staticmethod
-    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, inputs, content, need_lse):
+    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, content, need_lse):
         B, H, _, _ = q.shape
         HKV = k.shape[1]
         plan = cp.plan
@@ -778,8 +501,9 @@ class _Attention(torch.autograd.Function):
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None
             for owner, sc, hr in cp.bp.scores if sc.kind == "bias")
-        ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, inputs, head_mode,
-                   _Scratch(cdt), content, need_lse)
+        crun = None if content is None else cp.run.with_content(content)
+        ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
+                   _Scratch(cdt), crun, need_lse)
         o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
         fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
@@ -799,8 +523,6 @@ class _Attention(torch.autograd.Function):
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
-        if ctx.content is not None:
-            cp.bp.cache.clear()
         do = _to_blocks(dout, cp.qtok, plan.qorder.identity, ctx.HKV, ctx.cdt)
         dl = None
         if ctx.need_lse and dlse is not None and dlse.numel():

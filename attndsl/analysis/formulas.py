@@ -12,9 +12,12 @@ import math
 
 import sympy as sp
 
-from . import ir
-from .evaluate import Evaluator, fn_locals
-from .evaluate import lift as _lift
+from attndsl.analysis.blocks import decompose
+from attndsl.errors import AttnError
+from attndsl.lang import ir
+from attndsl.semantics.bind import BoundPattern, bind
+from attndsl.semantics.evaluate import Evaluator, fn_locals
+from attndsl.semantics.evaluate import lift as _lift
 
 
 class NoFormula(Exception):
@@ -32,6 +35,8 @@ def to_sympy(e: ir.Expr, env: dict):
     if isinstance(e, ir.Name):
         if e.id in env:
             return env[e.id]
+        if e.value is not None:  # a constant
+            return to_sympy(e.value, {})
         raise NoFormula(e.id)
     if isinstance(e, ir.TupleLit):
         return tuple(to_sympy(i, env) for i in e.items)
@@ -67,8 +72,7 @@ def to_sympy(e: ir.Expr, env: dict):
         if e.ref == "fn":
             return to_sympy(e.body, fn_locals(e, to_sympy, env))
         if e.ref == "builtin":
-            args = [to_sympy(a, env) for a in e.args]
-            return _builtin(e.func, args)
+            return BUILTIN_IMPLS[e.func]([to_sympy(a, env) for a in e.args])
     raise NoFormula(type(e).__name__)
 
 
@@ -103,37 +107,48 @@ def _log2floor(x):
     return sp.floor(sp.log(sp.Max(x, 1), 2))
 
 
-def _builtin(name, args):
-    if name in ("min", "max"):
-        items = list(args[0]) if len(args) == 1 and isinstance(args[0], tuple) else None
-        f = sp.Min if name == "min" else sp.Max
-        return f(*items) if items is not None else _lift(f, *args)
-    if name == "abs":
-        return _lift(sp.Abs, *args)
-    if name == "clamp":
-        return _lift(lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi), *args)
-    if name == "cdiv":
-        return _lift(lambda a, b: sp.ceiling(a / b), *args)
-    if name == "ilog2":
-        return _lift(_log2floor, *args)
-    if name == "bit_length":
-        return _lift(lambda x: sp.Piecewise((0, sp.Eq(x, 0)), (_log2floor(sp.Abs(x)) + 1,
-                                                                 True)), *args)
-    if name in ("sum", "prod"):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        return sp.Add(*x) if name == "sum" else sp.Mul(*x)
-    if name in ("all", "any"):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        return sp.And(*x) if name == "all" else sp.Or(*x)
-    if name == "float":
-        return args[0]
-    if name == "sqrt":
-        return _lift(sp.sqrt, *args)
-    raise NoFormula(name)
+def _b_minmax(f):
+    def impl(args):
+        if len(args) == 1 and isinstance(args[0], tuple):
+            return f(*args[0])
+        return _lift(f, *args)
+    return impl
+
+
+def _b_reduce(f):
+    return lambda args: f(*args[0]) if isinstance(args[0], tuple) else args[0]
+
+
+def _no_formula(name):
+    def impl(args):
+        raise NoFormula(name)
+    return impl
+
+
+# One entry per built-in of lang/builtins.BUILTINS (tests/test_architecture.py checks that
+# none is missing); those without a closed form here raise NoFormula.
+BUILTIN_IMPLS = {
+    "abs": lambda args: _lift(sp.Abs, *args),
+    "min": _b_minmax(sp.Min),
+    "max": _b_minmax(sp.Max),
+    "clamp": lambda args: _lift(lambda x, lo, hi: sp.Min(sp.Max(x, lo), hi), *args),
+    "cdiv": lambda args: _lift(lambda a, b: sp.ceiling(a / b), *args),
+    "popcount": _no_formula("popcount"),
+    "ilog2": lambda args: _lift(_log2floor, *args),
+    "bit_length": lambda args: _lift(lambda x: sp.Piecewise(
+        (0, sp.Eq(x, 0)), (_log2floor(sp.Abs(x)) + 1, True)), *args),
+    "is_pow2": _no_formula("is_pow2"),
+    "all": _b_reduce(sp.And),
+    "any": _b_reduce(sp.Or),
+    "sum": _b_reduce(sp.Add),
+    "prod": _b_reduce(sp.Mul),
+    "float": lambda args: args[0],
+    "floor": _no_formula("floor"),
+    "sqrt": lambda args: _lift(sp.sqrt, *args),
+    "exp": _no_formula("exp"),
+    "log": _no_formula("log"),
+    "tanh": _no_formula("tanh"),
+}
 
 
 def symbols_of(checked) -> dict:
@@ -191,12 +206,8 @@ CLASSES = [("O(N)", lambda n: n), ("O(N log N)", lambda n: n * math.log2(n)),
            ("O(N sqrt N)", lambda n: n ** 1.5), ("O(N^2)", lambda n: n * n)]
 
 
-def growth_class(op, max_tokens: int = 1 << 18) -> str:
+def growth_class(bp: BoundPattern, max_tokens: int = 1 << 18) -> str:
     """Fit exact pair counts at four doubling sizes (other parameters fixed)."""
-    from .api import Op
-    from .bind import bind
-    from .blocks import decompose
-    bp = op.bound
     if bp.average or bp.content_dependent or bp.checked.qspace is None:
         return "unknown (averaged or content-dependent pattern)"
     if set(bp.inputs) - ({bp.route[0]} if bp.route else set()):
@@ -222,17 +233,16 @@ def growth_class(op, max_tokens: int = 1 << 18) -> str:
         for name in size_params:
             values[name] = round(max(base, bp.values[name]) * 2 ** (j * per))
         try:
-            sub = Op(bind(bp.checked, bp.module, values))
-        except Exception:  # noqa: BLE001 - a size the constraints reject: no fit
+            sub = bind(bp.checked, values)
+        except AttnError:  # a size the constraints reject: no fit
             return "unknown (the pattern's constraints reject larger sizes)"
-        if sub.bound.nq > max_tokens:  # decided before any counting
+        if sub.nq > max_tokens:  # decided before any counting
             return "unknown (sizes too large to count)"
         subs.append(sub)
     for sub in subs:
-        n = sub.bound.nq
-        counts.append(sum(decompose(sub.bound, head=h).nnz for h in (
-            range(sub.bound.heads) if sub.bound.head_dependent and sub.bound.heads
-            else [None])))
+        n = sub.nq
+        counts.append(sum(decompose(sub, head=h).nnz for h in (
+            range(sub.heads) if sub.head_dependent and sub.heads else [None])))
         ns.append(n)
     # fit the increments, so constant border terms (c*N - d) do not bend the fit
     best, spread = "unknown", math.inf

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import ir
-from ._resources import stdlib_dir
-from .errors import AttnNameError, ErrorSink, ImportFailure, did_you_mean
-from .parser import parse_text
+from attndsl._resources import stdlib_dir
+from attndsl.errors import AttnNameError, ErrorSink, ImportFailure, did_you_mean
+from attndsl.lang import ir
+from attndsl.lang.parser import parse_text
 
 PRELUDE = "prelude.attn"
 

@@ -9,9 +9,9 @@ import lark
 from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
-from . import ir
-from ._resources import grammar_text
-from .errors import AttnError, AttnSyntaxError, Span
+from attndsl._resources import grammar_text
+from attndsl.errors import AttnError, AttnSyntaxError, Span
+from attndsl.lang import ir
 
 _TOKEN_NAMES = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",

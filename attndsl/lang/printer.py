@@ -4,71 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import ir
-from .checker import CheckedPattern
-
-_PREC = {"or": 1, "and": 2, "not": 3, "cmp": 4, "|": 5, "^": 6, "&": 7, "<<": 8, ">>": 8,
-         "+": 9, "-": 9, "*": 10, "/": 10, "//": 10, "%": 10, "neg": 11, "~": 11, "**": 12}
-
-
-def _prec(e) -> int:
-    if isinstance(e, ir.Binary):
-        return _PREC[e.op]
-    if isinstance(e, ir.Compare):
-        return _PREC["cmp"]
-    if isinstance(e, ir.Unary):
-        return _PREC["not"] if e.op == "not" else _PREC["neg"]
-    if isinstance(e, ir.IfExpr | ir.LetExpr):
-        return 0
-    return 13
+from attndsl.lang import ir
 
 
 def expr_source(e: ir.Expr) -> str:
-    """Source text for an expression, with the parentheses its precedence needs."""
-    def sub(x, min_prec):
-        s = expr_source(x)
-        return f"({s})" if _prec(x) < min_prec else s
-
-    if isinstance(e, ir.IntLit):
-        return str(e.value)
-    if isinstance(e, ir.FloatLit):
-        return repr(e.value)
-    if isinstance(e, ir.BoolLit):
-        return "true" if e.value else "false"
-    if isinstance(e, ir.Name):
-        return e.id
-    if isinstance(e, ir.TupleLit):
-        inner = ", ".join(expr_source(i) for i in e.items)
-        return f"({inner},)" if len(e.items) == 1 else f"({inner})"
-    if isinstance(e, ir.Unary):
-        if e.op == "not":
-            return "not " + sub(e.operand, _PREC["not"])
-        return e.op + sub(e.operand, _PREC["neg"])
-    if isinstance(e, ir.Binary):
-        p = _PREC[e.op]
-        if e.op == "**":
-            return f"{sub(e.left, p + 1)} ** {sub(e.right, p - 1)}"
-        return f"{sub(e.left, p)} {e.op} {sub(e.right, p + 1)}"
-    if isinstance(e, ir.Compare):
-        p = _PREC["cmp"] + 1
-        parts = [sub(e.operands[0], p)]
-        for op, x in zip(e.ops, e.operands[1:]):
-            parts += [op, sub(x, p)]
-        return " ".join(parts)
-    if isinstance(e, ir.IfExpr):
-        return f"if {expr_source(e.cond)} then {expr_source(e.then)} else " \
-               f"{expr_source(e.orelse)}"
-    if isinstance(e, ir.LetExpr):
-        return f"let {e.name} = {expr_source(e.value)} in {expr_source(e.body)}"
-    if isinstance(e, ir.Call):
-        args = [expr_source(a) for a in e.args]
-        args += [f"{k.name} = {expr_source(k.value)}" for k in e.kwargs]
-        return f"{e.func}({', '.join(args)})"
-    if isinstance(e, ir.Index):
-        return f"{sub(e.base, 13)}[{expr_source(e.index)}]"
-    if isinstance(e, ir.Attr):
-        return f"{sub(e.base, 13)}.{e.name}"
-    raise TypeError(type(e).__name__)  # pragma: no cover
+    """Source text for an expression (see ir.source)."""
+    return ir.source(e)
 
 
 def _ty(e) -> str:
@@ -122,7 +63,7 @@ def expr_tree(e: ir.Expr, indent: int = 0, seen_fns: set | None = None) -> list[
     return lines
 
 
-def pattern_tree(cp: CheckedPattern) -> str:
+def pattern_tree(cp: ir.CheckedPattern) -> str:
     """The typed IR of a checked pattern, stable enough for golden files."""
     seen: set = set()
     out = []

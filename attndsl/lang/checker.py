@@ -7,128 +7,66 @@ the ERROR type, which is compatible with everything, so one mistake does not cas
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import hashlib
 
-from . import ir
-from .builtins import BUILTINS, DYNAMIC
-from .errors import AttnError, AttnNameError, AttnSyntaxError, AttnTypeError, ErrorSink
-from .errors import did_you_mean as _dym
-from .evaluate import INT_LIMIT
-from .ir import BOOL, FLOAT, INT, Type
+from attndsl.errors import AttnError, AttnNameError, AttnTypeError, ErrorSink
+from attndsl.errors import did_you_mean as _dym
+from attndsl.lang import ir
+from attndsl.lang.builtins import BUILTINS, DYNAMIC
+from attndsl.lang.ir import BOOL, FLOAT, INT, INT_LIMIT, Type
+from attndsl.lang.scope import CONTEXT, ERROR, Scope, join_n, kind_ok
+from attndsl.lang.statements import Statements
+from attndsl.lang.walk import walk
 
-ERROR = Type("error")
-SPACE_KINDS = {"seq": ("i",), "grid": ("y", "x"), "volume": ("t", "y", "x"), "channels": ("c",)}
-POOLS = {"keys": ("max", "mean"), "queries": ("max", "mean"),
-         "values": ("mean", "max", "expectation")}
-CONTEXT = ("q", "k", "h")
 MAX_EXPR_DEPTH = 160
+_IN_PROGRESS = object()
 
 
-@dataclass(frozen=True, slots=True)
-class Space:
-    kind: str
-    sizes: tuple[ir.Expr, ...]
-    axes: tuple[str, ...]
-    span: object
-    inherited: bool = False  # taken from an included pattern; sizes come from binding
+class Session:
+    """One run of the checker: its error sink, the digest of the source texts it reads, and
+    every pattern and constant checked so far, each checked once and handed over whole (a
+    pattern call or include carries its callee's CheckedPattern, a constant its typed
+    expression), so no later stage re-enters the checker."""
 
+    def __init__(self, module: ir.Module, sink: ErrorSink | None = None):
+        self.sink = sink if sink is not None else ErrorSink()
+        mods = module.registry or {module.path: module}
+        h = hashlib.sha256()
+        for path in sorted(mods):
+            h.update(f"{path}\0{mods[path].text}\0".encode())
+        self.digest = h.hexdigest()[:24]
+        self.patterns: dict = {}
+        self.consts: dict = {}
 
-@dataclass(frozen=True, slots=True)
-class InputDecl:
-    name: str
-    kind: str  # int|float|bool
-    dims: tuple  # () scalar; a None item is '*'
-    optional: bool
-    span: object
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    name: str
-    axes: tuple[ir.SummaryAxis, ...]
-    member: ir.Expr
-    attend: ir.Expr
-    keys: str
-    values: str
-    queries: str
-    span: object
-
-
-@dataclass(frozen=True, slots=True)
-class CheckedPattern:
-    """The typed IR of one pattern; every expression in it has `ty` set."""
-
-    name: str
-    params: tuple[tuple[ir.Param, Type], ...]
-    doc: str
-    span: object
-    file: str
-    qspace: Space | None
-    kspace: Space | None
-    lets: tuple[ir.LetStmt, ...]
-    requires: tuple[ir.RequireStmt, ...]
-    inputs: tuple[InputDecl, ...]
-    heads: ir.Expr | None
-    rules: tuple[ir.RuleStmt, ...]
-    scores: tuple[ir.ScoreStmt, ...]
-    summaries: tuple[Summary, ...]
-    route: ir.RouteStmt | None
-    average: tuple[tuple[str, ir.PatternRef], ...]
-    includes: tuple[ir.PatternRef, ...]
-    uses_h: bool
-    uses_content: bool
-    nnz: ir.NnzStmt | None = None
-
-    @property
-    def channel(self) -> bool:
-        return self.qspace is not None and self.qspace.kind == "channels"
-
-
-class _Scope:
-    def __init__(self, parent: _Scope | None = None):
-        self.parent = parent
-        self.names: dict[str, tuple[str, Type]] = {}
-
-    def get(self, name: str):
-        s = self
-        while s is not None:
-            if name in s.names:
-                return s.names[name]
-            s = s.parent
-        return None
-
-    def all_names(self):
-        s, out = self, set()
-        while s is not None:
-            out |= set(s.names)
-            s = s.parent
-        return out
-
-
-def _kind_ok(want: str, have: str) -> bool:
-    return have == "error" or want == have or (want == "float" and have == "int")
-
-
-def _join_n(a: Type, b: Type):
-    if a.n is None:
-        return b.n
-    if b.n is None or a.n == b.n:
-        return a.n
-    return False
+    def pattern(self, module: ir.Module, pdef: ir.PatternDef) -> ir.CheckedPattern | None:
+        """The typed IR of `pdef` (defined in `module`), checked at its first use."""
+        key = (pdef.file, pdef.name)
+        got = self.patterns.get(key)
+        if got is _IN_PROGRESS:
+            return None  # recursion: reported where it was found
+        if got is None:
+            self.patterns[key] = _IN_PROGRESS
+            chk = Checker(module, self)
+            got = Statements(chk).check(pdef, (pdef.file, pdef.name, pdef.span.line,
+                                                pdef.span.col, self.digest), module.text)
+            self.patterns[key] = got
+        return got
 
 
 class Checker:
-    def __init__(self, module: ir.Module, sink: ErrorSink):
+    """Types and resolves the expressions of one pattern (or function) in `module`."""
+
+    def __init__(self, module: ir.Module, session: Session):
         self.module = module
-        self.sink = sink
+        self.session = session
+        self.sink = session.sink
         self.fn_stack: list[str] = []
         self.uses_h = False
         self.uses_content = False
         self.allow_context: set[str] = set()
-        self.qspace: Space | None = None
-        self.kspace: Space | None = None
+        self.qspace: ir.Space | None = None
+        self.kspace: ir.Space | None = None
         self.summary_axes: dict[str, tuple[str, ...]] = {}
-        self.has_heads = False
         self.mask_h = False  # 'h' used by a rule (the mask differs per head), not only a bias
         self.h_span = None  # the first use of 'h', where a missing 'heads N' is reported
         self.space_roles: set[str] = {"query", "key"}  # roles some statement declares
@@ -143,7 +81,7 @@ class Checker:
         return ERROR
 
     # ------------------------------------------------------------ types
-    def type_of_ref(self, tref: ir.TypeRef, scope: _Scope | None = None, array=False) -> Type:
+    def type_of_ref(self, tref: ir.TypeRef, scope: Scope | None = None, array=False) -> Type:
         if tref.name not in ("int", "bool", "float"):
             return self.err(AttnTypeError, f"unknown type '{tref.name}'"
                             + _dym(tref.name, ["int", "bool", "float"]), tref.span)
@@ -161,7 +99,7 @@ class Checker:
         return Type(tref.name, n)
 
     # ------------------------------------------------------------ expressions
-    def expr(self, e: ir.Expr, scope: _Scope) -> ir.Expr:
+    def expr(self, e: ir.Expr, scope: Scope) -> ir.Expr:
         if self.depth >= MAX_EXPR_DEPTH:  # deep chains of calls would exhaust the stack
             return dataclasses.replace(e, ty=self.err(
                 AttnTypeError, f"expression nested too deeply (more than {MAX_EXPR_DEPTH} "
@@ -227,7 +165,9 @@ class Checker:
                                        ref=e.id)
         g = self.module.scope.get(e.id)
         if isinstance(g, ir.ConstDef):
-            return dataclasses.replace(e, ty=self.const_type(g), ref="const:" + g.file)
+            v = self.const(g)
+            return dataclasses.replace(e, ty=ERROR if v is None else self.ty(v),
+                                       ref="const:" + g.file, value=v)
         if isinstance(g, ir.FnDef | ir.PatternDef):
             kind = "function" if isinstance(g, ir.FnDef) else "pattern"
             return dataclasses.replace(e, ty=self.err(
@@ -247,21 +187,33 @@ class Checker:
             return "in a summary's 'attend' rule, which sees only the query 'q' and 'h'"
         return "here: this value must not depend on the query, key or head index"
 
-    def const_type(self, c: ir.ConstDef) -> Type:
+    def const(self, c: ir.ConstDef) -> ir.Expr | None:
+        """The typed defining expression of constant `c` (checked once per session), or
+        None when it refers to itself."""
+        key = (c.file, c.name)
+        got = self.session.consts.get(key)
+        if got is not None:
+            return got
         if c.name in self.fn_stack:
-            return self.err(AttnNameError, f"constant '{c.name}' refers to itself"
-                            + _through(self.fn_stack, c.name), c.span)
+            self.err(AttnNameError, f"constant '{c.name}' refers to itself"
+                     + _through(self.fn_stack, c.name), c.span)
+            return None
         self.fn_stack.append(c.name)
         saved, saved_module = self.allow_context, self.module
         self.allow_context = set()
         self.module = self.module.home(c)
         try:
-            t = self.ty(self.expr(c.value, _Scope()))
+            got = self.expr(c.value, Scope())
         finally:
             self.allow_context = saved
             self.module = saved_module
             self.fn_stack.pop()
-        return t
+        self.session.consts[key] = got
+        return got
+
+    def const_type(self, c: ir.ConstDef) -> Type:
+        v = self.const(c)
+        return ERROR if v is None else self.ty(v)
 
     def e_TupleLit(self, e, scope):
         items = tuple(self.expr(i, scope) for i in e.items)
@@ -309,7 +261,7 @@ class Checker:
         out = dataclasses.replace(e, left=a, right=b)
         if "error" in (ta.kind, tb.kind):
             return dataclasses.replace(out, ty=ERROR)
-        n = _join_n(ta, tb)
+        n = join_n(ta, tb)
         if n is False:
             return dataclasses.replace(out, ty=self.err(
                 AttnTypeError, f"'{e.op}' on tuples of different widths ({ta} and {tb})",
@@ -345,7 +297,7 @@ class Checker:
         n = None
         for i, op in enumerate(e.ops):
             ta, tb = tys[i], tys[i + 1]
-            nn = _join_n(ta, tb)
+            nn = join_n(ta, tb)
             if nn is False or (n is not None and nn is not None and nn != n):
                 return dataclasses.replace(out, ty=self.err(
                     AttnTypeError, f"'{op}' on tuples of different widths ({ta} and {tb})",
@@ -372,8 +324,8 @@ class Checker:
         if ta.kind not in ("int", "bool", "float"):
             return dataclasses.replace(out, ty=self.err(
                 AttnTypeError, f"'if' branches must be numbers or bools, not {ta}", a.span))
-        n = _join_n(ta, tb)
-        n2 = _join_n(Type("x", n if n is not False else None), tc)
+        n = join_n(ta, tb)
+        n2 = join_n(Type("x", n if n is not False else None), tc)
         if n is False or n2 is False:
             return dataclasses.replace(out, ty=self.err(
                 AttnTypeError, "'if' mixes tuples of different widths", e.span))
@@ -382,7 +334,7 @@ class Checker:
 
     def e_LetExpr(self, e, scope):
         v = self.expr(e.value, scope)
-        inner = _Scope(scope)
+        inner = Scope(scope)
         inner.names[e.name] = ("local", self.ty(v))
         body = self.expr(e.body, inner)
         return dataclasses.replace(e, value=v, body=body, ty=self.ty(body))
@@ -502,7 +454,7 @@ class Checker:
         else:
             width = None
             for t in tys:
-                w = _join_n(Type("x", width), t)
+                w = join_n(Type("x", width), t)
                 if w is False:
                     return dataclasses.replace(e, ty=self.err(
                         AttnTypeError, f"'{b.name}' mixes tuples of different widths",
@@ -570,7 +522,7 @@ class Checker:
             self.module = saved_module
 
     def _call_fn_body(self, e, fn: ir.FnDef, bound):
-        inner = _Scope()
+        inner = Scope()
         args = []
         defaults = []
         ok = True
@@ -587,7 +539,7 @@ class Checker:
                 have = self._numeric(self.ty(a))
                 if want.kind == "error" or have.kind == "error":
                     ok = False
-                elif not _kind_ok(want.kind, have.kind) or (
+                elif not kind_ok(want.kind, have.kind) or (
                         want.n is not None and have.n not in (None, want.n)):
                     self.err(AttnTypeError, f"argument '{p.name}' of '{fn.name}' must be "
                              f"{want}, not {have}", a.span)
@@ -601,7 +553,7 @@ class Checker:
             lets = []
             for let in fn.lets:
                 v = self.expr(let.value, scope)
-                scope = _Scope(scope)
+                scope = Scope(scope)
                 scope.names[let.name] = ("local", self.ty(v))
                 lets.append((let, v))
             body = self.expr(fn.body, scope)
@@ -611,7 +563,7 @@ class Checker:
             self.fn_stack.pop()
         tb = self.ty(body)
         want = self.type_of_ref(fn.ret)
-        if tb.kind != "error" and want.kind != "error" and not _kind_ok(want.kind, tb.kind):
+        if tb.kind != "error" and want.kind != "error" and not kind_ok(want.kind, tb.kind):
             self.err(AttnTypeError, f"function '{fn.name}' returns {tb}, declared {want}",
                      fn.body.span)
             tb = ERROR
@@ -647,7 +599,9 @@ class Checker:
             if t.kind != "error" and not t.static:
                 self.err(AttnTypeError, f"argument '{name}' of pattern '{pat.name}' must "
                          "depend only on parameters", a.span)
-        return dataclasses.replace(e, ty=Type("bool", None, False), ref="pattern")
+        callee = self.session.pattern(self.module.home(pat), pat)
+        return dataclasses.replace(e, ty=Type("bool", None, False), ref="pattern",
+                                   callee=callee)
 
     def call_dynamic(self, e):
         names = DYNAMIC[e.func]
@@ -682,237 +636,6 @@ class Checker:
                      f"not {'a run-time ' if not t.static else ''}{t}", x.span)
         return x
 
-    def check_pattern(self, p: ir.PatternDef) -> CheckedPattern | None:
-        self.pattern_name = p.name
-        scope = _Scope()
-        params = []
-        seen = set()
-        for prm in p.params:
-            if prm.name in seen:
-                self.err(AttnNameError, f"parameter '{prm.name}' is declared twice", prm.span)
-            seen.add(prm.name)
-            if prm.name in CONTEXT:
-                self.err(AttnNameError, f"'{prm.name}' is reserved for the query, key and "
-                         "head index", prm.span)
-            t = self.type_of_ref(prm.type)
-            if prm.default is not None:
-                d = self.expr(prm.default, scope)
-                td = self.ty(d)
-                if td.kind != "error" and t.kind != "error" and (
-                        not _kind_ok(t.kind, td.kind) or td.n not in (None, t.n)
-                        or not td.static):
-                    self.err(AttnTypeError, f"default of '{prm.name}' must be {t}, not {td}",
-                             d.span)
-                prm = dataclasses.replace(prm, default=d)
-            scope.names[prm.name] = ("param", t)
-            params.append((prm, t))
-
-        lets, requires, inputs, rules, scores, summaries = [], [], [], [], [], []
-        average, includes = [], []
-        heads = route = nnz = None
-        spaces: dict[str, Space] = {}
-        self.space_roles = set()
-        for s in p.body:
-            if isinstance(s, ir.IncludeStmt) or (isinstance(s, ir.SpaceStmt)
-                                                 and s.role == "space"):
-                self.space_roles |= {"query", "key"}
-            elif isinstance(s, ir.SpaceStmt):
-                self.space_roles.add(s.role)
-
-        space_failed = []  # erroneous space statements: no follow-up errors about spaces
-
-        def visit(stmts, scope, hr):
-            nonlocal heads, route, nnz
-            for s in stmts:
-                if isinstance(s, ir.SpaceStmt):
-                    if s.kind not in SPACE_KINDS:
-                        self.err(AttnNameError, f"unknown space kind '{s.kind}'"
-                                 + _dym(s.kind, SPACE_KINDS), s.span)
-                        space_failed.append(s)
-                        self.space_roles -= {"query", "key"} if s.role == "space" else {s.role}
-                        continue
-                    axes = SPACE_KINDS[s.kind]
-                    if len(s.sizes) != len(axes):
-                        self.err(AttnTypeError, f"a {s.kind} space takes {len(axes)} size"
-                                 f"{'s' if len(axes) > 1 else ''}, not {len(s.sizes)}", s.span)
-                        space_failed.append(s)
-                        self.space_roles -= {"query", "key"} if s.role == "space" else {s.role}
-                        continue
-                    sizes = tuple(self.static_int(x, scope, "a space size") for x in s.sizes)
-                    roles = ("query", "key") if s.role == "space" else (s.role,)
-                    sp = Space(s.kind, sizes, axes, s.span)
-                    twice = [r for r in roles if r in spaces]
-                    if twice:
-                        self.err(AttnSyntaxError, f"the {' and '.join(twice)} space"
-                                 f"{'s are' if len(twice) > 1 else ' is'} declared twice",
-                                 s.span)
-                    for r in roles:
-                        spaces[r] = sp
-                    self.qspace, self.kspace = spaces.get("query"), spaces.get("key")
-                elif isinstance(s, ir.LetStmt):
-                    self.allow_context = {"q", "k", "h"}
-                    v = self.expr(s.value, scope)
-                    scope = _Scope(scope)
-                    n = sum(1 for x in lets if x.name.split("#")[0] == s.name)
-                    uid = s.name if n == 0 else f"{s.name}#{n + 1}"
-                    scope.names[s.name] = ("local", self.ty(v), uid, _deps(v, scope))
-                    lets.append(dataclasses.replace(s, name=uid, value=v))
-                elif isinstance(s, ir.RequireStmt):
-                    self.allow_context = set()
-                    c = self.expr(s.cond, scope)
-                    t = self.ty(c)
-                    if t.kind not in ("error", "bool"):
-                        self.err(AttnTypeError, f"'require' needs a bool, not {t}", c.span)
-                    elif t.kind == "bool" and not t.static:
-                        self.err(AttnTypeError, "'require' must depend only on parameters, "
-                                 "not on run-time inputs", c.span)
-                    requires.append(dataclasses.replace(s, cond=c))
-                elif isinstance(s, ir.InputStmt):
-                    if s.name in CONTEXT or scope.get(s.name) is not None:
-                        self.err(AttnNameError, f"input '{s.name}' shadows another name",
-                                 s.span)
-                        continue
-                    self.allow_context = set()
-                    t = self.type_of_ref(s.type, array=True)
-                    dims = ()
-                    if s.type.dims is not None:
-                        dims = tuple(None if d is None else
-                                     self.static_int(d, scope, "an input dimension")
-                                     for d in s.type.dims)
-                    if t.kind == "error":
-                        continue
-                    if t.kind == "array":
-                        vt = Type("array", None, False, s.type.name, dims, s.optional)
-                    else:
-                        vt = Type(t.kind, None, False, optional=s.optional)
-                        if s.optional:
-                            self.err(AttnTypeError, "only array inputs can be optional",
-                                     s.span)
-                    scope = _Scope(scope)
-                    scope.names[s.name] = ("input", vt)
-                    inputs.append(InputDecl(s.name, s.type.name, dims, s.optional, s.span))
-                elif isinstance(s, ir.HeadsStmt):
-                    self.allow_context = set()
-                    if heads is not None:
-                        self.err(AttnSyntaxError, "'heads' is declared twice", s.span)
-                    heads = self.static_int(s.count, scope, "the head count")
-                    self.has_heads = True
-                elif isinstance(s, ir.RuleStmt):
-                    self.allow_context = {"q", "k", "h"}
-                    before, self.uses_h = self.uses_h, False
-                    x = self.expr(s.expr, scope)
-                    self.mask_h = self.mask_h or self.uses_h
-                    self.uses_h = self.uses_h or before
-                    t = self.ty(x)
-                    if t.kind != "error" and (t.kind != "bool" or t.n is not None):
-                        hint = " (reduce a per-axis bool with all() or any())" if (
-                            t.kind == "bool") else ""
-                        self.err(AttnTypeError, f"'{s.kind}' needs a bool, not {t}{hint}",
-                                 x.span)
-                    rules.append(dataclasses.replace(s, expr=x, heads=hr))
-                elif isinstance(s, ir.ScoreStmt):
-                    self.allow_context = {"q", "k", "h"} if s.kind == "bias" else set()
-                    x = self.expr(s.expr, scope)
-                    t = self.ty(x)
-                    if t.kind != "error" and (t.kind not in ("int", "float") or t.n):
-                        self.err(AttnTypeError, f"'{s.kind}' needs a number, not {t}", x.span)
-                    if s.kind != "bias" and hr is not None:
-                        self.err(AttnSyntaxError, f"'{s.kind}' applies to all heads; it "
-                                 "cannot be inside 'on heads'", s.span)
-                    if s.kind != "bias" and any(x.kind == s.kind for x in scores):
-                        self.err(AttnSyntaxError, f"'{s.kind}' is given twice", s.span)
-                    scores.append(dataclasses.replace(s, expr=x, heads=hr))
-                elif isinstance(s, ir.SummaryStmt):
-                    summaries.append(self.summary(s, scope))
-                elif isinstance(s, ir.RouteStmt):
-                    self.allow_context = set()
-                    if route is not None:
-                        self.err(AttnSyntaxError, "a pattern routes heads once", s.span)
-                    found = scope.get(s.input)
-                    if found is None or found[0] != "input":
-                        self.err(AttnNameError, f"'route' needs a run-time input, and "
-                                 f"'{s.input}' is not one", s.span)
-                    elif found[1].space != "float" or len(found[1].dims) != 3:
-                        self.err(AttnTypeError, f"router '{s.input}' must be declared "
-                                 "float[*, N, routed heads]", s.span)
-                    top = self.static_int(s.top, scope, "'top'")
-                    shared = self.static_int(s.shared, scope, "'shared'")
-                    route = dataclasses.replace(s, top=top, shared=shared)
-                elif isinstance(s, ir.NnzStmt):
-                    self.allow_context = set()
-                    if nnz is not None:
-                        self.err(AttnSyntaxError, "'nnz' is given twice", s.span)
-                    x = self.static_int(s.expr, scope, "'nnz'")
-                    w = None
-                    if s.when is not None:
-                        w = self.expr(s.when, scope)
-                        t = self.ty(w)
-                        if t.kind != "error" and (t.kind != "bool" or t.n or not t.static):
-                            self.err(AttnTypeError, "'when' needs a bool that depends only on "
-                                     f"parameters, not {t}", w.span)
-                    nnz = dataclasses.replace(s, expr=x, when=w)
-                elif isinstance(s, ir.AverageStmt):
-                    for part in s.parts:
-                        average.append((part.name, self.pattern_ref(part, scope)))
-                elif isinstance(s, ir.IncludeStmt):
-                    includes.append(self.pattern_ref(s.ref, scope))
-                    if "query" not in spaces:
-                        inherited = self.included_space(s.ref)
-                        if inherited is not None:
-                            spaces["query"], spaces["key"] = inherited
-                            self.qspace, self.kspace = inherited
-                elif isinstance(s, ir.HeadBlock):
-                    if hr is not None:
-                        self.err(AttnSyntaxError, "'on heads' blocks cannot nest", s.span)
-                    self.allow_context = set()
-                    lo = self.static_int(s.heads.lo, scope, "a head range bound")
-                    hi = self.static_int(s.heads.hi, scope, "a head range bound")
-                    for inner in s.body:
-                        if not isinstance(inner, ir.RuleStmt | ir.ScoreStmt | ir.LetStmt):
-                            self.err(AttnSyntaxError, "'on heads' blocks hold attend, exclude, "
-                                     "within, bias and let statements", inner.span)
-                    visit([x for x in s.body if isinstance(x, ir.RuleStmt | ir.ScoreStmt
-                                                           | ir.LetStmt)],
-                          scope, ir.HeadRange(lo, hi, s.heads.span))
-                    self.has_heads = self.has_heads or heads is not None
-                    if heads is None:
-                        self.err(AttnSyntaxError, "'on heads' needs a 'heads N' declaration "
-                                 "before it", s.span)
-            return scope
-
-        visit(p.body, scope, None)
-        qs, ks = spaces.get("query"), spaces.get("key")
-        space_failed = space_failed or self.bad_ref
-        if qs is None and not average and not space_failed:
-            self.err(AttnSyntaxError, f"pattern '{p.name}' declares no space (add e.g. "
-                     "'space seq(N)')", p.span)
-        if qs is not None and ks is None and not space_failed:
-            self.err(AttnSyntaxError, f"pattern '{p.name}' declares a query space but no key "
-                     "space", p.span)
-        if (qs is None) != (ks is None) and qs is None and not space_failed:
-            self.err(AttnSyntaxError, f"pattern '{p.name}' declares a key space but no query "
-                     "space", p.span)
-        if qs and ks and "channels" in (qs.kind, ks.kind) and qs is not ks:
-            self.err(AttnTypeError, "channel tokens attend channels of the same tensor: use "
-                     "'space channels(C)'", ks.span)
-        has_attend = any(r.kind == "attend" for r in rules)
-        if not has_attend and not summaries and not average and not includes:
-            self.err(AttnSyntaxError, f"pattern '{p.name}' attends nothing: add an 'attend' "
-                     "rule", p.span)
-        if average and (rules or scores or summaries or includes or route):
-            self.err(AttnSyntaxError, "'average' combines whole patterns; it cannot be mixed "
-                     "with rules, scores, summaries or routing in the same pattern", p.span)
-        if self.uses_h and heads is None:
-            self.err(AttnSyntaxError, "the head index 'h' needs a 'heads N' declaration",
-                     self.h_span or p.span)
-        if self.uses_content and (qs is None or ks is None or qs.kind != "seq"):
-            pass
-        return CheckedPattern(
-            p.name, tuple(params), p.doc, p.span, p.file, qs, ks, tuple(lets),
-            tuple(requires), tuple(inputs), heads, tuple(rules), tuple(scores),
-            tuple(summaries), route, tuple(average), tuple(includes), self.mask_h,
-            self.uses_content, nnz)
-
     def pattern_ref(self, ref: ir.PatternRef, scope) -> ir.PatternRef:
         g = self.module.scope.get(ref.name)
         if not isinstance(g, ir.PatternDef):
@@ -926,87 +649,13 @@ class Checker:
         self.allow_context = set()
         call = ir.Call(ref.span, ref.name, ref.args, ref.kwargs)
         checked = self.e_Call(call, scope)
-        return dataclasses.replace(ref, args=checked.args, kwargs=checked.kwargs)
-
-    def included_space(self, ref: ir.PatternRef):
-        """The (query, key) space kinds of an included pattern, sizes left to binding."""
-        g = self.module.scope.get(ref.name)
-        if not isinstance(g, ir.PatternDef) or ref.name in self.fn_stack:
-            return None
-        self.fn_stack.append(ref.name)
-        try:
-            sub = Checker(self.module, ErrorSink())
-            sub.fn_stack = list(self.fn_stack)
-            cp = sub.check_pattern(g)
-        finally:
-            self.fn_stack.pop()
-        if cp.qspace is None or cp.kspace is None:
-            return None
-        q = Space(cp.qspace.kind, (), cp.qspace.axes, ref.span, True)
-        k = q if cp.kspace is cp.qspace else Space(cp.kspace.kind, (), cp.kspace.axes,
-                                                   ref.span, True)
-        return q, k
-
-    def summary(self, s: ir.SummaryStmt, scope) -> Summary:
-        self.allow_context = set()
-        axes = []
-        names = set()
-        for ax in s.axes:
-            if ax.name in names:
-                self.err(AttnNameError, f"summary axis '{ax.name}' is declared twice", ax.span)
-            names.add(ax.name)
-            axes.append(dataclasses.replace(
-                ax, size=self.static_int(ax.size, scope, "a summary axis size")))
-        inner = _Scope(scope)
-        inner.names[s.name] = ("summary", Type("summary", len(axes), False, s.name,
-                                               tuple(a.name for a in s.axes)))
-        member = attend = None
-        if s.member is None:
-            self.err(AttnSyntaxError, f"summary '{s.name}' needs a 'member' rule (which keys "
-                     "belong to each summary token)", s.span)
-        else:
-            self.allow_context = {"k"}
-            member = self.expr(s.member, inner)
-            self._want_bool(member, "'member'")
-        if s.attend is None:
-            self.err(AttnSyntaxError, f"summary '{s.name}' needs an 'attend' rule (which "
-                     "queries see each summary token)", s.span)
-        else:
-            self.allow_context = {"q", "h"}
-            before, self.uses_h = self.uses_h, False
-            attend = self.expr(s.attend, inner)
-            self.mask_h = self.mask_h or self.uses_h
-            self.uses_h = self.uses_h or before
-            self._want_bool(attend, "a summary's 'attend'")
-        pools = {"keys": "mean", "values": "mean", "queries": "max"}
-        seen = set()
-        for role, how, sp in s.pools:
-            if role in seen:
-                self.err(AttnSyntaxError, f"'{role}' is given twice", sp)
-            seen.add(role)
-            if how not in POOLS[role]:
-                self.err(AttnNameError, f"unknown {role[:-1]} pooling '{how}'"
-                         + _dym(how, POOLS[role]) + f"; choose {', '.join(POOLS[role])}", sp)
-                continue
-            pools[role] = how
-        if "queries" in seen and pools["values"] != "expectation":
-            sp = next(sp for role, _, sp in s.pools if role == "queries")
-            self.err(AttnSyntaxError, "'queries' pooling is used only by 'values expectation'",
-                     sp)
-        return Summary(s.name, tuple(axes), member, attend, pools["keys"], pools["values"],
-                       pools["queries"], s.span)
-
-    def _want_bool(self, x, what):
-        t = self.ty(x)
-        if t.kind != "error" and (t.kind != "bool" or t.n is not None):
-            self.err(AttnTypeError, f"{what} needs a bool, not {t}", x.span)
+        return dataclasses.replace(ref, args=checked.args, kwargs=checked.kwargs,
+                                   checked=checked.callee)
 
     def check_fn(self, fn: ir.FnDef) -> None:
         """Check a function once with its declared types (calls re-check per call site)."""
-        if any(p.default is not None for p in fn.params):
-            pass
         self.allow_context = {"q", "k", "h"}
-        self.qspace = self.qspace or Space("seq", (), ("i",), fn.span)
+        self.qspace = self.qspace or ir.Space("seq", (), ("i",), fn.span)
         self.kspace = self.kspace or self.qspace
         args = tuple(
             p.default if p.default is not None else _placeholder(self.type_of_ref(p.type),
@@ -1027,17 +676,13 @@ def _ref_path(module: ir.Module, start: str, goal: str) -> list[str] | None:
         if name in seen or not isinstance(d, ir.PatternDef | ir.FnDef):
             continue
         seen.add(name)
-        todo = [d.params, d.body] + ([d.lets] if isinstance(d, ir.FnDef) else [])
-        while todo:
-            x = todo.pop()
-            if isinstance(x, tuple | list):
-                todo.extend(x)
-            elif dataclasses.is_dataclass(x) and not isinstance(x, Type):
+        tops = list(d.params) + (list(d.lets) + [d.body] if isinstance(d, ir.FnDef)
+                                 else list(d.body))
+        for top in tops:
+            for x in walk(top):
                 if isinstance(x, ir.Call | ir.PatternRef):
                     n = x.func if isinstance(x, ir.Call) else x.name
                     stack.append((n, path + [n]))
-                todo.extend(getattr(x, f.name) for f in dataclasses.fields(x)
-                            if f.name not in ("span", "ty"))
     return None
 
 
@@ -1047,45 +692,6 @@ def _through(stack: list[str], name: str) -> str:
     return f" through {' -> '.join(chain)}" if len(chain) > 2 else ""
 
 
-def _deps(e, scope) -> frozenset:
-    """The context names (q, k, h) and run-time inputs an expression uses, through lets."""
-    out = set()
-
-    def walk(x):
-        if isinstance(x, ir.Name):
-            if x.ref in CONTEXT:
-                out.add(x.ref)
-            elif x.ref == "input":
-                out.add("input")
-            elif x.ref == "local":
-                out.update(_let_deps(scope, x.id))
-            return
-        if isinstance(x, ir.Call) and x.body is not None:
-            walk(x.body)
-        for f in dataclasses.fields(x):
-            v = getattr(x, f.name)
-            if isinstance(v, ir.Expr):
-                walk(v)
-            elif isinstance(v, tuple):
-                for y in v:
-                    if isinstance(y, ir.Expr):
-                        walk(y)
-                    elif isinstance(y, ir.Keyword):
-                        walk(y.value)
-    walk(e)
-    return frozenset(out)
-
-
-def _let_deps(scope, uid):
-    s = scope
-    while s is not None:
-        for entry in s.names.values():
-            if len(entry) > 2 and entry[2] == uid:
-                return entry[3]
-        s = s.parent
-    return frozenset()
-
-
 def _placeholder(t: Type, span) -> ir.Expr:
     """A typed stand-in argument for checking a function body on its own."""
     if t.kind == "error":
@@ -1093,25 +699,27 @@ def _placeholder(t: Type, span) -> ir.Expr:
     return ir.Name(span, "<arg>", ty=Type(t.kind, t.n, False), ref="local")
 
 
-def check_pattern(module: ir.Module, pattern: ir.PatternDef) -> CheckedPattern:
-    sink = ErrorSink()
-    checked = Checker(module, sink).check_pattern(pattern)
-    sink.raise_if_any()
+def check_pattern(module: ir.Module, pattern: ir.PatternDef) -> ir.CheckedPattern:
+    """The typed IR of one pattern of `module` (and of everything it uses)."""
+    session = Session(module)
+    checked = session.pattern(module, pattern)
+    session.sink.raise_if_any()
     return checked
 
 
-def check_module(module: ir.Module) -> dict[str, CheckedPattern]:
-    """Check every pattern and function of a module, reporting all errors together."""
-    sink = ErrorSink()
+def check_module(module: ir.Module) -> dict[str, ir.CheckedPattern]:
+    """Check every pattern, function and constant of a module, reporting all errors
+    together."""
+    session = Session(module)
+    sink = session.sink
     out = {}
     for item in module.items:
         if isinstance(item, ir.PatternDef):
-            out[item.name] = Checker(module, sink).check_pattern(item)
+            out[item.name] = session.pattern(module, item)
         elif isinstance(item, ir.FnDef):
-            Checker(module, sink).check_fn(item)
+            Checker(module, session).check_fn(item)
         elif isinstance(item, ir.ConstDef):
-            c = Checker(module, sink)
-            t = c.const_type(item)
+            t = Checker(module, session).const_type(item)
             if t.kind != "error" and t.kind not in ("int", "bool", "float"):
                 sink.add(AttnTypeError(f"constant '{item.name}' must be a number or bool",
                                        item.span))
@@ -1119,4 +727,4 @@ def check_module(module: ir.Module) -> dict[str, CheckedPattern]:
     return out
 
 
-__all__ = ["CheckedPattern", "check_module", "check_pattern", "AttnError"]
+__all__ = ["AttnError", "Session", "check_module", "check_pattern"]

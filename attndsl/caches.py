@@ -1,0 +1,143 @@
+"""Every cache of attndsl, declared here, bounded, and thread-safe.
+
+Caches hold values computed from frozen keys (bound patterns, plans, generated source);
+run-time inputs are never written into them except as part of a key. `CACHES` lists them
+all, so tests can check every bound and `clear_all()` can empty them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class LRU:
+    """A least-recently-used map of at most `maxsize` entries. `get_or_create` builds a
+    missing value outside the lock (two threads may build it once each; one is kept)."""
+
+    def __init__(self, name: str, maxsize: int, doc: str, on_evict=None):
+        self.name = name
+        self.maxsize = maxsize
+        self.doc = doc
+        self.hits = 0
+        self.misses = 0
+        self._data: OrderedDict = OrderedDict()
+        self._real_lock = threading.Lock()
+        self._on_evict = on_evict
+
+    @property
+    def _lock(self):
+        # torch.compile traces a call once, single-threaded, and cannot enter a lock
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return self._real_lock
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: Hashable, default=None):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return default
+
+    def put(self, key: Hashable, value) -> None:
+        evicted = []
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.maxsize:
+                evicted.append(self._data.popitem(last=False))
+        if self._on_evict is not None:
+            for k, v in evicted:
+                self._on_evict(k, v)
+
+    def get_or_create(self, key: Hashable, factory: Callable[[], object]):
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+        value = factory()
+        with self._lock:
+            if key in self._data:  # another thread built it meanwhile: keep one
+                return self._data[key]
+        self.put(key, value)
+        return value
+
+    def on_evict(self, fn) -> None:
+        """Call fn(key, value) for every entry that leaves the cache."""
+        self._on_evict = fn
+
+    def clear(self) -> None:
+        with self._lock:
+            items = list(self._data.items())
+            self._data.clear()
+        if self._on_evict is not None:
+            for k, v in items:
+                self._on_evict(k, v)
+
+    def info(self) -> dict:
+        return {"size": len(self._data), "maxsize": self.maxsize, "hits": self.hits,
+                "misses": self.misses}
+
+
+OPS = LRU("ops", 4096, "every Op, by the name a torch.compile graph calls it by (api.py)")
+BIND = LRU("bind", 512, "patterns called from expressions, included or averaged, bound per "
+           "parameter values (semantics/bind.py)")
+PLANS = LRU("plans", 16, "token orders and block tables per (bound pattern, block sizes, "
+            "order, run-time inputs) (codegen/plan/tables.py)")
+NEEDED = LRU("needed", 256, "attended entries of proven-PARTIAL block pairs, counted on "
+             "demand per (plan, table) (codegen/plan/tables.py)")
+CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
+                "plan (codegen/cpu/plan.py)")
+KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
+                     "token orders) (codegen/triton/generate.py)")
+KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (bound "
+              "pattern, exported module or None) (codegen/triton/runtime.py)")
+KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules per source "
+                     "digest (codegen/triton/runtime.py)")
+DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
+                    "device) (codegen/triton/runtime.py)")
+
+CACHES = (OPS, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
+          DEVICE_TABLES)
+
+
+def info() -> dict:
+    return {c.name: c.info() for c in CACHES}
+
+
+def clear_all() -> None:
+    for c in CACHES:
+        c.clear()
+
+
+class lazy:  # noqa: N801 - used as a decorator, like functools.cached_property
+    """A property computed on first use and stored on the instance: functools.cached_property
+    without its lock (which torch.compile cannot trace); a race computes the value twice, the
+    same value."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        d = obj.__dict__
+        if self.name not in d:
+            d[self.name] = self.fn(obj)
+        return d[self.name]

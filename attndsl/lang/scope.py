@@ -1,0 +1,59 @@
+"""What the checker's expression and statement passes share: scopes and type relations."""
+
+from __future__ import annotations
+
+from attndsl.lang.ir import Type
+
+ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades
+CONTEXT = ("q", "k", "h")
+SPACE_KINDS = {"seq": ("i",), "grid": ("y", "x"), "volume": ("t", "y", "x"), "channels": ("c",)}
+POOLS = {"keys": ("max", "mean"), "queries": ("max", "mean"),
+         "values": ("mean", "max", "expectation")}
+
+
+class Scope:
+    """Names visible at one point: name -> (ref, Type) or, for pattern-level lets,
+    (ref, Type, unique name, the context names and inputs it depends on)."""
+
+    def __init__(self, parent: Scope | None = None):
+        self.parent = parent
+        self.names: dict[str, tuple] = {}
+
+    def get(self, name: str):
+        s = self
+        while s is not None:
+            if name in s.names:
+                return s.names[name]
+            s = s.parent
+        return None
+
+    def all_names(self):
+        s, out = self, set()
+        while s is not None:
+            out |= set(s.names)
+            s = s.parent
+        return out
+
+    def let_deps(self, uid: str) -> frozenset:
+        """What the pattern-level let with unique name `uid` depends on."""
+        s = self
+        while s is not None:
+            for entry in s.names.values():
+                if len(entry) > 2 and entry[2] == uid:
+                    return entry[3]
+            s = s.parent
+        return frozenset()
+
+
+def kind_ok(want: str, have: str) -> bool:
+    """A value of kind `have` may stand where `want` is expected (ints widen to float)."""
+    return have == "error" or want == have or (want == "float" and have == "int")
+
+
+def join_n(a: Type, b: Type):
+    """The common per-axis width of two operands (None: scalar), or False if they differ."""
+    if a.n is None:
+        return b.n
+    if b.n is None or a.n == b.n:
+        return a.n
+    return False

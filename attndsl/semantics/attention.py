@@ -1,0 +1,169 @@
+"""The attention driver: the one place that says what `op(q, k, v)` computes, around a
+backend's core. Every backend (reference, cpu, triton) runs through it:
+
+    validate -> average the parts -> channel transpose -> default scale -> routing gates
+    -> core.direct (the pattern's own keys: out and log-sum-exp)
+    -> summary tokens (pooled here, attended by core.summary, merged through the LSE)
+    -> gates -> transpose back
+
+A core implements `check(bp, q, k, v)`, `direct(call)` and `summary(call, ks, vs, att)`,
+each returning (out [B, H, Nq, Dv], lse [B, H, Nq]) with lse = -inf for rows with no key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attndsl.errors import UnsupportedError
+from attndsl.reference import attend
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.inputs import RunInputs, check_tensors, content_of, validate
+from attndsl.semantics.masks import summary_masks
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One attention call as a core sees it: q, k, v [B, H, N, D] (channel tokens already
+    transposed), the call's inputs, the scale, MoH's routing gates [B, H, Nq] (cores may skip
+    work whose gates are zero; the driver applies them) and the kernels' block sizes."""
+
+    bp: BoundPattern
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    run: RunInputs
+    scale: float
+    gates: torch.Tensor | None
+    need_lse: bool
+    block_q: int | None = None
+    block_k: int | None = None
+
+
+def attention(core, bp: BoundPattern, q, k, v, inputs: dict, scale: float | None = None,
+              block_q: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """What op(q, k, v, backend=...) computes: q's dtype and shape."""
+    check_tensors(bp, q, k, v)
+    core.check(bp, q, k, v)
+    run = validate(bp, inputs, q.device, q.shape[0])
+    return _attend(core, bp, q, k, v, run, scale, block_q, block_k)
+
+
+def _attend(core, bp, q, k, v, run, scale, block_q, block_k):
+    if bp.average:
+        outs = [_attend(core, sub, q, k, v, run.part(sub), scale, block_q, block_k)
+                for sub in bp.average]
+        return sum(outs) / len(outs)
+    dtype = q.dtype
+    if bp.channel:
+        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+    if scale is None:
+        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    gates = None
+    if bp.route is not None:
+        gates = route_gates(bp, run.values[bp.route[0]], q.shape[1])
+    run = run.with_content(content_of(bp, q, k))
+    call = Call(bp, q, k, v, run, float(scale), gates, bool(bp.summaries), block_q, block_k)
+    out, lse = core.direct(call)
+    if bp.summaries:
+        tokens = summary_tokens(call)
+        if tokens is not None:
+            out = merge(out, lse, *core.summary(call, *tokens))
+    if gates is not None:
+        out = out * gates.to(out.dtype).unsqueeze(-1)
+    if bp.channel:
+        out = out.transpose(-1, -2)
+    return out.to(dtype)
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """One softmax over two disjoint key sets, from each set's output and log-sum-exp."""
+    dt = torch.promote_types(out_a.dtype, torch.float32)
+    out_a, out_b = out_a.to(dt), out_b.to(dt)
+    la, lb = lse_a.to(dt).unsqueeze(-1), lse_b.to(dt).unsqueeze(-1)
+    m = torch.maximum(la, lb).detach()
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wa, wb = torch.exp(la - m), torch.exp(lb - m)
+    den = wa + wb
+    return (wa * out_a + wb * out_b) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+# ------------------------------------------------------------------ summary tokens
+
+
+def summary_tokens(call: Call):
+    """(keys [B, H, R, D], values [B, H, R, Dv], attend [.., Nq, R]) of every summary's
+    non-empty regions, pooled differentiably in float32 (float64 for float64 inputs), or
+    None when every region is empty."""
+    bp = call.bp
+    q, k, v = call.q, call.k, call.v
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rep = q.shape[1] // k.shape[1]
+    qc = q.to(cdt)
+    kc = k.to(cdt).repeat_interleave(rep, dim=1)
+    vc = v.to(cdt).repeat_interleave(rep, dim=1)
+    Nq = q.shape[2]
+    ks, vs, atts = [], [], []
+    for bs in bp.summaries:
+        member, att = summary_masks(bp, bs, call.run, q.device, bp.heads)
+        if member.shape[0] == 0:
+            continue
+        a, b = pool(bs.summary, member, qc, kc, vc, call.scale)
+        ks.append(a)
+        vs.append(b)
+        atts.append(att.expand(*att.shape[:-2], Nq, member.shape[0]))
+    if not ks:
+        return None
+    if any(a.dim() > 2 for a in atts):  # some summary's rule reads h: [H, Nq, R] for all
+        atts = [a.expand(bp.heads, Nq, a.shape[-1]) for a in atts]
+    return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(atts, -1)
+
+
+def _pool(x, member, how):
+    """Pool rows of x [B, H, N, D] over each region of member [R, N] -> [B, H, R, D]."""
+    if how == "mean":
+        w = member.to(x.dtype)
+        return (w @ x) / w.sum(dim=1, keepdim=True)
+    outs = []
+    step = max(1, (1 << 24) // max(1, x.numel()))
+    neg = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
+    for r0 in range(0, member.shape[0], step):
+        m = member[r0:r0 + step]  # [r, N]
+        xm = torch.where(m.view(1, 1, *m.shape, 1), x.unsqueeze(2), neg)
+        outs.append(xm.amax(dim=3))
+    return torch.cat(outs, dim=2)
+
+
+def pool(summary, member, q, k, v, scale):
+    """A summary's key and value rows: its keys pooled (max or mean) over each region; its
+    values pooled, or (Combiner's `expectation`) the region's own attention output for the
+    pooled query."""
+    ks = _pool(k, member, summary.keys)
+    if summary.values == "expectation":
+        if q.shape[2] != k.shape[2]:
+            raise UnsupportedError("'values expectation' pools queries at the key positions; "
+                                   "it needs as many queries as keys", summary.span)
+        qs = _pool(q, member, summary.queries)
+        inner = (qs @ k.transpose(-1, -2)) * scale
+        vs, _ = attend(inner, member.expand(*inner.shape), v)
+    else:
+        vs = _pool(v, member, summary.values)
+    return ks, vs
+
+
+# ------------------------------------------------------------------ routing
+
+
+def route_gates(bp: BoundPattern, router, heads):
+    """[B, H, N] gates of `route`: shared heads 1; routed heads the softmax over each
+    token's top-k router logits (0 elsewhere)."""
+    _, top, shared = bp.route
+    B, N, E = router.shape
+    gates = torch.zeros(B, N, E, dtype=torch.float64, device=router.device)
+    if top > 0 and E > 0:
+        vals, idx = router.double().topk(top, dim=-1)
+        gates.scatter_(-1, idx, torch.softmax(vals, dim=-1))
+    ones = torch.ones(B, N, shared, dtype=torch.float64, device=router.device)
+    return torch.cat([ones, gates], dim=-1).permute(0, 2, 1)

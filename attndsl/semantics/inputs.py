@@ -1,0 +1,199 @@
+"""What a call brings: validated q, k, v and run-time inputs, passed as values.
+
+`RunInputs` holds one call's run-time inputs (and, for patterns that read q and k, the
+content). It is created per call and travels by argument into every evaluator, planner and
+backend; nothing writes run-time values into a BoundPattern or a plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+
+from attndsl.caches import lazy
+from attndsl.errors import InputError
+from attndsl.semantics.bind import BoundPattern
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class RunInputs:
+    """Validated run-time inputs: name -> tensor (int64 for int inputs), Python number for
+    a scalar, or None (an absent optional input); `content` is (q, k with k's heads repeated
+    to q's) for patterns whose masks read them. `memo` keeps what this call computes once
+    from them (DHSA's chunk selection)."""
+
+    values: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    content: tuple | None = None
+    memo: dict = field(default_factory=dict, repr=False)
+
+    @lazy
+    def env(self) -> dict:
+        """The inputs as evaluator values: 0-dim tensors become Python numbers."""
+        out = {}
+        for name, v in self.values.items():
+            out[name] = v.item() if isinstance(v, torch.Tensor) and v.dim() == 0 else v
+        return out
+
+    def part(self, bp: BoundPattern) -> RunInputs:
+        """The inputs an averaged part (or any sub-pattern) declares."""
+        return RunInputs(MappingProxyType({n: v for n, v in self.values.items()
+                                           if n in bp.inputs}), self.content)
+
+    def without(self, *names: str) -> RunInputs:
+        return RunInputs(MappingProxyType({n: v for n, v in self.values.items()
+                                           if n not in names}), self.content)
+
+    def with_content(self, content) -> RunInputs:
+        return RunInputs(self.values, content)
+
+    def cpu(self) -> RunInputs:
+        return RunInputs(MappingProxyType({
+            n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in self.values.items()}),
+            self.content)
+
+    @lazy
+    def fingerprint(self) -> tuple:
+        """A hashable digest of the values (not the content): a plan built for these inputs
+        serves any call whose inputs have the same fingerprint."""
+        out = []
+        for name in sorted(self.values):
+            v = self.values[name]
+            if isinstance(v, torch.Tensor):
+                data = v.detach().cpu().contiguous().numpy().tobytes()
+                out.append((name, tuple(v.shape), str(v.dtype),
+                            hashlib.sha1(data).hexdigest()))
+            else:
+                out.append((name, v))
+        return tuple(out)
+
+
+NONE = RunInputs()
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join("*" if d is None else str(d) for d in dims) + "]"
+
+
+def validate(bp: BoundPattern, given: dict, device=None, batch=None,
+             for_mask: bool = False, content=None) -> RunInputs:
+    """Check run-time inputs against their declarations and return them as a RunInputs.
+
+    With `for_mask`, a router input is optional: routing gates outputs, not the mask."""
+    out = {}
+    for name in given:
+        if name not in bp.inputs:
+            raise bp.unknown_input(name)
+    for name, spec in bp.inputs.items():
+        kind, dims, optional, span = spec.kind, spec.dims, spec.optional, spec.span
+        v = given.get(name)
+        if v is None:
+            if optional or (for_mask and bp.route is not None and name == bp.route[0]):
+                out[name] = None
+                continue
+            shape = "" if not dims else _shape(dims)
+            raise InputError(f"pattern '{bp.name}' needs run-time input '{name}' "
+                             f"({kind}{shape})", span)
+        if not isinstance(v, torch.Tensor):
+            try:
+                v = torch.as_tensor(v)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"run-time input '{name}' must be a tensor or number, not "
+                                 f"{type(v).__name__}", span) from None
+        if kind == "int" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
+            raise InputError(f"run-time input '{name}' must have an integer dtype, not "
+                             f"{v.dtype}", span)
+        if kind == "float" and not v.is_floating_point():
+            raise InputError(f"run-time input '{name}' must have a floating dtype, not "
+                             f"{v.dtype}", span)
+        if v.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, v.shape)):
+            must = ("be a scalar, not shape" if not dims else
+                    f"have shape {_shape(dims)}, not")
+            raise InputError(f"run-time input '{name}' must {must} {list(v.shape)}", span)
+        if device is not None and v.device != device:
+            raise InputError(f"run-time input '{name}' is on {v.device}, the tensors on "
+                             f"{device}", span)
+        if kind == "int":
+            v = v.long()
+        out[name] = v
+    if bp.route is not None and batch is not None and out.get(bp.route[0]) is not None:
+        r = out[bp.route[0]]
+        if r.shape[0] != batch or r.shape[1] != bp.nq or r.shape[2] != bp.heads - bp.route[2]:
+            raise InputError(f"router '{bp.route[0]}' must have shape [{batch}, {bp.nq}, "
+                             f"{bp.heads - bp.route[2]}], not {list(r.shape)}",
+                             bp.inputs[bp.route[0]].span)
+    for sub in bp.average:
+        validate(sub, {k: v for k, v in given.items() if k in sub.inputs}, device, batch,
+                 for_mask)
+    return RunInputs(MappingProxyType(out), content)
+
+
+def content_of(bp: BoundPattern, q, k):
+    """(q, k repeated to q's heads) when the pattern's mask reads them, else None."""
+    if not bp.content_dependent:
+        return None
+    return (q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
+
+
+def check_tensors(bp: BoundPattern, q, k, v) -> None:
+    """q, k, v against the pattern: kinds, ranks, dtypes, devices, batch, heads, tokens."""
+    at = bp.checked.span  # errors point at the pattern, or at its space or heads statement
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, not {type(t).__name__}", at)
+        if t.dim() != 4:
+            raise InputError(f"{name} must have 4 dimensions [batch, heads, tokens, dim], not "
+                             f"{list(t.shape)}", at)
+        if t.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{name} must be float16, bfloat16, float32 or float64, not "
+                             f"{t.dtype}", at)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"q, k, v must share one dtype, not {q.dtype}, {k.dtype}, {v.dtype}",
+                         at)
+    if not (q.device == k.device == v.device):
+        raise InputError(f"q, k, v must be on one device, not {q.device}, {k.device}, "
+                         f"{v.device}", at)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise InputError(f"q, k, v must share the batch size, not {q.shape[0]}, {k.shape[0]},"
+                         f" {v.shape[0]}", at)
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise InputError(f"k and v must have the same heads and tokens, not {list(k.shape)} "
+                         f"and {list(v.shape)}", at)
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise InputError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]})", at)
+    if bp.channel:
+        if q.shape[2] != k.shape[2]:
+            raise InputError("channel attention needs q and k with the same positions, not "
+                             f"{q.shape[2]} and {k.shape[2]}", at)
+        if q.shape[3] != bp.nq or k.shape[3] != bp.nk or v.shape[3] != bp.nk:
+            raise InputError(f"channel tokens: the last dimension must be the {bp.nq} channels"
+                             f" of a group, not q {q.shape[3]}, k {k.shape[3]}, v "
+                             f"{v.shape[3]}", at)
+    else:
+        if q.shape[3] != k.shape[3]:
+            raise InputError(f"q and k must have the same head dim, not {q.shape[3]} and "
+                             f"{k.shape[3]}", at)
+        if q.shape[2] != bp.nq:
+            raise InputError(f"q has {q.shape[2]} tokens; pattern '{bp.name}' has {bp.nq} "
+                             f"queries {_dims(bp.qshape)}", _space_span(bp, "qspace"))
+        if k.shape[2] != bp.nk:
+            raise InputError(f"k has {k.shape[2]} tokens; pattern '{bp.name}' has {bp.nk} keys "
+                             f"{_dims(bp.kshape)}", _space_span(bp, "kspace"))
+    if bp.heads is not None and q.shape[1] != bp.heads:
+        raise InputError(f"pattern '{bp.name}' is declared for {bp.heads} heads; q has "
+                         f"{q.shape[1]}",
+                         bp.checked.heads.span if bp.checked.heads is not None else at)
+
+
+def _space_span(bp: BoundPattern, which: str):
+    sp = getattr(bp.checked, which)
+    return sp.span if sp is not None else bp.checked.span
+
+
+def _dims(s) -> str:
+    return "(" + " x ".join(map(str, s)) + ")"

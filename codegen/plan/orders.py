@@ -1,0 +1,155 @@
+"""Token orders: the permutation of a space's tokens that the compiled kernels see.
+
+1D spaces keep row-major order. 2D and 3D spaces are cut into tiles so that a block of
+tokens is a compact patch (and tokens of one dilation group stay together); the planner
+(tables.py) picks among these orders by measured cost. Users never see the permutation:
+the backends gather into it and scatter back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from attndsl.lang import ir
+from attndsl.lang.walk import walk
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.evaluate import Evaluator
+
+
+@dataclass(frozen=True, eq=False)
+class TokenOrder:
+    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding."""
+
+    shape: tuple[int, ...]
+    tile: tuple[int, ...]
+    dilation: tuple[int, ...]
+    perm: np.ndarray
+    identity: bool = False  # perm is arange(N): kernels skip the gathers
+    tile_block: int = 0  # tokens per block this order was made for
+
+    def __post_init__(self):
+        object.__setattr__(self, "identity", len(self.perm) == math.prod(self.shape) and bool(
+            (self.perm == np.arange(len(self.perm))).all()))
+
+    @property
+    def length(self) -> int:
+        return len(self.perm)
+
+    def inverse(self) -> np.ndarray:
+        """position of every row-major token in this order (the scatter back)."""
+        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
+        pos = np.nonzero(self.perm >= 0)[0]
+        inv[self.perm[pos]] = pos
+        return inv
+
+    def describe(self) -> str:
+        if self.identity:
+            return "row-major"
+        t = "x".join(map(str, self.tile))
+        d = "" if all(x == 1 for x in self.dilation) else (
+            ", dilation groups " + "x".join(map(str, self.dilation)))
+        return f"tiles {t}{d}"
+
+
+def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
+    """Power-of-two tile dims with product `block` (or the whole space), roughly cubic."""
+    t = [1] * len(shape)
+    cap = [1 << max(0, math.ceil(math.log2(s))) for s in shape]
+    while math.prod(t) < block:
+        grow = [a for a in range(len(t)) if t[a] < cap[a]]
+        if not grow:
+            break
+        a = min(grow, key=lambda a: (t[a], -a))
+        t[a] *= 2
+    return tuple(t)
+
+
+def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None,
+               tile: tuple[int, ...] | None = None) -> TokenOrder:
+    """Row-major for 1D; for 2D/3D, dilation groups one after another, each cut into tiles
+    of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside."""
+    n = len(shape)
+    if n == 1:
+        return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64),
+                          tile_block=block)
+    dil = tuple(dilation or (1,) * n)
+    sub = tuple(-(-s // d) for s, d in zip(shape, dil))  # largest dilation-group extent
+    tile = tile or tile_shape(sub, block)
+    parts = []
+    strides = np.cumprod((1,) + tuple(reversed(shape)))[:-1][::-1]
+    for g in np.ndindex(*dil):
+        ext = [len(range(gi, s, d)) for gi, s, d in zip(g, shape, dil)]
+        padded = [-(-e // t) * t for e, t in zip(ext, tile)]
+        # coordinates of the padded group grid in tile order
+        grids = np.meshgrid(*[np.arange(p) for p in padded], indexing="ij")
+        c = [x.reshape(-1) for x in grids]
+        tid = np.zeros_like(c[0])
+        inner = np.zeros_like(c[0])
+        for a in range(n):
+            tid = tid * (padded[a] // tile[a]) + c[a] // tile[a]
+            inner = inner * tile[a] + c[a] % tile[a]
+        order = np.lexsort((inner, tid))
+        c = [x[order] for x in c]
+        ok = np.ones(len(order), dtype=bool)
+        flat = np.zeros(len(order), dtype=np.int64)
+        for a in range(n):
+            ok &= c[a] < ext[a]
+            flat += (g[a] + c[a] * dil[a]) * int(strides[a])
+        parts.append(np.where(ok, flat, -1))
+    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts), tile_block=block)
+
+
+def padded_perm(order: TokenOrder, block: int) -> np.ndarray:
+    """[blocks, block]: the row-major token at each position, -1 for padding (a whole last
+    block, and the order's own padding)."""
+    nb = -(-order.length // block)
+    perm = np.full(nb * block, -1, dtype=np.int64)
+    perm[:order.length] = order.perm
+    return perm.reshape(nb, block)
+
+
+def tilings(shape, block):
+    """Every power-of-two tile shape with `block` tokens that fits the space."""
+    caps = [max(0, math.ceil(math.log2(s))) for s in shape]
+    total = int(math.log2(block))
+    out = []
+
+    def rec(a, left, acc):
+        if a == len(shape) - 1:
+            if left <= caps[a]:
+                out.append(tuple(1 << e for e in acc + [left]))
+            return
+        for e in range(min(left, caps[a]) + 1):
+            rec(a + 1, left - e, acc + [e])
+    rec(0, total, [])
+    return out or [tile_shape(shape, block)]
+
+
+def order_with_tile(shape, tile, dilation):
+    return make_order(shape, math.prod(tile), dilation, tile=tile)
+
+
+def neighborhood_dilation(bp: BoundPattern) -> tuple[int, ...] | None:
+    """The per-axis dilation of the pattern's `neighborhood(...)` call (the prelude's
+    neighbourhood rule, which the IR keeps as a call), if it has one with a static value."""
+    found = set()
+    for owner, rule, _ in bp.rules:
+        for x in walk(rule.expr):
+            if not (isinstance(x, ir.Call) and x.ref == "fn" and x.func == "neighborhood"
+                    and "dilation" in x.params):
+                continue
+            arg = x.args[x.params.index("dilation")]
+            if not arg.ty.static:
+                return None
+            d = Evaluator(dict(owner.env), {}).eval(arg)
+            d = (d,) * len(bp.qshape) if isinstance(d, int) else tuple(d)
+            found.add(d)
+    if len(found) != 1:
+        return None
+    d = found.pop()
+    if len(d) != len(bp.qshape) or any(not isinstance(x, int) or x < 1 for x in d):
+        return None
+    return d

@@ -1,0 +1,436 @@
+"""The Triton backend at run time: the source cache, launches, the `attndsl::` custom ops
+(autograd, torch.compile) and the core the attention driver calls.
+
+Generated modules are written to a cache directory under a content hash (atomically, so two
+processes compiling the same pattern at once both end with the same complete file) and
+imported from there: Triton needs real source files to JIT from. The custom ops name their
+kernel module by that file's path and take every table as a tensor argument, so nothing
+about a launch lives in a registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attndsl import caches
+from attndsl.codegen.emit import input_layout
+from attndsl.codegen.plan.tables import Plan, plan_for
+from attndsl.codegen.triton.generate import dynamic_config, module_source
+from attndsl.errors import InputError, UnsupportedError
+from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.dynamic import keep_chunks
+from attndsl.semantics.inputs import RunInputs
+
+LN2 = math.log(2.0)
+_IMPORT_LOCK = threading.Lock()
+
+
+def cache_dir() -> str:
+    d = os.environ.get("ATTNDSL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attndsl")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _forget(path, module) -> None:
+    sys.modules.pop(getattr(module, "__name__", ""), None)
+
+
+caches.KERNEL_MODULES.on_evict(_forget)  # evicted modules leave sys.modules too
+
+
+def module_at(path: str):
+    """The kernel module imported from `path` (cached; a module already imported from that
+    file, such as an exported one, is reused)."""
+    def load():
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__file__", None) == path and hasattr(mod, "attn_fwd"):
+                return mod
+        name = "attndsl_generated_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    with _IMPORT_LOCK:
+        return caches.KERNEL_MODULES.get_or_create(path, load)
+
+
+def load_source(source: str, name_hint: str = "kernel"):
+    """Import generated source through the on-disk cache; identical source, one module."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir(), f"attndsl_{digest}.py")
+    if caches.KERNEL_MODULES.get(path) is None:
+        if os.environ.get("ATTNDSL_DEBUG", "") not in ("", "0"):
+            print(f"# ---- attndsl generated source ({name_hint}, {digest}) ----\n{source}",
+                  file=sys.stderr)
+        if not os.path.exists(path):
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+    return module_at(path)
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """One pattern's kernel module: its source, the file it was imported from, and what a
+    launch needs to know of the pattern."""
+
+    source: str
+    path: str
+    module: object
+    layout: dict  # run-time input -> Arr (its slot in the packed inputs)
+    has_bias: bool
+    softcap: float | None
+    dynamic: dict | None  # chunk_topk's configuration (content-dependent patterns)
+
+
+def kernel_for(bp: BoundPattern, module=None) -> Kernel:
+    """The kernels of a bound pattern: generated and imported through the cache, or an
+    exported module's own."""
+    def build():
+        nonlocal module
+        if module is None:
+            source = module_source(bp)
+            module = load_source(source, bp.name)
+        else:
+            with open(module.__file__) as f:
+                source = f.read()
+        return Kernel(source, module.__file__, module, input_layout(bp), bool(bp.biases),
+                      bp.softcap, dynamic_config(bp))
+    return caches.KERNELS.get_or_create((bp, module), build)
+
+
+# ------------------------------------------------------------------ tables on the device
+
+
+def _cat(tabs, attr_off, attr_idx):
+    """The CSR tables of several heads, one after another: offsets [G * (rows + 1)]."""
+    offs, idxs, base = [], [], 0
+    for tab in tabs:
+        offs.append(getattr(tab, attr_off).astype(np.int64) + base)
+        idx = getattr(tab, attr_idx)
+        idxs.append(idx)
+        base += len(idx)
+    off = np.concatenate(offs)
+    idx = np.concatenate(idxs) if base else np.zeros(1, dtype=np.int32)
+    return (torch.from_numpy(off.astype(np.int32 if off[-1] < 2**31 else np.int64)),
+            torch.from_numpy(np.ascontiguousarray(idx)))
+
+
+def device_tables(plan: Plan, device) -> dict:
+    """The plan's tables and permutations as tensors on `device` (cached per plan)."""
+    def build():
+        t = {}
+        for key, tabs in (("", plan.tables), ("t", plan.transposed)):
+            t[key + "part"] = _cat(tabs, "part_off", "part_idx")
+            t[key + "full"] = _cat(tabs, "full_off", "full_idx")
+        if plan.summary is not None:
+            sp = plan.summary
+            t["spart"] = _cat(sp.tables, "part_off", "part_idx")
+            t["sfull"] = _cat(sp.tables, "full_off", "full_idx")
+            t["tspart"] = _cat(sp.transposed, "part_off", "part_idx")
+            t["tsfull"] = _cat(sp.transposed, "full_off", "full_idx")
+            rows = sp.rows if len(sp.rows) else np.zeros(1, dtype=np.int64)
+            t["srow"] = torch.from_numpy(rows.astype(np.int64))
+        t["qperm"] = torch.from_numpy(plan.qorder.perm.astype(np.int32))
+        t["kperm"] = torch.from_numpy(plan.korder.perm.astype(np.int32))
+        t["qinv"] = torch.from_numpy(plan.qorder.inverse())
+        if plan.content_dependent:
+            m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
+            tab = plan.tables[0]
+            for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
+                r = np.repeat(np.arange(plan.nqb), np.diff(off))
+                m[torch.from_numpy(r), torch.from_numpy(idx.astype(np.int64))] = True
+            t["dense"] = m
+        return {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
+                for k, v in t.items()}
+    return caches.DEVICE_TABLES.get_or_create((plan, str(device)), build)
+
+
+def pack_inputs(kern: Kernel, run: RunInputs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run-time inputs as the kernels read them (kernels.py: _in_int / _in_float): INI
+    holds (offset, length) per input, then the int data; INF the float data."""
+    n = len(kern.layout)
+    head = [0] * (2 * n)
+    ints, floats = [], []
+    ipos, fpos = 2 * n, 0
+    for name, arr in kern.layout.items():
+        v = run.values.get(name)
+        if v is None:  # an absent optional input: the kernels never read it
+            v = torch.zeros(1)
+        flat = torch.as_tensor(v, device=device).reshape(-1)
+        if flat.numel() == 0:
+            flat = flat.new_zeros(1)
+        if arr.kind == "float":
+            head[2 * arr.slot:2 * arr.slot + 2] = [fpos, flat.numel()]
+            floats.append(flat.to(torch.float32))
+            fpos += flat.numel()
+        else:
+            head[2 * arr.slot:2 * arr.slot + 2] = [ipos, flat.numel()]
+            ints.append(flat.to(torch.int64))
+            ipos += flat.numel()
+    ini = torch.cat([torch.tensor(head, dtype=torch.int64, device=device)] + ints) \
+        if n else torch.zeros(1, dtype=torch.int64, device=device)
+    inf = torch.cat(floats) if floats else torch.zeros(1, dtype=torch.float32, device=device)
+    return ini.contiguous(), inf.contiguous()
+
+
+# ------------------------------------------------------------------ launches
+
+# tabs: the tensors of one launch, in this order
+TABS = ("qperm", "kperm", "part_off", "part_idx", "full_off", "full_idx", "tpart_off",
+        "tpart_idx", "tfull_off", "tfull_idx", "ini", "inf", "dyn_keep", "dyn_chunk", "route",
+        "srow")
+# ints: tab_sb, tab_sh, NK, NQB, NKB, DYN_NB, DYN_NC, BLOCK_M, BLOCK_N, PERM_Q, PERM_K,
+# HAS_BIAS, SOFTCAP, ROUTED, SUMMARY; floats: sm_scale, softcap
+
+
+def _meta(q, ints) -> dict:
+    D = q.shape[-1]
+    return dict(D=D, BLOCK_M=ints[7], BLOCK_N=ints[8],
+                BLOCK_D=max(16, 1 << math.ceil(math.log2(D))),
+                PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                WIDEN=q.dtype == torch.bfloat16 and not q.is_cuda,
+                PERM_Q=bool(ints[9]), PERM_K=bool(ints[10]), HAS_BIAS=bool(ints[11]),
+                SOFTCAP=bool(ints[12]), ROUTED=bool(ints[13]), SUMMARY=bool(ints[14]))
+
+
+def _common(q, k, v, tabs, ints, floats) -> list:
+    H, HKV = q.shape[1], k.shape[1]
+    sm_scale, softcap = floats
+    return [q, k, v, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5], ints[0], ints[1],
+            sm_scale, sm_scale / LN2, softcap, H, HKV, q.shape[2], ints[2], ints[3], ints[4],
+            k.shape[2], tabs[10], tabs[11], tabs[12], tabs[13], ints[5], ints[6], tabs[14],
+            tabs[15]]
+
+
+def forward(mod, q, k, v, tabs, ints, floats):
+    B, H, NQ, D = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32)
+    mod.attn_fwd[(ints[3], B * H)](*_common(q, k, v, tabs, ints, floats), o, lse,
+                                   **_meta(q, ints))
+    return o, lse
+
+
+def backward(mod, q, k, v, o, lse, do, dlse, tabs, ints, floats):
+    B, H, NQ, D = q.shape
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)
+    # the log-sum-exp is an output too (summary tokens merge through it)
+    delta = (delta - torch.nan_to_num(dlse.float(), posinf=0.0, neginf=0.0) / LN2).contiguous()
+    common = _common(q, k, v, tabs, ints, floats)
+    meta = _meta(q, ints)
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k)  # rows past the keys (padding) stay zero
+    dv = torch.zeros_like(v)
+    mod.attn_bwd_dkdv[(ints[4], B * k.shape[1])](*common, do, lse, delta, dk, dv, tabs[6],
+                                                 tabs[7], tabs[8], tabs[9], **meta)
+    mod.attn_bwd_dq[(ints[3], B * H)](*common, do, lse, delta, dq, **meta)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("attndsl::block_sparse_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tabs: list[torch.Tensor],
+            ints: list[int], floats: list[float], path: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward(module_at(path), q, k, v, tabs, ints, floats)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, tabs, ints, floats, path):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("attndsl::block_sparse_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+            lse: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor, tabs: list[torch.Tensor],
+            ints: list[int], floats: list[float], path: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward(module_at(path), q, k, v, o, lse, do, dlse, tabs, ints, floats)
+
+
+@_bwd_op.register_fake
+def _(q, k, v, o, lse, do, dlse, tabs, ints, floats, path):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, tabs, ints, floats, path = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *tabs)
+    ctx.meta = (ints, floats, path)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *tabs = ctx.saved_tensors
+    ints, floats, path = ctx.meta
+    if do is None:
+        do = torch.zeros_like(o)
+    if dlse is None:
+        dlse = torch.zeros_like(lse)
+    dq, dk, dv = _bwd_op(q, k, v, o, lse, do, dlse, tabs, ints, floats, path)
+    return dq, dk, dv, [None] * len(tabs), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------ the core
+
+
+class Triton:
+    """The core of backend='triton' (the Core protocol of semantics/attention.py)."""
+
+    name = "triton"
+
+    def __init__(self, module=None, plan: Plan | None = None):
+        self.module = module  # an exported module's kernels, or None to generate
+        self.fixed = plan  # an exported module's tables (used for the inputs they are for)
+
+    def check(self, bp: BoundPattern, q, k, v) -> None:
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"the Triton backend takes float16, bfloat16 or float32, not "
+                             f"{q.dtype}")
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise UnsupportedError("backend 'triton' needs the triton package (pip install "
+                                   "triton)") from None
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise UnsupportedError("the Triton backend needs CUDA tensors (or "
+                                   "TRITON_INTERPRET=1 to run the kernels on the CPU); use "
+                                   "backend='cpu' or 'reference' here")
+        if q.shape[-1] > 256:
+            raise InputError(f"the Triton backend supports head dims up to 256, not "
+                             f"{q.shape[-1]}")
+
+    def _plan(self, call) -> Plan:
+        bp = call.bp
+        run = call.run if bp.route is None else call.run.without(bp.route[0])
+        if self.fixed is not None and self.fixed.run.fingerprint == run.fingerprint:
+            return self.fixed
+        return plan_for(bp, call.block_q, call.block_k, run)
+
+    def direct(self, call):
+        return self._launch(call, call.k, call.v, summary=False)
+
+    def summary(self, call, ks, vs, att):
+        return self._launch(call, ks, vs, summary=True)
+
+    def _launch(self, call, k, v, summary: bool):
+        """Permute into the kernels' token order, run the custom op, permute back; the
+        log-sum-exp comes back in natural units (-inf: no key)."""
+        bp = call.bp
+        plan = self._plan(call)
+        kern = kernel_for(bp, self.module)
+        q = call.q
+        dev = q.device
+        t = device_tables(plan, dev)
+        H = q.shape[1]
+        ini, inf = pack_inputs(kern, call.run, dev)
+        perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
+        if perm_q:
+            q = q.index_select(2, t["qperm"].clamp(min=0).long())
+        route = torch.zeros(1, dtype=torch.int8, device=dev)
+        if call.gates is not None:  # [B, H, N] gates -> per (batch x head, query block)
+            g = call.gates if not perm_q else call.gates.index_select(
+                2, t["qperm"].clamp(min=0).long())
+            g = torch.nn.functional.pad(g, (0, plan.nqb * plan.block_q - g.shape[2]))
+            route = (g.reshape(-1, plan.nqb, plan.block_q) != 0).any(-1).to(torch.int8)
+        dyn_keep = dyn_chunk = torch.zeros(1, dtype=torch.int32, device=dev)
+        nb = nc = 1
+        sb, sh = 0, (1 if len(plan.tables) > 1 else 0)
+        if summary:
+            sp = plan.summary
+            nk, nkb = sp.nr, plan.nsb
+            if H != k.shape[1]:  # summary rows may depend on the query head
+                rep = H // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            pad = nkb * plan.block_k - k.shape[2]
+            k = torch.nn.functional.pad(k.to(q.dtype), (0, 0, 0, pad))
+            v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, pad))
+            tables = (t["spart"], t["sfull"], t["tspart"], t["tsfull"])
+            srow = t["srow"]
+        else:
+            nk, nkb = plan.korder.length, plan.nkb
+            if perm_k:
+                idx = t["kperm"].clamp(min=0).long()
+                k, v = k.index_select(2, idx), v.index_select(2, idx)
+            tables = (t["part"], t["full"], t["tpart"], t["tfull"])
+            srow = torch.zeros(1, dtype=torch.int64, device=dev)
+            if kern.dynamic is not None:
+                tables, dyn_keep, dyn_chunk, nb, nc = _dynamic_tables(kern, plan, t, call)
+                sb, sh = H, 1
+        tabs = [t["qperm"], t["kperm"], *tables[0], *tables[1], *tables[2], *tables[3], ini,
+                inf, dyn_keep, dyn_chunk, route.reshape(-1).contiguous(), srow]
+        ints = [sb, sh, nk, plan.nqb, nkb, nb, nc, plan.block_q, plan.block_k, int(perm_q),
+                int(perm_k and not summary), int(kern.has_bias and not summary),
+                int(kern.softcap is not None), int(call.gates is not None), int(summary)]
+        floats = [float(call.scale), float(kern.softcap or 1.0)]
+        o, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), tabs, ints, floats,
+                         kern.path)
+        if perm_q:
+            o = o.index_select(2, t["qinv"])
+            lse = lse.index_select(2, t["qinv"])
+        lse = torch.where(torch.isinf(lse), torch.full_like(lse, -math.inf), lse * LN2)
+        return o, lse
+
+
+def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call):
+    """DHSA on the device: the chunk selection (semantics/dynamic.py), then per (batch, head)
+    block tables: the static superset's pairs whose query rows meet a DHSA block that kept a
+    chunk overlapping the key block."""
+    conf = kern.dynamic
+    q, k = call.run.content
+    dev = q.device
+    starts = call.run.values.get(conf["starts"]) if conf["starts"] else None
+    with torch.no_grad():
+        keep, chunk_of = keep_chunks(q.detach(), k.detach(), conf["block"], conf["chunk"],
+                                     conf["topk"], starts, None)
+        n = q.shape[2]
+        B, H, nb, nc = keep.shape
+        rows = torch.arange(plan.nqb * plan.block_q, device=dev).clamp(max=n - 1)
+        qmap = torch.zeros(plan.nqb, nb, device=dev)
+        qmap[rows // plan.block_q, rows // conf["block"]] = 1.0
+        cols = torch.arange(plan.nkb * plan.block_k, device=dev).clamp(max=n - 1)
+        cmap = torch.zeros(nc, plan.nkb, device=dev)
+        cmap[chunk_of[cols], cols // plan.block_k] = 1.0
+        sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
+        sel &= t["dense"]
+        part = _csr_rows(sel)
+        tpart = _csr_rows(sel.transpose(-1, -2))
+        g = B * H
+        empty_q = torch.zeros(g * (plan.nqb + 1), dtype=torch.int32, device=dev)
+        empty_k = torch.zeros(g * (plan.nkb + 1), dtype=torch.int32, device=dev)
+        none = torch.zeros(1, dtype=torch.int32, device=dev)
+    return ((part, (empty_q, none), tpart, (empty_k, none)),
+            keep.to(torch.int8).contiguous(), chunk_of.to(torch.int32).contiguous(), nb, nc)
+
+
+def _csr_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G..., rows, cols] bool -> offsets [G * (rows + 1)] laid out per table, and indices."""
+    rows, cols = sel.shape[-2], sel.shape[-1]
+    flat = sel.reshape(-1, rows, cols)
+    g = flat.shape[0]
+    counts = flat.sum(-1).reshape(-1)
+    off = torch.zeros(g * rows + 1, dtype=torch.int64, device=sel.device)
+    off[1:] = torch.cumsum(counts, 0)
+    at = (torch.arange(g, device=sel.device).view(-1, 1) * rows
+          + torch.arange(rows + 1, device=sel.device).view(1, -1))
+    idx = flat.nonzero()[:, 2].to(torch.int32)
+    if idx.numel() == 0:
+        idx = torch.zeros(1, dtype=torch.int32, device=sel.device)
+    return off[at.reshape(-1)].to(torch.int32), idx.contiguous()
