@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 
 
-@cache
 def data_dir(name: str) -> Path:
     """`grammar` or `patterns`: inside the package when installed, beside it in a checkout."""
     for cand in (_HERE / name, _HERE.parent / name):

@@ -90,6 +90,7 @@ class LRU:
                 "misses": self.misses}
 
 
+PARSER = LRU("parser", 1, "the LALR parser built from grammar/attn.lark (lang/parser.py)")
 OPS = LRU("ops", 4096, "every Op, by the name a torch.compile graph calls it by (api.py)")
 BIND = LRU("bind", 512, "patterns called from expressions, included or averaged, bound per "
            "parameter values (semantics/bind.py)")
@@ -108,7 +109,7 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
 
-CACHES = (OPS, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
+CACHES = (PARSER, OPS, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
           DEVICE_TABLES)
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from attndsl.errors import SizeLimitError
+from attndsl.semantics.attention import attend, softcapped
 from attndsl.semantics.masks import bias, dense_mask
 
 REFERENCE_LIMIT = 1 << 26  # batch x heads x queries x (keys + summary tokens)
@@ -21,25 +22,6 @@ REFERENCE_LIMIT = 1 << 26  # batch x heads x queries x (keys + summary tokens)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores and sums are float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def attend(logits, mask, values):
-    """softmax(logits | mask) @ values and the rows' log-sum-exp (natural log). A row with
-    no keys gives 0 and lse -inf, with zero (never NaN) gradients."""
-    neg = torch.finfo(logits.dtype).min
-    logits = logits.masked_fill(~mask, neg)
-    m = logits.amax(dim=-1, keepdim=True).detach()
-    p = torch.exp(logits - m) * mask
-    denom = p.sum(dim=-1, keepdim=True)
-    has = denom > 0
-    safe = torch.where(has, denom, torch.ones_like(denom))
-    out = (p / safe) @ values
-    lse = torch.where(has, m + torch.log(safe), torch.full_like(denom, -math.inf))
-    return out, lse.squeeze(-1)
-
-
-def softcapped(logits, softcap):
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 class Reference:

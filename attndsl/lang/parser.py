@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ast as _pyast
-from functools import cache
 
 import lark
 from lark import Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, VisitError
 
+from attndsl import caches
 from attndsl._resources import grammar_text
 from attndsl.errors import AttnError, AttnSyntaxError, Span
 from attndsl.lang import ir
@@ -27,10 +27,11 @@ _TOKEN_NAMES = {
 }
 
 
-@cache
 def _lark() -> lark.Lark:
-    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True,
-                     maybe_placeholders=True, start="start")
+    """The LALR parser of grammar/attn.lark, built once (caches.PARSER)."""
+    return caches.PARSER.get_or_create("attn.lark", lambda: lark.Lark(
+        grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+        start="start"))
 
 
 class _Builder(Transformer):

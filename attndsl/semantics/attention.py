@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 
 from attndsl.errors import UnsupportedError
-from attndsl.reference import attend
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import RunInputs, check_tensors, content_of, validate
 from attndsl.semantics.masks import summary_masks
@@ -88,6 +87,25 @@ def merge(out_a, lse_a, out_b, lse_b):
     wa, wb = torch.exp(la - m), torch.exp(lb - m)
     den = wa + wb
     return (wa * out_a + wb * out_b) / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def attend(logits, mask, values):
+    """softmax(logits | mask) @ values and the rows' log-sum-exp (natural log). A row with
+    no keys gives 0 and lse -inf, with zero (never NaN) gradients."""
+    neg = torch.finfo(logits.dtype).min
+    logits = logits.masked_fill(~mask, neg)
+    m = logits.amax(dim=-1, keepdim=True).detach()
+    p = torch.exp(logits - m) * mask
+    denom = p.sum(dim=-1, keepdim=True)
+    has = denom > 0
+    safe = torch.where(has, denom, torch.ones_like(denom))
+    out = (p / safe) @ values
+    lse = torch.where(has, m + torch.log(safe), torch.full_like(denom, -math.inf))
+    return out, lse.squeeze(-1)
+
+
+def softcapped(logits, softcap):
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 # ------------------------------------------------------------------ summary tokens
