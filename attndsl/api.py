@@ -26,7 +26,7 @@ from attndsl.lang.loader import Loader, resolve_path
 from attndsl.reference import Reference
 from attndsl.semantics import attention as driver
 from attndsl.semantics.bind import BoundPattern, bind
-from attndsl.semantics.inputs import check_tensors, content_of, validate
+from attndsl.semantics.inputs import check_tensors, content_of, declared, validate
 from attndsl.semantics.masks import dense_mask, summary_masks
 
 BACKENDS = ("reference", "triton", "cpu", "auto")
@@ -150,8 +150,7 @@ class Op:
         if bp.average:
             out = None
             for sub in bp.average:
-                m = self._part(sub).mask(q, k, **{n: x for n, x in inputs.items()
-                                                  if n in sub.inputs})
+                m = self._part(sub).mask(q, k, **declared(sub, inputs))
                 out = m if out is None else out | m
             return out
         run = validate(bp, inputs, dev, for_mask=True, content=content)
@@ -170,8 +169,7 @@ class Op:
                         "keys": bs.summary.keys, "values": bs.summary.values,
                         "queries": bs.summary.queries})
         for sub in bp.average:
-            out.extend(self._part(sub).summaries(**{n: x for n, x in inputs.items()
-                                                    if n in sub.inputs}))
+            out.extend(self._part(sub).summaries(**declared(sub, inputs)))
         return out
 
     def reach(self, q=None, k=None, **inputs) -> torch.Tensor:
@@ -239,8 +237,7 @@ class Op:
         each part's own figures under "parts"."""
         bp = self.bound
         if bp.average:
-            parts = [self._part(sub).stats(**{n: x for n, x in inputs.items()
-                                              if n in sub.inputs}) for sub in bp.average]
+            parts = [self._part(sub).stats(**declared(sub, inputs)) for sub in bp.average]
             out = dict(parts[0])
             for key in ("full_blocks", "partial_blocks", "empty_blocks", "computed_elements",
                         "needed_elements", "block_table_bytes", "build_seconds"):

@@ -41,12 +41,17 @@ class LRU:
 
     def get(self, key: Hashable, default=None):
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key]
-            self.misses += 1
-            return default
+            return self._hit(key, default)
+
+    def _hit(self, key, default):
+        """The entry (made most recent) or `default`, counting the hit or miss; under the
+        lock."""
+        if key in self._data:
+            self._data.move_to_end(key)
+            self.hits += 1
+            return self._data[key]
+        self.misses += 1
+        return default
 
     def put(self, key: Hashable, value) -> None:
         evicted = []
@@ -60,12 +65,11 @@ class LRU:
                 self._on_evict(k, v)
 
     def get_or_create(self, key: Hashable, factory: Callable[[], object]):
+        missing = object()
         with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key]
-            self.misses += 1
+            value = self._hit(key, missing)
+        if value is not missing:
+            return value
         value = factory()
         with self._lock:
             if key in self._data:  # another thread built it meanwhile: keep one

@@ -19,7 +19,7 @@ from attndsl.lang import ir
 from attndsl.lang.walk import names
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
-from attndsl.semantics.evaluate import Evaluator, call_builtin, fn_locals
+from attndsl.semantics.evaluate import Evaluator, call_builtin, fn_locals, fold, token_field
 from attndsl.semantics.evaluate import binop as eval_binop
 
 
@@ -416,15 +416,7 @@ class Emitter:
             return base.coords[e.name]
         if not isinstance(base, Tok):
             raise UnsupportedError(f"'.{e.name}' cannot be compiled here", e.span)
-        if e.name == "pos":
-            return base.pos
-        if e.name == "shape":
-            return base.shape
-        if e.name == "size":
-            return math.prod(base.shape)
-        if e.name == "index":
-            return base.index
-        return base.pos[base.axes.index(e.name)]
+        return token_field(base, e.name)
 
     def e_Call(self, e, sc, local):
         if e.ref == "fn":
@@ -561,13 +553,7 @@ def _b_reduce(name):
     op = {"all": "and", "any": "or", "sum": "+", "prod": "*"}[name]
 
     def impl(em, args, span):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        out = x[0]
-        for y in x[1:]:
-            out = em.binop(op, out, y, span)
-        return out
+        return fold(args[0], lambda a, b: em.binop(op, a, b, span))
     return impl
 
 

@@ -1,14 +1,16 @@
-"""Block classification of a bound pattern without its dense mask.
+"""Block reasoning on a bound pattern without its dense mask: the one refinement engine.
 
-The abstract interpreter (intervals.py) proves boxes of (query, key) pairs FULL or EMPTY;
-what it cannot decide is split (quadtree) and, below a minimum size, evaluated exactly.
-The result is exact: a list of FULL rectangles plus small dense tiles for the rest.
+The abstract interpreter (intervals.py) proves boxes of (query, key) pairs FULL or EMPTY.
+`refine` walks pyramids of token groups top-down, keeps what it proves and splits the rest;
+1D boxes cut by one diagonal become DiagLeaves. Two clients: `decompose` (the analysis:
+FULL rectangles, diagonal leaves and small dense tiles over row-major tokens) and the
+planner (codegen/plan/tables.py: block tables over any token order).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,13 +21,16 @@ from attndsl.analysis.intervals import (
     IV,
     PARTIAL,
     AbstractEvaluator,
+    TokIV,
     Unknown,
     classify,
     exact,
     token_box,
 )
+from attndsl.errors import SizeLimitError
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
+from attndsl.semantics.evaluate import unravel
 from attndsl.semantics.inputs import NONE, RunInputs
 from attndsl.semantics.masks import chunks, token_mask
 
@@ -192,21 +197,259 @@ def _sum_clip(lo_x, hi_x, width):
     return np.where(hi_x >= lo_x, tri(hi_x) - tri(lo_x - 1), 0)
 
 
-def diag_pairs(d: np.ndarray) -> np.ndarray:
-    """Attended pairs of diagonal leaves [n, 7]: q0, q1, k0, k1, c, lower, upper."""
-    if not len(d):
-        return np.zeros(0, dtype=np.int64)
-    q0, q1, k0, k1, c, lower, _ = d.T
-    w = k1 - k0 + 1
-    # pairs with q - k >= c: per row q, keys k0 .. min(k1, q - c): clip(q - c - k0 + 1, 0, w)
-    below = _sum_clip(q0 - c - k0 + 1, q1 - c - k0 + 1, w)
-    total = (q1 - q0 + 1) * w
-    return np.where(lower == FULL, below, total - below)
+# ------------------------------------------------------------------ diagonal leaves
+
+
+@dataclass(frozen=True, eq=False)
+class DiagLeaves:
+    """Boxes [q0, q1] x [k0, k1] (flat indices, inclusive) cut by one diagonal: the pairs
+    with q - k >= c are all `lower` (FULL or EMPTY), those with q - k < c all `upper`. Found
+    by diagonal_split on 1D patterns: causal edges and window edges."""
+
+    q0: np.ndarray
+    q1: np.ndarray
+    k0: np.ndarray
+    k1: np.ndarray
+    c: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+    @staticmethod
+    def empty() -> DiagLeaves:
+        z = np.zeros(0, dtype=np.int64)
+        return DiagLeaves(z, z, z, z, z, z.astype(np.int8), z.astype(np.int8))
+
+    @staticmethod
+    def concat(parts) -> DiagLeaves:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return DiagLeaves.empty()
+        return DiagLeaves(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("q0", "q1", "k0", "k1", "c", "lower", "upper")))
+
+    def __len__(self) -> int:
+        return len(self.q0)
+
+    def pairs(self) -> np.ndarray:
+        """Attended pairs of each leaf."""
+        if not len(self):
+            return np.zeros(0, dtype=np.int64)
+        w = self.k1 - self.k0 + 1
+        # pairs with q - k >= c: per row q, keys k0 .. min(k1, q - c)
+        below = _sum_clip(self.q0 - self.c - self.k0 + 1, self.q1 - self.c - self.k0 + 1, w)
+        total = (self.q1 - self.q0 + 1) * w
+        return np.where(self.lower == FULL, below, total - below)
+
+    def paint(self, rows, q_start: int) -> None:
+        """OR every leaf's attended pairs into rows [Q, Nk] (a numpy array or tensor) holding
+        queries q_start .. q_start + Q - 1."""
+        q_end = q_start + rows.shape[0]
+        tensor = isinstance(rows, torch.Tensor)
+        for i in range(len(self)):
+            lo, hi = max(int(self.q0[i]), q_start), min(int(self.q1[i]) + 1, q_end)
+            if lo >= hi:
+                continue
+            k0, k1, c = int(self.k0[i]), int(self.k1[i]), int(self.c[i])
+            qq = np.arange(lo, hi)[:, None]
+            kk = np.arange(k0, k1 + 1)[None, :]
+            part = (qq - kk >= c) if self.lower[i] == FULL else (qq - kk < c)
+            rows[lo - q_start:hi - q_start, k0:k1 + 1] |= (torch.from_numpy(part) if tensor
+                                                             else part)
+
+    def attends_above_diagonal(self) -> bool:
+        """Whether some leaf attends a key after its query (k > q)."""
+        for i in range(len(self)):
+            q0, q1, k0, k1, c = (int(x[i]) for x in (self.q0, self.q1, self.k0, self.k1,
+                                                     self.c))
+            # attended k > q inside the box: below the cut (k <= q - c) only when c < 0
+            if self.lower[i] == FULL and c < 0 and max(q0, k0 + c) <= min(q1, k1 - 1):
+                return True
+            if self.lower[i] != FULL and max(q0 + 1, q0 - c + 1) <= k1:
+                return True
+        return False
+
+    def reached(self, first_in_box, last_in_box):
+        """For each leaf, the keys [start, end] a query set reaches through it and whether it
+        reaches any: the lower part (q - k >= c) reaches keys k0 .. min(k1, m - c) from the
+        set's last query m <= q1; the upper part keys max(k0, f - c + 1) .. k1 from its first
+        query f >= q0. numpy or torch arrays, broadcast over leading query-set axes."""
+        xp = torch if isinstance(first_in_box, torch.Tensor) else np
+        q0, q1, k0, k1, c = (xp.as_tensor(x) if xp is torch else x
+                             for x in (self.q0, self.q1, self.k0, self.k1, self.c))
+        low = (torch.as_tensor(self.lower) if xp is torch else self.lower) == FULL
+        m, f = last_in_box, first_in_box
+        start = xp.where(low, k0 + 0 * m, xp.maximum(k0, f - c + 1))
+        end = xp.where(low, xp.minimum(k1, m - c), k1 + 0 * f)
+        hit = xp.where(low, m >= q0, f <= q1) & (end >= start)
+        return start, end, hit
+
+
+# ------------------------------------------------------------------ groups of tokens
+
+
+BIG = np.int64(1 << 62)
+TOP_GROUPS = 64  # groups per side where the quadtree starts
+
+
+@dataclass(frozen=True, eq=False)
+class Bounds:
+    """Per group of token positions (a block, or neighbouring blocks merged): per-axis
+    coordinate ranges, flat-index range, valid tokens, positions (valid or padding)."""
+
+    lo: np.ndarray  # [G, axes]
+    hi: np.ndarray
+    flo: np.ndarray  # [G]
+    fhi: np.ndarray
+    count: np.ndarray
+    size: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.count)
+
+    def take(self, idx) -> Bounds:
+        return Bounds(self.lo[idx], self.hi[idx], self.flo[idx], self.fhi[idx],
+                      self.count[idx], self.size[idx])
+
+    def coarser(self) -> Bounds:
+        """Pairs of neighbouring groups merged (odd tail kept)."""
+        n = len(self)
+        a = np.arange(0, n, 2)
+        b = np.minimum(a + 1, n - 1)
+        two = b != a
+        return Bounds(np.minimum(self.lo[a], self.lo[b]), np.maximum(self.hi[a], self.hi[b]),
+                      np.minimum(self.flo[a], self.flo[b]),
+                      np.maximum(self.fhi[a], self.fhi[b]),
+                      self.count[a] + np.where(two, self.count[b], 0),
+                      self.size[a] + np.where(two, self.size[b], 0))
+
+    def pyramid(self) -> list[Bounds]:
+        """This level and coarser ones until at most TOP_GROUPS groups are left."""
+        levels = [self]
+        while len(levels[-1]) > TOP_GROUPS:
+            levels.append(levels[-1].coarser())
+        return levels
+
+    def box(self, shape, axes, role) -> TokIV:
+        """The groups as boxes for the abstract interpreter (1D: tagged with the role, so
+        that q - k keeps its exact range)."""
+        if len(shape) == 1:
+            iv = IV(self.flo, self.fhi, (role, 0))
+            return TokIV(iv, (iv,), tuple(shape), axes)
+        pos = tuple(IV(self.lo[:, a], self.hi[:, a]) for a in range(len(shape)))
+        return TokIV(IV(self.flo, self.fhi), pos, tuple(shape), axes)
+
+
+def bounds(perm: np.ndarray, shape: tuple[int, ...]) -> Bounds:
+    """Bounds of blocks of positions: perm [blocks, block] holds the row-major token at each
+    position, -1 for padding."""
+    valid = perm >= 0
+    coords = unravel(np.where(valid, perm, 0), shape)
+    lo = np.stack([np.where(valid, c, BIG).min(axis=1) for c in coords], axis=1)
+    hi = np.stack([np.where(valid, c, -BIG).max(axis=1) for c in coords], axis=1)
+    flo = np.where(valid, perm, BIG).min(axis=1)
+    fhi = np.where(valid, perm, -BIG).max(axis=1)
+    size = np.full(len(perm), perm.shape[1])  # positions a kernel loads, past the end included
+    return Bounds(lo, hi, flo, fhi, valid.sum(axis=1), size)
+
+
+def row_major(shape: tuple[int, ...], block: int) -> list[Bounds]:
+    """The pyramid of row-major tokens in blocks of `block` (the last block padded), in
+    closed form: a group of level l holds 2**l consecutive blocks, one flat range."""
+    n = math.prod(shape)
+    nb = -(-n // block)
+    levels = []
+    span = 1
+    while True:
+        g = np.arange(-(-nb // span), dtype=np.int64)
+        first = g * span * block
+        flo = first
+        fhi = np.minimum(first + span * block, n) - 1
+        size = (np.minimum((g + 1) * span, nb) - g * span) * block
+        box = token_box(flo, fhi, shape, tuple(range(len(shape))))
+        lo = np.stack([np.broadcast_to(p.lo, flo.shape) for p in box.pos], axis=1)
+        hi = np.stack([np.broadcast_to(p.hi, flo.shape) for p in box.pos], axis=1)
+        levels.append(Bounds(lo, hi, flo, fhi, fhi - flo + 1, size))
+        if len(g) <= TOP_GROUPS:
+            return levels
+        span *= 2
+
+
+# ------------------------------------------------------------------ the refinement
+
+
+@dataclass(frozen=True, eq=False)
+class Refinement:
+    """What the quadtree decided: FULL group pairs at their level, diagonal leaves, and the
+    leaf pairs (level 0) it could not decide."""
+
+    full: tuple  # (level_q, level_k, gi, gj) per batch of FULL group pairs
+    diag: DiagLeaves
+    diag_at: tuple  # (level_q, level_k, gi, gj) of each batch of diagonal leaves
+    undecided: tuple  # (gi, gj) leaf pairs
+    evaluated: int
+
+
+def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
+           run: RunInputs = NONE, diag: str = "none", max_boxes: int | None = None
+           ) -> Refinement:
+    """The one refinement engine: classify pairs of groups top-down (the coarsest levels of
+    both pyramids first), keep FULL ones, split PARTIAL ones into their children, and stop
+    at the leaf groups. With diag="all" ("leaf"), PARTIAL pairs of every level (of the leaf
+    level) are first tried as diagonal leaves (1D row-major spaces only)."""
+    lq, lk = len(qlev) - 1, len(klev) - 1
+    gi, gj = np.meshgrid(np.arange(len(qlev[lq])), np.arange(len(klev[lk])), indexing="ij")
+    gi, gj = gi.reshape(-1), gj.reshape(-1)
+    qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
+    full, diags, diag_at = [], [], []
+    evaluated = 0
+    while True:
+        qb, kb = qlev[lq].take(gi), klev[lk].take(gj)
+        live = (qb.count > 0) & (kb.count > 0)
+        gi, gj, qb, kb = gi[live], gj[live], qb.take(live), kb.take(live)
+        evaluated += len(gi)
+        if max_boxes is not None and evaluated > max_boxes:
+            raise SizeLimitError(f"pattern '{bp.name}' needs more than {max_boxes:,} boxes to "
+                                 "decompose exactly at this size", bp.checked.span)
+        cls = classify_token_boxes(bp, qb.box(bp.qshape, qaxes, "q"),
+                                   kb.box(bp.kshape, kaxes, "k"),
+                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
+        f = cls == FULL
+        if f.any():
+            full.append((lq, lk, gi[f], gj[f]))
+        p = cls == PARTIAL
+        gi, gj = gi[p], gj[p]
+        if len(gi) and (diag == "all" or (diag == "leaf" and lq == lk == 0)):
+            q0, q1 = qb.flo[p], qb.fhi[p]
+            k0, k1 = kb.flo[p], kb.fhi[p]
+            c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head, run)
+            g = c > -(1 << 62)
+            if g.any():
+                diags.append(DiagLeaves(q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]))
+                diag_at.append((lq, lk, gi[g], gj[g]))
+                gi, gj = gi[~g], gj[~g]
+        if lq == 0 and lk == 0:
+            break
+        if lq > 0:
+            gi, gj = np.concatenate([gi * 2, gi * 2 + 1]), np.concatenate([gj, gj])
+            ok = gi < len(qlev[lq - 1])
+            gi, gj = gi[ok], gj[ok]
+            lq -= 1
+        if lk > 0:
+            gi, gj = np.concatenate([gi, gi]), np.concatenate([gj * 2, gj * 2 + 1])
+            ok = gj < len(klev[lk - 1])
+            gi, gj = gi[ok], gj[ok]
+            lk -= 1
+    return Refinement(tuple(full), DiagLeaves.concat(diags), tuple(diag_at), (gi, gj),
+                      evaluated)
+
+
+# ------------------------------------------------------------------ decomposition
 
 
 @dataclass(frozen=True)
 class Decomposition:
-    """The exact mask as FULL rectangles and dense PARTIAL tiles (inclusive bounds)."""
+    """The exact mask as FULL rectangles, diagonal leaves and dense tiles (inclusive
+    bounds)."""
 
     nq: int
     nk: int
@@ -215,83 +458,54 @@ class Decomposition:
     tile_masks: np.ndarray  # [T, tile, tile] bool
     tile: int
     boxes_evaluated: int
-    diag: np.ndarray = None  # [G, 7] q0, q1, k0, k1, c, lower, upper: split at q - k = c
+    diag: DiagLeaves = field(default_factory=DiagLeaves.empty)
 
     @property
     def nnz(self) -> int:
         f = self.full
         n = int(((f[:, 1] - f[:, 0] + 1) * (f[:, 3] - f[:, 2] + 1)).sum()) if len(f) else 0
-        return n + int(self.tile_masks.sum()) + int(diag_pairs(self.diag).sum())
+        return n + int(self.tile_masks.sum()) + int(self.diag.pairs().sum())
+
+    def paint(self, rows, q_start: int) -> None:
+        """OR the attended pairs of queries q_start .. q_start + len(rows) - 1 into rows."""
+        q_end = q_start + rows.shape[0]
+        tensor = isinstance(rows, torch.Tensor)
+        self.diag.paint(rows, q_start)
+        for a, b, c, d in self.full:
+            lo, hi = max(a, q_start), min(b + 1, q_end)
+            if lo < hi:
+                rows[lo - q_start:hi - q_start, c:d + 1] = True
+        t = self.tile
+        for (a, c), m in zip(self.tiles, self.tile_masks):
+            lo, hi = max(a, q_start), min(a + t, q_end)
+            if lo < hi:
+                w = min(t, rows.shape[1] - c)
+                part = m[lo - a:hi - a, :w]
+                rows[lo - q_start:hi - q_start, c:c + w] |= (torch.as_tensor(part) if tensor
+                                                             else part)
 
     def dense(self) -> np.ndarray:
         m = np.zeros((self.nq, self.nk), dtype=bool)
-        for q0, q1, k0, k1 in self.full:
-            m[q0:q1 + 1, k0:k1 + 1] = True
-        for q0, q1, k0, k1, c, lower, _ in self.diag:
-            qq = np.arange(q0, q1 + 1)[:, None]
-            kk = np.arange(k0, k1 + 1)[None, :]
-            part = (qq - kk >= c) if lower == FULL else (qq - kk < c)
-            m[q0:q1 + 1, k0:k1 + 1] |= part
-        t = self.tile
-        for (q0, k0), tm in zip(self.tiles, self.tile_masks):
-            hq, hk = min(t, self.nq - q0), min(t, self.nk - k0)
-            m[q0:q0 + hq, k0:k0 + hk] |= tm[:hq, :hk]
+        self.paint(m, 0)
         return m
 
 
 def decompose(bp: BoundPattern, tile: int = 16, head=None, run: RunInputs = NONE,
               max_boxes: int = 50_000_000) -> Decomposition:
-    """Quadtree refinement of [0, Nq) x [0, Nk), exact at the leaves.
-
-    Boxes the abstract interpreter decides become FULL rectangles (EMPTY ones vanish); the
-    rest split in four until `tile` x `tile`, where the mask is evaluated exactly.
-    """
-    nq, nk = bp.nq, bp.nk
-    top = 1 << max(0, math.ceil(math.log2(max(nq, nk, 1))))
-    s = max(tile, min(top, 1 << max(0, math.ceil(math.log2(max(nq, nk) / 64)))))
-    q0, k0 = np.meshgrid(np.arange(0, nq, s, dtype=np.int64),
-                         np.arange(0, nk, s, dtype=np.int64), indexing="ij")
-    q0, k0 = q0.reshape(-1), k0.reshape(-1)
-    full, tiles, tile_masks, diag = [], [], [], []
-    evaluated = 0
-    while len(q0):
-        q1 = np.minimum(q0 + s, nq) - 1
-        k1 = np.minimum(k0 + s, nk) - 1
-        cls = np.broadcast_to(classify_boxes(bp, q0, q1, k0, k1, head, run=run), q0.shape)
-        evaluated += len(q0)
-        if evaluated > max_boxes:
-            from attndsl.errors import SizeLimitError
-            raise SizeLimitError(f"pattern '{bp.name}' needs more than {max_boxes:,} boxes to "
-                                 "decompose exactly at this size", bp.checked.span)
-        f = cls == FULL
-        if f.any():
-            full.append(np.stack([q0[f], q1[f], k0[f], k1[f]], axis=1))
-        p = cls == PARTIAL
-        q0, q1, k0, k1 = q0[p], q1[p], k0[p], k1[p]
-        if len(q0) and bp.nq == bp.nk and len(bp.qshape) == 1:
-            c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head, run)
-            g = c > -(1 << 62)
-            if g.any():
-                diag.append(np.stack([q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]],
-                                     axis=1))
-                q0, q1, k0, k1 = q0[~g], q1[~g], k0[~g], k1[~g]
-        if s <= tile:
-            if len(q0):
-                tm = dense_tiles(bp, q0, k0, s, s, head, run)
-                keep = tm.any(axis=(1, 2))
-                tiles.append(np.stack([q0[keep], k0[keep]], axis=1))
-                tile_masks.append(tm[keep])
-            break
-        h = s // 2
-        q0 = np.concatenate([q0, q0, q0 + h, q0 + h])
-        k0 = np.concatenate([k0, k0 + h, k0, k0 + h])
-        ok = (q0 < nq) & (k0 < nk)
-        q0, k0 = q0[ok], k0[ok]
-        s = h
+    """The exact mask of [0, Nq) x [0, Nk) from the refinement of row-major `tile`-token
+    groups: FULL group pairs become rectangles, diagonal leaves stay, and the undecided
+    tile x tile pairs are evaluated exactly."""
+    qlev, klev = row_major(bp.qshape, tile), row_major(bp.kshape, tile)
+    qb, kb = qlev[0], klev[0]
+    one_d = bp.nq == bp.nk and len(bp.qshape) == 1
+    r = refine(bp, qlev, klev, head, run, "all" if one_d else "none", max_boxes)
+    rects = [np.stack([qlev[lq].flo[gi], qlev[lq].fhi[gi], klev[lk].flo[gj],
+                       klev[lk].fhi[gj]], axis=1) for lq, lk, gi, gj in r.full]
+    gi, gj = r.undecided
+    tm = dense_tiles(bp, qb.flo[gi], kb.flo[gj], tile, tile, head, run)
+    keep = tm.any(axis=(1, 2))
     return Decomposition(
-        nq, nk,
-        np.concatenate(full) if full else np.zeros((0, 4), dtype=np.int64),
-        np.concatenate(tiles) if tiles else np.zeros((0, 2), dtype=np.int64),
-        np.concatenate(tile_masks) if tile_masks else np.zeros((0, tile, tile), dtype=bool),
-        tile, evaluated,
-        np.concatenate(diag) if diag else np.zeros((0, 7), dtype=np.int64))
+        bp.nq, bp.nk,
+        np.concatenate(rects) if rects else np.zeros((0, 4), dtype=np.int64),
+        np.stack([qb.flo[gi][keep], kb.flo[gj][keep]], axis=1).astype(np.int64),
+        tm[keep], tile, r.evaluated, r.diag)

@@ -8,13 +8,12 @@ a box makes a FULL block, one that cannot be true an EMPTY block; anything else 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from attndsl.lang import ir
-from attndsl.semantics.evaluate import Evaluator, fn_locals
+from attndsl.semantics.evaluate import Evaluator, fn_locals, fold, token_field
 from attndsl.semantics.evaluate import lift as _map
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -201,15 +200,7 @@ class AbstractEvaluator:
         base = self.eval(e.base, local)
         if not isinstance(base, TokIV):
             raise Unknown("attr")
-        if e.name == "pos":
-            return base.pos
-        if e.name == "shape":
-            return lift(base.shape)
-        if e.name == "size":
-            return lift(math.prod(base.shape))
-        if e.name == "index":
-            return base.index
-        return base.pos[base.axes.index(e.name)]
+        return lift(token_field(base, e.name))
 
     def e_Call(self, e, local):
         if e.ref == "fn":
@@ -454,18 +445,9 @@ def _b_is_pow2(a):
 
 def _b_reduce(name):
     def impl(args, diff):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        out = x[0]
-        for y in x[1:]:
-            if name == "all":
-                out = _and(out, y)
-            elif name == "any":
-                out = _or(out, y)
-            else:
-                out = binop("+" if name == "sum" else "*", out, y, diff)
-        return out
+        f = {"all": _and, "any": _or}.get(name) or (
+            lambda a, b: binop("+" if name == "sum" else "*", a, b, diff))
+        return fold(args[0], f)
     return impl
 
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attndsl.analysis.blocks import FULL, Decomposition, decompose
+from attndsl.analysis.blocks import Decomposition, DiagLeaves, decompose
 from attndsl.analysis.formulas import growth_class, nnz_formula
 from attndsl.errors import InputError, ParameterError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.evaluate import unravel
-from attndsl.semantics.inputs import validate
+from attndsl.semantics.inputs import declared, validate
 from attndsl.semantics.masks import summary_masks, token_mask
 
 ALL_QUERIES_LIMIT = 1024  # above this, statistics over all queries use a sample
@@ -128,10 +128,8 @@ class Graph:
 
     def __init__(self, nq: int, nk: int, parts: list[Decomposition], summaries=()):
         self.nq, self.nk = nq, nk
-        diag = [p.diag for p in parts if p.diag is not None and len(p.diag)]
-        self.diag = torch.as_tensor(np.concatenate(diag)) if diag else torch.zeros(
-            (0, 7), dtype=torch.int64)
-        self._diag_np = self.diag.numpy()
+        self.diag = DiagLeaves.concat([p.diag for p in parts])
+        self._dq0, self._dq1 = torch.as_tensor(self.diag.q0), torch.as_tensor(self.diag.q1)
         full = [p.full for p in parts if len(p.full)]
         self.full = torch.as_tensor(np.concatenate(full)) if full else torch.zeros(
             (0, 4), dtype=torch.int64)
@@ -154,7 +152,7 @@ class Graph:
         if nq * nk <= DENSE_LIMIT:
             rows = torch.zeros(nq, nk, dtype=torch.bool)
             for p in parts:
-                _paint(p, rows, 0)
+                p.paint(rows, 0)
             a = rows.to(torch.float32)
             for att, mem in self.summaries:
                 a = torch.maximum(a, ((att @ mem) > 0).to(torch.float32))
@@ -180,16 +178,11 @@ class Graph:
             diff += np.bincount(f[hit, 2], minlength=nk + 2)
             diff -= np.bincount(f[hit, 3] + 1, minlength=nk + 2)
         if len(self.diag):
-            d = self._diag_np
+            d = self.diag
             idx = np.arange(nq)
             last = np.maximum.accumulate(np.where(S, idx, -1))
             first = np.minimum.accumulate(np.where(S, idx, nq)[::-1])[::-1]
-            q0, q1, k0, k1, c = d[:, 0], d[:, 1], d[:, 2], d[:, 3], d[:, 4]
-            low = d[:, 5] == FULL
-            m, f_ = last[q1], first[q0]
-            s_ = np.where(low, k0, np.maximum(k0, f_ - c + 1))
-            e_ = np.where(low, np.minimum(k1, m - c), k1)
-            hit = np.where(low, m >= q0, f_ <= q1) & (e_ >= s_)
+            s_, e_, hit = d.reached(first[d.q0], last[d.q1])
             diff += np.bincount(s_[hit], minlength=nk + 2)
             diff -= np.bincount(e_[hit] + 1, minlength=nk + 2)
         keys = np.cumsum(diff)[:nk] > 0
@@ -232,23 +225,10 @@ class Graph:
                 got = torch.einsum("qti,tij->qtj", sub, mf[sel])
                 acc.index_add_(1, ki[sel].reshape(-1), got.reshape(Q, -1).to(torch.int32))
         if len(self.diag):
-            d = self.diag
             idx = torch.arange(self.nq)
             last = torch.cummax(torch.where(R, idx, -1), dim=1).values  # last member <= i
             first = torch.cummin(torch.where(R, idx, self.nq).flip(1), dim=1).values.flip(1)
-            q0, q1, k0, k1, c = d[:, 0], d[:, 1], d[:, 2], d[:, 3], d[:, 4]
-            low = d[:, 5] == FULL
-            m = last[:, q1]  # [Q, G] the latest query of R in the box
-            f = first[:, q0]  # the earliest
-            # lower part (q - k >= c) reaches keys k0 .. min(k1, m - c)
-            lo_s = k0.expand_as(m)
-            lo_e = torch.minimum(k1, m - c)
-            # upper part (q - k < c) reaches keys max(k0, f - c + 1) .. k1
-            up_s = torch.maximum(k0, f - c + 1)
-            up_e = k1.expand_as(f)
-            s_ = torch.where(low, lo_s, up_s)
-            e_ = torch.where(low, lo_e, up_e)
-            hit = torch.where(low, m >= q0, f <= q1) & (e_ >= s_)
+            s_, e_, hit = self.diag.reached(first[:, self._dq0], last[:, self._dq1])
             rows = torch.arange(Q).view(-1, 1).expand_as(s_)
             flat = out.view(-1)
             w = self.nk + 1
@@ -273,8 +253,7 @@ def build_graph(bp: BoundPattern, inputs: dict, content=None, tile: int = 16):
     subs = bp.average or [bp]
     parts, summaries = [], []
     for sub in subs:
-        run = validate(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
-                       for_mask=True, content=content)
+        run = validate(sub, declared(sub, inputs), for_mask=True, content=content)
         parts += _union_parts(sub, run, tile)
         for bs in sub.summaries:
             mem, att = summary_masks(sub, bs, run, torch.device("cpu"),
@@ -303,12 +282,8 @@ def _is_causal(parts, nq, nk) -> bool:
     if nq != nk:
         return False
     for p in parts:
-        for q0, q1, k0, k1, c, lower, _ in (p.diag if p.diag is not None else ()):
-            # attended k > q inside the box: below the cut (k <= q - c) only when c < 0
-            if lower == FULL and c < 0 and max(q0, k0 + c) <= min(q1, k1 - 1):
-                return False
-            if lower != FULL and max(q0 + 1, q0 - c + 1) <= k1:
-                return False
+        if p.diag.attends_above_diagonal():
+            return False
         if len(p.full) and bool((p.full[:, 3] > p.full[:, 0]).any()):
             return False
         if len(p.tiles):
@@ -529,30 +504,9 @@ def _nnz_union(parts, nq, nk) -> int:
     for q0 in range(0, nq, step):
         rows = torch.zeros(min(step, nq - q0), nk, dtype=torch.bool)
         for p in parts:
-            _paint(p, rows, q0)
+            p.paint(rows, q0)
         total += int(rows.sum())
     return total
-
-
-def _paint(p: Decomposition, rows: torch.Tensor, q0: int) -> None:
-    q1 = q0 + rows.shape[0]
-    for a, b, c, d, cut, lower, _ in (p.diag if p.diag is not None else ()):
-        lo, hi = max(a, q0), min(b + 1, q1)
-        if lo < hi:
-            qq = torch.arange(lo, hi).view(-1, 1)
-            kk = torch.arange(c, d + 1).view(1, -1)
-            part = (qq - kk >= cut) if lower == FULL else (qq - kk < cut)
-            rows[lo - q0:hi - q0, c:d + 1] |= part
-    for a, b, c, d in p.full:
-        lo, hi = max(a, q0), min(b + 1, q1)
-        if lo < hi:
-            rows[lo - q0:hi - q0, c:d + 1] = True
-    t = p.tile
-    for (a, c), m in zip(p.tiles, p.tile_masks):
-        lo, hi = max(a, q0), min(a + t, q1)
-        if lo < hi:
-            w = min(t, rows.shape[1] - c)
-            rows[lo - q0:hi - q0, c:c + w] |= torch.as_tensor(m[lo - a:hi - a, :w])
 
 
 # ------------------------------------------------------------------ formulas
@@ -598,8 +552,7 @@ def _column(bp: BoundPattern, graph: Graph, key: int, inputs, content) -> torch.
     """Queries that attend `key` directly or through a summary token: bool [Nq]."""
     col = torch.zeros(bp.nq, dtype=torch.bool)
     for sub in bp.average or [bp]:
-        run = validate(sub, {k: v for k, v in inputs.items() if k in sub.inputs},
-                       for_mask=True, content=content)
+        run = validate(sub, declared(sub, inputs), for_mask=True, content=content)
         heads = range(sub.heads) if sub.head_dependent and sub.heads else [None]
         for h in heads:
             val = token_mask(sub, run, torch.arange(sub.nq).view(-1, 1),

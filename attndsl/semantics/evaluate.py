@@ -48,6 +48,20 @@ def token(index, shape: tuple[int, ...], axes: tuple[str, ...]) -> TokenVal:
     return TokenVal(index, unravel(index, shape), tuple(shape), axes)
 
 
+def token_field(tok, name: str):
+    """`.pos`, `.shape`, `.size`, `.index` or an axis of a token: the same for every
+    interpreter's token value (index, pos, shape, axes)."""
+    if name == "pos":
+        return tok.pos
+    if name == "shape":
+        return tok.shape
+    if name == "size":
+        return math.prod(tok.shape)
+    if name == "index":
+        return tok.index
+    return tok.pos[tok.axes.index(name)]
+
+
 def _is_t(x) -> bool:
     return isinstance(x, torch.Tensor)
 
@@ -235,15 +249,7 @@ class Evaluator:
         base = self.eval(e.base, local)
         if isinstance(base, SummaryVal):
             return base.coords[e.name]
-        if e.name == "pos":
-            return base.pos
-        if e.name == "shape":
-            return base.shape
-        if e.name == "size":
-            return math.prod(base.shape)
-        if e.name == "index":
-            return base.index
-        return base.pos[base.axes.index(e.name)]
+        return token_field(base, e.name)
 
     def e_Call(self, e, local):
         if e.ref == "fn":
@@ -409,20 +415,24 @@ def _is_pow2(x, span):
     return (x > 0) & ((x & (x - 1)) == 0) if _is_t(x) else x > 0 and x & (x - 1) == 0
 
 
+def fold(x, f):
+    """A per-axis tuple folded left with f (a scalar stays as it is): all, any, sum and prod
+    of every interpreter."""
+    if not isinstance(x, tuple):
+        return x
+    out = x[0]
+    for y in x[1:]:
+        out = f(out, y)
+    return out
+
+
 def _b_reduce(name):
     def impl(args, span):
-        x = args[0]
-        if not isinstance(x, tuple):
-            return x
-        out = x[0]
-        for y in x[1:]:
-            if name == "all":
-                out = out & y if _is_t(out) or _is_t(y) else (out and y)
-            elif name == "any":
-                out = out | y if _is_t(out) or _is_t(y) else (out or y)
-            else:
-                out = binop("+" if name == "sum" else "*", out, y, span)
-        return out
+        if name == "all":
+            return fold(args[0], lambda a, b: a & b if _is_t(a) or _is_t(b) else (a and b))
+        if name == "any":
+            return fold(args[0], lambda a, b: a | b if _is_t(a) or _is_t(b) else (a or b))
+        return fold(args[0], lambda a, b: binop("+" if name == "sum" else "*", a, b, span))
     return impl
 
 

@@ -75,6 +75,11 @@ class RunInputs:
 NONE = RunInputs()
 
 
+def declared(bp: BoundPattern, given: dict) -> dict:
+    """The given run-time inputs that `bp` declares: what an averaged part receives."""
+    return {n: v for n, v in given.items() if n in bp.inputs}
+
+
 def _shape(dims) -> str:
     return "[" + ", ".join("*" if d is None else str(d) for d in dims) + "]"
 
@@ -127,8 +132,7 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
                              f"{bp.heads - bp.route[2]}], not {list(r.shape)}",
                              bp.inputs[bp.route[0]].span)
     for sub in bp.average:
-        validate(sub, {k: v for k, v in given.items() if k in sub.inputs}, device, batch,
-                 for_mask)
+        validate(sub, declared(sub, given), device, batch, for_mask)
     return RunInputs(MappingProxyType(out), content)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from attndsl import caches
-from attndsl.analysis.blocks import classify_token_boxes, diag_pairs, diagonal_split
+from attndsl.analysis.blocks import bounds, classify_token_boxes, refine, row_major
 from attndsl.analysis.intervals import FULL, IV, PARTIAL, TokIV
 from attndsl.codegen.plan.orders import (
     TokenOrder,
@@ -36,71 +36,12 @@ from attndsl.semantics.inputs import NONE, RunInputs
 from attndsl.semantics.masks import chunks, summary_masks, token_mask
 
 PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
-TOP_GROUPS = 64  # groups per side where the quadtree starts
 
 
 # ------------------------------------------------------------------ token orders
 
 
 # ------------------------------------------------------------------ block bounds
-
-
-@dataclass(frozen=True, eq=False)
-class _Bounds:
-    """Per group of blocks: per-axis coordinate ranges, flat-index range, valid tokens."""
-
-    lo: np.ndarray  # [G, axes]
-    hi: np.ndarray
-    flo: np.ndarray  # [G]
-    fhi: np.ndarray
-    count: np.ndarray  # valid tokens
-    size: np.ndarray  # positions (valid or not)
-
-    def take(self, idx):
-        return _Bounds(self.lo[idx], self.hi[idx], self.flo[idx], self.fhi[idx],
-                       self.count[idx], self.size[idx])
-
-    def coarser(self) -> _Bounds:
-        """Pairs of neighbouring groups merged (odd tail kept)."""
-        n = len(self.count)
-        a = np.arange(0, n, 2)
-        b = np.minimum(a + 1, n - 1)
-        two = b != a
-        return _Bounds(np.minimum(self.lo[a], self.lo[b]), np.maximum(self.hi[a], self.hi[b]),
-                       np.minimum(self.flo[a], self.flo[b]),
-                       np.maximum(self.fhi[a], self.fhi[b]),
-                       self.count[a] + np.where(two, self.count[b], 0),
-                       self.size[a] + np.where(two, self.size[b], 0))
-
-
-BIG = np.int64(1 << 62)
-
-
-def _block_bounds(order: TokenOrder, block: int) -> _Bounds:
-    n = order.length
-    nb = -(-n // block)
-    p = padded_perm(order, block)
-    valid = p >= 0
-    coords = []
-    rem = np.where(valid, p, 0)
-    for s in reversed(order.shape):
-        coords.append(rem % s)
-        rem = rem // s
-    coords = coords[::-1]
-    lo = np.stack([np.where(valid, c, BIG).min(axis=1) for c in coords], axis=1)
-    hi = np.stack([np.where(valid, c, -BIG).max(axis=1) for c in coords], axis=1)
-    flo = np.where(valid, p, BIG).min(axis=1)
-    fhi = np.where(valid, p, -BIG).max(axis=1)
-    size = np.full(nb, block)  # positions the kernel loads, past the end included
-    return _Bounds(lo, hi, flo, fhi, valid.sum(axis=1), size)
-
-
-def _box(b: _Bounds, shape, axes, role) -> TokIV:
-    if len(shape) == 1:
-        iv = IV(b.flo, b.fhi, (role, 0))
-        return TokIV(iv, (iv,), tuple(shape), axes)
-    pos = tuple(IV(b.lo[:, a], b.hi[:, a]) for a in range(len(shape)))
-    return TokIV(IV(b.flo, b.fhi), pos, tuple(shape), axes)
 
 
 # ------------------------------------------------------------------ tables
@@ -318,87 +259,55 @@ def _eval_boxes(bp, q0, k0, sub, head, run) -> np.ndarray:
 def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
     listed for those query blocks (to compare token orders cheaply)."""
-    qb0 = _block_bounds(qorder, bq)
-    kb0 = _block_bounds(korder, bk)
+    qlev = (row_major(bp.qshape, bq) if qorder.identity
+            else bounds(padded_perm(qorder, bq), bp.qshape).pyramid())
+    klev = (row_major(bp.kshape, bk) if korder.identity
+            else bounds(padded_perm(korder, bk), bp.kshape).pyramid())
     if qsel is not None:
-        qb0 = qb0.take(qsel)
-    qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
-    nqb, nkb = len(qb0.count), len(kb0.count)
-    qlev, klev = [qb0], [kb0]
-    while len(qlev[-1].count) > TOP_GROUPS:
-        qlev.append(qlev[-1].coarser())
-    while len(klev[-1].count) > TOP_GROUPS:
-        klev.append(klev[-1].coarser())
-    lq, lk = len(qlev) - 1, len(klev) - 1
-    gi, gj = np.meshgrid(np.arange(len(qlev[lq].count)), np.arange(len(klev[lk].count)),
-                         indexing="ij")
-    gi, gj = gi.reshape(-1), gj.reshape(-1)
+        qlev = qlev[0].take(qsel).pyramid()
+    qb0, kb0 = qlev[0], klev[0]
+    nqb, nkb = len(qb0), len(kb0)
+    rowmajor_1d = (len(bp.qshape) == 1 and len(bp.kshape) == 1 and qorder.identity
+                   and korder.identity)
+    r = refine(bp, qlev, klev, head, run,
+               "leaf" if rowmajor_1d and not bp.content_dependent else "none")
     full_i, full_j, part_i, part_j = [], [], [], []
     uncounted = []
     needed = 0
-    one_d = len(bp.qshape) == 1 and len(bp.kshape) == 1
     listed = 0
-    while True:
-        qb, kb = qlev[lq].take(gi), klev[lk].take(gj)
-        live = (qb.count > 0) & (kb.count > 0)
-        gi, gj, qb, kb = gi[live], gj[live], qb.take(live), kb.take(live)
-        cls = classify_token_boxes(bp, _box(qb, bp.qshape, qaxes, "q"),
-                                   _box(kb, bp.kshape, kaxes, "k"),
-                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
-        f = cls == FULL
-        if f.any():
-            # expand to leaf blocks; a key block with padding needs the mask: PARTIAL
-            si, sj = 1 << lq, 1 << lk
-            ii = (gi[f][:, None] * si + np.arange(si)[None, :])
-            jj = (gj[f][:, None] * sj + np.arange(sj)[None, :])
-            ii = np.repeat(ii, sj, axis=1).reshape(-1)
-            jj = np.tile(jj, (1, si)).reshape(-1)
-            ok = (ii < nqb) & (jj < nkb)
-            ii, jj = ii[ok], jj[ok]
-            ok = (qb0.count[ii] > 0) & (kb0.count[jj] > 0)
-            ii, jj = ii[ok], jj[ok]
-            clean = kb0.count[jj] == kb0.size[jj]
-            needed += int((qb0.count[ii] * kb0.count[jj]).sum())
-            full_i.append(ii[clean])
-            full_j.append(jj[clean])
-            part_i.append(ii[~clean])
-            part_j.append(jj[~clean])
-            listed += len(ii)
-            if listed > PAIR_LIMIT:
-                raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} "
-                                     "block pairs at this size; use larger blocks",
-                                     bp.checked.span)
-        p = cls == PARTIAL
-        gi, gj = gi[p], gj[p]
-        if lq == 0 and lk == 0:
-            break
-        if lq > 0:
-            gi, gj = np.concatenate([gi * 2, gi * 2 + 1]), np.concatenate([gj, gj])
-            gi_ok = gi < len(qlev[lq - 1].count)
-            gi, gj = gi[gi_ok], gj[gi_ok]
-            lq -= 1
-        if lk > 0:
-            gi, gj = np.concatenate([gi, gi]), np.concatenate([gj * 2, gj * 2 + 1])
-            gj_ok = gj < len(klev[lk - 1].count)
-            gi, gj = gi[gj_ok], gj[gj_ok]
-            lk -= 1
+    for lq, lk, gi, gj in r.full:
+        # expand to leaf blocks; a key block with padding needs the mask: PARTIAL
+        si, sj = 1 << lq, 1 << lk
+        ii = (gi[:, None] * si + np.arange(si)[None, :])
+        jj = (gj[:, None] * sj + np.arange(sj)[None, :])
+        ii = np.repeat(ii, sj, axis=1).reshape(-1)
+        jj = np.tile(jj, (1, si)).reshape(-1)
+        ok = (ii < nqb) & (jj < nkb)
+        ii, jj = ii[ok], jj[ok]
+        ok = (qb0.count[ii] > 0) & (kb0.count[jj] > 0)
+        ii, jj = ii[ok], jj[ok]
+        clean = kb0.count[jj] == kb0.size[jj]
+        needed += int((qb0.count[ii] * kb0.count[jj]).sum())
+        full_i.append(ii[clean])
+        full_j.append(jj[clean])
+        part_i.append(ii[~clean])
+        part_j.append(jj[~clean])
+        listed += len(ii)
+        if listed > PAIR_LIMIT:
+            raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} "
+                                 "block pairs at this size; use larger blocks",
+                                 bp.checked.span)
+    # diagonal leaves (1D, leaf level): PARTIAL, and counted in closed form
+    needed += int(r.diag.pairs().sum())
+    for _, _, gi, gj in r.diag_at:
+        part_i.append(gi)
+        part_j.append(gj)
+    gi, gj = r.undecided
     if bp.content_dependent:
         # the content decides at run time: every undecided leaf may be attended
         part_i.append(gi)
         part_j.append(gj)
         gi = gj = np.zeros(0, dtype=np.int64)
-    # undecided leaves: prove 1D diagonals partial, evaluate the rest exactly
-    if len(gi) and one_d and qorder.identity and korder.identity:
-        q0, q1 = qb0.flo[gi], qb0.fhi[gi]
-        k0, k1 = kb0.flo[gj], kb0.fhi[gj]
-        c, lower, upper = diagonal_split(bp, q0, q1, k0, k1, head, run)
-        g = c > -(1 << 62)
-        if g.any():
-            d = np.stack([q0[g], q1[g], k0[g], k1[g], c[g], lower[g], upper[g]], axis=1)
-            needed += int(diag_pairs(d).sum())
-            part_i.append(gi[g])
-            part_j.append(gj[g])
-            gi, gj = gi[~g], gj[~g]
     if len(gi) and qsel is None:
         # cheap proof of PARTIAL: the block pair's edge rows and columns hold both values;
         # the exact count of those pairs waits until stats() asks for it
@@ -410,7 +319,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
             uncounted.append(np.stack([gi[proven], gj[proven]], axis=1))
             gi, gj = gi[~proven], gj[~proven]
     if len(gi):
-        if one_d and qorder.identity and korder.identity:
+        if rowmajor_1d:
             anyv, allv, cnt = _split_leaves(bp, qb0, kb0, bq, bk, gi, gj, head, run)
         else:
             rows = gi if qsel is None else np.asarray(qsel)[gi]

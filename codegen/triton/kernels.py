@@ -124,6 +124,55 @@ def _key_index(KPERM, offs_n, NK, PERM_K: tl.constexpr, SUMMARY: tl.constexpr):
 
 
 @triton.jit
+def _span(OFF, g, rows, blk):
+    """Entries start:end of block `blk`'s row in table g of a CSR offsets array."""
+    start = tl.load(OFF + g * (rows + 1) + blk)
+    end = tl.load(OFF + g * (rows + 1) + blk + 1)
+    return start, end
+
+
+@triton.jit
+def _load_rows(X, base, offs, N, offs_d, D: tl.constexpr, WIDEN: tl.constexpr):
+    """Rows `offs` (those < N; others 0) of a [*, N, D] tensor at `base`."""
+    ptr = base + offs[:, None].to(tl.int64) * D + offs_d[None, :]
+    x = tl.load(X + ptr, mask=(offs < N)[:, None] & (offs_d < D)[None, :], other=0.0)
+    if WIDEN:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _key_block(IDX, j, K, V, KPERM, kv_base, NK, offs_d, D: tl.constexpr,
+               BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, PERM_K: tl.constexpr,
+               SUMMARY: tl.constexpr):
+    """The j-th key block of a table row: its positions, keys, values and key indices."""
+    offs_n = tl.load(IDX + j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, kv_base, offs_n, NK, offs_d, D, WIDEN)
+    v = _load_rows(V, kv_base, offs_n, NK, offs_d, D, WIDEN)
+    return offs_n, k, v, _key_index(KPERM, offs_n, NK, PERM_K, SUMMARY)
+
+
+@triton.jit
+def _grads(q, k, v, do, lse, delta, q_idx, k_idx, kin, h, bh, sm_scale, qk_scale, softcap,
+           INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, MASKED: tl.constexpr,
+           PREC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+           SUMMARY: tl.constexpr):
+    """The backward's recomputed probabilities p and score gradients ds of one block."""
+    s, tcap = _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap, INI, INF, PREC,
+                      HAS_BIAS, SOFTCAP)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        msk = _allowed(q_idx, k_idx, kin[None, :], h, bh, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB,
+                       DYN_NC, SROW, SUMMARY)
+        p = tl.where(msk, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - tcap * tcap)
+    return p, ds
+
+
+@triton.jit
 def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
              sm_scale, qk_scale, softcap, H, HKV, NQ, NK, NQB, NKB, NKX,
              INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW, OUT, LSE,
@@ -135,50 +184,33 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    hk = h // (H // HKV)
     g = b * tab_sb + h * tab_sh
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    qin = offs_m < NQ
-    q_base = bh * NQ * D
-    kv_base = (b * HKV + hk) * NKX * D
-    q = tl.load(Q + q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-                mask=qin[:, None] & dmask[None, :], other=0.0)
-    if WIDEN:
-        q = q.to(tl.float32)
+    kv_base = (b * HKV + h // (H // HKV)) * NKX * D
+    q = _load_rows(Q, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
     q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for masked in tl.static_range(2):
+    for masked in tl.static_range(2):  # PARTIAL blocks with the mask, then FULL ones
         if masked == 0:
-            start = tl.load(PART_OFF + g * (NQB + 1) + m_blk)
-            end = tl.load(PART_OFF + g * (NQB + 1) + m_blk + 1)
+            OFF = PART_OFF
+            IDX = PART_IDX
         else:
-            start = tl.load(FULL_OFF + g * (NQB + 1) + m_blk)
-            end = tl.load(FULL_OFF + g * (NQB + 1) + m_blk + 1)
+            OFF = FULL_OFF
+            IDX = FULL_IDX
+        start, end = _span(OFF, g, NQB, m_blk)
         if ROUTED:
             end = tl.where(tl.load(ROUTE + bh * NQB + m_blk) != 0, end, start)
         for j in range(start, end):
-            if masked == 0:
-                n_blk = tl.load(PART_IDX + j)
-            else:
-                n_blk = tl.load(FULL_IDX + j)
-            offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            kin = offs_n < NK
-            kv_ptr = kv_base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-            k = tl.load(K + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(V + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-            if WIDEN:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            k_idx = _key_index(KPERM, offs_n, NK, PERM_K, SUMMARY)
+            offs_n, k, v, k_idx = _key_block(IDX, j, K, V, KPERM, kv_base, NK, offs_d, D,
+                                             BLOCK_N, WIDEN, PERM_K, SUMMARY)
             s, tcap = _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap, INI, INF,
                               PREC, HAS_BIAS, SOFTCAP)
             if masked == 0:
-                msk = _allowed(q_idx, k_idx, kin[None, :], h, bh, INI, INF, DYN_KEEP,
-                               DYN_CHUNK, DYN_NB, DYN_NC, SROW, SUMMARY)
+                msk = _allowed(q_idx, k_idx, (offs_n < NK)[None, :], h, bh, INI, INF,
+                               DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, SUMMARY)
                 s = tl.where(msk, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -189,8 +221,9 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
             m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    tl.store(OUT + q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=qin[:, None] & dmask[None, :])
+    qin = offs_m < NQ
+    tl.store(OUT + bh * NQ * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=qin[:, None] & (offs_d < D)[None, :])
     lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("inf"))
     tl.store(LSE + bh * NQ + offs_m, lse, mask=qin)
 
@@ -207,70 +240,50 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
     n_blk = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
-    hk = bhk % HKV
     rep = H // HKV
     offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     kin = offs_n < NK
-    kv_ptr = bhk * NKX * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-    k = tl.load(K + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-    v = tl.load(V + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-    if WIDEN:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(K, bhk * NKX * D, offs_n, NK, offs_d, D, WIDEN)
+    v = _load_rows(V, bhk * NKX * D, offs_n, NK, offs_d, D, WIDEN)
     k_idx = _key_index(KPERM, offs_n, NK, PERM_K, SUMMARY)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for r in range(rep):
-        h = hk * rep + r
+    for r in range(rep):  # the query heads of this GQA group, summed
+        h = (bhk % HKV) * rep + r
         bh = b * H + h
         g = b * tab_sb + h * tab_sh
-        q_base = bh * NQ * D
-        lse_base = bh * NQ
         for masked in tl.static_range(2):
             if masked == 0:
-                start = tl.load(TPART_OFF + g * (NKB + 1) + n_blk)
-                end = tl.load(TPART_OFF + g * (NKB + 1) + n_blk + 1)
+                OFF = TPART_OFF
+                IDX = TPART_IDX
             else:
-                start = tl.load(TFULL_OFF + g * (NKB + 1) + n_blk)
-                end = tl.load(TFULL_OFF + g * (NKB + 1) + n_blk + 1)
+                OFF = TFULL_OFF
+                IDX = TFULL_IDX
+            start, end = _span(OFF, g, NKB, n_blk)
             for j in range(start, end):
-                if masked == 0:
-                    m_blk = tl.load(TPART_IDX + j)
-                else:
-                    m_blk = tl.load(TFULL_IDX + j)
+                m_blk = tl.load(IDX + j)
                 active = True
                 if ROUTED:  # query blocks whose gates are all zero add nothing
                     active = tl.load(ROUTE + bh * NQB + m_blk) != 0
                 if active:
                     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
-                    qin = offs_m < NQ
-                    q_ptr = q_base + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-                    q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-                    do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-                    lse = tl.load(LSE + lse_base + offs_m, mask=qin, other=float("inf"))
-                    delta = tl.load(DELTA + lse_base + offs_m, mask=qin, other=0.0)
-                    if WIDEN:
-                        q = q.to(tl.float32)
-                        do = do.to(tl.float32)
+                    q = _load_rows(Q, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
+                    do = _load_rows(DO, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
+                    lse = tl.load(LSE + bh * NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
+                    delta = tl.load(DELTA + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
                     q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
-                    s, tcap = _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap,
-                                      INI, INF, PREC, HAS_BIAS, SOFTCAP)
-                    p = tl.math.exp2(s - lse[:, None])
-                    if masked == 0:
-                        msk = _allowed(q_idx, k_idx, kin[None, :], h, bh, INI, INF, DYN_KEEP,
-                                       DYN_CHUNK, DYN_NB, DYN_NC, SROW, SUMMARY)
-                        p = tl.where(msk, p, 0.0)
-                    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                    ds = p * (dp - delta[:, None])
-                    if SOFTCAP:
-                        ds = ds * (1.0 - tcap * tcap)
+                    p, ds = _grads(q, k, v, do, lse, delta, q_idx, k_idx, kin, h, bh,
+                                   sm_scale, qk_scale, softcap, INI, INF, DYN_KEEP, DYN_CHUNK,
+                                   DYN_NB, DYN_NC, SROW, masked == 0, PREC, HAS_BIAS, SOFTCAP,
+                                   SUMMARY)
                     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
-    tl.store(DK + kv_ptr, dk.to(DK.dtype.element_ty), mask=kin[:, None] & dmask[None, :])
-    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=kin[:, None] & dmask[None, :])
+    kv_ptr = bhk * NKX * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
+    keep = kin[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + kv_ptr, dk.to(DK.dtype.element_ty), mask=keep)
+    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -286,57 +299,33 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    hk = h // (H // HKV)
     g = b * tab_sb + h * tab_sh
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     qin = offs_m < NQ
-    kv_base = (b * HKV + hk) * NKX * D
-    q_ptr = bh * NQ * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :]
-    q = tl.load(Q + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
-    do = tl.load(DO + q_ptr, mask=qin[:, None] & dmask[None, :], other=0.0)
+    kv_base = (b * HKV + h // (H // HKV)) * NKX * D
+    q = _load_rows(Q, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
+    do = _load_rows(DO, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
     lse = tl.load(LSE + bh * NQ + offs_m, mask=qin, other=float("inf"))
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=qin, other=0.0)
-    if WIDEN:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for masked in tl.static_range(2):
         if masked == 0:
-            start = tl.load(PART_OFF + g * (NQB + 1) + m_blk)
-            end = tl.load(PART_OFF + g * (NQB + 1) + m_blk + 1)
+            OFF = PART_OFF
+            IDX = PART_IDX
         else:
-            start = tl.load(FULL_OFF + g * (NQB + 1) + m_blk)
-            end = tl.load(FULL_OFF + g * (NQB + 1) + m_blk + 1)
+            OFF = FULL_OFF
+            IDX = FULL_IDX
+        start, end = _span(OFF, g, NQB, m_blk)
         if ROUTED:
             end = tl.where(tl.load(ROUTE + bh * NQB + m_blk) != 0, end, start)
         for j in range(start, end):
-            if masked == 0:
-                n_blk = tl.load(PART_IDX + j)
-            else:
-                n_blk = tl.load(FULL_IDX + j)
-            offs_n = n_blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            kin = offs_n < NK
-            kv_ptr = kv_base + offs_n[:, None].to(tl.int64) * D + offs_d[None, :]
-            k = tl.load(K + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(V + kv_ptr, mask=kin[:, None] & dmask[None, :], other=0.0)
-            if WIDEN:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            k_idx = _key_index(KPERM, offs_n, NK, PERM_K, SUMMARY)
-            s, tcap = _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap, INI, INF,
-                              PREC, HAS_BIAS, SOFTCAP)
-            p = tl.math.exp2(s - lse[:, None])
-            if masked == 0:
-                msk = _allowed(q_idx, k_idx, kin[None, :], h, bh, INI, INF, DYN_KEEP,
-                               DYN_CHUNK, DYN_NB, DYN_NC, SROW, SUMMARY)
-                p = tl.where(msk, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            if SOFTCAP:
-                ds = ds * (1.0 - tcap * tcap)
+            offs_n, k, v, k_idx = _key_block(IDX, j, K, V, KPERM, kv_base, NK, offs_d, D,
+                                             BLOCK_N, WIDEN, PERM_K, SUMMARY)
+            p, ds = _grads(q, k, v, do, lse, delta, q_idx, k_idx, offs_n < NK, h, bh, sm_scale,
+                           qk_scale, softcap, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC,
+                           SROW, masked == 0, PREC, HAS_BIAS, SOFTCAP, SUMMARY)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + q_ptr, (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qin[:, None] & dmask[None, :])
+    tl.store(DQ + bh * NQ * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qin[:, None] & (offs_d < D)[None, :])
