@@ -86,7 +86,7 @@ class Op:
         self.block_k = block_k
         self.compiled = None  # (plan, kernel module) of an exported module, see use_compiled
         self.key = f"op{next(_OP_IDS)}"  # how a torch.compile graph names this op
-        caches.OPS.put(self.key, self)
+        caches.OPS[self.key] = self
 
     def use_compiled(self, plan, module) -> Op:
         """Run these tables and this kernel module (an exported module's, see `attndsl
@@ -288,8 +288,8 @@ def _named(names: str, tensors) -> dict:
 def _registered(key: str) -> Op:
     op = caches.OPS.get(key)
     if op is None:
-        raise UnsupportedError(f"attndsl op '{key}' is no longer registered (more than "
-                               f"{caches.OPS.maxsize} ops were created after it); recompile")
+        raise UnsupportedError(f"attndsl op '{key}' no longer exists: a compiled graph "
+                               "outlived the Op it calls")
     return op
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -95,7 +96,6 @@ class LRU:
 
 
 PARSER = LRU("parser", 1, "the LALR parser built from grammar/attn.lark (lang/parser.py)")
-OPS = LRU("ops", 4096, "every Op, by the name a torch.compile graph calls it by (api.py)")
 BIND = LRU("bind", 512, "patterns called from expressions, included or averaged, bound per "
            "parameter values (semantics/bind.py)")
 PLANS = LRU("plans", 16, "token orders and block tables per (bound pattern, block sizes, "
@@ -113,8 +113,13 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
 
-CACHES = (PARSER, OPS, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
+CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
           DEVICE_TABLES)
+
+
+# Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,
+# so it holds exactly the Ops that exist.
+OPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def info() -> dict:
