@@ -25,7 +25,9 @@ from attndsl.lang.checker import check_module, check_pattern
 from attndsl.lang.loader import Loader, resolve_path
 from attndsl.reference import Reference
 from attndsl.semantics import attention as driver
-from attndsl.semantics.bind import BoundPattern, bind
+from attndsl.semantics.attention import Options
+from attndsl.semantics.bind import BoundPattern, convert
+from attndsl.semantics.family import Family, flat
 from attndsl.semantics.inputs import check_tensors, content_of, declared, validate
 from attndsl.semantics.masks import dense_mask, summary_masks
 
@@ -72,16 +74,41 @@ def compile(source: str | os.PathLike, pattern: str | None = None, **params) -> 
             cands = [k for k, v in module.scope.items() if isinstance(v, ir.PatternDef)]
             raise AttnNameError(f"'{module.path}' has no pattern '{pattern}'"
                                 + did_you_mean(pattern, cands))
-    return Op(bind(check_pattern(module, pdef), params))
+    return Op(_family(check_pattern(module, pdef), params))
+
+
+def _family(checked: ir.CheckedPattern, params: dict) -> Family:
+    """The family of a compiled pattern; parameter names and given values are checked now,
+    the pattern's requires when its sizes are known."""
+    names = [p.name for p, _ in checked.params]
+    for k in params:
+        if k not in names:
+            raise ParameterError(f"pattern '{checked.name}' has no parameter '{k}'"
+                                 + did_you_mean(k, names), checked.span)
+    family = Family.of(checked, params)
+    if not family.fixed:
+        for p, t in checked.params:
+            if p.name in params:
+                convert(p.name, params[p.name], t, p.span)
+            elif p.default is None and p.name not in family.sizes:
+                raise ParameterError(f"pattern '{checked.name}' needs parameter '{p.name}' "
+                                     f"({t})", checked.span)
+    return family
 
 
 class Op:
-    """A pattern bound to parameters: its masks, analyses, compiled kernels, and attention
-    through a backend."""
+    """A pattern with its parameters: its masks, analyses, compiled kernels, and attention
+    through a backend. An op compiled without the sizes of its spaces is a family: every
+    call binds them from the tensors (`op.mask(N=...)` and the like take them by name)."""
 
-    def __init__(self, bound: BoundPattern, *, block_q: int | None = None,
+    def __init__(self, source: BoundPattern | Family, *, block_q: int | None = None,
                  block_k: int | None = None):
-        self.bound = bound
+        if isinstance(source, BoundPattern):
+            self.family = Family.of(source.checked, dict(source.values))
+            self._bound = source
+        else:
+            self.family = source
+            self._bound = source.bind() if source.fixed else None
         self.block_q = block_q
         self.block_k = block_k
         self.compiled = None  # (plan, kernel module) of an exported module, see use_compiled
@@ -97,16 +124,39 @@ class Op:
 
     # -- description
     @property
+    def bound(self) -> BoundPattern:
+        """The bound pattern of an op with fixed sizes (a family has one per size)."""
+        if self._bound is None:
+            return self.family.bind()  # raises: names the sizes to pass
+        return self._bound
+
+    def bind(self, **sizes) -> BoundPattern:
+        """The bound pattern for these sizes (none for an op compiled with its sizes)."""
+        if not sizes and self._bound is not None:
+            return self._bound
+        if self._bound is not None:
+            unknown = set(sizes) - set(self.family.sizes)
+            if unknown:
+                raise ParameterError(f"op '{self.name}' was compiled with its sizes; it has no "
+                                     f"size '{sorted(unknown)[0]}' to choose")
+        return self.family.bind(sizes)
+
+    @property
+    def sizes(self) -> tuple[str, ...]:
+        """The size parameters each call binds (empty for an op compiled with its sizes)."""
+        return self.family.sizes
+
+    @property
     def name(self) -> str:
-        return self.bound.name
+        return self.family.name
 
     @property
     def params(self) -> dict:
-        return dict(self.bound.values)
+        return dict(self._bound.values) if self._bound is not None else dict(self.family.given)
 
     @property
     def doc(self) -> str:
-        return self.bound.checked.doc
+        return self.family.checked.doc
 
     @property
     def query_shape(self) -> tuple[int, ...]:
@@ -118,32 +168,50 @@ class Op:
 
     @property
     def heads(self) -> int | None:
-        return self.bound.heads
+        return self._bound.heads if self._bound is not None else _static_heads(self.family)
 
     @property
     def inputs(self) -> dict:
-        """Run-time inputs: name -> (element kind, dims with None for '*', optional)."""
-        return {n: (d.kind, d.dims, d.optional) for n, d in self.bound.inputs.items()}
+        """Run-time inputs: name -> (element kind, dims with None for '*' or a size that
+        each call binds, optional)."""
+        if self._bound is not None:
+            return {n: (d.kind, d.dims, d.optional) for n, d in self._bound.inputs.items()}
+        return {d.name: (d.kind, tuple(x.value if isinstance(x, ir.IntLit) else None
+                                       for x in d.dims), d.optional)
+                for d in self.family.checked.inputs}
 
     def __repr__(self) -> str:
-        vals = ", ".join(f"{k}={v}" for k, v in self.bound.values.items())
-        return f"<attndsl.Op {self.name}({vals}) {self.bound.qshape}x{self.bound.kshape}>"
+        if self._bound is None:
+            vals = ", ".join(f"{k}={v}" for k, v in self.family.given)
+            return (f"<attndsl.Op {self.name}({vals}) sizes from the tensors: "
+                    f"{', '.join(self.sizes)}>")
+        vals = ", ".join(f"{k}={v}" for k, v in self._bound.values.items())
+        return f"<attndsl.Op {self.name}({vals}) {self._bound.qshape}x{self._bound.kshape}>"
 
     def _part(self, sub: BoundPattern) -> Op:
         return Op(sub, block_q=self.block_q, block_k=self.block_k)
+
+    def _split(self, kwargs: dict, q=None, k=None) -> tuple[BoundPattern, dict]:
+        """(the bound pattern, the run-time inputs) of keyword arguments that may hold sizes;
+        q and k (content-dependent masks) may give the sizes too."""
+        sizes, inputs = self.family.split(kwargs)
+        if self._bound is None and (q is not None or k is not None):
+            sizes = self.family.infer(q, k, sizes, None)
+        return self.bind(**sizes), inputs
 
     # -- masks
     def mask(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
              **inputs) -> torch.Tensor:
         """The direct-attention mask: [Nq, Nk]; [heads, Nq, Nk] per head; [B, H, Nq, Nk] for
         patterns that depend on q and k (which must then be given). For averaged patterns,
-        the union of the parts' masks."""
-        bp = self.bound
+        the union of the parts' masks. Sizes of a family op are keywords (N=...)."""
+        bp, inputs = self._split(inputs, q, k)
         content = None
         if bp.content_dependent:
             if q is None or k is None:
                 raise InputError(f"pattern '{self.name}' depends on q and k: call "
                                  "mask(q=..., k=...)", bp.checked.span)
+            q, k = (flat(t, len(bp.qshape)) for t in (q, k))
             check_tensors(bp, q, k, k)
             content = content_of(bp, q, k)
         dev = q.device if q is not None else None
@@ -159,7 +227,7 @@ class Op:
     def summaries(self, **inputs) -> list[dict]:
         """Each summary's tokens: name, `member` [R, Nk] and `attend` [.., Nq, R] (empty
         regions dropped), and pooling choices."""
-        bp = self.bound
+        bp, inputs = self._split(inputs)
         run = validate(bp, inputs, for_mask=True)
         out = []
         for bs in bp.summaries:
@@ -187,14 +255,16 @@ class Op:
 
         With keep_sets, `result.reach_sets[l]` is the bool [Nk] set reached after l+1 layers."""
         from attndsl.analysis.reach import analyze
-        table_bytes = self.stats(**inputs)["block_table_bytes"]
-        return analyze(self.bound, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
+        bp, run_inputs = self._split(inputs, q, k)
+        table_bytes = self._part(bp).stats(**run_inputs)["block_table_bytes"]
+        return analyze(bp, layers, query, head_dim=head_dim, inputs=run_inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
     def path(self, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""
         from attndsl.analysis.reach import shortest_path
-        return shortest_path(self.bound, source, target, inputs, q=q, k=k)
+        bp, inputs = self._split(inputs, q, k)
+        return shortest_path(bp, source, target, inputs, q=q, k=k)
 
     # -- compiled kernels
     def options(self, *, block_q: int | None = None, block_k: int | None = None) -> Op:
@@ -208,24 +278,24 @@ class Op:
     def plan(self, **inputs):
         """The token orders and exact block tables both compiled backends use (cached)."""
         from attndsl.codegen.plan.tables import plan_for
-        _lowerable(self.bound)
-        run = validate(self.bound, inputs, for_mask=True)
+        bp, inputs = self._split(inputs)
+        _lowerable(bp)
+        run = validate(bp, inputs, for_mask=True)
         if self.compiled is not None:
             plan = self.compiled[0]
-            if plan.run.fingerprint == run.without(*self._router()).fingerprint:
+            router = () if bp.route is None else (bp.route[0],)
+            if plan.run.fingerprint == run.without(*router).fingerprint:
                 return plan
-        return plan_for(self.bound, self.block_q, self.block_k, run)
-
-    def _router(self) -> tuple:
-        return () if self.bound.route is None else (self.bound.route[0],)
+        return plan_for(bp, self.block_q, self.block_k, run)
 
     def kernel(self, **inputs):
         """The compiled Triton kernels of this pattern (generated once; the module of an
         exported op is its own)."""
         from attndsl.codegen.triton.runtime import kernel_for
-        _lowerable(self.bound)
-        validate(self.bound, inputs, for_mask=True)
-        return kernel_for(self.bound, None if self.compiled is None else self.compiled[1])
+        bp, inputs = self._split(inputs)
+        _lowerable(bp)
+        validate(bp, inputs, for_mask=True)
+        return kernel_for(bp, None if self.compiled is None else self.compiled[1])
 
     def source(self, **inputs) -> str:
         """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
@@ -235,7 +305,7 @@ class Op:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
         of the compiled kernels (docs/kernels.md). Averaged patterns: the parts' sums, and
         each part's own figures under "parts"."""
-        bp = self.bound
+        bp, inputs = self._split(inputs)
         if bp.average:
             parts = [self._part(sub).stats(**declared(sub, inputs)) for sub in bp.average]
             out = dict(parts[0])
@@ -249,7 +319,7 @@ class Op:
             out["parts"] = parts
             return out
         from attndsl.codegen.plan.tables import plan_stats
-        return plan_stats(self.plan(**inputs))
+        return plan_stats(self._part(bp).plan(**inputs))
 
     @staticmethod
     def cache_info() -> dict:
@@ -258,24 +328,90 @@ class Op:
 
     # -- attention
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
+                 q_start: int | None = None, key_padding_mask: torch.Tensor | None = None,
+                 lengths: torch.Tensor | None = None, dropout_p: float = 0.0,
+                 generator: torch.Generator | None = None, queries: torch.Tensor | None = None,
                  **inputs) -> torch.Tensor:
+        """Attention of q over k and v: [B, H, N, D] (or [B, H, *grid, D] for grid spaces;
+        the output has q's layout). Run-time inputs and, for a family op given flat tensors
+        of a grid space, its sizes are keywords. `q_start`: q holds the queries q_start ..
+        q_start + M - 1 (decoding with a KV cache, chunked prefill); `key_padding_mask`
+        [B, Nk] (True: a real token) or `lengths` [B] (right padding); `dropout_p` with
+        `generator` (training); `queries` [B, H, Nk, D]: the queries of every key position,
+        for patterns that pool or read queries while q holds only some (docs/model.md)."""
         if backend not in BACKENDS:
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
                 backend, BACKENDS))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
+        seed = None
+        if dropout_p:
+            seed = torch.randint(0, 2**32 - 1, (), generator=generator, dtype=torch.int64,
+                                 device=generator.device if generator is not None else "cpu")
         if torch.compiler.is_compiling():  # one opaque op in the graph (see _graph_op)
             names = sorted(n for n, x in inputs.items() if x is not None)
             return _graph_op(q, k, v, [torch.as_tensor(inputs[n]) for n in names],
                              ",".join(names), self.key, backend,
-                             -1.0 if scale is None else float(scale))
-        return self._attend(q, k, v, backend, scale, inputs)
+                             -1.0 if scale is None else float(scale),
+                             -1 if q_start is None else q_start, key_padding_mask, lengths,
+                             float(dropout_p), seed, queries)
+        return self._attend(q, k, v, backend, scale, q_start, key_padding_mask, lengths,
+                            float(dropout_p), seed, queries, inputs)
 
-    def _attend(self, q, k, v, backend, scale, inputs):
-        core = _core(backend, self.bound, q, self.compiled)
-        return driver.attention(core, self.bound, q, k, v, inputs, scale, self.block_q,
-                                self.block_k)
+    def _attend(self, q, k, v, backend, scale, q_start, key_padding_mask, lengths, dropout_p,
+                seed, queries, inputs):
+        sizes, inputs = self.family.split(inputs)
+        if self._bound is None:
+            sizes = self.family.infer(q, k, sizes, q_start)
+            missing = [n for n in self.family.sizes if n not in sizes]
+            if missing:
+                raise InputError(
+                    f"op '{self.name}' takes {', '.join(missing)} from the layout of its "
+                    f"tensors ([batch, heads, {', '.join(missing)}, dim]); given flat "
+                    f"tensors {list(getattr(k, 'shape', []))}, pass "
+                    + ", ".join(f"{n}=..." for n in missing))
+        bp = self.bind(**sizes)
+        axes = len(bp.qshape)
+        grid_out = isinstance(q, torch.Tensor) and axes > 1 and q.dim() == 3 + axes
+        qf, kf, vf = flat(q, len(bp.qshape)), flat(k, len(bp.kshape)), flat(v, len(bp.kshape))
+        opts = Options(scale, self.block_q, self.block_k, q_start,
+                       _key_valid(key_padding_mask, lengths, kf), dropout_p,
+                       0 if seed is None else int(seed), flat(queries, len(bp.kshape)))
+        core = _core(backend, bp, qf, self.compiled)
+        out = driver.attention(core, bp, qf, kf, vf, inputs, opts)
+        return out.reshape(*q.shape[:-1], out.shape[-1]) if grid_out else out
+
+
+def _key_valid(mask, lengths, k) -> torch.Tensor | None:
+    """key_padding_mask [B, Nk] (True: a real key), or `lengths` [B] as right padding."""
+    if lengths is None:
+        if mask is not None and isinstance(mask, torch.Tensor) and mask.dim() > 2:
+            mask = mask.reshape(mask.shape[0], -1)  # a grid's [B, *grid]
+        return mask
+    if mask is not None:
+        raise InputError("pass key_padding_mask or lengths, not both")
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise InputError(f"lengths must be an int tensor [batch], not {lengths.dtype} "
+                         f"{list(lengths.shape)}")
+    if not isinstance(k, torch.Tensor) or lengths.shape[0] != k.shape[0]:
+        raise InputError(f"lengths must have one entry per batch element, not "
+                         f"{lengths.shape[0]}")
+    lengths = lengths.to(k.device)
+    if bool(((lengths < 0) | (lengths > k.shape[2])).any()):
+        raise InputError(f"lengths must be between 0 and the {k.shape[2]} keys")
+    return torch.arange(k.shape[2], device=k.device).view(1, -1) < lengths.view(-1, 1)
+
+
+def _static_heads(family: Family) -> int | None:
+    h = family.checked.heads
+    if isinstance(h, ir.IntLit):
+        return h.value
+    if isinstance(h, ir.Name) and h.ref == "param":
+        return dict(family.given).get(h.id)
+    return None
 
 
 _OP_IDS = itertools.count()
@@ -296,46 +432,63 @@ def _registered(key: str) -> Op:
 # torch.compile sees an Op call as one custom op whose fake implementation gives the output
 # shape; eagerly it runs the op through its backend. Its backward, another custom op,
 # recomputes the forward with autograd and differentiates it.
+def _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p,
+           seed, queries):
+    return _registered(key)._attend(
+        q, k, v, backend, None if scale < 0 else scale, None if q_start < 0 else q_start,
+        kpm, lengths, dropout_p, None if seed is None else int(seed), queries,
+        _named(names, inputs))
+
+
 @torch.library.custom_op("attndsl::attention", mutates_args=())
 def _graph_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
-              names: str, key: str, backend: str, scale: float) -> torch.Tensor:
-    return _registered(key)._attend(q, k, v, backend, None if scale < 0 else scale,
-                                    _named(names, inputs)).clone()
+              names: str, key: str, backend: str, scale: float, q_start: int,
+              kpm: torch.Tensor | None, lengths: torch.Tensor | None, dropout_p: float,
+              seed: torch.Tensor | None, queries: torch.Tensor | None) -> torch.Tensor:
+    return _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths,
+                  dropout_p, seed, queries).clone()
 
 
 @_graph_op.register_fake
-def _(q, k, v, inputs, names, key, backend, scale):
+def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
+      queries):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 @torch.library.custom_op("attndsl::attention_backward", mutates_args=())
 def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   inputs: list[torch.Tensor], names: str, key: str, backend: str,
-                  scale: float, dout: torch.Tensor
+                  scale: float, q_start: int, kpm: torch.Tensor | None,
+                  lengths: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
+                  queries: torch.Tensor | None, dout: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.enable_grad():
         xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        out = _registered(key)._attend(*xs, backend, None if scale < 0 else scale,
-                                       _named(names, inputs))
+        out = _eager(*xs, inputs, names, key, backend, scale, q_start, kpm, lengths,
+                     dropout_p, seed, queries)
         grads = torch.autograd.grad(out, xs, dout, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs))
 
 
 @_graph_op_bwd.register_fake
-def _(q, k, v, inputs, names, key, backend, scale, dout):
+def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
+      queries, dout):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, tensors, names, key, backend, scale = inputs
-    ctx.save_for_backward(q, k, v, *tensors)
-    ctx.meta = (names, key, backend, scale)
+    q, k, v, tensors, names, key, backend, scale, q_start, kpm, lengths, p, seed, qs = inputs
+    ctx.save_for_backward(q, k, v, kpm, lengths, seed, qs, *tensors)
+    ctx.meta = (names, key, backend, scale, q_start, p)
 
 
 def _backward(ctx, dout):
-    q, k, v, *tensors = ctx.saved_tensors
-    dq, dk, dv = _graph_op_bwd(q, k, v, tensors, *ctx.meta, dout)
-    return dq, dk, dv, [None] * len(tensors), None, None, None, None
+    q, k, v, kpm, lengths, seed, qs, *tensors = ctx.saved_tensors
+    names, key, backend, scale, q_start, p = ctx.meta
+    dq, dk, dv = _graph_op_bwd(q, k, v, tensors, names, key, backend, scale, q_start, kpm,
+                               lengths, p, seed, qs, dout)
+    return (dq, dk, dv, [None] * len(tensors), None, None, None, None, None, None, None,
+            None, None, None)
 
 
 _graph_op.register_autograd(_backward, setup_context=_setup)

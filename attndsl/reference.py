@@ -14,6 +14,7 @@ import torch
 
 from attndsl.errors import SizeLimitError
 from attndsl.semantics.attention import attend, softcapped
+from attndsl.semantics.dropout import keep
 from attndsl.semantics.masks import bias, dense_mask
 
 REFERENCE_LIMIT = 1 << 26  # batch x heads x queries x (keys + summary tokens)
@@ -40,26 +41,43 @@ class Reference:
                 "smaller sizes", bp.checked.span)
 
     def direct(self, call):
-        """(out [B, H, Nq, Dv], lse [B, H, Nq]) over the pattern's direct keys."""
+        """(out [B, H, M, Dv], lse [B, H, M]) over the pattern's direct keys."""
         bp, q, k, v = call.bp, call.q, call.k, call.v
         cdt = compute_dtype(q.dtype)
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1).to(cdt)
         v = v.repeat_interleave(rep, dim=1).to(cdt)
-        B, H, Nq, _ = q.shape
+        B, H, M, _ = q.shape
         Nk = k.shape[2]
-        mask = dense_mask(bp, call.run, q.device).expand(B, H, Nq, Nk)
+        first = call.q_start
+        mask = dense_mask(bp, call.run, q.device, call.rows).expand(B, H, M, Nk)
+        if call.key_valid is not None:
+            mask = mask & call.key_valid.view(B, 1, 1, Nk)
         logits = (q.to(cdt) @ k.transpose(-1, -2)) * call.scale
-        b = bias(bp, call.run, torch.arange(Nq, device=q.device).view(-1, 1),
-                 torch.arange(Nk, device=q.device).view(1, -1),
-                 torch.arange(H, device=q.device).view(-1, 1, 1), cdt)
+        qidx = torch.arange(first, first + M, device=q.device).view(-1, 1)
+        kidx = torch.arange(Nk, device=q.device).view(1, -1)
+        b = bias(bp, call.run, qidx, kidx, torch.arange(H, device=q.device).view(-1, 1, 1),
+                 cdt)
         if b is not None:
             logits = logits + b
-        return attend(softcapped(logits, bp.softcap), mask, v)
+        return attend(softcapped(logits, bp.softcap), mask, v,
+                      *_dropout(call, B, H, qidx, kidx))
 
     def summary(self, call, ks, vs, att):
-        """Attention over summary tokens ks, vs [B, H, R, D] where att [.., Nq, R] allows:
+        """Attention over summary tokens ks, vs [B, H, R, D] where att [.., M, R] allows:
         the softcap applies, the bias does not."""
         q = call.q.to(ks.dtype)
         logits = softcapped((q @ ks.transpose(-1, -2)) * call.scale, call.bp.softcap)
-        return attend(logits, att.expand(logits.shape), vs)
+        B, H, M, R = logits.shape
+        first, nk = call.q_start, call.k.shape[2]
+        qidx = torch.arange(first, first + M, device=q.device).view(-1, 1)
+        ridx = torch.arange(nk, nk + R, device=q.device).view(1, -1)  # summary rows: keys Nk+r
+        return attend(logits, att.expand(logits.shape), vs, *_dropout(call, B, H, qidx, ridx))
+
+
+def _dropout(call, B: int, H: int, qidx, kidx) -> tuple:
+    """(kept [B, H, M, N], p) of the call's dropout, or () without dropout."""
+    if not call.dropout_p:
+        return ()
+    bh = torch.arange(B * H, device=qidx.device).view(B, H, 1, 1)
+    return (keep(call.seed, bh, qidx, kidx, call.dropout_p), call.dropout_p)

@@ -352,18 +352,19 @@ def bounds(perm: np.ndarray, shape: tuple[int, ...]) -> Bounds:
     return Bounds(lo, hi, flo, fhi, valid.sum(axis=1), size)
 
 
-def row_major(shape: tuple[int, ...], block: int) -> list[Bounds]:
-    """The pyramid of row-major tokens in blocks of `block` (the last block padded), in
-    closed form: a group of level l holds 2**l consecutive blocks, one flat range."""
-    n = math.prod(shape)
+def row_major(shape: tuple[int, ...], block: int, start: int = 0,
+              count: int | None = None) -> list[Bounds]:
+    """The pyramid of row-major tokens start .. start + count - 1 (all by default) in blocks
+    of `block` (the last block padded), in closed form: a group of level l holds 2**l
+    consecutive blocks, one flat range."""
+    n = math.prod(shape) - start if count is None else count
     nb = -(-n // block)
     levels = []
     span = 1
     while True:
         g = np.arange(-(-nb // span), dtype=np.int64)
-        first = g * span * block
-        flo = first
-        fhi = np.minimum(first + span * block, n) - 1
+        flo = start + g * span * block
+        fhi = np.minimum(flo + span * block, start + n) - 1
         size = (np.minimum((g + 1) * span, nb) - g * span) * block
         box = token_box(flo, fhi, shape, tuple(range(len(shape))))
         lo = np.stack([np.broadcast_to(p.lo, flo.shape) for p in box.pos], axis=1)

@@ -17,17 +17,44 @@ from dataclasses import dataclass
 
 import torch
 
-from attndsl.errors import UnsupportedError
+from attndsl.errors import InputError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
-from attndsl.semantics.inputs import RunInputs, check_tensors, content_of, validate
+from attndsl.semantics.inputs import (
+    RunInputs,
+    check_options,
+    check_tensors,
+    content_of,
+    validate,
+)
 from attndsl.semantics.masks import summary_masks
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to attend, besides the tensors and run-time inputs: the scale (None: the
+    pattern's, or 1/sqrt(D)); the kernels' block sizes; `q_start`, the index of q's first
+    query (q holds queries q_start .. q_start + M - 1; decoding and chunked prefill);
+    `key_valid` [B, Nk] bool (False: a padding key); dropout on the attention probabilities
+    at rate `dropout_p`, drawn from `seed` (semantics/dropout.py); `queries`, the queries of
+    every key position when q holds only some and the pattern pools queries (summary tokens
+    with `values expectation`) or reads them (chunk_topk)."""
+
+    scale: float | None = None
+    block_q: int | None = None
+    block_k: int | None = None
+    q_start: int | None = None
+    key_valid: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    queries: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class Call:
     """One attention call as a core sees it: q, k, v [B, H, N, D] (channel tokens already
-    transposed), the call's inputs, the scale, MoH's routing gates [B, H, Nq] (cores may skip
-    work whose gates are zero; the driver applies them) and the kernels' block sizes."""
+    transposed; q holds rows q_start .. q_start + M - 1), the call's inputs, the scale,
+    MoH's routing gates [B, H, M] (cores may skip work whose gates are zero; the driver
+    applies them), the kernels' block sizes, padding and dropout."""
 
     bp: BoundPattern
     q: torch.Tensor
@@ -39,32 +66,51 @@ class Call:
     need_lse: bool
     block_q: int | None = None
     block_k: int | None = None
+    q_start: int = 0
+    key_valid: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    seed: int = 0
+    queries: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """(first query, number of queries) of this call."""
+        return self.q_start, self.q.shape[2]
+
+    @property
+    def partial(self) -> bool:
+        """Only some of the queries (decoding, chunked prefill)."""
+        return self.q_start != 0 or self.q.shape[2] != self.bp.nq
 
 
-def attention(core, bp: BoundPattern, q, k, v, inputs: dict, scale: float | None = None,
-              block_q: int | None = None, block_k: int | None = None) -> torch.Tensor:
+def attention(core, bp: BoundPattern, q, k, v, inputs: dict, opts: Options = Options()
+              ) -> torch.Tensor:
     """What op(q, k, v, backend=...) computes: q's dtype and shape."""
-    check_tensors(bp, q, k, v)
+    check_tensors(bp, q, k, v, opts.q_start)
+    check_options(bp, q, k, opts)
     core.check(bp, q, k, v)
-    run = validate(bp, inputs, q.device, q.shape[0])
-    return _attend(core, bp, q, k, v, run, scale, block_q, block_k)
+    run = validate(bp, inputs, q.device, q.shape[0], q_rows=q.shape[2])
+    return _attend(core, bp, q, k, v, run, opts)
 
 
-def _attend(core, bp, q, k, v, run, scale, block_q, block_k):
+def _attend(core, bp, q, k, v, run, opts: Options):
     if bp.average:
-        outs = [_attend(core, sub, q, k, v, run.part(sub), scale, block_q, block_k)
-                for sub in bp.average]
+        outs = [_attend(core, sub, q, k, v, run.part(sub), opts) for sub in bp.average]
         return sum(outs) / len(outs)
     dtype = q.dtype
+    queries = opts.queries
     if bp.channel:
         q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
+    scale = opts.scale
     if scale is None:
         scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
     gates = None
     if bp.route is not None:
         gates = route_gates(bp, run.values[bp.route[0]], q.shape[1])
-    run = run.with_content(content_of(bp, q, k))
-    call = Call(bp, q, k, v, run, float(scale), gates, bool(bp.summaries), block_q, block_k)
+    run = run.with_content(content_of(bp, q if queries is None else queries, k))
+    call = Call(bp, q, k, v, run, float(scale), gates, bool(bp.summaries), opts.block_q,
+                opts.block_k, opts.q_start or 0, opts.key_valid, opts.dropout_p, opts.seed,
+                queries)
     out, lse = core.direct(call)
     if bp.summaries:
         tokens = summary_tokens(call)
@@ -89,9 +135,10 @@ def merge(out_a, lse_a, out_b, lse_b):
     return (wa * out_a + wb * out_b) / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def attend(logits, mask, values):
+def attend(logits, mask, values, kept=None, p_drop: float = 0.0):
     """softmax(logits | mask) @ values and the rows' log-sum-exp (natural log). A row with
-    no keys gives 0 and lse -inf, with zero (never NaN) gradients."""
+    no keys gives 0 and lse -inf, with zero (never NaN) gradients. With `kept` (bool, as
+    the logits), dropout: dropped probabilities are 0, kept ones scaled by 1 / (1 - p)."""
     neg = torch.finfo(logits.dtype).min
     logits = logits.masked_fill(~mask, neg)
     m = logits.amax(dim=-1, keepdim=True).detach()
@@ -99,7 +146,10 @@ def attend(logits, mask, values):
     denom = p.sum(dim=-1, keepdim=True)
     has = denom > 0
     safe = torch.where(has, denom, torch.ones_like(denom))
-    out = (p / safe) @ values
+    probs = p / safe
+    if kept is not None:
+        probs = probs * kept.to(probs.dtype) / (1.0 - p_drop)
+    out = probs @ values
     lse = torch.where(has, m + torch.log(safe), torch.full_like(denom, -math.inf))
     return out, lse.squeeze(-1)
 
@@ -117,41 +167,59 @@ def summary_tokens(call: Call):
     None when every region is empty."""
     bp = call.bp
     q, k, v = call.q, call.k, call.v
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rep = q.shape[1] // k.shape[1]
-    qc = q.to(cdt)
+    if call.partial:
+        q = call.queries  # pooling reads the queries at the key positions
+    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    rep = call.q.shape[1] // k.shape[1]
+    qc = None if q is None else q.to(cdt)
     kc = k.to(cdt).repeat_interleave(rep, dim=1)
     vc = v.to(cdt).repeat_interleave(rep, dim=1)
-    Nq = q.shape[2]
+    first, count = call.rows
     ks, vs, atts = [], [], []
     for bs in bp.summaries:
-        member, att = summary_masks(bp, bs, call.run, q.device, bp.heads)
+        member, att = summary_masks(bp, bs, call.run, k.device, bp.heads)
         if member.shape[0] == 0:
             continue
+        if qc is None and bs.summary.values == "expectation":
+            raise InputError(f"summary '{bs.summary.name}' pools queries: when q holds only "
+                             "some of the queries, pass the queries of every key position "
+                             "(queries=[B, H, Nk, D])", bs.summary.span)
+        att = att.expand(*att.shape[:-2], bp.nq, member.shape[0])[..., first:first + count, :]
+        if call.key_valid is not None:  # padding keys are absent from every region too
+            member = member.view(1, 1, *member.shape) & call.key_valid.view(
+                k.shape[0], 1, 1, -1)
+            att = att & member.any(-1).unsqueeze(-2)  # [B, 1 or H, M, R]
         a, b = pool(bs.summary, member, qc, kc, vc, call.scale)
         ks.append(a)
         vs.append(b)
-        atts.append(att.expand(*att.shape[:-2], Nq, member.shape[0]))
+        atts.append(att)
     if not ks:
         return None
-    if any(a.dim() > 2 for a in atts):  # some summary's rule reads h: [H, Nq, R] for all
-        atts = [a.expand(bp.heads, Nq, a.shape[-1]) for a in atts]
+    # [M, R], [H, M, R] (a rule reads h) or [B, 1|H, M, R] (padding): one layout for all
+    atts = [a.reshape((1,) * (4 - a.dim()) + tuple(a.shape)) for a in atts]
+    lead = torch.broadcast_shapes(*(a.shape[:2] for a in atts))
+    atts = [a.expand(*lead, *a.shape[2:]) for a in atts]
     return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(atts, -1)
 
 
 def _pool(x, member, how):
-    """Pool rows of x [B, H, N, D] over each region of member [R, N] -> [B, H, R, D]."""
+    """Pool rows of x [B, H, N, D] over each region of member [R, N] (or, per batch,
+    [B, 1, R, N]) -> [B, H, R, D]; a region with no member pools to 0."""
     if how == "mean":
         w = member.to(x.dtype)
-        return (w @ x) / w.sum(dim=1, keepdim=True)
+        n = w.sum(dim=-1, keepdim=True)
+        return (w @ x) / torch.where(n > 0, n, torch.ones_like(n))
     outs = []
+    lead = (1, 1) if member.dim() == 2 else member.shape[:2]
     step = max(1, (1 << 24) // max(1, x.numel()))
     neg = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
-    for r0 in range(0, member.shape[0], step):
-        m = member[r0:r0 + step]  # [r, N]
-        xm = torch.where(m.view(1, 1, *m.shape, 1), x.unsqueeze(2), neg)
+    for r0 in range(0, member.shape[-2], step):
+        m = member[..., r0:r0 + step, :]  # [.., r, N]
+        xm = torch.where(m.reshape(*lead, *m.shape[-2:], 1), x.unsqueeze(2), neg)
         outs.append(xm.amax(dim=3))
-    return torch.cat(outs, dim=2)
+    out = torch.cat(outs, dim=2)
+    some = member.any(-1).unsqueeze(-1)  # [.., R, 1]: the region has a member
+    return torch.where(some, out, torch.zeros_like(out))
 
 
 def pool(summary, member, q, k, v, scale):

@@ -150,11 +150,12 @@ class BoundPattern:
             seen[id(s.owner)] = s.owner
         return list(seen.values())
 
-    def check_size(self, batch_heads: int = 1) -> None:
-        n = batch_heads * self.nq * self.nk
+    def check_size(self, batch_heads: int = 1, rows: int | None = None) -> None:
+        nq = self.nq if rows is None else rows
+        n = batch_heads * nq * self.nk
         if n > MASK_LIMIT:
             raise SizeLimitError(
-                f"a dense mask of {batch_heads} x {self.nq} x {self.nk} = {n:,} entries exceeds"
+                f"a dense mask of {batch_heads} x {nq} x {self.nk} = {n:,} entries exceeds"
                 f" the reference limit of {MASK_LIMIT:,} (2^28); the reference backend is "
                 "dense by design, use smaller sizes to inspect masks", self.checked.span)
 
@@ -167,7 +168,7 @@ class BoundPattern:
 # ---------------------------------------------------------------- parameter values
 
 
-def _convert(name: str, value, t: ir.Type, span):
+def convert(name: str, value, t: ir.Type, span):
     """A Python/numpy/torch value as the parameter's declared type, or a ParameterError."""
     def scalar(v):
         if isinstance(v, torch.Tensor | np.ndarray):
@@ -223,10 +224,10 @@ def bind(checked: ir.CheckedPattern, values: dict, call_span=None) -> BoundPatte
     env: dict = {}
     for p, t in checked.params:
         if p.name in values:
-            env[p.name] = _convert(p.name, values[p.name], t, call_span or p.span)
+            env[p.name] = convert(p.name, values[p.name], t, call_span or p.span)
         elif p.default is not None:
             dv = Evaluator(env, {}).eval(p.default)
-            env[p.name] = _convert(p.name, dv, t, p.default.span)
+            env[p.name] = convert(p.name, dv, t, p.default.span)
         else:
             raise ParameterError(f"pattern '{checked.name}' needs parameter '{p.name}' ({t})",
                                  span)

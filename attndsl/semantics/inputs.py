@@ -85,11 +85,13 @@ def _shape(dims) -> str:
 
 
 def validate(bp: BoundPattern, given: dict, device=None, batch=None,
-             for_mask: bool = False, content=None) -> RunInputs:
+             for_mask: bool = False, content=None, q_rows: int | None = None) -> RunInputs:
     """Check run-time inputs against their declarations and return them as a RunInputs.
 
-    With `for_mask`, a router input is optional: routing gates outputs, not the mask."""
+    With `for_mask`, a router input is optional: routing gates outputs, not the mask. The
+    router has one row per query of the call (`q_rows`, when q holds only some)."""
     out = {}
+    router = bp.route[0] if bp.route is not None else None
     for name in given:
         if name not in bp.inputs:
             raise bp.unknown_input(name)
@@ -115,6 +117,8 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
         if kind == "float" and not v.is_floating_point():
             raise InputError(f"run-time input '{name}' must have a floating dtype, not "
                              f"{v.dtype}", span)
+        if name == router:  # [batch, the call's queries, routed heads]: checked below
+            dims = (None, None, dims[2])
         if v.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, v.shape)):
             must = ("be a scalar, not shape" if not dims else
                     f"have shape {_shape(dims)}, not")
@@ -125,14 +129,16 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
         if kind == "int":
             v = v.long()
         out[name] = v
-    if bp.route is not None and batch is not None and out.get(bp.route[0]) is not None:
-        r = out[bp.route[0]]
-        if r.shape[0] != batch or r.shape[1] != bp.nq or r.shape[2] != bp.heads - bp.route[2]:
-            raise InputError(f"router '{bp.route[0]}' must have shape [{batch}, {bp.nq}, "
+    rows = bp.nq if q_rows is None else q_rows
+    if router is not None and out.get(router) is not None:
+        r = out[router]
+        if (batch is not None and r.shape[0] != batch) or r.shape[1] != rows or (
+                r.shape[2] != bp.heads - bp.route[2]):
+            raise InputError(f"router '{router}' must have shape [{batch or '*'}, {rows}, "
                              f"{bp.heads - bp.route[2]}], not {list(r.shape)}",
-                             bp.inputs[bp.route[0]].span)
+                             bp.inputs[router].span)
     for sub in bp.average:
-        validate(sub, declared(sub, given), device, batch, for_mask)
+        validate(sub, declared(sub, given), device, batch, for_mask, None, q_rows)
     return RunInputs(MappingProxyType(out), content)
 
 
@@ -143,8 +149,9 @@ def content_of(bp: BoundPattern, q, k):
     return (q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1))
 
 
-def check_tensors(bp: BoundPattern, q, k, v) -> None:
-    """q, k, v against the pattern: kinds, ranks, dtypes, devices, batch, heads, tokens."""
+def check_tensors(bp: BoundPattern, q, k, v, q_start: int | None = None) -> None:
+    """q, k, v against the pattern: kinds, ranks, dtypes, devices, batch, heads, tokens.
+    With q_start, q holds queries q_start .. q_start + M - 1 of the query space."""
     at = bp.checked.span  # errors point at the pattern, or at its space or heads statement
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -182,7 +189,14 @@ def check_tensors(bp: BoundPattern, q, k, v) -> None:
         if q.shape[3] != k.shape[3]:
             raise InputError(f"q and k must have the same head dim, not {q.shape[3]} and "
                              f"{k.shape[3]}", at)
-        if q.shape[2] != bp.nq:
+        if q_start is not None:
+            if not isinstance(q_start, int) or isinstance(q_start, bool) or q_start < 0:
+                raise InputError(f"q_start must be a non-negative int, not {q_start!r}")
+            if q_start + q.shape[2] > bp.nq:
+                raise InputError(f"q holds queries {q_start} .. {q_start + q.shape[2] - 1}, "
+                                 f"past the {bp.nq} queries of pattern '{bp.name}' "
+                                 f"{_dims(bp.qshape)}", _space_span(bp, "qspace"))
+        elif q.shape[2] != bp.nq:
             raise InputError(f"q has {q.shape[2]} tokens; pattern '{bp.name}' has {bp.nq} "
                              f"queries {_dims(bp.qshape)}", _space_span(bp, "qspace"))
         if k.shape[2] != bp.nk:
@@ -192,6 +206,30 @@ def check_tensors(bp: BoundPattern, q, k, v) -> None:
         raise InputError(f"pattern '{bp.name}' is declared for {bp.heads} heads; q has "
                          f"{q.shape[1]}",
                          bp.checked.heads.span if bp.checked.heads is not None else at)
+
+
+def check_options(bp: BoundPattern, q, k, opts) -> None:
+    """The driver's options against the tensors (see semantics/attention.Options)."""
+    kv = opts.key_valid
+    if kv is not None:
+        if not isinstance(kv, torch.Tensor) or kv.dtype != torch.bool:
+            raise InputError("key_padding_mask must be a bool tensor [batch, keys] (True: a "
+                             f"real token), not {getattr(kv, 'dtype', type(kv).__name__)}")
+        if tuple(kv.shape) != (k.shape[0], k.shape[2]):
+            raise InputError(f"key_padding_mask must have shape [{k.shape[0]}, {k.shape[2]}]"
+                             f" (batch, keys), not {list(kv.shape)}")
+        if kv.device != k.device:
+            raise InputError(f"key_padding_mask is on {kv.device}, the tensors on {k.device}")
+    p = opts.dropout_p
+    if not isinstance(p, int | float) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise InputError(f"dropout_p must be a number in [0, 1), not {p!r}")
+    qs = opts.queries
+    if qs is not None and (not isinstance(qs, torch.Tensor) or qs.dim() != 4
+                           or qs.shape[0] != q.shape[0] or qs.shape[1] != q.shape[1]
+                           or qs.shape[2] != k.shape[2] or qs.shape[3] != q.shape[3]):
+        raise InputError(f"queries must be [{q.shape[0]}, {q.shape[1]}, {k.shape[2]}, "
+                         f"{q.shape[3]}] (a query at every key position), not "
+                         f"{list(getattr(qs, 'shape', []))}")
 
 
 def _space_span(bp: BoundPattern, which: str):

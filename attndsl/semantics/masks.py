@@ -137,8 +137,10 @@ def bias(bp: BoundPattern, run: RunInputs, qidx, kidx, hidx, dtype, head=None):
     return total
 
 
-def dense_mask(bp: BoundPattern, run: RunInputs, device=None) -> torch.Tensor:
-    """[Nq, Nk], [H, Nq, Nk] (per-head) or [B, H, Nq, Nk] (content-dependent) bool mask."""
+def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None = None
+               ) -> torch.Tensor:
+    """[Nq, Nk], [H, Nq, Nk] (per-head) or [B, H, Nq, Nk] (content-dependent) bool mask;
+    with rows = (first, count), only those queries' rows."""
     heads = None
     if bp.head_dependent:
         heads = bp.heads
@@ -153,13 +155,14 @@ def dense_mask(bp: BoundPattern, run: RunInputs, device=None) -> torch.Tensor:
         lead = [run.content[0].shape[0], run.content[0].shape[1]]
     elif heads is not None:
         lead = [heads]
-    bp.check_size(math.prod(lead) if lead else 1)
+    first, count = rows if rows is not None else (0, bp.nq)
+    bp.check_size(math.prod(lead) if lead else 1, count)
     device = device or torch.device("cpu")
-    out = torch.empty(lead + [bp.nq, bp.nk], dtype=torch.bool, device=device)
+    out = torch.empty(lead + [count, bp.nk], dtype=torch.bool, device=device)
     kidx = torch.arange(bp.nk, device=device).view(1, -1)
     h = torch.arange(heads, device=device).view(-1, 1, 1) if heads is not None else None
-    for q0, q1 in chunks(bp.nq, bp.nk * max(1, math.prod(lead))):
-        qidx = torch.arange(q0, q1, device=device).view(-1, 1)
+    for q0, q1 in chunks(count, bp.nk * max(1, math.prod(lead))):
+        qidx = torch.arange(first + q0, first + q1, device=device).view(-1, 1)
         val = predicate(bp, context(bp, qidx, kidx, h), run)
         out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, bp.nk])
     return out

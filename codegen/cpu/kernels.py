@@ -33,6 +33,7 @@ from attndsl.codegen.plan.tables import plan_for
 from attndsl.errors import InputError, UnsupportedError
 from attndsl.reference import Reference
 from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.dropout import keep
 from attndsl.semantics.masks import bias
 
 BUDGET = 1 << 20  # scores per work item (4 MiB in float32): the working set stays in cache
@@ -61,13 +62,23 @@ class Cpu:
         bp = call.bp
         cdt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
         mask_run = call.run if bp.route is None else call.run.without(bp.route[0])
-        cp = cpu_plan(plan_for(bp, call.block_q, call.block_k, mask_run))
+        cp = cpu_plan(plan_for(bp, call.block_q, call.block_k, mask_run, rows=call.rows))
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
+        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
-                                    call.need_lse)
+                                    call.need_lse, extra)
         return out, (lse if call.need_lse else None)
+
+
+@dataclass(frozen=True)
+class _Extra:
+    """Per-call additions to the plan's masks: padding keys [B, Nk] and dropout."""
+
+    key_valid: torch.Tensor | None = None
+    seed: int | None = None
+    p: float = 0.0
 
 
 def supported(bp: BoundPattern) -> bool:
@@ -137,6 +148,9 @@ class _Ctx:
     scratch: _Scratch = None
     content: object = None  # RunInputs with (q, k) for content-dependent masks, one per call
     need_lse: bool = False  # every row's log-sum-exp (summary tokens merge through it)
+    kvalid: torch.Tensor | None = None  # [B, nkb, bk] padding keys False (per call)
+    seed: int | None = None  # dropout's seed, or None
+    p_drop: float = 0.0
 
     def passes(self) -> list:
         """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
@@ -276,6 +290,32 @@ class _Item:
         ki = cp.ktok[self.grp.kidx_t[self.i0:self.i1, s0:s1]].reshape(self.n, 1, 1, -1)
         return bias(cp.bp, cp.run, qi, ki, None, self.ctx.cdt, head=self.head)
 
+    def batches(self) -> torch.Tensor:
+        """The batch element of each (batch, kv head) pair of the item."""
+        return torch.tensor([g // self.ctx.HKV for g in self.g_list()])
+
+    def key_valid(self, s0, s1):
+        """Padding keys of slots s0:s1, per batch: [Gc, n, 1, 1, w] bool, or None."""
+        kv = self.ctx.kvalid
+        if kv is None:
+            return None
+        sel = kv[self.batches()][:, self.grp.kidx_t[self.i0:self.i1, s0:s1]]  # [Gc,n,s,bk]
+        return sel.reshape(self.gc, self.n, 1, 1, -1)
+
+    def kept(self, s0, s1):
+        """Dropout's scaled keep mask on slots s0:s1: [Gc, n, rq * bq, w], or None."""
+        ctx, cp = self.ctx, self.ctx.cp
+        if ctx.seed is None:
+            return None
+        g = torch.tensor(list(self.g_list()))
+        first = 0 if self.hsl.start is None else self.hsl.start
+        heads = (g % ctx.HKV).view(-1, 1) * ctx.R + first + torch.arange(self.rq).view(1, -1)
+        bh = ((g // ctx.HKV).view(-1, 1) * ctx.HKV * ctx.R + heads).view(-1, 1, self.rq, 1, 1)
+        qi = cp.qtok[self.grp.rows_t[self.i0:self.i1]].view(1, self.n, 1, cp.bq, 1)
+        ki = cp.ktok[self.grp.kidx_t[self.i0:self.i1, s0:s1]].reshape(1, self.n, 1, 1, -1)
+        z = keep(ctx.seed, bh, qi, ki, ctx.p_drop).to(ctx.cdt).mul_(1.0 / (1.0 - ctx.p_drop))
+        return z.view(self.gc, self.n, self.rq * cp.bq, -1)
+
     def scores(self, q4, kv, s0, s1):
         """Scores [Gc, n, rq * bq, w] with bias, softcap and the PARTIAL slots' mask; and
         the softcap's tanh (for the backward) or None."""
@@ -305,11 +345,16 @@ class _Item:
                                         self.hsl)
                 s5[..., (lo - s0) * bk:(hi - s0) * bk].masked_fill_(
                     m[..., (lo - a) * bk:(hi - a) * bk], float("-inf"))
+        valid = self.key_valid(s0, s1)
+        if valid is not None:
+            s5.masked_fill_(~valid, float("-inf"))
         return s, tanh
 
     def fix_empty(self, x):
         """Rows with no key at all (a softmax of 0 / 0): zero rows of x [Gc, n, rq * bq, *]."""
         grp, cp = self.grp, self.ctx.cp
+        if self.ctx.kvalid is not None:  # padding can empty any row
+            return x.nan_to_num_(0.0)
         if grp.any_full:
             return x
         if not cp.cache_masks:
@@ -405,6 +450,9 @@ def _item_forward(it: _Item, q4, dst):
     s, _ = it.scores(q4, it.kv(ctx.k, 0, slots, "k"), 0, slots)
     p = _softmax(s, ctx.scratch("p", *s.shape))
     lse = torch.logsumexp(s, dim=-1, keepdim=True) if ctx.need_lse else None
+    z = it.kept(0, slots)
+    if z is not None:
+        p = p.nan_to_num_(0.0).mul_(z)
     _mm(p, it.kv(ctx.v, 0, slots, "v"), dst, ctx.scratch)
     it.fix_empty(dst)
     return lse
@@ -421,7 +469,9 @@ def _split_forward(it: _Item, q4):
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = s.sub_(safe).exp_()
         v = it.kv(ctx.v, s0, s1, "v")
-        pv = _mm(p, v, torch.empty(*p.shape[:3], v.shape[-1], dtype=ctx.cdt), ctx.scratch)
+        z = it.kept(s0, s1)
+        pz = p if z is None else p * z
+        pv = _mm(pz, v, torch.empty(*p.shape[:3], v.shape[-1], dtype=ctx.cdt), ctx.scratch)
         if m is None:
             acc, den = pv, p.sum(dim=-1, keepdim=True)
         else:
@@ -465,11 +515,18 @@ def _backward(ctx: _Ctx, o, lse, do, dlse=None):
             else:
                 p = s.sub_(lse4).exp_()
             idx = it.flat_kidx(s0, s1)
-            p3 = p.view(-1, *p.shape[2:])
+            z = it.kept(s0, s1)
+            if z is not None:  # dropout: dV = (P Z)^T dO, dS = P (Z (dO V^T) - delta)
+                p = p.nan_to_num_(0.0)
+            pz = p if z is None else p * z
+            p3 = pz.reshape(-1, *p.shape[2:])
             dv_part = torch.bmm(p3.transpose(1, 2), _flat(do4, sc, "do"),
                                 out=sc("dv", p3.shape[0], p3.shape[2], Dv))
             dv_f.index_add_(0, idx, dv_part.view(-1, bk * Dv))
-            ds = _mm(do4, v, sc("dp", *p.shape), sc, transpose=True).sub_(dl4).mul_(p)
+            dp = _mm(do4, v, sc("dp", *p.shape), sc, transpose=True)
+            if z is not None:
+                dp.mul_(z)
+            ds = dp.sub_(dl4).mul_(p)
             if tanh is not None:
                 ds.mul_(tanh.mul_(tanh).neg_().add_(1.0))
             ds3 = ds.view(-1, *ds.shape[2:])
@@ -490,11 +547,12 @@ class _Attention(torch.autograd.Function):
     """q, k, v [B, H, N, D] -> out [B, H, Nq, Dv] in the compute dtype."""
 
     @staticmethod
-    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, content, need_lse):
+    def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, content, need_lse,
+                extra: _Extra):
         B, H, _, _ = q.shape
         HKV = k.shape[1]
         plan = cp.plan
-        qs = _to_blocks(q, cp.qtok, plan.qorder.identity, HKV, cdt)
+        qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
         kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
         vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
@@ -502,8 +560,12 @@ class _Attention(torch.autograd.Function):
             hr is not None or owner.heads is not None
             for owner, sc, hr in cp.bp.scores if sc.kind == "bias")
         crun = None if content is None else cp.run.with_content(content)
+        kvalid = None
+        if extra.key_valid is not None:  # into the plan's key order and blocks
+            kvalid = extra.key_valid[:, cp.ktok.reshape(-1)].view(B, *cp.ktok.shape)
+            kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
-                   _Scratch(cdt), crun, need_lse)
+                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p)
         o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
         fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
@@ -523,10 +585,10 @@ class _Attention(torch.autograd.Function):
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
-        do = _to_blocks(dout, cp.qtok, plan.qorder.identity, ctx.HKV, ctx.cdt)
+        do = _to_blocks(dout, cp.qpos, plan.qorder.identity, ctx.HKV, ctx.cdt)
         dl = None
         if ctx.need_lse and dlse is not None and dlse.numel():
-            dl = _to_blocks(dlse.unsqueeze(-1), cp.qtok, plan.qorder.identity, ctx.HKV,
+            dl = _to_blocks(dlse.unsqueeze(-1), cp.qpos, plan.qorder.identity, ctx.HKV,
                             ctx.cdt)
             if dl.data_ptr() == dlse.data_ptr():
                 dl = dl.clone()
@@ -539,4 +601,4 @@ class _Attention(torch.autograd.Function):
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
         dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
         dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None

@@ -51,6 +51,7 @@ class CpuPlan:
     run: RunInputs
     groups: list  # per table: [Group]
     qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
+    qpos: torch.Tensor  # [nqb, bq] the row of q each position reads (pads: 0)
     ktok: torch.Tensor  # [nkb, bk]
     qvalid: torch.Tensor  # [nqb, bq] bool
     kvalid: torch.Tensor
@@ -127,11 +128,12 @@ def _positions(order, block):
 
 def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
     qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
+    qpos = (qtok - plan.qorder.start).clamp(min=0)  # q holds the rows from `start` on
     ktok, kvalid, kinv = _positions(plan.korder, plan.block_k)
     groups = [_groups(t, plan.nqb) for t in plan.tables]
     keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
                for t in plan.tables]
-    cp = CpuPlan(bp, plan, run, groups, qtok, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, qvalid, kvalid, qinv, kinv, keyless)
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
     cp.cache_masks = (not bp.content_dependent
                       and total * plan.block_q * plan.block_k <= MASK_CACHE)

@@ -27,12 +27,22 @@ class TokenOrder:
     tile: tuple[int, ...]
     dilation: tuple[int, ...]
     perm: np.ndarray
-    identity: bool = False  # perm is arange(N): kernels skip the gathers
+    identity: bool = False  # perm is start + arange(len): the kernels skip the gathers
     tile_block: int = 0  # tokens per block this order was made for
+    start: int = 0  # the first token of a range of queries (decoding, chunked prefill)
 
     def __post_init__(self):
-        object.__setattr__(self, "identity", len(self.perm) == math.prod(self.shape) and bool(
-            (self.perm == np.arange(len(self.perm))).all()))
+        object.__setattr__(self, "identity", bool(
+            (self.perm == self.start + np.arange(len(self.perm))).all()))
+
+    @staticmethod
+    def rows(shape: tuple[int, ...], block: int, start: int = 0, count: int | None = None
+             ) -> TokenOrder:
+        """Row-major tokens start .. start + count - 1 (all by default)."""
+        count = math.prod(shape) - start if count is None else count
+        return TokenOrder(tuple(shape), (block,), (1,) * len(shape),
+                          np.arange(start, start + count, dtype=np.int64), tile_block=block,
+                          start=start)
 
     @property
     def length(self) -> int:
@@ -47,7 +57,9 @@ class TokenOrder:
 
     def describe(self) -> str:
         if self.identity:
-            return "row-major"
+            whole = self.start == 0 and self.length == math.prod(self.shape)
+            return "row-major" if whole else (
+                f"row-major, rows {self.start}..{self.start + self.length - 1}")
         t = "x".join(map(str, self.tile))
         d = "" if all(x == 1 for x in self.dilation) else (
             ", dilation groups " + "x".join(map(str, self.dilation)))

@@ -259,7 +259,7 @@ def _eval_boxes(bp, q0, k0, sub, head, run) -> np.ndarray:
 def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
     listed for those query blocks (to compare token orders cheaply)."""
-    qlev = (row_major(bp.qshape, bq) if qorder.identity
+    qlev = (row_major(bp.qshape, bq, qorder.start, qorder.length) if qorder.identity
             else bounds(padded_perm(qorder, bq), bp.qshape).pyramid())
     klev = (row_major(bp.kshape, bk) if korder.identity
             else bounds(padded_perm(korder, bk), bp.kshape).pyramid())
@@ -378,21 +378,26 @@ def default_blocks(bp: BoundPattern) -> tuple[int, int]:
 
 
 def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
-             run: RunInputs = NONE, order: str = "auto") -> Plan:
+             run: RunInputs = NONE, order: str = "auto", rows: tuple | None = None) -> Plan:
     """build_plan through the declared cache, keyed by the bound pattern, the block sizes,
-    the order and the fingerprint of the mask's run-time inputs (the router of `route` and
-    the content are not part of the mask's tables)."""
+    the order, the query rows and the fingerprint of the mask's run-time inputs (the router
+    of `route` and the content are not part of the mask's tables)."""
     if bp.route is not None:
         run = run.without(bp.route[0])
     dq, dk = default_blocks(bp)
     bq, bk = block_q or dq, block_k or dk
-    key = (bp, bq, bk, order, run.fingerprint)
-    return caches.PLANS.get_or_create(key, lambda: build_plan(bp, bq, bk, run, order))
+    if rows is not None and tuple(rows) == (0, bp.nq):
+        rows = None
+    key = (bp, bq, bk, order, rows, run.fingerprint)
+    return caches.PLANS.get_or_create(key, lambda: build_plan(bp, bq, bk, run, order, rows))
 
 
 def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None = None,
-               run: RunInputs = NONE, order: str = "auto") -> Plan:
-    """Token orders and exact block tables (one per head for per-head patterns)."""
+               run: RunInputs = NONE, order: str = "auto", rows: tuple | None = None
+               ) -> Plan:
+    """Token orders and exact block tables (one per head for per-head patterns). With rows
+    = (first, count), the tables of those queries only (row-major), so decoding one token
+    costs what that token attends, whatever the length."""
     t0 = time.perf_counter()
     run = RunInputs(run.values).cpu()  # the tables never read the content
     dq, dk = default_blocks(bp)
@@ -400,13 +405,10 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
     for b in (bq, bk):
         if b < 16 or b & (b - 1):
             raise ParameterError(f"block sizes must be powers of two >= 16, not {b}")
-    rm_q = TokenOrder(bp.qshape, (bq,), (1,) * len(bp.qshape), np.arange(bp.nq),
-                      tile_block=bq)
-    rm_k = TokenOrder(bp.kshape, (bk,), (1,) * len(bp.kshape), np.arange(bp.nk),
-                      tile_block=bk)
-    qorder, korder = rm_q, rm_k
+    qorder = TokenOrder.rows(bp.qshape, bq, *(rows or (0, None)))
+    korder = TokenOrder.rows(bp.kshape, bk)
     tried = {}
-    if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape:
+    if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape and rows is None:
         korder = choose_order(bp, bk, run, tried)
         qorder = korder if bq == bk else choose_order(bp, bq, run, tried, korder)
     elif order not in ("auto", "row-major"):

@@ -15,8 +15,11 @@ One program per (query block, batch x head) walks the block table of its query b
 rows with no key). The backward recomputes probabilities: one program per key block (dK,
 dV over the transposed table, the query heads of a GQA group summed in-program) and one per
 query block (dQ). Constexpr switches: PERM_Q / PERM_K (tiled token orders), HAS_BIAS,
-SOFTCAP, ROUTED (MoH: (query block, head) pairs whose gates are all zero skip their work)
-and SUMMARY (the keys are summary tokens: rows of K, V after pooling, `_smask` decides).
+SOFTCAP, ROUTED (MoH: (query block, head) pairs whose gates are all zero skip their work),
+SUMMARY (the keys are summary tokens: rows of K, V after pooling, `_smask` decides), HAS_PAD
+(KVALID [B, keys] marks padding keys; the tables list per batch only blocks with a real key)
+and DROPOUT (semantics/dropout.py's hash of seed, batch x head, query, key). META holds
+[first query token, dropout seed, dropout threshold, key index offset] (int64).
 
 WIDEN converts bf16 operands to fp32 after loading. Only the CPU interpreter sets it: its
 numpy-based tl.dot has no bfloat16; GPUs use bf16 tensor cores.
@@ -73,9 +76,28 @@ def _in_float(INI, INF, slot, idx):
 
 
 @triton.jit
-def _token_index(PERM, offs, N, PERM_ON: tl.constexpr):
-    """Row-major token index of each position (-1 past the end)."""
-    idx = tl.where(offs < N, offs, -1).to(tl.int64)
+def _mix(x):
+    """semantics/dropout.mix: a bijective mix of 32-bit values held in int64."""
+    x = (((x >> 16) ^ x) * 73244475) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 73244475) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _kept(META, bh, q_idx, k_idx, drop_scale):
+    """Dropout's scaled keep mask of a block (semantics/dropout.keep)."""
+    seed = tl.load(META + 1)
+    thresh = tl.load(META + 2)
+    kk = k_idx + tl.load(META + 3)  # summary rows count as keys after the direct ones
+    h = _mix(_mix(_mix((bh ^ seed) & 0xFFFFFFFF) ^ (q_idx & 0xFFFFFFFF)) ^ (kk & 0xFFFFFFFF))
+    return tl.where(h >= thresh, drop_scale, 0.0)
+
+
+@triton.jit
+def _token_index(PERM, offs, N, first, PERM_ON: tl.constexpr):
+    """Row-major token index of each position (-1 past the end); positions are tokens
+    first, first + 1, ... without a permutation."""
+    idx = tl.where(offs < N, first + offs, -1).to(tl.int64)
     if PERM_ON:
         idx = tl.load(PERM + offs, mask=offs < N, other=-1).to(tl.int64)
     return idx
@@ -103,13 +125,15 @@ def _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap, INI, INF,
 
 @triton.jit
 def _allowed(q_idx, k_idx, kin, h, bh, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW,
-             SUMMARY: tl.constexpr):
+             KVALID, kv_row, offs_n, SUMMARY: tl.constexpr, HAS_PAD: tl.constexpr):
     """The pattern's mask on a PARTIAL block (padding rows and columns excluded)."""
     if SUMMARY:
         ok = (q_idx >= 0) & kin & _smask(q_idx, k_idx, h, bh, SROW, INI, INF)  # noqa: F821
     else:
         ok = (q_idx >= 0) & (k_idx >= 0) & _mask(  # noqa: F821 (generated)
             q_idx, k_idx, h, bh, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC)
+    if HAS_PAD:  # a padding key (a summary region with no real key) is absent
+        ok = ok & (tl.load(KVALID + kv_row + offs_n[None, :], mask=kin, other=0) != 0)
     return ok
 
 
@@ -119,7 +143,7 @@ def _key_index(KPERM, offs_n, NK, PERM_K: tl.constexpr, SUMMARY: tl.constexpr):
     if SUMMARY:
         k_idx = tl.minimum(offs_n, NK - 1)[None, :].to(tl.int64)
     else:
-        k_idx = _token_index(KPERM, offs_n, NK, PERM_K)[None, :]
+        k_idx = _token_index(KPERM, offs_n, NK, 0, PERM_K)[None, :]
     return k_idx
 
 
@@ -154,32 +178,41 @@ def _key_block(IDX, j, K, V, KPERM, kv_base, NK, offs_d, D: tl.constexpr,
 
 @triton.jit
 def _grads(q, k, v, do, lse, delta, q_idx, k_idx, kin, h, bh, sm_scale, qk_scale, softcap,
-           INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, MASKED: tl.constexpr,
-           PREC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-           SUMMARY: tl.constexpr):
-    """The backward's recomputed probabilities p and score gradients ds of one block."""
+           INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, KVALID, kv_row, offs_n, META,
+           drop_scale, MASKED: tl.constexpr, PREC: tl.constexpr, HAS_BIAS: tl.constexpr,
+           SOFTCAP: tl.constexpr, SUMMARY: tl.constexpr, HAS_PAD: tl.constexpr,
+           DROPOUT: tl.constexpr):
+    """The backward's recomputed probabilities (after dropout) and score gradients of one
+    block: dV takes P Z, dS = P (Z dP - delta) with Z dropout's scaled keep mask."""
     s, tcap = _scores(q, k, q_idx, k_idx, h, sm_scale, qk_scale, softcap, INI, INF, PREC,
                       HAS_BIAS, SOFTCAP)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         msk = _allowed(q_idx, k_idx, kin[None, :], h, bh, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB,
-                       DYN_NC, SROW, SUMMARY)
+                       DYN_NC, SROW, KVALID, kv_row, offs_n, SUMMARY, HAS_PAD)
         p = tl.where(msk, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    pz = p
+    if DROPOUT:
+        z = _kept(META, bh, q_idx, k_idx, drop_scale)
+        pz = p * z
+        dp = dp * z
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - tcap * tcap)
-    return p, ds
+    return pz, ds
 
 
 @triton.jit
 def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
              sm_scale, qk_scale, softcap, H, HKV, NQ, NK, NQB, NKB, NKX,
-             INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW, OUT, LSE,
+             INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW, KVALID, META,
+             drop_scale, OUT, LSE,
              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
              PERM_Q: tl.constexpr, PERM_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-             SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr):
+             SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr,
+             HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -189,7 +222,7 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
     offs_d = tl.arange(0, BLOCK_D)
     kv_base = (b * HKV + h // (H // HKV)) * NKX * D
     q = _load_rows(Q, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
-    q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
+    q_idx = _token_index(QPERM, offs_m, NQ, tl.load(META), PERM_Q)[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -210,13 +243,16 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
                               PREC, HAS_BIAS, SOFTCAP)
             if masked == 0:
                 msk = _allowed(q_idx, k_idx, (offs_n < NK)[None, :], h, bh, INI, INF,
-                               DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, SUMMARY)
+                               DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, SROW, KVALID, b * NKX,
+                               offs_n, SUMMARY, HAS_PAD)
                 s = tl.where(msk, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:
+                p = p * _kept(META, bh, q_idx, k_idx, drop_scale)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
     has = l_i > 0
@@ -231,12 +267,13 @@ def attn_fwd(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb,
                   tab_sh, sm_scale, qk_scale, softcap, H, HKV, NQ, NK, NQB, NKB, NKX,
-                  INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW,
-                  DO, LSE, DELTA, DK, DV, TPART_OFF, TPART_IDX, TFULL_OFF, TFULL_IDX,
+                  INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW, KVALID, META,
+                  drop_scale, DO, LSE, DELTA, DK, DV, TPART_OFF, TPART_IDX, TFULL_OFF, TFULL_IDX,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
                   PERM_Q: tl.constexpr, PERM_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr):
+                  SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr,
+             HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr):
     n_blk = tl.program_id(0)
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
@@ -272,11 +309,12 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
                     do = _load_rows(DO, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
                     lse = tl.load(LSE + bh * NQ + offs_m, mask=offs_m < NQ, other=float("inf"))
                     delta = tl.load(DELTA + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0)
-                    q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
+                    q_idx = _token_index(QPERM, offs_m, NQ, tl.load(META), PERM_Q)[:, None]
                     p, ds = _grads(q, k, v, do, lse, delta, q_idx, k_idx, kin, h, bh,
                                    sm_scale, qk_scale, softcap, INI, INF, DYN_KEEP, DYN_CHUNK,
-                                   DYN_NB, DYN_NC, SROW, masked == 0, PREC, HAS_BIAS, SOFTCAP,
-                                   SUMMARY)
+                                   DYN_NB, DYN_NC, SROW, KVALID, b * NKX, offs_n, META,
+                                   drop_scale, masked == 0, PREC, HAS_BIAS, SOFTCAP, SUMMARY,
+                                   HAS_PAD, DROPOUT)
                     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
                     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * sm_scale
@@ -289,12 +327,13 @@ def attn_bwd_dkdv(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX,
 @triton.jit
 def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, tab_sb, tab_sh,
                 sm_scale, qk_scale, softcap, H, HKV, NQ, NK, NQB, NKB, NKX,
-                INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW,
-                DO, LSE, DELTA, DQ,
+                INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC, ROUTE, SROW, KVALID, META,
+                drop_scale, DO, LSE, DELTA, DQ,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, PREC: tl.constexpr, WIDEN: tl.constexpr,
                 PERM_Q: tl.constexpr, PERM_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr):
+                SOFTCAP: tl.constexpr, ROUTED: tl.constexpr, SUMMARY: tl.constexpr,
+             HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -308,7 +347,7 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
     do = _load_rows(DO, bh * NQ * D, offs_m, NQ, offs_d, D, WIDEN)
     lse = tl.load(LSE + bh * NQ + offs_m, mask=qin, other=float("inf"))
     delta = tl.load(DELTA + bh * NQ + offs_m, mask=qin, other=0.0)
-    q_idx = _token_index(QPERM, offs_m, NQ, PERM_Q)[:, None]
+    q_idx = _token_index(QPERM, offs_m, NQ, tl.load(META), PERM_Q)[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for masked in tl.static_range(2):
         if masked == 0:
@@ -325,7 +364,8 @@ def attn_bwd_dq(Q, K, V, QPERM, KPERM, PART_OFF, PART_IDX, FULL_OFF, FULL_IDX, t
                                              BLOCK_N, WIDEN, PERM_K, SUMMARY)
             p, ds = _grads(q, k, v, do, lse, delta, q_idx, k_idx, offs_n < NK, h, bh, sm_scale,
                            qk_scale, softcap, INI, INF, DYN_KEEP, DYN_CHUNK, DYN_NB, DYN_NC,
-                           SROW, masked == 0, PREC, HAS_BIAS, SOFTCAP, SUMMARY)
+                           SROW, KVALID, b * NKX, offs_n, META, drop_scale, masked == 0,
+                           PREC, HAS_BIAS, SOFTCAP, SUMMARY, HAS_PAD, DROPOUT)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + bh * NQ * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=qin[:, None] & (offs_d < D)[None, :])

@@ -28,6 +28,7 @@ from attndsl.codegen.plan.tables import Plan, plan_for
 from attndsl.codegen.triton.generate import dynamic_config, module_source
 from attndsl.errors import InputError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.dropout import threshold as dropout_threshold
 from attndsl.semantics.dynamic import keep_chunks
 from attndsl.semantics.inputs import RunInputs
 
@@ -192,9 +193,10 @@ def pack_inputs(kern: Kernel, run: RunInputs, device) -> tuple[torch.Tensor, tor
 # tabs: the tensors of one launch, in this order
 TABS = ("qperm", "kperm", "part_off", "part_idx", "full_off", "full_idx", "tpart_off",
         "tpart_idx", "tfull_off", "tfull_idx", "ini", "inf", "dyn_keep", "dyn_chunk", "route",
-        "srow")
+        "srow", "kvalid", "meta")
 # ints: tab_sb, tab_sh, NK, NQB, NKB, DYN_NB, DYN_NC, BLOCK_M, BLOCK_N, PERM_Q, PERM_K,
-# HAS_BIAS, SOFTCAP, ROUTED, SUMMARY; floats: sm_scale, softcap
+# HAS_BIAS, SOFTCAP, ROUTED, SUMMARY, HAS_PAD, DROPOUT; floats: sm_scale, softcap,
+# drop_scale. meta (int64): first query token, dropout seed, threshold, key index offset.
 
 
 def _meta(q, ints) -> dict:
@@ -204,16 +206,17 @@ def _meta(q, ints) -> dict:
                 PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 WIDEN=q.dtype == torch.bfloat16 and not q.is_cuda,
                 PERM_Q=bool(ints[9]), PERM_K=bool(ints[10]), HAS_BIAS=bool(ints[11]),
-                SOFTCAP=bool(ints[12]), ROUTED=bool(ints[13]), SUMMARY=bool(ints[14]))
+                SOFTCAP=bool(ints[12]), ROUTED=bool(ints[13]), SUMMARY=bool(ints[14]),
+                HAS_PAD=bool(ints[15]), DROPOUT=bool(ints[16]))
 
 
 def _common(q, k, v, tabs, ints, floats) -> list:
     H, HKV = q.shape[1], k.shape[1]
-    sm_scale, softcap = floats
+    sm_scale, softcap, drop_scale = floats
     return [q, k, v, tabs[0], tabs[1], tabs[2], tabs[3], tabs[4], tabs[5], ints[0], ints[1],
             sm_scale, sm_scale / LN2, softcap, H, HKV, q.shape[2], ints[2], ints[3], ints[4],
             k.shape[2], tabs[10], tabs[11], tabs[12], tabs[13], ints[5], ints[6], tabs[14],
-            tabs[15]]
+            tabs[15], tabs[16], tabs[17], drop_scale]
 
 
 def forward(mod, q, k, v, tabs, ints, floats):
@@ -320,17 +323,18 @@ class Triton:
     def _plan(self, call) -> Plan:
         bp = call.bp
         run = call.run if bp.route is None else call.run.without(bp.route[0])
-        if self.fixed is not None and self.fixed.run.fingerprint == run.fingerprint:
+        if (self.fixed is not None and not call.partial
+                and self.fixed.run.fingerprint == run.fingerprint):
             return self.fixed
-        return plan_for(bp, call.block_q, call.block_k, run)
+        return plan_for(bp, call.block_q, call.block_k, run, rows=call.rows)
 
     def direct(self, call):
         return self._launch(call, call.k, call.v, summary=False)
 
     def summary(self, call, ks, vs, att):
-        return self._launch(call, ks, vs, summary=True)
+        return self._launch(call, ks, vs, summary=True, att=att)
 
-    def _launch(self, call, k, v, summary: bool):
+    def _launch(self, call, k, v, summary: bool, att=None):
         """Permute into the kernels' token order, run the custom op, permute back; the
         log-sum-exp comes back in natural units (-inf: no key)."""
         bp = call.bp
@@ -339,7 +343,7 @@ class Triton:
         q = call.q
         dev = q.device
         t = device_tables(plan, dev)
-        H = q.shape[1]
+        B, H = q.shape[0], q.shape[1]
         ini, inf = pack_inputs(kern, call.run, dev)
         perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
         if perm_q:
@@ -353,6 +357,8 @@ class Triton:
         dyn_keep = dyn_chunk = torch.zeros(1, dtype=torch.int32, device=dev)
         nb = nc = 1
         sb, sh = 0, (1 if len(plan.tables) > 1 else 0)
+        kvalid = torch.zeros(1, dtype=torch.int8, device=dev)
+        pad = call.key_valid is not None
         if summary:
             sp = plan.summary
             nk, nkb = sp.nr, plan.nsb
@@ -364,6 +370,13 @@ class Triton:
             v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, pad))
             tables = (t["spart"], t["sfull"], t["tspart"], t["tsfull"])
             srow = t["srow"]
+            if pad:  # regions left without a real key (the driver dropped them from att)
+                rows_valid = att.expand(B, *att.shape[1:]).any(1).any(1)  # [B, R]
+                kvalid = torch.nn.functional.pad(rows_valid.to(torch.int8),
+                                                 (0, k.shape[2] - rows_valid.shape[1]))
+                tables = _padded_tables(plan, dict(zip(("part", "full", "tpart", "tfull"),
+                                                       tables)), kvalid, plan.nsb)
+                sb, sh = len(plan.tables), (1 if len(plan.tables) > 1 else 0)
         else:
             nk, nkb = plan.korder.length, plan.nkb
             if perm_k:
@@ -371,15 +384,30 @@ class Triton:
                 k, v = k.index_select(2, idx), v.index_select(2, idx)
             tables = (t["part"], t["full"], t["tpart"], t["tfull"])
             srow = torch.zeros(1, dtype=torch.int64, device=dev)
+            if pad:  # padding keys in the kernels' key order; per-batch tables
+                kv = call.key_valid
+                if perm_k:
+                    kv = kv.index_select(1, t["kperm"].clamp(min=0).long())
+                kvalid = kv.to(torch.int8).contiguous()
             if kern.dynamic is not None:
-                tables, dyn_keep, dyn_chunk, nb, nc = _dynamic_tables(kern, plan, t, call)
+                tables, dyn_keep, dyn_chunk, nb, nc = _dynamic_tables(kern, plan, t, call,
+                                                                      kvalid if pad else None)
                 sb, sh = H, 1
+            elif pad:
+                tables = _padded_tables(plan, t, kvalid, plan.nkb)
+                sb, sh = len(plan.tables), (1 if len(plan.tables) > 1 else 0)
+        drop = bool(call.dropout_p)
+        meta = torch.tensor([plan.qorder.start, call.seed if drop else 0,
+                             dropout_threshold(call.dropout_p) if drop else 0,
+                             call.k.shape[2] if summary else 0], dtype=torch.int64, device=dev)
         tabs = [t["qperm"], t["kperm"], *tables[0], *tables[1], *tables[2], *tables[3], ini,
-                inf, dyn_keep, dyn_chunk, route.reshape(-1).contiguous(), srow]
+                inf, dyn_keep, dyn_chunk, route.reshape(-1).contiguous(), srow, kvalid, meta]
         ints = [sb, sh, nk, plan.nqb, nkb, nb, nc, plan.block_q, plan.block_k, int(perm_q),
                 int(perm_k and not summary), int(kern.has_bias and not summary),
-                int(kern.softcap is not None), int(call.gates is not None), int(summary)]
-        floats = [float(call.scale), float(kern.softcap or 1.0)]
+                int(kern.softcap is not None), int(call.gates is not None), int(summary),
+                int(pad), int(drop)]
+        floats = [float(call.scale), float(kern.softcap or 1.0),
+                  1.0 / (1.0 - call.dropout_p) if drop else 1.0]
         o, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), tabs, ints, floats,
                          kern.path)
         if perm_q:
@@ -389,7 +417,60 @@ class Triton:
         return o, lse
 
 
-def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call):
+def _entries(tab, h: int, rows: int):
+    """(row, column) of every entry of head table h of concatenated CSR tables."""
+    off, idx = tab
+    o = off[h * (rows + 1):(h + 1) * (rows + 1)].long()
+    r = torch.repeat_interleave(torch.arange(rows, device=o.device), torch.diff(o))
+    return r, idx[o[0]:o[0] + r.numel()].long()
+
+
+def _csr(g: torch.Tensor, r: torch.Tensor, c: torch.Tensor, tables: int, rows: int):
+    """CSR tables from entries (table g, row r, column c): offsets [tables * (rows + 1)],
+    table after table, and the columns, increasing within each row."""
+    order = torch.argsort((g * rows + r) * (int(c.max()) + 1 if c.numel() else 1) + c)
+    counts = torch.bincount(g * rows + r, minlength=tables * rows) if g.numel() else (
+        torch.zeros(tables * rows, dtype=torch.int64, device=g.device))
+    ends = torch.cumsum(counts, 0)
+    off = torch.empty(tables, rows + 1, dtype=torch.int64, device=g.device)
+    off[:, :rows] = (ends - counts).view(tables, rows)  # where each row starts
+    off[:, rows] = ends.view(tables, rows)[:, -1]  # where each table ends
+    idx = c[order].to(torch.int32)
+    if idx.numel() == 0:
+        idx = torch.zeros(1, dtype=torch.int32, device=g.device)
+    return off.reshape(-1).to(torch.int32), idx.contiguous()
+
+
+def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
+    """Tables per (batch, head table) for padded keys, g = batch * head tables + table: a
+    key block with no real key is dropped; a FULL block holding padding becomes PARTIAL
+    (the kernels' mask reads KVALID there)."""
+    B, nt = kvalid.shape[0], len(plan.tables)
+    blocks = torch.nn.functional.pad(kvalid != 0, (0, nkb * plan.block_k
+                                                   - kvalid.shape[1])).view(B, nkb, -1)
+    state = blocks.any(-1).long() + blocks.all(-1).long()  # 0: no real key, 2: no padding
+    out = []
+    for names, rows, by_row in ((("part", "full"), plan.nqb, False),
+                                (("tpart", "tfull"), nkb, True)):
+        part, full = [[], [], []], [[], [], []]
+        for h in range(nt):
+            for name, is_full in ((names[0], False), (names[1], True)):
+                r, c = _entries(t[name], h, rows)
+                s = state[:, r if by_row else c]  # [B, nnz]
+                for b in range(B):
+                    keep_full = (s[b] == 2) if is_full else torch.zeros_like(
+                        s[b], dtype=torch.bool)
+                    keep_part = (s[b] > 0) & ~keep_full
+                    for dst, keep in ((part, keep_part), (full, keep_full)):
+                        dst[0].append(torch.full_like(r[keep], b * nt + h))
+                        dst[1].append(r[keep])
+                        dst[2].append(c[keep])
+        for dst in (part, full):
+            out.append(_csr(*(torch.cat(x) for x in dst), B * nt, rows))
+    return tuple(out)
+
+
+def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
     """DHSA on the device: the chunk selection (semantics/dynamic.py), then per (batch, head)
     block tables: the static superset's pairs whose query rows meet a DHSA block that kept a
     chunk overlapping the key block."""
@@ -410,6 +491,9 @@ def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call):
         cmap[chunk_of[cols], cols // plan.block_k] = 1.0
         sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
         sel &= t["dense"]
+        if kvalid is not None:  # key blocks without a real key are dropped
+            pad = torch.nn.functional.pad(kvalid, (0, plan.nkb * plan.block_k - n)) != 0
+            sel &= pad.view(B, 1, 1, plan.nkb, plan.block_k).any(-1)
         part = _csr_rows(sel)
         tpart = _csr_rows(sel.transpose(-1, -2))
         g = B * H
