@@ -319,12 +319,21 @@ class Op:
             out["parts"] = parts
             return out
         from attndsl.codegen.plan.tables import plan_stats
-        return plan_stats(self._part(bp).plan(**inputs))
+        from attndsl.codegen.triton.generate import kernel_sizes
+        return {**plan_stats(self._part(bp).plan(**inputs)), "kernel_sizes": kernel_sizes(bp)}
 
     @staticmethod
     def cache_info() -> dict:
-        """Every cache of attndsl: size, bound, hits and misses (attndsl/caches.py)."""
-        return caches.info()
+        """The caches ops share (attndsl/caches.py): plans (block tables per bound pattern,
+        block sizes, rows and run-time inputs) and kernels (imported modules; one serves every
+        size of a pattern whose kernels read their sizes at run time) with their bounds, all
+        hits and misses, and every cache under "caches"."""
+        every = caches.info()
+        return {"plans": len(caches.PLANS), "max_plans": caches.PLANS.maxsize,
+                "kernels": len(caches.KERNEL_MODULES),
+                "max_kernels": caches.KERNEL_MODULES.maxsize,
+                "hits": sum(c["hits"] for c in every.values()),
+                "misses": sum(c["misses"] for c in every.values()), "caches": every}
 
     # -- attention
     def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
@@ -462,7 +471,13 @@ def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   lengths: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
                   queries: torch.Tensor | None, dout: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.enable_grad():
+    # a custom op runs below autograd: record this recomputation's graph all the same
+    exclude = torch._C._dispatch_tls_local_exclude_set() - torch._C.DispatchKeySet(
+        torch._C.DispatchKey.AutogradCPU) - torch._C.DispatchKeySet(
+        torch._C.DispatchKey.AutogradCUDA) - torch._C.DispatchKeySet(
+        torch._C.DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                         exclude), torch.enable_grad():
         xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
         out = _eager(*xs, inputs, names, key, backend, scale, q_start, kpm, lengths,
                      dropout_p, seed, queries)

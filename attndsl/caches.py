@@ -40,6 +40,9 @@ class LRU:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key) -> bool:
+        return key in self._data
+
     def get(self, key: Hashable, default=None):
         with self._lock:
             return self._hit(key, default)

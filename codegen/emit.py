@@ -57,16 +57,33 @@ class Arr:
     scalar: bool = False
 
 
-def input_layout(bp: BoundPattern) -> dict[str, Arr]:
-    """The run-time inputs a compiled mask or bias reads, with their slots: every input the
+def input_layout(bp: BoundPattern, sizes: tuple[str, ...] = ()) -> dict[str, Arr]:
+    """The run-time values a compiled mask or bias reads, with their slots: every input the
     pattern (and what it includes) declares, but the router of `route`, which gates outputs
-    and never reaches a kernel."""
+    and never reaches a kernel; then the size parameters `sizes` (scalars) of a kernel that
+    serves every size."""
     out: dict[str, Arr] = {}
     for owner in bp.owners():
         for name, spec in owner.inputs.items():
             if (bp.route is not None and name == bp.route[0]) or name in out:
                 continue
             out[name] = Arr(name, len(out), spec.kind, not spec.dims)
+    for name in sizes:
+        out[name] = Arr(name, len(out), "int", True)
+    return out
+
+
+class NeedsSizes(Exception):
+    """The pattern cannot be compiled with its sizes left to run time (a pattern called
+    with size-dependent arguments, an included pattern): generate one kernel per size."""
+
+
+def size_dependent(bp: BoundPattern, sizes) -> set[str]:
+    """The size parameters and the static lets whose values depend on them."""
+    out = set(sizes)
+    for let in bp.checked.lets:
+        if let.value.ty.static and any(n.id in out for n in names(let.value)):
+            out.add(let.name)
     return out
 
 
@@ -146,10 +163,14 @@ def prune(lines: list[str], results: list[str]) -> list[str]:
 class Emitter:
     """Emits the attend predicate (and bias terms) of a bound pattern as code lines."""
 
-    def __init__(self, bp: BoundPattern, dialect: Dialect, inputs: dict[str, Arr]):
+    def __init__(self, bp: BoundPattern, dialect: Dialect, inputs: dict[str, Arr],
+                 sizes: tuple[str, ...] = ()):
         self.bp = bp
         self.d = dialect
         self.inputs = inputs  # run-time input name -> Arr (see input_layout)
+        self.sizes = tuple(sizes)  # size parameters read at run time (inputs holds their slots)
+        if sizes and bp.owners() != [bp]:
+            raise NeedsSizes("included patterns")
         self.lines: list[str] = []
         self.n = 0
         self.memo: dict = {}
@@ -163,15 +184,36 @@ class Emitter:
         return Code(name, kind)
 
     def token(self, index: str, shape, axes) -> Tok:
+        """A token from its flat index; `shape` holds ints, or code for sizes read at run
+        time."""
         idx = Code(index, "int")
         pos = []
         rem = index
         for i, size in enumerate(reversed(shape)):
             last = i == len(shape) - 1
-            c = rem if last else f"({rem}) % {size}"
+            c = rem if last else f"({rem}) % ({self.text(size)})"
             pos.append(self.fresh(c, "int") if not last or len(shape) > 1 else idx)
-            rem = f"({rem}) // {size}"
+            rem = f"({rem}) // ({self.text(size)})"
         return Tok(idx, tuple(reversed(pos)), tuple(shape), tuple(axes))
+
+    def space_shape(self, space) -> tuple:
+        """A space's sizes: ints, or code where they depend on sizes read at run time."""
+        if not self.sizes:
+            return self.bp.qshape if space is self.bp.checked.qspace else self.bp.kshape
+        sc = _Scope(self.bp, {}, self.dependent)
+        return tuple(self.expr(s, sc, {}) for s in space.sizes)
+
+    def summary_sizes(self, bs) -> tuple:
+        """A summary's axis sizes: ints, or code where they depend on sizes read at run
+        time."""
+        sc = _Scope(bs.owner, {}, self.dependent)
+        return tuple(self.expr(ax.size, sc, {}) for ax in bs.summary.axes)
+
+    @property
+    def dependent(self) -> set[str]:
+        if not hasattr(self, "_dependent"):
+            self._dependent = size_dependent(self.bp, self.sizes)
+        return self._dependent
 
     def lit(self, v) -> str:
         if isinstance(v, bool):
@@ -203,7 +245,7 @@ class Emitter:
         scopes: dict = {}
 
         def value(owner, rule):
-            sc = scopes.setdefault(id(owner), _Scope(owner, ctx))
+            sc = scopes.setdefault(id(owner), _Scope(owner, ctx, self.dependent))
             return self.bool_text(self.expr(rule.expr, sc, {}))
 
         out = rules.combine(self.bp.rules, value, _CodeDomain(self, ctx))
@@ -211,14 +253,15 @@ class Emitter:
 
     def summary_predicate(self, bs, ctx: dict) -> str:
         """One summary's attend rule for the query and region in ctx."""
-        return self.bool_text(self.expr(bs.summary.attend, _Scope(bs.owner, ctx), {}))
+        return self.bool_text(self.expr(bs.summary.attend,
+                                        _Scope(bs.owner, ctx, self.dependent), {}))
 
     def bias(self, ctx: dict) -> str | None:
         """The sum of bias terms (float), or None when the pattern has none."""
         terms = []
         envs = {}
         for own, sc, hr in self.bp.biases:
-            sub = envs.setdefault(id(own), _Scope(own, ctx))
+            sub = envs.setdefault(id(own), _Scope(own, ctx, self.dependent))
             v = self.expr(sc.expr, sub, {})
             t = self.d.TO_FLOAT.format(self.text(v))
             if hr is not None:
@@ -260,8 +303,13 @@ class Emitter:
             if arr.scalar:
                 return self.fresh(self.d.scalar(arr), arr.kind)
             return arr
-        if e.id in sc.owner.env:
-            return sc.owner.env[e.id]
+        if e.ref == "param" and e.id in self.sizes:
+            key = ("size", e.id)
+            if key not in self.memo:
+                self.memo[key] = self.fresh(self.d.scalar(self.inputs[e.id]), "int")
+            return self.memo[key]
+        if e.id in sc.env:
+            return sc.env[e.id]
         if e.id in sc.lazy:
             key = (id(sc.owner), e.id)
             if key not in self.memo:
@@ -416,6 +464,11 @@ class Emitter:
             return base.coords[e.name]
         if not isinstance(base, Tok):
             raise UnsupportedError(f"'.{e.name}' cannot be compiled here", e.span)
+        if e.name == "size" and any(isinstance(s, Code) for s in base.shape):
+            out = base.shape[0]
+            for s in base.shape[1:]:
+                out = self.binop("*", out, s, e.span)
+            return out
         return token_field(base, e.name)
 
     def e_Call(self, e, sc, local):
@@ -441,6 +494,8 @@ class Emitter:
         for name in ("block", "chunk", "topk"):
             v = self.expr(args[name], sc, local)
             if not isinstance(v, int):
+                if self.sizes:
+                    raise NeedsSizes("chunk_topk")
                 raise UnsupportedError(f"chunk_topk's '{name}' must be static to compile")
             conf[name] = v
         starts = args.get("starts")
@@ -459,6 +514,8 @@ class Emitter:
         def value(a):
             v = self.expr(a, sc, local)
             if isinstance(v, Code | Tok):
+                if self.sizes:
+                    raise NeedsSizes("a pattern called with size-dependent arguments")
                 raise UnsupportedError(f"pattern '{e.func}' is called with run-time arguments",
                                        e.span)
             return v
@@ -598,13 +655,17 @@ BUILTIN_IMPLS = {
 
 
 class _Scope:
-    """One owner pattern's values while emitting its rules."""
+    """One owner pattern's values while emitting its rules; the names in `dynamic` (sizes
+    read at run time and what depends on them) are emitted as code, never folded."""
 
-    def __init__(self, owner: BoundPattern, ctx: dict):
+    def __init__(self, owner: BoundPattern, ctx: dict, dynamic=frozenset()):
         self.owner = owner
         self.ctx = ctx
-        self.lazy = owner.lazy_lets
-        self.ev = Evaluator(dict(owner.env), {})
+        self.env = {n: v for n, v in owner.env.items() if n not in dynamic}
+        self.lazy = dict(owner.lazy_lets)
+        self.lazy.update({let.name: let.value for let in owner.checked.lets
+                          if let.name in dynamic})
+        self.ev = Evaluator(dict(self.env), {})
 
     def static(self, e):
         """The value of a static expression, or None where only code can say (q.shape and

@@ -103,5 +103,8 @@ def test_two_threads_with_different_inputs_get_their_own_results():
 
 def test_cache_info_reports_every_cache():
     info = attndsl.Op.cache_info()
-    assert set(info) == {c.name for c in caches.CACHES}
-    assert all({"size", "maxsize", "hits", "misses"} <= set(v) for v in info.values())
+    assert {"plans", "max_plans", "kernels", "max_kernels", "hits", "misses"} <= set(info)
+    assert info["plans"] <= info["max_plans"] and info["kernels"] <= info["max_kernels"]
+    assert set(info["caches"]) == {c.name for c in caches.CACHES}
+    assert all({"size", "maxsize", "hits", "misses"} <= set(v)
+               for v in info["caches"].values())

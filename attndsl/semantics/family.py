@@ -39,6 +39,15 @@ def _space_params(checked: ir.CheckedPattern, which: str) -> tuple[str | None, .
     return None
 
 
+def size_params(checked: ir.CheckedPattern) -> tuple[str, ...]:
+    """The parameters that alone give a size of the query or key space."""
+    out = []
+    for axes in (_space_params(checked, "qspace") or (), _space_params(checked, "kspace")
+                 or ()):
+        out += [n for n in axes if n is not None and n not in out]
+    return tuple(out)
+
+
 @dataclass(frozen=True, eq=False)
 class Family:
     """A checked pattern and the parameter values given; the size parameters not given are

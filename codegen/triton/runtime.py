@@ -67,11 +67,17 @@ def module_at(path: str):
         return caches.KERNEL_MODULES.get_or_create(path, load)
 
 
+def source_path(source: str) -> str:
+    """Where the on-disk cache keeps a module's source (named by its content hash)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    return os.path.join(cache_dir(), f"attndsl_{digest}.py")
+
+
 def load_source(source: str, name_hint: str = "kernel"):
     """Import generated source through the on-disk cache; identical source, one module."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir(), f"attndsl_{digest}.py")
-    if caches.KERNEL_MODULES.get(path) is None:
+    path = source_path(source)
+    digest = os.path.basename(path)[8:-3]
+    if path not in caches.KERNEL_MODULES:
         if os.environ.get("ATTNDSL_DEBUG", "") not in ("", "0"):
             print(f"# ---- attndsl generated source ({name_hint}, {digest}) ----\n{source}",
                   file=sys.stderr)
@@ -95,22 +101,24 @@ class Kernel:
     has_bias: bool
     softcap: float | None
     dynamic: dict | None  # chunk_topk's configuration (content-dependent patterns)
+    sizes: tuple = ()  # size parameters the module reads at run time (one module, every size)
 
 
 def kernel_for(bp: BoundPattern, module=None) -> Kernel:
     """The kernels of a bound pattern: generated and imported through the cache, or an
-    exported module's own."""
+    exported module's own. A module that reads its sizes at run time (KERNEL_SIZES) serves
+    every size of a pattern: the cache keys it by its file."""
+    source = module_source(bp) if module is None else None
+    path = source_path(source) if module is None else module.__file__
+
     def build():
-        nonlocal module
-        if module is None:
-            source = module_source(bp)
-            module = load_source(source, bp.name)
-        else:
-            with open(module.__file__) as f:
-                source = f.read()
-        return Kernel(source, module.__file__, module, input_layout(bp), bool(bp.biases),
-                      bp.softcap, dynamic_config(bp))
-    return caches.KERNELS.get_or_create((bp, module), build)
+        mod = module if module is not None else load_source(source, bp.name)
+        with open(mod.__file__) as f:
+            text = f.read()
+        sizes = tuple(getattr(mod, "KERNEL_SIZES", ()))
+        return Kernel(text, mod.__file__, mod, input_layout(bp, sizes), bool(bp.biases),
+                      bp.softcap, dynamic_config(bp), sizes)
+    return caches.KERNELS.get_or_create(path, build)
 
 
 # ------------------------------------------------------------------ tables on the device
@@ -160,15 +168,17 @@ def device_tables(plan: Plan, device) -> dict:
     return caches.DEVICE_TABLES.get_or_create((plan, str(device)), build)
 
 
-def pack_inputs(kern: Kernel, run: RunInputs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The run-time inputs as the kernels read them (kernels.py: _in_int / _in_float): INI
-    holds (offset, length) per input, then the int data; INF the float data."""
+def pack_inputs(kern: Kernel, run: RunInputs, device, values=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run-time inputs (and the sizes of a module that reads them at run time) as the
+    kernels read them (kernels.py: _in_int / _in_float): INI holds (offset, length) per
+    input, then the int data; INF the float data."""
     n = len(kern.layout)
     head = [0] * (2 * n)
     ints, floats = [], []
     ipos, fpos = 2 * n, 0
     for name, arr in kern.layout.items():
-        v = run.values.get(name)
+        v = values[name] if name in kern.sizes else run.values.get(name)
         if v is None:  # an absent optional input: the kernels never read it
             v = torch.zeros(1)
         flat = torch.as_tensor(v, device=device).reshape(-1)
@@ -344,7 +354,7 @@ class Triton:
         dev = q.device
         t = device_tables(plan, dev)
         B, H = q.shape[0], q.shape[1]
-        ini, inf = pack_inputs(kern, call.run, dev)
+        ini, inf = pack_inputs(kern, call.run, dev, bp.values)
         perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
         if perm_q:
             q = q.index_select(2, t["qperm"].clamp(min=0).long())
