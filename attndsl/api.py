@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -32,31 +33,41 @@ from attndsl.semantics.masks import dense_mask, summary_masks
 BACKENDS = ("reference", "triton", "cpu", "auto")
 
 
-def load(source: str | os.PathLike) -> ir.Module:
-    """Parse a file path (or .attn source text) and its imports into a module."""
-    loader = Loader()
+def load(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
+         ) -> ir.Module:
+    """Parse a file (a path object, or a str ending in '.attn') or .attn source text, and its
+    imports, into a module. Imports may read the named file's folder (the working directory
+    for text), the standard library and the folders in `import_roots` (docs/language.md,
+    "Imports")."""
     if not isinstance(source, str | os.PathLike):
         raise ImportFailure("expected .attn source text or a file path, not "
                             f"{type(source).__name__}")
-    # a path names an .attn file (or an existing one); anything else is source text
-    text_like = isinstance(source, str) and (
-        "\n" in source or "{" in source or "(" in source) and not source.endswith(".attn")
-    if not text_like:
+    if isinstance(import_roots, str | os.PathLike):
+        import_roots = (import_roots,)
+    loader = Loader(import_roots)
+    # a str names a file only when it ends in '.attn': any other str is source text, so
+    # text from a user is never taken for the name of some other file on the disk
+    if not isinstance(source, str) or ("\n" not in source and source.endswith(".attn")):
         path = resolve_path(source)
         if path is None:
-            raise ImportFailure(f"no such .attn file: '{source}'")
+            shown = str(source) if len(str(source)) <= 200 else str(source)[:197] + "..."
+            raise ImportFailure(f"no such .attn file: '{shown}'")
         return loader.load_file(path)
     return loader.load_text(source, "<string>")
 
 
-def check(source: str | os.PathLike) -> dict[str, ir.CheckedPattern]:
+def check(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
+          ) -> dict[str, ir.CheckedPattern]:
     """Parse and type-check every pattern and function of a file; raise all errors at once."""
-    return check_module(load(source))
+    return check_module(load(source, import_roots=import_roots))
 
 
-def compile(source: str | os.PathLike, pattern: str | None = None, **params) -> Op:  # noqa: A001
-    """Compile one pattern of a file (or source text) with the given parameter values."""
-    module = load(source)
+def compile(source: str | os.PathLike, /, pattern: str | None = None, *,  # noqa: A001
+            import_roots: Iterable[str | os.PathLike] = (), **params) -> Op:
+    """Compile one pattern of a file (or source text) with the given parameter values.
+    (`source` is positional-only, so a parameter may be called 'source'; no parameter may
+    be called 'import_roots', see lang/statements.py.)"""
+    module = load(source, import_roots=import_roots)
     pats = module.patterns()
     if pattern is None:
         if not pats:
