@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-
 SHOWN_WIDTH = 160  # columns of a source line an error quotes
 
 

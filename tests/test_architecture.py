@@ -103,8 +103,8 @@ def test_no_private_names_imported_from_other_modules():
                                    emit.BUILTIN_IMPLS, formulas.BUILTIN_IMPLS],
                          ids=["evaluate", "intervals", "emit", "formulas"])
 def test_every_builtin_in_every_interpreter_table(table):
-    assert set(table) == set(BUILTINS), (
-        f"missing: {sorted(set(BUILTINS) - set(table))}, extra: {sorted(set(table) - set(BUILTINS))}")
+    missing, extra = sorted(set(BUILTINS) - set(table)), sorted(set(table) - set(BUILTINS))
+    assert not missing and not extra, f"missing: {missing}, extra: {extra}"
 
 
 def test_every_cache_is_declared_in_caches():

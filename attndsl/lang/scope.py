@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from attndsl.lang.ir import Type
 
+# Expression nodes of one pattern with every call of a function or pattern, every include
+# and every constant expanded: what binding, masks, analyses and kernels walk. Checking
+# shares each function body among its call sites, so a program can name far more; beyond
+# this it is an error rather than a wait.
+EXPANSION_LIMIT = 20_000
 ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades
 CONTEXT = ("q", "k", "h")
 SPACE_KINDS = {"seq": ("i",), "grid": ("y", "x"), "volume": ("t", "y", "x"), "channels": ("c",)}

@@ -142,9 +142,12 @@ class Evaluator:
                     self.guard = saved
             return self.memo[e.id]
         if e.value is not None:  # a constant: its typed definition, evaluated once here
-            if e.id not in self.consts:
-                self.consts[e.id] = Evaluator({}, {}).eval(e.value)
-            return self.consts[e.id]
+            key = (e.ref, e.id)  # constants of two files may share a name
+            if key not in self.consts:
+                sub = Evaluator({}, {})
+                sub.consts = self.consts  # and the constants it names, once too
+                self.consts[key] = sub.eval(e.value)
+            return self.consts[key]
         raise EvaluationError(f"'{e.id}' has no value here", e.span)
 
     def _guarded(self, e, local, mask):
