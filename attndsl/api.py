@@ -271,7 +271,7 @@ class Op:
         return caches.info()
 
     # -- attention
-    def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
+    def __call__(self, q, k, v, /, *, backend: str = "auto", scale: float | None = None,
                  **inputs) -> torch.Tensor:
         if backend not in BACKENDS:
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(

@@ -9,7 +9,16 @@ from attndsl.errors import AttnNameError, AttnSyntaxError, AttnTypeError
 from attndsl.errors import did_you_mean as _dym
 from attndsl.lang import ir
 from attndsl.lang.ir import Type
-from attndsl.lang.scope import CONTEXT, EXPANSION_LIMIT, POOLS, SPACE_KINDS, Scope, kind_ok
+from attndsl.lang.scope import (
+    CONTEXT,
+    EXPANSION_LIMIT,
+    POOLS,
+    RESERVED_INPUTS,
+    RESERVED_PARAMS,
+    SPACE_KINDS,
+    Scope,
+    kind_ok,
+)
 from attndsl.lang.walk import walk
 
 
@@ -49,6 +58,9 @@ class Statements:
             if prm.name in CONTEXT:
                 self.err(AttnNameError, f"'{prm.name}' is reserved for the query, key and "
                          "head index", prm.span)
+            elif prm.name in RESERVED_PARAMS:
+                self.err(AttnNameError, f"'{prm.name}' cannot name a parameter: it is a "
+                         f"keyword of {RESERVED_PARAMS[prm.name]}", prm.span)
             t = chk.type_of_ref(prm.type)
             if prm.default is not None:
                 d = chk.expr(prm.default, scope)
@@ -205,6 +217,10 @@ class Statements:
         if s.name in CONTEXT or scope.get(s.name) is not None:
             self.err(AttnNameError, f"input '{s.name}' shadows another name", s.span)
             return scope
+        if s.name in RESERVED_INPUTS:  # reported, and declared all the same (no follow-ups)
+            self.err(AttnNameError, f"'{s.name}' cannot name a run-time input: it is a "
+                     f"keyword of {RESERVED_INPUTS[s.name]}, where inputs are passed",
+                     s.span)
         chk.allow_context = set()
         t = chk.type_of_ref(s.type, array=True)
         dims = ()
