@@ -144,7 +144,7 @@ class Op:
         return Op(sub, block_q=self.block_q, block_k=self.block_k)
 
     # -- masks
-    def mask(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+    def mask(self, /, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
              **inputs) -> torch.Tensor:
         """The direct-attention mask: [Nq, Nk]; [heads, Nq, Nk] per head; [B, H, Nq, Nk] for
         patterns that depend on q and k (which must then be given). For averaged patterns,
@@ -168,7 +168,7 @@ class Op:
         run = validate(bp, inputs, dev, for_mask=True, content=content)
         return dense_mask(bp, run, dev)
 
-    def summaries(self, **inputs) -> list[dict]:
+    def summaries(self, /, **inputs) -> list[dict]:
         """Each summary's tokens: name, `member` [R, Nk] and `attend` [.., Nq, R] (empty
         regions dropped), and pooling choices."""
         bp = self.bound
@@ -185,7 +185,7 @@ class Op:
                                                     if n in sub.inputs}))
         return out
 
-    def reach(self, q=None, k=None, **inputs) -> torch.Tensor:
+    def reach(self, /, q=None, k=None, **inputs) -> torch.Tensor:
         """[.., Nq, Nk]: keys a query sees directly or through a summary token it attends."""
         m = self.mask(q, k, **inputs)
         for s in self.summaries(**inputs):
@@ -194,7 +194,7 @@ class Op:
         return m
 
     # -- analysis
-    def analyze(self, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
+    def analyze(self, /, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
                 progress: bool | None = None, keep_sets: bool = False, **inputs):
         """Receptive field, coverage and cost stacked `layers` deep (docs/analysis.md).
 
@@ -204,7 +204,7 @@ class Op:
         return analyze(self.bound, layers, query, head_dim=head_dim, inputs=inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
-    def path(self, source, target, *, q=None, k=None, **inputs):
+    def path(self, /, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""
         from attndsl.analysis.reach import shortest_path
         return shortest_path(self.bound, source, target, inputs, q=q, k=k)
@@ -218,7 +218,7 @@ class Op:
         self.block_q, self.block_k = block_q, block_k
         return self
 
-    def plan(self, **inputs):
+    def plan(self, /, **inputs):
         """The token orders and exact block tables both compiled backends use (cached)."""
         from attndsl.codegen.plan.tables import plan_for
         _lowerable(self.bound)
@@ -232,7 +232,7 @@ class Op:
     def _router(self) -> tuple:
         return () if self.bound.route is None else (self.bound.route[0],)
 
-    def kernel(self, **inputs):
+    def kernel(self, /, **inputs):
         """The compiled Triton kernels of this pattern (generated once; the module of an
         exported op is its own)."""
         from attndsl.codegen.triton.runtime import kernel_for
@@ -240,11 +240,11 @@ class Op:
         validate(self.bound, inputs, for_mask=True)
         return kernel_for(self.bound, None if self.compiled is None else self.compiled[1])
 
-    def source(self, **inputs) -> str:
+    def source(self, /, **inputs) -> str:
         """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
         return self.kernel(**inputs).source
 
-    def stats(self, **inputs) -> dict:
+    def stats(self, /, **inputs) -> dict:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
         of the compiled kernels (docs/kernels.md). Averaged patterns: the parts' sums, and
         each part's own figures under "parts"."""

@@ -144,10 +144,12 @@ class ErrorSink:
 
     def __init__(self) -> None:
         self.errors: list[AttnError] = []
+        self._seen: set = set()
 
     def add(self, err: AttnError) -> None:
         key = (type(err), err.message, err.span)
-        if all((type(e), e.message, e.span) != key for e in self.errors):
+        if key not in self._seen:
+            self._seen.add(key)
             self.errors.append(err)
 
     def raise_if_any(self) -> None:

@@ -68,10 +68,10 @@ class Session:
             memo[id(node)] = (node, n)  # the node is kept so that its id stays its own
         return memo[id(root)][1]
 
-    def components(self, module: ir.Module) -> dict:
-        """Strongly connected components of the module's patterns and functions (who calls,
-        includes or averages whom, names as `_ref_path` reads them): name -> component.
-        Two definitions refer to each other exactly when they share one."""
+    def components(self, module: ir.Module) -> tuple[dict, dict]:
+        """The module's reference graph (who calls, includes or averages whom: name ->
+        names) and its strongly connected components (name -> component). Two definitions
+        refer to each other exactly when they share a component."""
         got = self.comps.get(module.path)
         if got is None:
             got = self.comps[module.path] = _components(module)
@@ -696,10 +696,10 @@ class Checker:
         me = self.pattern_name
         if me is None:
             return False
-        comp = self.session.components(self.module)
+        succ, comp = self.session.components(self.module)
         if target != me and (comp.get(target) is None or comp.get(target) != comp.get(me)):
             return False  # not in a cycle with this pattern: no need to look for a path
-        path = _ref_path(self.module, target, me)
+        path = _ref_path(succ, target, me)
         if path is None:
             return False
         self.bad_ref = True
@@ -809,10 +809,11 @@ def _refs(d) -> list[str]:
             if isinstance(x, ir.Call | ir.PatternRef)]
 
 
-def _components(module: ir.Module) -> dict:
-    """name -> strongly connected component (Kosaraju, without recursion)."""
+def _components(module: ir.Module) -> tuple[dict, dict]:
+    """(name -> names it refers to, name -> strongly connected component), found by
+    Kosaraju's algorithm without recursion."""
     defs = {n: d for n, d in module.scope.items() if isinstance(d, ir.PatternDef | ir.FnDef)}
-    succ = {n: [m for m in _refs(d) if m in defs] for n, d in defs.items()}
+    succ = {n: list(dict.fromkeys(m for m in _refs(d) if m in defs)) for n, d in defs.items()}
     pred: dict = {n: [] for n in defs}
     for n, ms in succ.items():
         for m in ms:
@@ -843,28 +844,28 @@ def _components(module: ir.Module) -> dict:
                 if m not in comp:
                     comp[m] = root
                     stack.append(m)
-    return comp
+    return succ, comp
 
 
-def _ref_path(module: ir.Module, start: str, goal: str) -> list[str] | None:
-    """Names leading from pattern or function `start` to `goal` through includes, averages
-    and calls (`[start, ..., goal]`), or None."""
-    stack, seen = [(start, [start])], set()
-    while stack:
-        name, path = stack.pop()
-        if name == goal:
-            return path
-        d = module.scope.get(name)
-        if name in seen or not isinstance(d, ir.PatternDef | ir.FnDef):
-            continue
-        seen.add(name)
-        tops = list(d.params) + (list(d.lets) + [d.body] if isinstance(d, ir.FnDef)
-                                 else list(d.body))
-        for top in tops:
-            for x in walk(top):
-                if isinstance(x, ir.Call | ir.PatternRef):
-                    n = x.func if isinstance(x, ir.Call) else x.name
-                    stack.append((n, path + [n]))
+def _ref_path(succ: dict, start: str, goal: str) -> list[str] | None:
+    """The shortest chain of references from `start` to `goal` (`[start, ..., goal]`), or
+    None."""
+    parent = {start: None}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if n == goal:
+                path = []
+                while n is not None:
+                    path.append(n)
+                    n = parent[n]
+                return path[::-1]
+            for m in succ.get(n, ()):
+                if m not in parent:
+                    parent[m] = n
+                    nxt.append(m)
+        frontier = nxt
     return None
 
 
@@ -873,8 +874,11 @@ def _space_key(sp: ir.Space | None):
 
 
 def _through(stack: list[str], name: str) -> str:
-    """' through f -> g -> f' for indirect recursion, '' for direct."""
+    """' through f -> g -> f' for indirect recursion, '' for direct; a long chain is shown
+    by its ends."""
     chain = stack[stack.index(name):] + [name]
+    if len(chain) > 12:
+        chain = chain[:5] + [f"... ({len(chain) - 10} more)"] + chain[-5:]
     return f" through {' -> '.join(chain)}" if len(chain) > 2 else ""
 
 

@@ -389,43 +389,44 @@ class Triton:
         self.fixed = plan  # an exported module's tables (used for the inputs they are for)
 
     def check(self, bp: BoundPattern, q, k, v) -> None:
+        at = bp.checked.span  # like the driver's checks: the pattern being run
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InputError(f"the Triton backend takes float16, bfloat16 or float32, not "
-                             f"{q.dtype}")
+                             f"{q.dtype}", at)
         try:
             import triton  # noqa: F401
         except ImportError:
             raise UnsupportedError("backend 'triton' needs the triton package (pip install "
-                                   "triton)") from None
+                                   "triton)", at) from None
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise UnsupportedError("the Triton backend needs CUDA tensors (or "
                                    "TRITON_INTERPRET=1 to run the kernels on the CPU); use "
-                                   "backend='cpu' or 'reference' here")
+                                   "backend='cpu' or 'reference' here", at)
         d, dv = (q.shape[2], v.shape[2]) if bp.channel else (q.shape[3], v.shape[3])
         if d > 256:  # channel tokens: their positions are the head dim
-            raise InputError(f"the Triton backend supports head dims up to 256, not {d}")
+            raise InputError(f"the Triton backend supports head dims up to 256, not {d}", at)
         if dv != d:
             raise InputError(f"the Triton backend needs v's head dim equal to q's ({d}), not "
-                             f"{dv}; use backend='cpu' or 'reference'", bp.checked.span)
+                             f"{dv}; use backend='cpu' or 'reference'", at)
         if q.shape[0] * q.shape[1] > GRID_Y_LIMIT:
             raise SizeLimitError(f"the Triton backend launches one program row per (batch, "
                                  f"head): {q.shape[0] * q.shape[1]:,}, over the limit of "
-                                 f"{GRID_Y_LIMIT:,}", bp.checked.span)
+                                 f"{GRID_Y_LIMIT:,}", at)
         if max(bp.nq, bp.nk) > TOKEN_LIMIT:
             raise SizeLimitError(f"the Triton backend plans {max(bp.nq, bp.nk):,} tokens, over "
                                  f"its limit of {TOKEN_LIMIT:,} (2^26) per space",
-                                 bp.checked.span)
+                                 at)
         held = cpu_elements(q, k, v) * q.element_size()
         if q.is_cuda:
             free, _ = torch.cuda.mem_get_info(q.device)
             if held > free:
                 raise SizeLimitError(f"the Triton backend needs about {held / 2**30:.1f} GiB of "
                                      f"device memory for q, k, v and the output, and "
-                                     f"{free / 2**30:.1f} GiB are free", bp.checked.span)
+                                     f"{free / 2**30:.1f} GiB are free", at)
         elif held > CPU_LIMIT * 4:
             raise SizeLimitError(f"the Triton interpreter holds q, k, v and the output on the "
                                  f"host ({held:,} bytes), over the limit of "
-                                 f"{CPU_LIMIT * 4:,} (8 GiB)", bp.checked.span)
+                                 f"{CPU_LIMIT * 4:,} (8 GiB)", at)
 
     def _plan(self, call) -> Plan:
         bp = call.bp
