@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -34,31 +35,41 @@ from attndsl.semantics.masks import dense_mask, summary_masks
 BACKENDS = ("reference", "triton", "cpu", "auto")
 
 
-def load(source: str | os.PathLike) -> ir.Module:
-    """Parse a file path (or .attn source text) and its imports into a module."""
-    loader = Loader()
+def load(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
+         ) -> ir.Module:
+    """Parse a file (a path object, or a str ending in '.attn') or .attn source text, and its
+    imports, into a module. Imports may read the named file's folder (the working directory
+    for text), the standard library and the folders in `import_roots` (docs/language.md,
+    "Imports")."""
     if not isinstance(source, str | os.PathLike):
         raise ImportFailure("expected .attn source text or a file path, not "
                             f"{type(source).__name__}")
-    # a path names an .attn file (or an existing one); anything else is source text
-    text_like = isinstance(source, str) and (
-        "\n" in source or "{" in source or "(" in source) and not source.endswith(".attn")
-    if not text_like:
+    if isinstance(import_roots, str | os.PathLike):
+        import_roots = (import_roots,)
+    loader = Loader(import_roots)
+    # a str names a file only when it ends in '.attn': any other str is source text, so
+    # text from a user is never taken for the name of some other file on the disk
+    if not isinstance(source, str) or ("\n" not in source and source.endswith(".attn")):
         path = resolve_path(source)
         if path is None:
-            raise ImportFailure(f"no such .attn file: '{source}'")
+            shown = str(source) if len(str(source)) <= 200 else str(source)[:197] + "..."
+            raise ImportFailure(f"no such .attn file: '{shown}'")
         return loader.load_file(path)
     return loader.load_text(source, "<string>")
 
 
-def check(source: str | os.PathLike) -> dict[str, ir.CheckedPattern]:
+def check(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
+          ) -> dict[str, ir.CheckedPattern]:
     """Parse and type-check every pattern and function of a file; raise all errors at once."""
-    return check_module(load(source))
+    return check_module(load(source, import_roots=import_roots))
 
 
-def compile(source: str | os.PathLike, pattern: str | None = None, **params) -> Op:  # noqa: A001
-    """Compile one pattern of a file (or source text) with the given parameter values."""
-    module = load(source)
+def compile(source: str | os.PathLike, /, pattern: str | None = None, *,  # noqa: A001
+            import_roots: Iterable[str | os.PathLike] = (), **params) -> Op:
+    """Compile one pattern of a file (or source text) with the given parameter values.
+    (`source` is positional-only, so a parameter may be called 'source'; no parameter may
+    be called 'import_roots', see lang/statements.py.)"""
+    module = load(source, import_roots=import_roots)
     pats = module.patterns()
     if pattern is None:
         if not pats:
@@ -200,7 +211,7 @@ class Op:
         return self.bind(**sizes), inputs
 
     # -- masks
-    def mask(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+    def mask(self, /, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
              **inputs) -> torch.Tensor:
         """The direct-attention mask: [Nq, Nk]; [heads, Nq, Nk] per head; [B, H, Nq, Nk] for
         patterns that depend on q and k (which must then be given). For averaged patterns,
@@ -224,7 +235,7 @@ class Op:
         run = validate(bp, inputs, dev, for_mask=True, content=content)
         return dense_mask(bp, run, dev)
 
-    def summaries(self, **inputs) -> list[dict]:
+    def summaries(self, /, **inputs) -> list[dict]:
         """Each summary's tokens: name, `member` [R, Nk] and `attend` [.., Nq, R] (empty
         regions dropped), and pooling choices."""
         bp, inputs = self._split(inputs)
@@ -240,7 +251,7 @@ class Op:
             out.extend(self._part(sub).summaries(**declared(sub, inputs)))
         return out
 
-    def reach(self, q=None, k=None, **inputs) -> torch.Tensor:
+    def reach(self, /, q=None, k=None, **inputs) -> torch.Tensor:
         """[.., Nq, Nk]: keys a query sees directly or through a summary token it attends."""
         m = self.mask(q, k, **inputs)
         for s in self.summaries(**inputs):
@@ -249,7 +260,7 @@ class Op:
         return m
 
     # -- analysis
-    def analyze(self, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
+    def analyze(self, /, layers: int = 4, query=None, *, head_dim: int = 64, q=None, k=None,
                 progress: bool | None = None, keep_sets: bool = False, **inputs):
         """Receptive field, coverage and cost stacked `layers` deep (docs/analysis.md).
 
@@ -260,7 +271,7 @@ class Op:
         return analyze(bp, layers, query, head_dim=head_dim, inputs=run_inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
-    def path(self, source, target, *, q=None, k=None, **inputs):
+    def path(self, /, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""
         from attndsl.analysis.reach import shortest_path
         bp, inputs = self._split(inputs, q, k)
@@ -275,7 +286,7 @@ class Op:
         self.block_q, self.block_k = block_q, block_k
         return self
 
-    def plan(self, **inputs):
+    def plan(self, /, **inputs):
         """The token orders and exact block tables both compiled backends use (cached)."""
         from attndsl.codegen.plan.tables import plan_for
         bp, inputs = self._split(inputs)
@@ -288,7 +299,7 @@ class Op:
                 return plan
         return plan_for(bp, self.block_q, self.block_k, run)
 
-    def kernel(self, **inputs):
+    def kernel(self, /, **inputs):
         """The compiled Triton kernels of this pattern (generated once; the module of an
         exported op is its own)."""
         from attndsl.codegen.triton.runtime import kernel_for
@@ -297,11 +308,11 @@ class Op:
         validate(bp, inputs, for_mask=True)
         return kernel_for(bp, None if self.compiled is None else self.compiled[1])
 
-    def source(self, **inputs) -> str:
+    def source(self, /, **inputs) -> str:
         """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
         return self.kernel(**inputs).source
 
-    def stats(self, **inputs) -> dict:
+    def stats(self, /, **inputs) -> dict:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
         of the compiled kernels (docs/kernels.md). Averaged patterns: the parts' sums, and
         each part's own figures under "parts"."""
@@ -336,7 +347,7 @@ class Op:
                 "misses": sum(c["misses"] for c in every.values()), "caches": every}
 
     # -- attention
-    def __call__(self, q, k, v, *, backend: str = "auto", scale: float | None = None,
+    def __call__(self, q, k, v, /, *, backend: str = "auto", scale: float | None = None,
                  q_start: int | None = None, key_padding_mask: torch.Tensor | None = None,
                  lengths: torch.Tensor | None = None, dropout_p: float = 0.0,
                  generator: torch.Generator | None = None, queries: torch.Tensor | None = None,

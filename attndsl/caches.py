@@ -57,6 +57,11 @@ class LRU:
         self.misses += 1
         return default
 
+    def values(self) -> list:
+        """A snapshot of the cached values (no hit or miss counted)."""
+        with self._lock:
+            return list(self._data.values())
+
     def put(self, key: Hashable, value) -> None:
         evicted = []
         with self._lock:

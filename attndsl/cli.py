@@ -64,7 +64,18 @@ def _inputs(pairs) -> dict:
 
 def _compile(args):
     from attndsl.api import compile as compile_op
-    return compile_op(args.file, pattern=args.pattern, **_sets(args.set))
+    return compile_op(Path(args.file), pattern=args.pattern, import_roots=_roots(args),
+                      **_sets(args.set))
+
+
+def _roots(args) -> list[str]:
+    return list(getattr(args, "import_root", None) or ())
+
+
+def _load(file: str, args):
+    """The module of a file the user named (always a file, whatever its name)."""
+    from attndsl.api import load
+    return load(Path(file), import_roots=_roots(args))
 
 
 def _content(op, args):
@@ -82,13 +93,12 @@ def _content(op, args):
 
 
 def cmd_check(args) -> int:
-    from attndsl.api import load
     from attndsl.lang.checker import check_module
     from attndsl.semantics.bind import bind
     failed = False
     for f in args.files:
         try:
-            module = load(f)
+            module = _load(f, args)
             checked = check_module(module)
             defaults_ok = 0
             for cp in checked.values():
@@ -116,9 +126,8 @@ def _src(e) -> str:
 
 
 def cmd_list(args) -> int:
-    from attndsl.api import load
     from attndsl.lang.checker import check_module
-    module = load(args.file)
+    module = _load(args.file, args)
     checked = check_module(module)
     for p in module.patterns():
         cp = checked[p.name]
@@ -197,13 +206,12 @@ def cmd_analyze(args) -> int:
 
 def cmd_compare(args) -> int:
     from attndsl.api import compile as compile_op
-    from attndsl.api import load
     sets = _sets(args.set)
     used = set()
     results = []
     for spec in args.patterns:
         file, _, name = spec.partition(":")
-        probe = load(file)
+        probe = _load(file, args)
         names = [name] if name else [p.name for p in probe.patterns()]
         for n in names:
             pdef = probe.scope.get(n)
@@ -212,7 +220,7 @@ def cmd_compare(args) -> int:
                 raise AttnNameError(f"'{file}' has no pattern '{n}'")
             mine = {k: v for k, v in sets.items() if k in {p.name for p in pdef.params}}
             used |= set(mine)
-            op = compile_op(file, pattern=n, **mine)
+            op = compile_op(Path(file), pattern=n, import_roots=_roots(args), **mine)
             results.append((op, op.analyze(args.layers)))
     unused = set(sets) - used
     if unused:
@@ -314,15 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attndsl", description="Compile and inspect attention "
                                  "patterns written in .attn files.")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    def import_root(c):
+        c.add_argument("--import-root", action="append", metavar="DIR",
+                       help="a folder imports may read besides the file's own folder and "
+                       "the standard library (repeatable)")
+
     c = sub.add_parser("check", help="parse, type-check and check default constraints")
     c.add_argument("files", nargs="+")
+    import_root(c)
     c.set_defaults(func=cmd_check)
     c = sub.add_parser("list", help="patterns, parameters, defaults and doc comments")
     c.add_argument("file")
+    import_root(c)
     c.set_defaults(func=cmd_list)
 
     def common(c):
         c.add_argument("file")
+        import_root(c)
         c.add_argument("-p", "--pattern", help="pattern name (optional if the file has one)")
         c.add_argument("--set", action="append", metavar="NAME=VALUE",
                        help="parameter value: 7, 7,9 (per axis), true, 1.5")
@@ -392,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter value, given to every pattern that has the parameter")
     c.add_argument("--layers", type=int, default=6)
     c.add_argument("--plot", help="PNG: reached fraction per layer, one line per pattern")
+    import_root(c)
     c.set_defaults(func=cmd_compare)
     return ap
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+SHOWN_WIDTH = 160  # columns of a source line an error quotes
+
 
 @dataclass(frozen=True, slots=True)
 class Span:
@@ -18,8 +20,33 @@ class Span:
     text: str = ""  # the whole source line, kept so errors render without re-reading files
 
     def caret(self) -> str:
-        width = self.end_col - self.col if self.end_line == self.line else 1
-        return " " * (self.col - 1) + "^" + "~" * max(0, width - 1)
+        return self.shown()[1]
+
+    def shown(self) -> tuple[str, str]:
+        """The source line as printed and the caret line under it. Characters that would
+        not print as one column (tabs, control and format characters, separators) show as
+        one column each, so the caret stays under its column; a line longer than
+        SHOWN_WIDTH shows only a window around the caret."""
+        line = "".join(c if c.isprintable() else " " if c == "\t" else "\ufffd"
+                       for c in self.text.rstrip("\n"))
+        col = max(1, self.col)
+        width = max(1, self.end_col - col if self.end_line == self.line else 1)
+        if len(line) > SHOWN_WIDTH:
+            start = max(0, min(col - 1 - SHOWN_WIDTH // 3, len(line) - SHOWN_WIDTH + 3))
+            stop = start + SHOWN_WIDTH - 3 * (start > 0)
+            line = ("..." if start > 0 else "") + line[start:stop] + (
+                "..." if stop < len(line) else "")
+            col = col - start + 3 * (start > 0)
+            width = min(width, len(line) - col + 1)
+        return line, " " * (col - 1) + "^" + "~" * max(0, width - 1)
+
+
+def printable(text: str) -> str:
+    """Text with every character that would not print (control characters, line and
+    paragraph separators) escaped, so a report is always one line per line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class AttnError(Exception):
@@ -34,14 +61,16 @@ class AttnError(Exception):
         self.note = note
 
     def render(self) -> str:
+        msg = printable(self.message)
         if self.span is None:
-            head = f"error: {self.message}"
+            head = f"error: {msg}"
             return head + (f"\n  note: {self.note}" if self.note else "")
         s = self.span
-        out = [f"{s.file}:{s.line}:{s.col}: error: {self.message}"]
+        out = [f"{printable(s.file)}:{s.line}:{s.col}: error: {msg}"]
         if s.text:
-            out.append("    " + s.text.rstrip("\n").expandtabs(1))
-            out.append("    " + s.caret())
+            line, caret = s.shown()
+            out.append("    " + line)
+            out.append("    " + caret)
         if self.note:
             out.append(f"  note: {self.note}")
         return "\n".join(out)
@@ -115,10 +144,12 @@ class ErrorSink:
 
     def __init__(self) -> None:
         self.errors: list[AttnError] = []
+        self._seen: set = set()
 
     def add(self, err: AttnError) -> None:
         key = (type(err), err.message, err.span)
-        if all((type(e), e.message, e.span) != key for e in self.errors):
+        if key not in self._seen:
+            self._seen.add(key)
             self.errors.append(err)
 
     def raise_if_any(self) -> None:

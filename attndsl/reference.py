@@ -31,12 +31,13 @@ class Reference:
     name = "reference"
 
     def check(self, bp, q, k, v) -> None:
-        B, H, Nq, _ = q.shape
+        B, H = q.shape[:2]
+        Nq, Nk = bp.nq, bp.nk  # channel tokens: the channels, not q's positions
         r_total = sum(math.prod(s.sizes) for s in bp.summaries)
-        n = B * H * Nq * (k.shape[2] + r_total)
+        n = B * H * Nq * (Nk + r_total)
         if n > REFERENCE_LIMIT:
             raise SizeLimitError(
-                f"the reference backend holds all {B}x{H}x{Nq}x{k.shape[2] + r_total} = "
+                f"the reference backend holds all {B}x{H}x{Nq}x{Nk + r_total} = "
                 f"{n:,} scores at once, over its limit of {REFERENCE_LIMIT:,} (2^26); use "
                 "smaller sizes", bp.checked.span)
 

@@ -11,10 +11,11 @@ spells the operators.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
-from attndsl.errors import EvaluationError, UnsupportedError
+from attndsl.errors import AttnError, EvaluationError, UnsupportedError
 from attndsl.lang import ir
 from attndsl.lang.walk import names
 from attndsl.semantics import rules
@@ -85,6 +86,18 @@ def size_dependent(bp: BoundPattern, sizes) -> set[str]:
         if let.value.ty.static and any(n.id in out for n in names(let.value)):
             out.add(let.name)
     return out
+
+
+@contextlib.contextmanager
+def _located(span):
+    """An AttnError raised without a location gets `span`: the innermost expression (or
+    statement) being compiled when it happened."""
+    try:
+        yield
+    except AttnError as err:
+        if err.span is None:
+            err.span = span
+        raise
 
 
 class Dialect:
@@ -246,15 +259,17 @@ class Emitter:
 
         def value(owner, rule):
             sc = scopes.setdefault(id(owner), _Scope(owner, ctx, self.dependent))
-            return self.bool_text(self.expr(rule.expr, sc, {}))
+            with _located(rule.span):
+                return self.bool_text(self.expr(rule.expr, sc, {}))
 
         out = rules.combine(self.bp.rules, value, _CodeDomain(self, ctx))
         return out if out.isidentifier() else self.fresh(out, "bool").text
 
     def summary_predicate(self, bs, ctx: dict) -> str:
         """One summary's attend rule for the query and region in ctx."""
-        return self.bool_text(self.expr(bs.summary.attend,
-                                        _Scope(bs.owner, ctx, self.dependent), {}))
+        with _located(bs.summary.attend.span):
+            return self.bool_text(self.expr(bs.summary.attend,
+                                            _Scope(bs.owner, ctx, self.dependent), {}))
 
     def bias(self, ctx: dict) -> str | None:
         """The sum of bias terms (float), or None when the pattern has none."""
@@ -263,7 +278,8 @@ class Emitter:
         for own, sc, hr in self.bp.biases:
             sub = envs.setdefault(id(own), _Scope(own, ctx, self.dependent))
             v = self.expr(sc.expr, sub, {})
-            t = self.d.TO_FLOAT.format(self.text(v))
+            with _located(sc.span):
+                t = self.d.TO_FLOAT.format(self.text(v))
             if hr is not None:
                 h = ctx["h"].text
                 t = f"{self.d.where(f'(({h} >= {hr[0]}) & ({h} < {hr[1]}))', t, '0.0')}"
@@ -279,11 +295,12 @@ class Emitter:
 
     # -------------------------------------------------------------- expressions
     def expr(self, e: ir.Expr, sc: _Scope, local: dict):
-        if e.ty is not None and e.ty.static and not _mentions_local(e, local):
-            v = sc.static(e)
-            if v is not None:
-                return v
-        return getattr(self, "e_" + type(e).__name__)(e, sc, local)
+        with _located(e.span):
+            if e.ty is not None and e.ty.static and not _mentions_local(e, local):
+                v = sc.static(e)
+                if v is not None:
+                    return v
+            return getattr(self, "e_" + type(e).__name__)(e, sc, local)
 
     def e_IntLit(self, e, sc, local):
         return e.value
@@ -404,8 +421,12 @@ class Emitter:
             if isinstance(b, int) and b >= 0 and kind == "int":
                 out = "1" if b == 0 else " * ".join([f"({ta})"] * b)
                 return self.fresh(out, "int")
-            if a == 2 and isinstance(b, Code):
+            if kind == "int" and a == 2 and isinstance(b, Code):
                 return self.fresh(f"(1 << ({tb}))", "int")
+            if isinstance(a, int | float) and not isinstance(a, bool) and a > 0 and (
+                    math.isfinite(a)):  # c ** x = exp(ln(c) x) for a constant c > 0
+                x = self.d.TO_FLOAT.format(tb)
+                return self.fresh(self.d.EXP.format(f"{math.log(a)!r} * {x}"), "float")
             raise UnsupportedError("'**' with a run-time exponent cannot be compiled", span)
         if op in ("&", "|", "^", "<<", ">>"):
             return self.fresh(f"({ta}) {op} ({tb})", "int")

@@ -9,6 +9,7 @@ backend uses these kernels and tables without regenerating or re-planning them.
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import sys
 from pathlib import Path
@@ -36,13 +37,18 @@ op = _load()
 '''
 
 
-def export(op, out_dir: str | os.PathLike, name: str | None = None, flex: bool = False,
+def export(op, out_dir: str | os.PathLike, /, name: str | None = None, flex: bool = False,
            **inputs) -> dict:
     """Write DIR/<name>.py (+ .npz, + _flex.py with flex=True); return paths and stats."""
     bp = op.bound
+    name = f"attn_{bp.name}" if name is None else name
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        from attndsl.errors import ParameterError
+        raise ParameterError(f"the module name must be a Python identifier (the module is "
+                             f"imported as `import NAME` and written to DIR/NAME.py), not "
+                             f"{name!r}")
     kern = op.kernel(**inputs)
     plan = op.plan(**inputs)
-    name = name or f"attn_{bp.name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"qperm": plan.qorder.perm, "kperm": plan.korder.perm}

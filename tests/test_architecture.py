@@ -103,8 +103,8 @@ def test_no_private_names_imported_from_other_modules():
                                    emit.BUILTIN_IMPLS, formulas.BUILTIN_IMPLS],
                          ids=["evaluate", "intervals", "emit", "formulas"])
 def test_every_builtin_in_every_interpreter_table(table):
-    missing, extra = set(BUILTINS) - set(table), set(table) - set(BUILTINS)
-    assert not missing and not extra, f"missing: {sorted(missing)}, extra: {sorted(extra)}"
+    missing, extra = sorted(set(BUILTINS) - set(table)), sorted(set(table) - set(BUILTINS))
+    assert not missing and not extra, f"missing: {missing}, extra: {extra}"
 
 
 def test_every_cache_is_declared_in_caches():

@@ -824,9 +824,18 @@ def test_import_errors_name_the_file(tmp_path, monkeypatch):
         "    ^",
     ])
     (tmp_path / "bin.attn").write_bytes(b"\xff\xfe\x00")
-    err = error_of(attndsl.check, tmp_path / "bin.attn")
-    assert type(err) is attndsl.ImportFailure
-    assert err.message.startswith(f"cannot read '{(tmp_path / 'bin.attn').resolve()}': ")
+    assert_report(error_of(attndsl.check, tmp_path / "bin.attn"), attndsl.AttnSyntaxError, [
+        "bin.attn:1:1: error: the file is not UTF-8 text: byte 0xff (invalid start byte)",
+        "    \ufffd\ufffd\ufffd",
+        "    ^",
+    ])
+    (tmp_path / "latin1.attn").write_bytes(b"const a = 1\r\nconst b = 2\rconst caf\xe9 = 3\n")
+    assert_report(error_of(attndsl.check, "latin1.attn"), attndsl.AttnSyntaxError, [
+        "latin1.attn:3:10: error: the file is not UTF-8 text: byte 0xe9 (invalid "
+        "continuation byte)",
+        "    const caf\ufffd = 3",
+        "             ^",
+    ])
 
 
 def test_missing_source_file_and_wrong_source_type():
@@ -936,11 +945,19 @@ def test_attn_source_cannot_run_python(tmp_path, monkeypatch):
         f'        require N > 8, "{code}"',
         "                ^~~~~",
     ])
-    # an imported Python file is read as .attn text, never imported or run
+    # a Python file cannot be imported at all; Python in a .attn file is read as .attn text,
+    # never imported or run
     (tmp_path / "evil.py").write_text("open('HACKED', 'w').write('x')\n")
     err = error_of(attndsl.check, 'import "evil.py"\n' + pat("space seq(N)\nattend true"))
+    assert_report(err, attndsl.ImportFailure, [
+        "<string>:1:1: error: an import names a .attn file, not 'evil.py'",
+        '    import "evil.py"',
+        "    ^~~~~~~~~~~~~~~~",
+    ])
+    (tmp_path / "evil.attn").write_text("open('HACKED', 'w').write('x')\n")
+    err = error_of(attndsl.check, 'import "evil.attn"\n' + pat("space seq(N)\nattend true"))
     assert_report(err, attndsl.AttnSyntaxError, [
-        "evil.py:1:1: error: unexpected 'open' (expected 'const', 'fn', 'from', 'import', "
+        "evil.attn:1:1: error: unexpected 'open' (expected 'const', 'fn', 'from', 'import', "
         "'pattern')",
         "    open('HACKED', 'w').write('x')",
         "    ^~~~",

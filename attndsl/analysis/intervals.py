@@ -160,7 +160,7 @@ class AbstractEvaluator:
         if e.op == "not":
             return _map(lambda a: BV(a.f, a.t), x)
         if e.op == "-":
-            return _map(lambda a: type(a)(-a.hi, -a.lo), x)
+            return _map(lambda a: type(a)(-a.hi, -a.lo), x)  # |bounds| < 2^63: no wrap
         return _map(lambda a: IV(-a.hi - 1, -a.lo - 1), x)  # ~a = -a - 1
 
     def e_Binary(self, e, local):
@@ -315,6 +315,13 @@ def _const(x: IV):
 def _tag_add(a: IV, b: IV, sign: int):
     """The tag of a + sign * b, when it is still an exact linear form we track."""
     ca, cb = _const(a), _const(b)
+    out = _tag_sum(a, b, sign, ca, cb)
+    if out is not None and abs(out[1]) >= 1 << 62:
+        return None  # a constant this large is no use to the tag (and may not fit int64)
+    return out
+
+
+def _tag_sum(a: IV, b: IV, sign: int, ca, cb):
     if a.tag is not None and cb is not None:
         return (a.tag[0], a.tag[1] + sign * cb)
     if b.tag is not None and ca is not None:
@@ -349,8 +356,28 @@ def _tagged(iv: IV, tag, diff) -> IV:
     return IV(iv.lo, iv.hi, tag)
 
 
-def _corners(f, a: IV, b: IV) -> IV:
-    c = [f(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+_FITS = 9.2e18  # below 2^63 by more than float64's error at that size
+
+
+def _fits(*estimates) -> None:
+    """Bounds computed in int64 wrap silently; their float64 estimates say whether they
+    might have: then the interval is unknown (the box PARTIAL, which is always sound, and
+    the exact evaluation reports the overflow)."""
+    for est in estimates:
+        if np.any(np.abs(est) >= _FITS):
+            raise Unknown("integer overflow")
+
+
+def _f(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _corners(f, a: IV, b: IV, g=None) -> IV:
+    pairs = [(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+    if g is not None:
+        _fits(*(g(_f(x), _f(y)) for x, y in pairs))
+    with np.errstate(over="ignore"):
+        c = [f(x, y) for x, y in pairs]
     return IV(np.minimum.reduce(np.broadcast_arrays(*c)), np.maximum.reduce(
         np.broadcast_arrays(*c)))
 
@@ -372,11 +399,13 @@ def binop(op, a, b, diff=None):
     if isinstance(a, FV) or isinstance(b, FV) or op in ("/", "**"):
         raise Unknown(op)
     if op == "+":
+        _fits(_f(a.lo) + _f(b.lo), _f(a.hi) + _f(b.hi))
         return _tagged(IV(a.lo + b.lo, a.hi + b.hi), _tag_add(a, b, 1), diff)
     if op == "-":
+        _fits(_f(a.lo) - _f(b.hi), _f(a.hi) - _f(b.lo))
         return _tagged(IV(a.lo - b.hi, a.hi - b.lo), _tag_add(a, b, -1), diff)
     if op == "*":
-        return _corners(np.multiply, a, b)
+        return _corners(np.multiply, a, b, np.multiply)
     if op in ("//", "%"):
         pos = b.lo > 0
         neg = b.hi < 0
@@ -400,7 +429,7 @@ def binop(op, a, b, diff=None):
             return _corners(np.right_shift, a, IV(np.minimum(b.lo, 63), np.minimum(b.hi, 63)))
         if np.any(b.hi >= 62):
             raise Unknown("shift")
-        return _corners(np.left_shift, a, b)
+        return _corners(np.left_shift, a, b, lambda x, y: x * np.exp2(y))
     f = {"&": np.bitwise_and, "|": np.bitwise_or, "^": np.bitwise_xor}[op]
     ex = f(a.lo, b.lo)
     if op == "&":

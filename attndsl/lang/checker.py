@@ -16,9 +16,10 @@ from attndsl.lang.builtins import BUILTINS, DYNAMIC
 from attndsl.lang.ir import BOOL, FLOAT, INT, INT_LIMIT, Type
 from attndsl.lang.scope import CONTEXT, ERROR, Scope, join_n, kind_ok
 from attndsl.lang.statements import Statements
-from attndsl.lang.walk import walk
+from attndsl.lang.walk import children, walk
 
 MAX_EXPR_DEPTH = 160
+PATTERN_LEVEL = 4  # the nesting one called or included pattern adds by itself
 _IN_PROGRESS = object()
 
 
@@ -37,9 +38,49 @@ class Session:
         self.digest = h.hexdigest()[:24]
         self.patterns: dict = {}
         self.consts: dict = {}
+        self.instances: dict = {}  # function bodies per (function, types, context), see
+        self.recursions = 0  # recursion errors so far          # Checker._instance
+        self.sizes: dict = {}  # id(node) -> (node, expanded size), see expanded()
+        self.pattern_sizes: dict = {}  # CheckedPattern.key -> its expanded size
+        self.extents: dict = {}  # (file, pattern) -> the nesting its expressions add
+        self.comps: dict = {}  # module path -> components(), see refers_back
 
-    def pattern(self, module: ir.Module, pdef: ir.PatternDef) -> ir.CheckedPattern | None:
-        """The typed IR of `pdef` (defined in `module`), checked at its first use."""
+    def expanded(self, root) -> int:
+        """The nodes of the IR tree `root` once every function body, constant and called
+        pattern is expanded in place (a called pattern counts its whole size): computed on
+        the shared DAG, once per node, in time linear in its size."""
+        memo = self.sizes
+        stack = [(root, False)]
+        while stack:
+            node, ready = stack.pop()
+            if id(node) in memo:
+                continue
+            kids = list(children(node, links=True))
+            if not ready:
+                stack.append((node, True))
+                stack.extend((k, False) for k in kids if id(k) not in memo)
+                continue
+            n = 1 + sum(memo[id(k)][1] for k in kids)
+            if isinstance(node, ir.Call | ir.PatternRef):
+                callee = node.callee if isinstance(node, ir.Call) else node.checked
+                if callee is not None:
+                    n += self.pattern_sizes.get(callee.key, 0)
+            memo[id(node)] = (node, n)  # the node is kept so that its id stays its own
+        return memo[id(root)][1]
+
+    def components(self, module: ir.Module) -> tuple[dict, dict]:
+        """The module's reference graph (who calls, includes or averages whom: name ->
+        names) and its strongly connected components (name -> component). Two definitions
+        refer to each other exactly when they share a component."""
+        got = self.comps.get(module.path)
+        if got is None:
+            got = self.comps[module.path] = _components(module)
+        return got
+
+    def pattern(self, module: ir.Module, pdef: ir.PatternDef, depth: int = 0
+                ) -> ir.CheckedPattern | None:
+        """The typed IR of `pdef` (defined in `module`), checked at its first use; `depth`
+        is the nesting at which it is called (see Checker.too_deep)."""
         key = (pdef.file, pdef.name)
         got = self.patterns.get(key)
         if got is _IN_PROGRESS:
@@ -47,10 +88,20 @@ class Session:
         if got is None:
             self.patterns[key] = _IN_PROGRESS
             chk = Checker(module, self)
-            got = Statements(chk).check(pdef, (pdef.file, pdef.name, pdef.span.line,
-                                                pdef.span.col, self.digest), module.text)
+            chk.base = chk.depth = chk.peak = depth
+            try:
+                got = Statements(chk).check(pdef, (pdef.file, pdef.name, pdef.span.line,
+                                                    pdef.span.col, self.digest), module.text)
+            except _TooDeep:
+                del self.patterns[key]  # checked again where it is not nested so deeply
+                raise
             self.patterns[key] = got
+            self.extents[key] = chk.peak - depth
         return got
+
+
+class _TooDeep(Exception):
+    """A called pattern nests too deeply at its call site; reported there (call_pattern)."""
 
 
 class Checker:
@@ -73,6 +124,8 @@ class Checker:
         self.call_depth = 0  # > 0 while checking a function body for a call site
         self.misused: dict[str, object] = {}  # q/k/h misused inside such a body
         self.depth = 0  # nesting of expressions being checked
+        self.peak = 0  # the deepest nesting reached (what a shared function body adds)
+        self.base = 0  # the nesting of the call site this pattern is checked for
         self.pattern_name: str | None = None  # the pattern being checked
         self.bad_ref = False  # an unknown or recursive pattern reference: no follow-ups
 
@@ -99,13 +152,23 @@ class Checker:
         return Type(tref.name, n)
 
     # ------------------------------------------------------------ expressions
+    def too_deep(self, span, what: str = "functions") -> Type:
+        """Nesting beyond MAX_EXPR_DEPTH, counting the bodies of called functions and
+        patterns (which every interpreter, this checker included, recurses into): an error
+        here, or, while checking a pattern for a call site, at that call site."""
+        if self.base:
+            raise _TooDeep()
+        return self.err(AttnTypeError, f"expression nested too deeply (more than "
+                        f"{MAX_EXPR_DEPTH} levels, counting the bodies of called {what})",
+                        span)
+
     def expr(self, e: ir.Expr, scope: Scope) -> ir.Expr:
         if self.depth >= MAX_EXPR_DEPTH:  # deep chains of calls would exhaust the stack
-            return dataclasses.replace(e, ty=self.err(
-                AttnTypeError, f"expression nested too deeply (more than {MAX_EXPR_DEPTH} "
-                "levels, counting the bodies of called functions)", e.span))
+            return dataclasses.replace(e, ty=self.too_deep(e.span))
         m = getattr(self, "e_" + type(e).__name__)
         self.depth += 1
+        if self.depth > self.peak:
+            self.peak = self.depth
         try:
             return m(e, scope)
         finally:
@@ -195,6 +258,7 @@ class Checker:
         if got is not None:
             return got
         if c.name in self.fn_stack:
+            self.session.recursions += 1
             self.err(AttnNameError, f"constant '{c.name}' refers to itself"
                      + _through(self.fn_stack, c.name), c.span)
             return None
@@ -493,6 +557,7 @@ class Checker:
 
     def call_fn(self, e, fn: ir.FnDef):
         if fn.name in self.fn_stack:
+            self.session.recursions += 1
             return dataclasses.replace(e, ty=self.err(
                 AttnTypeError, f"function '{fn.name}' calls itself"
                 + _through(self.fn_stack, fn.name) + "; recursion is not allowed",
@@ -549,6 +614,61 @@ class Checker:
                 args.append(a)
             if not ok:
                 return dataclasses.replace(e, ty=ERROR, ref="fn")
+        finally:
+            self.fn_stack.pop()
+        body, tb = self._instance(e, fn, inner)
+        return dataclasses.replace(e, args=tuple(args), kwargs=(), ty=tb, ref="fn",
+                                   params=tuple(p.name for p in fn.params), body=body,
+                                   defaults=tuple(defaults))
+
+    def _instance(self, e, fn: ir.FnDef, inner: Scope):
+        """(typed body, result type) of `fn` for these parameter types, checked once per
+        session for each (function, parameter types, allowed context names, spaces, pattern)
+        and shared by every call site, so that checking stays linear in the program's size
+        however often a function is called. A shared instance replays what checking its
+        body did to the checker: uses of 'h' and of content, misused context names, depth."""
+        key = (id(fn), tuple(inner.names[p.name][1] for p in fn.params),
+               frozenset(self.allow_context), _space_key(self.qspace),
+               _space_key(self.kspace), frozenset(self.space_roles), self.bad_ref,
+               self.pattern_name)
+        got = self.session.instances.get(key)
+        if got is not None:
+            body, tb, extent, uses_h, h_span, content, misused, bad_ref = got
+            if self.depth + extent >= MAX_EXPR_DEPTH:
+                return body, self.too_deep(e.span)
+            self.peak = max(self.peak, self.depth + extent)
+            self.uses_h = self.uses_h or uses_h
+            self.h_span = self.h_span or h_span
+            self.uses_content = self.uses_content or content
+            self.bad_ref = self.bad_ref or bad_ref
+            for n, sp in misused.items():
+                self.misused.setdefault(n, sp)
+            return body, tb
+        saved = (self.peak, self.uses_h, self.h_span, self.uses_content, self.misused,
+                 self.bad_ref)
+        self.peak, self.uses_h, self.h_span, self.uses_content, self.misused = (
+            self.depth, False, None, False, {})
+        recursions = self.session.recursions
+        try:
+            body, tb = self._check_body(fn, inner)
+        finally:
+            mine = (self.peak - self.depth, self.uses_h, self.h_span, self.uses_content,
+                    self.misused, self.bad_ref and not saved[5])
+            self.peak = max(saved[0], self.peak)
+            self.uses_h = saved[1] or self.uses_h
+            self.h_span = saved[2] or self.h_span
+            self.uses_content = saved[3] or self.uses_content
+            merged = dict(saved[4])
+            for n, sp in self.misused.items():
+                merged.setdefault(n, sp)
+            self.misused = merged
+        if self.session.recursions == recursions:  # a recursive body is never shared
+            self.session.instances[key] = (body, tb, *mine)
+        return body, tb
+
+    def _check_body(self, fn: ir.FnDef, inner: Scope):
+        self.fn_stack.append(fn.name)
+        try:
             scope = inner
             lets = []
             for let in fn.lets:
@@ -569,17 +689,21 @@ class Checker:
             tb = ERROR
         if tb.kind not in ("error",) and want.kind == "float":
             tb = Type("float", tb.n, tb.static)
-        return dataclasses.replace(e, args=tuple(args), kwargs=(), ty=tb, ref="fn",
-                                   params=tuple(p.name for p in fn.params), body=body,
-                                   defaults=tuple(defaults))
+        return body, tb
 
     def refers_back(self, target: str, span) -> bool:
         """Report (and say) whether using pattern `target` makes this pattern recursive."""
         me = self.pattern_name
-        path = _ref_path(self.module, target, me) if me is not None else None
+        if me is None:
+            return False
+        succ, comp = self.session.components(self.module)
+        if target != me and (comp.get(target) is None or comp.get(target) != comp.get(me)):
+            return False  # not in a cycle with this pattern: no need to look for a path
+        path = _ref_path(succ, target, me)
         if path is None:
             return False
         self.bad_ref = True
+        self.session.recursions += 1
         self.err(AttnTypeError, f"pattern '{me}' refers to itself"
                  + _through([me] + path[:-1], me) + "; recursion is not allowed", span)
         return True
@@ -599,7 +723,20 @@ class Checker:
             if t.kind != "error" and not t.static:
                 self.err(AttnTypeError, f"argument '{name}' of pattern '{pat.name}' must "
                          "depend only on parameters", a.span)
-        callee = self.session.pattern(self.module.home(pat), pat)
+        key = (pat.file, pat.name)
+        try:
+            callee = self.session.pattern(self.module.home(pat), pat,
+                                          self.depth + PATTERN_LEVEL)
+        except _TooDeep:
+            callee = None
+            extent = MAX_EXPR_DEPTH
+        else:
+            extent = self.session.extents.get(key, 0)
+        if self.depth + extent >= MAX_EXPR_DEPTH:
+            self.bad_ref = True  # no follow-up errors (an include gives no spaces)
+            return dataclasses.replace(e, ty=self.too_deep(e.span, "functions and patterns"),
+                                       ref="pattern")
+        self.peak = max(self.peak, self.depth + extent)
         return dataclasses.replace(e, ty=Type("bool", None, False), ref="pattern",
                                    callee=callee)
 
@@ -664,31 +801,84 @@ class Checker:
         self.call_fn(ir.Call(fn.span, fn.name, args), fn)
 
 
-def _ref_path(module: ir.Module, start: str, goal: str) -> list[str] | None:
-    """Names leading from pattern or function `start` to `goal` through includes, averages
-    and calls (`[start, ..., goal]`), or None."""
-    stack, seen = [(start, [start])], set()
-    while stack:
-        name, path = stack.pop()
-        if name == goal:
-            return path
-        d = module.scope.get(name)
-        if name in seen or not isinstance(d, ir.PatternDef | ir.FnDef):
+def _refs(d) -> list[str]:
+    """The names a pattern or function calls, includes or averages."""
+    tops = list(d.params) + (list(d.lets) + [d.body] if isinstance(d, ir.FnDef)
+                             else list(d.body))
+    return [x.func if isinstance(x, ir.Call) else x.name for top in tops for x in walk(top)
+            if isinstance(x, ir.Call | ir.PatternRef)]
+
+
+def _components(module: ir.Module) -> tuple[dict, dict]:
+    """(name -> names it refers to, name -> strongly connected component), found by
+    Kosaraju's algorithm without recursion."""
+    defs = {n: d for n, d in module.scope.items() if isinstance(d, ir.PatternDef | ir.FnDef)}
+    succ = {n: list(dict.fromkeys(m for m in _refs(d) if m in defs)) for n, d in defs.items()}
+    pred: dict = {n: [] for n in defs}
+    for n, ms in succ.items():
+        for m in ms:
+            pred[m].append(n)
+    order, seen = [], set()
+    for root in defs:
+        if root in seen:
             continue
-        seen.add(name)
-        tops = list(d.params) + (list(d.lets) + [d.body] if isinstance(d, ir.FnDef)
-                                 else list(d.body))
-        for top in tops:
-            for x in walk(top):
-                if isinstance(x, ir.Call | ir.PatternRef):
-                    n = x.func if isinstance(x, ir.Call) else x.name
-                    stack.append((n, path + [n]))
+        seen.add(root)
+        stack = [(root, iter(succ[root]))]
+        while stack:
+            n, it = stack[-1]
+            m = next((m for m in it if m not in seen), None)
+            if m is None:
+                order.append(n)
+                stack.pop()
+            else:
+                seen.add(m)
+                stack.append((m, iter(succ[m])))
+    comp: dict = {}
+    for root in reversed(order):
+        if root in comp:
+            continue
+        comp[root] = root
+        stack = [root]
+        while stack:
+            for m in pred[stack.pop()]:
+                if m not in comp:
+                    comp[m] = root
+                    stack.append(m)
+    return succ, comp
+
+
+def _ref_path(succ: dict, start: str, goal: str) -> list[str] | None:
+    """The shortest chain of references from `start` to `goal` (`[start, ..., goal]`), or
+    None."""
+    parent = {start: None}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            if n == goal:
+                path = []
+                while n is not None:
+                    path.append(n)
+                    n = parent[n]
+                return path[::-1]
+            for m in succ.get(n, ()):
+                if m not in parent:
+                    parent[m] = n
+                    nxt.append(m)
+        frontier = nxt
     return None
 
 
+def _space_key(sp: ir.Space | None):
+    return None if sp is None else (sp.kind, sp.axes)
+
+
 def _through(stack: list[str], name: str) -> str:
-    """' through f -> g -> f' for indirect recursion, '' for direct."""
+    """' through f -> g -> f' for indirect recursion, '' for direct; a long chain is shown
+    by its ends."""
     chain = stack[stack.index(name):] + [name]
+    if len(chain) > 12:
+        chain = chain[:5] + [f"... ({len(chain) - 10} more)"] + chain[-5:]
     return f" through {' -> '.join(chain)}" if len(chain) > 2 else ""
 
 

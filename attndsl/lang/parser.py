@@ -392,7 +392,7 @@ def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSynt
     text = lines[line - 1] if 0 < line <= len(lines) else ""
     if isinstance(err, UnexpectedCharacters):
         ch = text[col - 1] if col - 1 < len(text) else "?"
-        msg = f"unexpected character '{ch}'"
+        msg = f"unexpected character {_char(ch)}"
         span = Span(file, line, col, line, col + 1, text)
         return AttnSyntaxError(msg, span)
     unclosed = _unclosed(lines, line, col)
@@ -408,6 +408,14 @@ def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSynt
                                Span(file, bline, bcol, bline, bcol + 1, lines[bline - 1]))
     msg = "unexpected end of file" + _expected(getattr(err, "expected", ()) or ())
     return AttnSyntaxError(msg, Span(file, line, col, line, col + 1, text))
+
+
+def _char(ch: str) -> str:
+    """A character for a message: itself in quotes, or its code point when it would not
+    show (control characters, separators, format characters)."""
+    if ch.isprintable() and not ch.isspace():
+        return f"'{ch}'"
+    return f"U+{ord(ch):04X}"
 
 
 def _unclosed(lines: list[str], line: int, col: int):
@@ -447,9 +455,25 @@ def _too_deep(tree: lark.Tree):
     return None
 
 
+def normalize(text: str) -> str:
+    """The text as the grammar reads it: a leading byte-order mark dropped and every line
+    ending ('\r\n' or a lone '\r') made '\n'."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def source_lines(text: str) -> list[str]:
+    """The one line model of every stage: lines end at '\n' only, as lark counts them (not
+    str.splitlines(), which also splits at form feeds, U+2028 and others), so that a line
+    number always names the line that is shown."""
+    return normalize(text).split("\n")
+
+
 def parse_text(text: str, file: str = "<string>") -> tuple:
     """Parse one file's text into a tuple of top-level IR items."""
-    lines = text.splitlines()
+    text = normalize(text)
+    lines = text.split("\n")
     try:
         tree = _lark().parse(text)
     except UnexpectedInput as err:

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 from attndsl.lang.ir import Type
 
+# Expression nodes of one pattern with every call of a function or pattern, every include
+# and every constant expanded: what binding, masks, analyses and kernels walk. Checking
+# shares each function body among its call sites, so a program can name far more; beyond
+# this it is an error rather than a wait.
+EXPANSION_LIMIT = 20_000
+# Keywords of the Python API next to which run-time inputs and parameters are passed as
+# keyword arguments (op(q, k, v, backend=..., doc=...), attndsl.compile(src, pattern=...,
+# N=...)): such a name could never be passed, so it cannot name an input or a parameter.
+# tests/test_hardening.py keeps these in step with the signatures in api.py and export.py.
+RESERVED_INPUTS = {
+    "backend": "op(...)", "scale": "op(...)", "layers": "op.analyze(...)",
+    "query": "op.analyze(...)", "head_dim": "op.analyze(...)", "progress": "op.analyze(...)",
+    "keep_sets": "op.analyze(...)", "source": "op.path(...)", "target": "op.path(...)",
+    "name": "export(...)", "flex": "export(...)",
+}
+RESERVED_PARAMS = {"pattern": "attndsl.compile(...)", "import_roots": "attndsl.compile(...)"}
 ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades
 CONTEXT = ("q", "k", "h")
 SPACE_KINDS = {"seq": ("i",), "grid": ("y", "x"), "volume": ("t", "y", "x"), "channels": ("c",)}

@@ -9,7 +9,16 @@ from attndsl.errors import AttnNameError, AttnSyntaxError, AttnTypeError
 from attndsl.errors import did_you_mean as _dym
 from attndsl.lang import ir
 from attndsl.lang.ir import Type
-from attndsl.lang.scope import CONTEXT, POOLS, SPACE_KINDS, Scope, kind_ok
+from attndsl.lang.scope import (
+    CONTEXT,
+    EXPANSION_LIMIT,
+    POOLS,
+    RESERVED_INPUTS,
+    RESERVED_PARAMS,
+    SPACE_KINDS,
+    Scope,
+    kind_ok,
+)
 from attndsl.lang.walk import walk
 
 
@@ -49,6 +58,9 @@ class Statements:
             if prm.name in CONTEXT:
                 self.err(AttnNameError, f"'{prm.name}' is reserved for the query, key and "
                          "head index", prm.span)
+            elif prm.name in RESERVED_PARAMS:
+                self.err(AttnNameError, f"'{prm.name}' cannot name a parameter: it is a "
+                         f"keyword of {RESERVED_PARAMS[prm.name]}", prm.span)
             t = chk.type_of_ref(prm.type)
             if prm.default is not None:
                 d = chk.expr(prm.default, scope)
@@ -103,11 +115,48 @@ class Statements:
         if chk.uses_h and self.heads is None:
             self.err(AttnSyntaxError, "the head index 'h' needs a 'heads N' declaration",
                      chk.h_span or p.span)
-        return ir.CheckedPattern(
+        cp = ir.CheckedPattern(
             p.name, params, p.doc, p.span, p.file, qs, ks, tuple(self.lets),
             tuple(self.requires), tuple(self.inputs), self.heads, tuple(self.rules),
             tuple(self.scores), tuple(self.summaries), self.route, tuple(self.average),
             tuple(self.includes), chk.mask_h, chk.uses_content, self.nnz, key, text)
+        self.expansion(cp)
+        return cp
+
+    def expansion(self, cp: ir.CheckedPattern) -> None:
+        """Record the pattern's expanded size (Session.expanded); report the statement at
+        which it passes EXPANSION_LIMIT. A pattern over the limit counts 0 where it is
+        used, so that only its own statement is reported."""
+        session = self.chk.session
+        parts = [(prm.span, [prm.default]) for prm, _ in cp.params]
+        for sp in {id(x): x for x in (cp.qspace, cp.kspace) if x is not None}.values():
+            parts.append((sp.span, list(sp.sizes)))
+        parts += [(x.span, [x.value]) for x in cp.lets]
+        parts += [(x.span, [x.cond]) for x in cp.requires]
+        parts += [(x.span, list(x.dims)) for x in cp.inputs]
+        if cp.heads is not None:
+            parts.append((cp.heads.span, [cp.heads]))
+        for x in cp.rules + cp.scores:
+            parts.append((x.span, [x.expr] + ([x.heads.lo, x.heads.hi] if x.heads else [])))
+        for x in cp.summaries:
+            parts.append((x.span, [a.size for a in x.axes] + [x.member, x.attend]))
+        if cp.route is not None:
+            parts.append((cp.route.span, [cp.route.top, cp.route.shared]))
+        if cp.nnz is not None:
+            parts.append((cp.nnz.span, [cp.nnz.expr, cp.nnz.when]))
+        parts += [(ref.span, [ref]) for ref in [r for _, r in cp.average] + list(cp.includes)]
+        total = 0
+        for span, exprs in sorted(parts, key=lambda x: (x[0].line, x[0].col)):
+            total += sum(session.expanded(x) for x in exprs if x is not None)
+            if total > EXPANSION_LIMIT:
+                self.err(AttnTypeError, f"pattern '{cp.name}' expands to more than "
+                         f"{EXPANSION_LIMIT:,} expression nodes by here (counting every "
+                         "call of a function or pattern, every include and every constant "
+                         "as a copy of what it names); call fewer functions or patterns",
+                         span)
+                total = 0
+                break
+        session.pattern_sizes[cp.key] = total
 
     # ------------------------------------------------------------ one method per statement
     def s_SpaceStmt(self, s: ir.SpaceStmt, scope, hr):
@@ -168,6 +217,10 @@ class Statements:
         if s.name in CONTEXT or scope.get(s.name) is not None:
             self.err(AttnNameError, f"input '{s.name}' shadows another name", s.span)
             return scope
+        if s.name in RESERVED_INPUTS:  # reported, and declared all the same (no follow-ups)
+            self.err(AttnNameError, f"'{s.name}' cannot name a run-time input: it is a "
+                     f"keyword of {RESERVED_INPUTS[s.name]}, where inputs are passed",
+                     s.span)
         chk.allow_context = set()
         t = chk.type_of_ref(s.type, array=True)
         dims = ()
@@ -350,9 +403,10 @@ class Statements:
         return scope  # lets inside the block stay inside it
 
 
-def _deps(e, scope: Scope) -> frozenset:
+def _deps(e, scope: Scope, memo: dict | None = None) -> frozenset:
     """The context names (q, k, h) and run-time inputs an expression uses, through lets and
-    the bodies of called functions."""
+    the bodies of called functions (each shared body read once)."""
+    memo = {} if memo is None else memo
     out = set()
     for x in walk(e, enter=lambda n: True):
         if isinstance(x, ir.Name):
@@ -363,5 +417,7 @@ def _deps(e, scope: Scope) -> frozenset:
             elif x.ref == "local":
                 out.update(scope.let_deps(x.id))
         elif isinstance(x, ir.Call) and x.body is not None:
-            out |= _deps(x.body, scope)
+            if id(x.body) not in memo:
+                memo[id(x.body)] = (x.body, _deps(x.body, scope, memo))
+            out |= memo[id(x.body)][1]
     return frozenset(out)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attndsl.errors import InputError, UnsupportedError
+from attndsl.errors import InputError, ParameterError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import (
     RunInputs,
@@ -104,6 +104,15 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     scale = opts.scale
     if scale is None:
         scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        span = next((sc.span for _, sc, _ in bp.scores if sc.kind == "scale"),
+                    bp.checked.span) if bp.scale is not None else None
+    else:
+        span = None
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if float(scale) > torch.finfo(cdt).max:
+        raise ParameterError(f"scale {float(scale):g} does not fit in {_name(cdt)}, in which "
+                             f"{_name(dtype)} scores are computed (at most "
+                             f"{torch.finfo(cdt).max:.4g})", span)
     gates = None
     if bp.route is not None:
         gates = route_gates(bp, run.values[bp.route[0]], q.shape[1])
@@ -121,6 +130,10 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     if bp.channel:
         out = out.transpose(-1, -2)
     return out.to(dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def merge(out_a, lse_a, out_b, lse_b):

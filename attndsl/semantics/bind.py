@@ -283,6 +283,10 @@ def bind(checked: ir.CheckedPattern, values: dict, call_span=None) -> BoundPatte
     inputs = {}
     for d in checked.inputs:
         dims = tuple(None if x is None else ev.eval(x) for x in d.dims)
+        for x, n in zip(d.dims, dims):
+            if n is not None and n < 0:
+                raise ConstraintError(f"an input dimension must be at least 0, not {n}",
+                                      x.span)
         inputs[d.name] = InputSpec(d.kind, dims, d.optional, d.span)
     route = None
     if checked.route is not None:

@@ -81,7 +81,8 @@ def lift(f, *xs):
 
 def _check_int(v, span):
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= INT_LIMIT:
-        raise EvaluationError(f"integer overflow: {v} does not fit in a signed 64-bit "
+        shown = str(v) if v.bit_length() <= 128 else f"a {v.bit_length()}-bit value"
+        raise EvaluationError(f"integer overflow: {shown} does not fit in a signed 64-bit "
                               "integer", span)
     return v
 
@@ -156,9 +157,12 @@ class Evaluator:
                     self.guard = saved
             return self.memo[e.id]
         if e.value is not None:  # a constant: its typed definition, evaluated once here
-            if e.id not in self.consts:
-                self.consts[e.id] = Evaluator({}, {}).eval(e.value)
-            return self.consts[e.id]
+            key = (e.ref, e.id)  # constants of two files may share a name
+            if key not in self.consts:
+                sub = Evaluator({}, {})
+                sub.consts = self.consts  # and the constants it names, once too
+                self.consts[key] = sub.eval(e.value)
+            return self.consts[key]
         raise EvaluationError(f"'{e.id}' has no value here", e.span)
 
     def _guarded(self, e, local, mask):
@@ -179,8 +183,11 @@ class Evaluator:
         if e.op == "not":
             return lift(lambda a: ~a if _is_t(a) else not a, x)
         if e.op == "~":
-            return lift(operator.invert, x)
-        return lift(lambda a: _check_int(-a, e.span), x)
+            return lift(lambda a: _check_tensor(~a, None, e.span, self.guard,
+                                                "the result of '~'")
+                        if _is_t(a) else _check_int(~a, e.span), x)
+        return lift(lambda a: _check_tensor(-a, None, e.span, self.guard, "a negation")
+                    if _is_t(a) else _check_int(-a, e.span), x)
 
     def e_Binary(self, e, local):
         op = e.op
@@ -256,7 +263,7 @@ class Evaluator:
             return self.eval(e.body, fn_locals(e, self.eval, local))
         if e.ref == "builtin":
             args = [num(self.eval(a, local)) for a in e.args]
-            return call_builtin(e.func, args, e.span)
+            return call_builtin(e.func, args, e.span, self.guard)
         if e.ref == "pattern" and self.hooks is not None:
             return self.hooks.pattern(self, e, local)
         if e.ref == "dynamic" and self.hooks is not None:
@@ -283,22 +290,72 @@ def _t(x):
     return x if _is_t(x) else torch.tensor(x)
 
 
-def binop(op: str, a, b, span, guard=None):
-    """One arithmetic or bit operation with Python's semantics on ints and tensors.
+INT64_MIN = -(1 << 63)
+_OVERFLOW = "integer overflow: {} does not fit in a signed 64-bit integer"
 
-    `guard` marks the tensor elements whose value is used; a zero divisor elsewhere (in the
-    untaken side of an 'or', 'and' or 'if') is not an error."""
+
+def _int_tensor(r) -> bool:
+    return _is_t(r) and not r.is_floating_point() and r.dtype != torch.bool
+
+
+def _guarded_any(bad, guard) -> bool:
+    """Whether `bad` holds at an element whose value is used (see binop's `guard`)."""
+    if guard is not None:
+        bad = bad & guard
+    return bool(bad.any())
+
+
+def _check_tensor(r, bad, span, guard, what: str):
+    """r, unless an integer result wrapped: `bad` marks the elements whose exact result
+    left the 64-bit range; -2^63 itself is outside it too (|value| < 2^63, as for Python
+    ints), so no operation ever sees it."""
+    if not _int_tensor(r):
+        return r
+    bad = r == INT64_MIN if bad is None else bad | (r == INT64_MIN)
+    if _guarded_any(bad, guard):
+        raise EvaluationError(_OVERFLOW.format(what), span)
+    return r
+
+
+def _exact_overflow(a, b, f, est, guard) -> torch.Tensor:
+    """Elements where f(a, b) leaves the 64-bit range, from a float64 estimate `est` and
+    exact Python integers where the estimate is too close to call."""
+    a, b, est = torch.broadcast_tensors(_t(a), _t(b), est)
+    bad = est >= 2.0 ** 64
+    close = (est >= 2.0 ** 62) & ~bad
+    if guard is not None:
+        close = close & guard
+    if bool(close.any()):
+        exact = [abs(f(int(x), int(y))) >= 1 << 63
+                 for x, y in zip(a[close].tolist(), b[close].tolist())]
+        bad = bad.clone()
+        bad[close] = torch.tensor(exact, dtype=torch.bool, device=bad.device)
+    return bad
+
+
+def binop(op: str, a, b, span, guard=None):
+    """One arithmetic or bit operation with Python's semantics on ints and tensors; an
+    integer result outside the signed 64-bit range is an overflow error, never a wrapped
+    value.
+
+    `guard` marks the tensor elements whose value is used; a zero divisor or an overflow
+    elsewhere (in the untaken side of an 'or', 'and' or 'if') is not an error."""
     tensors = _is_t(a) or _is_t(b)
-    if op == "+":
-        r = a + b
-    elif op == "-":
-        r = a - b
+    if not tensors:
+        return _check_int(_scalar_op(op, a, b, span), span)
+    bad = None
+    what = "the result"
+    if op in ("+", "-"):
+        r = a + b if op == "+" else a - b
+        if _int_tensor(r):
+            ta, tb = _t(a), _t(b)
+            bad = (((ta ^ r) & (tb ^ r)) < 0) if op == "+" else (((ta ^ tb) & (ta ^ r)) < 0)
+            what = "a sum" if op == "+" else "a difference"
     elif op == "*":
         r = a * b
-        if tensors and not (_is_t(r) and r.is_floating_point()) and bool(
-                ((_t(a).double() * _t(b).double()).abs() >= 2.0 ** 63).any()):
-            raise EvaluationError("integer overflow: a product does not fit in a signed 64-bit"
-                                  " integer", span)
+        if _int_tensor(r):
+            est = (_t(a).double() * _t(b).double()).abs()
+            bad, what = _exact_overflow(a, b, lambda x, y: x * y, est, guard), "a product"
     elif op == "/":
         if _any_zero(b, guard):
             raise EvaluationError("division by zero", span)
@@ -307,36 +364,81 @@ def binop(op: str, a, b, span, guard=None):
         if _any_zero(b, guard):
             raise EvaluationError("division by zero" if op == "//" else "modulo by zero", span)
         b = _nonzero(b)
-        if not tensors:
-            r = a // b if op == "//" else a % b
-        elif op == "//":
+        if op == "//":
             r = torch.div(_t(a), b, rounding_mode="floor")
         else:
             r = torch.remainder(_t(a), b)
     elif op == "**":
-        if isinstance(b, int) and not isinstance(a, float) and not _is_t(a) and b < 0:
-            raise EvaluationError(f"negative integer exponent {b}", span)
-        if _is_t(b) and not b.is_floating_point() and bool((b < 0).any()):
+        if _is_t(b) and not b.is_floating_point() and _guarded_any(b < 0, guard):
             raise EvaluationError("negative integer exponent", span)
-        if not tensors and isinstance(a, int) and isinstance(b, int) and b > 64 and abs(a) > 1:
-            raise EvaluationError(f"integer overflow: {a} ** {b} does not fit in 64 bits",
-                                  span)
-        r = _pow(a, b, span) if not tensors else torch.pow(_t(a), b)
+        if isinstance(b, int) and not isinstance(b, bool) and b < 0 and not (
+                _is_t(a) and a.is_floating_point()) and not isinstance(a, float):
+            raise EvaluationError(f"negative integer exponent {b}", span)
+        if _is_t(b) and not b.is_floating_point():
+            b = b.clamp(min=0)  # negative exponents only where unused (checked above)
+        r = torch.pow(_t(a), b)
+        if _int_tensor(r):
+            est = _t(a).double().abs() ** _t(b).double().clamp(min=0)
+            bad, what = _exact_overflow(a, b, lambda x, y: x ** max(y, 0), est, guard), \
+                "a power"
     elif op in ("&", "|", "^"):
-        r = {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](a, b)
+        r = {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](_t(a), b)
+        what = f"the result of '{op}'"
     elif op in ("<<", ">>"):
-        if (_is_t(b) and bool((b < 0).any())) or (not _is_t(b) and b < 0):
+        if _guarded_any(_t(b) < 0, guard):
             raise EvaluationError("negative shift count", span)
-        if op == "<<" and ((_is_t(b) and bool((b >= 63).any())) or (not _is_t(b) and b >= 63)):
+        big = _t(b) >= 63
+        if op == "<<" and _guarded_any(big, guard):
             raise EvaluationError("shift count of 63 or more overflows 64-bit integers", span)
+        b = _t(b).clamp(min=0, max=63 if op == ">>" else 62)
         if op == ">>":
-            b = b.clamp(max=63) if _is_t(b) else min(b, 63) if tensors else b
-            r = a >> b if not tensors else torch.bitwise_right_shift(_t(a), b)
+            r = torch.bitwise_right_shift(_t(a), b)
         else:
-            r = a << b if not tensors else torch.bitwise_left_shift(_t(a), b)
+            r = torch.bitwise_left_shift(_t(a), b)
+            bad, what = torch.bitwise_right_shift(r, b) != _t(a), "a shift"
     else:  # pragma: no cover - the grammar has no other operators
         raise EvaluationError(f"unknown operator '{op}'", span)
-    return _check_int(r, span) if not tensors else r
+    return _check_tensor(r, bad, span, guard, what)
+
+
+def _scalar_op(op: str, a, b, span):
+    """binop on Python numbers (the caller checks the result's range)."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "/":
+        if b == 0:
+            raise EvaluationError("division by zero", span)
+        return float(a) / b
+    if op in ("//", "%"):
+        if b == 0:
+            raise EvaluationError("division by zero" if op == "//" else "modulo by zero", span)
+        try:
+            return a // b if op == "//" else a % b
+        except OverflowError:  # float // float beyond the float range
+            raise EvaluationError(f"{a} {op} {b} overflows", span) from None
+    if op == "**":
+        if isinstance(b, int) and not isinstance(a, float) and b < 0:
+            raise EvaluationError(f"negative integer exponent {b}", span)
+        if isinstance(a, int) and isinstance(b, int) and b > 64 and abs(a) > 1:
+            raise EvaluationError(f"integer overflow: {a} ** {b} does not fit in 64 bits",
+                                  span)
+        return _pow(a, b, span)
+    if op in ("&", "|", "^"):
+        return {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](a, b)
+    if op in ("<<", ">>"):
+        if b < 0:
+            raise EvaluationError("negative shift count", span)
+        if op == "<<":
+            if b >= 63:
+                raise EvaluationError("shift count of 63 or more overflows 64-bit integers",
+                                      span)
+            return a << b
+        return a >> min(b, 63)
+    raise EvaluationError(f"unknown operator '{op}'", span)  # pragma: no cover
 
 
 def _pow(a, b, span):
@@ -352,40 +454,54 @@ def _pow(a, b, span):
     return r
 
 
-def _floor(x, span):
+def _floor(x, span, guard=None):
+    if _is_t(x):
+        if not x.is_floating_point():
+            return x
+        f = torch.floor(x)
+        ok = torch.isfinite(f) & (f.abs() < 2.0 ** 63)
+        if _guarded_any(~ok, guard):
+            raise EvaluationError("floor of a number that is not finite or does not fit in a "
+                                  "signed 64-bit integer", span)
+        return torch.where(ok, f, torch.zeros_like(f)).long()
+    if isinstance(x, int):
+        return x
     if not math.isfinite(x):
         raise EvaluationError(f"floor of {x} is not an integer", span)
-    return math.floor(x)
+    return _check_int(math.floor(x), span)
 
 
 def _elementwise(f):
     """A one-argument built-in applied item by item to tuples."""
-    return lambda args, span: lift(lambda x: f(x, span), *args)
+    return lambda args, span, guard=None: lift(lambda x: f(x, span, guard), *args)
 
 
 def _b_minmax(name):
-    def impl(args, span):
+    def impl(args, span, guard=None):
         if len(args) == 1:
             return _minmax(name, list(args[0]) if isinstance(args[0], tuple) else [args[0]])
         return lift(lambda *xs: _minmax(name, list(xs)), *args)
     return impl
 
 
-def _b_clamp(args, span):
+def _b_clamp(args, span, guard=None):
     return lift(lambda x, lo, hi: _minmax("min", [_minmax("max", [x, lo]), hi]), *args)
 
 
-def _b_cdiv(args, span):
-    return lift(lambda a, b: -binop("//", -a, b, span), *args)
+def _b_cdiv(args, span, guard=None):
+    return lift(lambda a, b: binop("-", 0, binop("//", binop("-", 0, a, span, guard), b, span,
+                                                 guard), span, guard), *args)
 
 
-def _popcount(x, span):
+def _popcount(x, span, guard=None):
     if _is_t(x):
-        if bool((x < 0).any()):
+        if _guarded_any(x < 0, guard):
             raise EvaluationError("popcount of a negative number", span)
-        c = torch.zeros_like(x)
-        y = x.clone()
-        while bool((y != 0).any()):
+        y = x.clamp(min=0)
+        c = torch.zeros_like(y)
+        for _ in range(63):  # y < 2^63: at most 63 bits
+            if not bool((y != 0).any()):
+                break
             c += y & 1
             y = y >> 1
         return c
@@ -394,24 +510,29 @@ def _popcount(x, span):
     return bin(x).count("1")
 
 
-def _bit_length(x, span):
+def _bit_length(x, span, guard=None):
+    """Bits of |x|, as Python's int.bit_length; on tensors at most 64 steps of a logical
+    shift, whatever the values."""
     if _is_t(x):
         y = x.abs()
         c = torch.zeros_like(y)
-        while bool((y != 0).any()):
-            c += (y != 0).long()
-            y = y >> 1
+        for _ in range(64):
+            nz = y != 0
+            if not bool(nz.any()):
+                break
+            c += nz.long()
+            y = (y >> 1) & ((1 << 63) - 1)
         return c
     return x.bit_length()
 
 
-def _ilog2(x, span):
-    if (_is_t(x) and bool((x < 1).any())) or (not _is_t(x) and x < 1):
+def _ilog2(x, span, guard=None):
+    if (_is_t(x) and _guarded_any(x < 1, guard)) or (not _is_t(x) and x < 1):
         raise EvaluationError("ilog2 needs x >= 1", span)
     return _bit_length(x, span) - 1
 
 
-def _is_pow2(x, span):
+def _is_pow2(x, span, guard=None):
     return (x > 0) & ((x & (x - 1)) == 0) if _is_t(x) else x > 0 and x & (x - 1) == 0
 
 
@@ -427,37 +548,48 @@ def fold(x, f):
 
 
 def _b_reduce(name):
-    def impl(args, span):
+    def impl(args, span, guard=None):
         if name == "all":
             return fold(args[0], lambda a, b: a & b if _is_t(a) or _is_t(b) else (a and b))
         if name == "any":
             return fold(args[0], lambda a, b: a | b if _is_t(a) or _is_t(b) else (a or b))
-        return fold(args[0], lambda a, b: binop("+" if name == "sum" else "*", a, b, span))
+        op = "+" if name == "sum" else "*"
+        return fold(args[0], lambda a, b: binop(op, a, b, span, guard))
     return impl
 
 
-def _b_floor(x, span):
-    if _is_t(x):
-        return torch.floor(x).long() if x.is_floating_point() else x
-    return _floor(x, span)
-
-
-def _sqrt(x, span):
-    if (_is_t(x) and bool((x < 0).any())) or (not _is_t(x) and x < 0):
+def _sqrt(x, span, guard=None):
+    if (_is_t(x) and _guarded_any(x < 0, guard)) or (not _is_t(x) and x < 0):
         raise EvaluationError("square root of a negative number", span)
     return torch.sqrt(_t(x).double()) if _is_t(x) else math.sqrt(x)
 
 
-def _log(x, span):
-    if (_is_t(x) and bool((x <= 0).any())) or (not _is_t(x) and x <= 0):
+def _log(x, span, guard=None):
+    if (_is_t(x) and _guarded_any(x <= 0, guard)) or (not _is_t(x) and x <= 0):
         raise EvaluationError("logarithm of a number <= 0", span)
     return torch.log(_t(x).double()) if _is_t(x) else math.log(x)
 
 
+def _abs(x, span, guard=None):
+    if _is_t(x):
+        return _check_tensor(x.abs(), None, span, guard, "an absolute value")
+    return _check_int(abs(x), span)
+
+
+def _exp(x, span, guard=None):
+    if _is_t(x):
+        return torch.exp(x.double())
+    try:
+        return math.exp(x)
+    except OverflowError:
+        raise EvaluationError(f"exp({x}) overflows", span) from None
+
+
 # One implementation per built-in of lang/builtins.BUILTINS (tests/test_architecture.py
-# checks that none is missing): f(args, span) on Python values or tensors.
+# checks that none is missing): f(args, span, guard) on Python values or tensors; `guard`
+# marks the tensor elements whose value is used (see binop).
 BUILTIN_IMPLS = {
-    "abs": _elementwise(lambda x, span: x.abs() if _is_t(x) else _check_int(abs(x), span)),
+    "abs": _elementwise(_abs),
     "min": _b_minmax("min"),
     "max": _b_minmax("max"),
     "clamp": _b_clamp,
@@ -470,25 +602,18 @@ BUILTIN_IMPLS = {
     "any": _b_reduce("any"),
     "sum": _b_reduce("sum"),
     "prod": _b_reduce("prod"),
-    "float": _elementwise(lambda x, span: x.double() if _is_t(x) else float(x)),
-    "floor": _elementwise(_b_floor),
+    "float": _elementwise(lambda x, span, guard: x.double() if _is_t(x) else float(x)),
+    "floor": _elementwise(_floor),
     "sqrt": _elementwise(_sqrt),
-    "exp": _elementwise(lambda x, span: torch.exp(x.double()) if _is_t(x) else _exp(x, span)),
+    "exp": _elementwise(_exp),
     "log": _elementwise(_log),
-    "tanh": _elementwise(lambda x, span: torch.tanh(x.double()) if _is_t(x)
+    "tanh": _elementwise(lambda x, span, guard: torch.tanh(x.double()) if _is_t(x)
                          else math.tanh(x)),
 }
 
 
-def call_builtin(name: str, args: list, span):
-    return BUILTIN_IMPLS[name](args, span)
-
-
-def _exp(x, span):
-    try:
-        return math.exp(x)
-    except OverflowError:
-        raise EvaluationError(f"exp({x}) overflows", span) from None
+def call_builtin(name: str, args: list, span, guard=None):
+    return BUILTIN_IMPLS[name](args, span, guard)
 
 
 def _minmax(name, items):

@@ -14,10 +14,12 @@ from types import MappingProxyType
 import torch
 
 from attndsl.caches import lazy
-from attndsl.errors import InputError
+from attndsl.errors import InputError, SizeLimitError
 from attndsl.semantics.bind import BoundPattern
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INPUT_LIMIT = 1 << 28  # elements of one run-time input (2 GiB as int64), checked unread
+INT64_MIN = -(1 << 63)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,9 +110,13 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
         if not isinstance(v, torch.Tensor):
             try:
                 v = torch.as_tensor(v)
-            except (TypeError, ValueError, RuntimeError):
+            except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise InputError(f"run-time input '{name}' must be a tensor or number, not "
                                  f"{type(v).__name__}", span) from None
+        _dense(f"run-time input '{name}'", v, span)
+        if v.numel() > INPUT_LIMIT:
+            raise SizeLimitError(f"run-time input '{name}' has {v.numel():,} elements, over "
+                                 f"the limit of {INPUT_LIMIT:,} (2^28)", span)
         if kind == "int" and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool):
             raise InputError(f"run-time input '{name}' must have an integer dtype, not "
                              f"{v.dtype}", span)
@@ -128,6 +134,9 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
                              f"{device}", span)
         if kind == "int":
             v = v.long()
+            if v.numel() and bool((v == INT64_MIN).any()):
+                raise InputError(f"run-time input '{name}' holds {INT64_MIN}, outside the "
+                                 "range of .attn integers (|value| < 2^63)", span)
         out[name] = v
     rows = bp.nq if q_rows is None else q_rows
     if router is not None and out.get(router) is not None:
@@ -156,6 +165,7 @@ def check_tensors(bp: BoundPattern, q, k, v, q_start: int | None = None) -> None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, not {type(t).__name__}", at)
+        _dense(name, t, at)
         if t.dim() != 4:
             raise InputError(f"{name} must have 4 dimensions [batch, heads, tokens, dim], not "
                              f"{list(t.shape)}", at)
@@ -202,6 +212,11 @@ def check_tensors(bp: BoundPattern, q, k, v, q_start: int | None = None) -> None
         if k.shape[2] != bp.nk:
             raise InputError(f"k has {k.shape[2]} tokens; pattern '{bp.name}' has {bp.nk} keys "
                              f"{_dims(bp.kshape)}", _space_span(bp, "kspace"))
+    if bp.channel and q.shape[2] == 0:
+        raise InputError("channel tokens need at least one position (q, k and v have 0)", at)
+    if not bp.channel and (q.shape[3] == 0 or v.shape[3] == 0):
+        which = "q and k" if q.shape[3] == 0 else "v"
+        raise InputError(f"{which} must have a head dim of at least 1, not 0", at)
     if bp.heads is not None and q.shape[1] != bp.heads:
         raise InputError(f"pattern '{bp.name}' is declared for {bp.heads} heads; q has "
                          f"{q.shape[1]}",
@@ -230,6 +245,16 @@ def check_options(bp: BoundPattern, q, k, opts) -> None:
         raise InputError(f"queries must be [{q.shape[0]}, {q.shape[1]}, {k.shape[2]}, "
                          f"{q.shape[3]}] (a query at every key position), not "
                          f"{list(getattr(qs, 'shape', []))}")
+
+
+def _dense(name: str, t: torch.Tensor, span) -> None:
+    """A tensor whose values can be read: dense (strided) and on a real device."""
+    if t.is_nested or t.layout != torch.strided:
+        layout = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        raise InputError(f"{name} must be a dense tensor, not a {layout} one (use "
+                         ".to_dense())", span)
+    if t.device.type == "meta":
+        raise InputError(f"{name} is on the meta device, which holds no values", span)
 
 
 def _space_span(bp: BoundPattern, which: str):

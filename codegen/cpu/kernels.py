@@ -30,13 +30,15 @@ import torch
 
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.plan.tables import plan_for
-from attndsl.errors import InputError, UnsupportedError
+from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.reference import Reference
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import keep
 from attndsl.semantics.masks import bias
 
 BUDGET = 1 << 20  # scores per work item (4 MiB in float32): the working set stays in cache
+CPU_LIMIT = 1 << 31  # elements of q, k, v and the output held at once (checked before any)
+TOKEN_LIMIT = 1 << 26  # queries or keys of one space the CPU backend plans for
 STRIDED_GROUPS = 16  # at most this many (batch, kv head) products per strided item
 
 
@@ -57,6 +59,14 @@ class Cpu:
         if bp.head_dependent and bp.heads is None:
             raise UnsupportedError("per-head rules need a 'heads N' declaration",
                                    bp.checked.span)
+        held = cpu_elements(q, k, v)
+        if held > CPU_LIMIT:
+            raise SizeLimitError(f"the CPU backend holds q, k, v and the output in block layout"
+                                 f" ({held:,} elements), over its limit of {CPU_LIMIT:,} "
+                                 "(2^31); use smaller sizes", bp.checked.span)
+        if max(bp.nq, bp.nk) > TOKEN_LIMIT:
+            raise SizeLimitError(f"the CPU backend plans {max(bp.nq, bp.nk):,} tokens, over its "
+                                 f"limit of {TOKEN_LIMIT:,} (2^26) per space", bp.checked.span)
 
     def direct(self, call):
         bp = call.bp
@@ -79,6 +89,13 @@ class _Extra:
     key_valid: torch.Tensor | None = None
     seed: int | None = None
     p: float = 0.0
+
+
+def cpu_elements(q, k, v) -> int:
+    """What a call holds at once, in elements: q, k and v copied into block layout and
+    the output [B, H, Nq, Dv] (channel tokens: q's shape, the same count)."""
+    B, H, Nq, _ = q.shape
+    return q.numel() + k.numel() + v.numel() + B * H * Nq * v.shape[3]
 
 
 def supported(bp: BoundPattern) -> bool:
@@ -181,6 +198,8 @@ def _cuts(ctx: _Ctx, grp: Group, gcount: int, rq: int):
     bq, bk = ctx.cp.bq, ctx.cp.bk
     n, slots = len(grp.rows), grp.slots
     per = rq * bq * slots * bk  # one row, one (batch, kv head)
+    if rq == 0 or gcount == 0:  # no query heads (or no batch): nothing to compute
+        return
     if per <= BUDGET * 3 // 2:
         if per * gcount <= BUDGET:
             step = max(1, BUDGET // (per * gcount))

@@ -12,65 +12,157 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import linecache
 import math
 import os
+import re
+import stat
 import sys
 import tempfile
 import threading
+import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from attndsl import caches
+from attndsl.codegen.cpu.kernels import CPU_LIMIT, TOKEN_LIMIT, cpu_elements
 from attndsl.codegen.emit import input_layout
 from attndsl.codegen.plan.tables import Plan, plan_for
 from attndsl.codegen.triton.generate import dynamic_config, module_source
-from attndsl.errors import InputError, UnsupportedError
+from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import threshold as dropout_threshold
 from attndsl.semantics.dynamic import keep_chunks
 from attndsl.semantics.inputs import RunInputs
 
 LN2 = math.log(2.0)
+GRID_Y_LIMIT = 65535  # CUDA's limit on a grid's second dimension: batch x heads
 _IMPORT_LOCK = threading.Lock()
 
 
 def cache_dir() -> str:
+    """The kernel cache: $ATTNDSL_CACHE, or ~/.cache/attndsl. attndsl imports Python from
+    it, so it is created readable and writable by its owner only, and a directory that
+    belongs to another user or that others may write to is refused."""
     d = os.environ.get("ATTNDSL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attndsl")
-    os.makedirs(d, exist_ok=True)
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+    except OSError as e:
+        raise UnsupportedError(f"cannot create the kernel cache directory '{d}': "
+                               f"{e.strerror or e}; set ATTNDSL_CACHE to another "
+                               "directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsupportedError(f"the kernel cache '{d}' is not a directory; set "
+                               "ATTNDSL_CACHE to another directory")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise UnsupportedError(f"the kernel cache directory '{d}' belongs to another user; "
+                               "attndsl imports Python from it: set ATTNDSL_CACHE to a "
+                               "directory of your own")
+    if st.st_mode & 0o022:
+        raise UnsupportedError(f"the kernel cache directory '{d}' can be written by other "
+                               f"users (mode {stat.S_IMODE(st.st_mode):o}); attndsl imports "
+                               "Python from it: make it writable by its owner only (chmod "
+                               "go-w) or set ATTNDSL_CACHE to another directory")
     return d
 
 
 def _forget(path, module) -> None:
     sys.modules.pop(getattr(module, "__name__", ""), None)
+    linecache.cache.pop(path, None)
 
 
 caches.KERNEL_MODULES.on_evict(_forget)  # evicted modules leave sys.modules too
 
+_ENTRY = re.compile(r"attndsl_([0-9a-f]{20})\.py")
+MAX_KERNEL_SOURCE = 1 << 26  # bytes of one generated module (far beyond any real one)
 
-def module_at(path: str):
-    """The kernel module imported from `path` (cached; a module already imported from that
-    file, such as an exported one, is reused)."""
+
+def _digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:20]
+
+
+def _read_entry(path: str) -> str | None:
+    """A cache entry's text, or None when it is missing, unreadable or too large."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KERNEL_SOURCE + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_KERNEL_SOURCE:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _write_entry(path: str, source: str) -> None:
+    """(Re)write a cache entry atomically: two processes writing the same source at once
+    both end with the same complete file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    os.replace(tmp, path)
+
+
+def _exec_source(path: str, source: str):
+    """Run verified source as the module of file `path`. The text executed is the one
+    verified, never the file read again; linecache holds it too, so Triton (which reads its
+    kernels' source through inspect) sees that same text."""
+    name = "attndsl_generated_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+    mod = types.ModuleType(name)
+    mod.__file__ = path
+    linecache.cache[path] = (len(source), None, source.splitlines(True), path)
+    sys.modules[name] = mod
+    try:
+        exec(compile(source, path, "exec"), mod.__dict__)  # noqa: S102 - our own source
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
+
+
+def module_at(path: str, source: str | None = None):
+    """The kernel module of file `path` (cached). A cache entry is verified before it runs:
+    its content must be `source` (or, when only the path is known, hash to the digest in its
+    name); a bad entry is rewritten from `source` or refused. Any other file is a module
+    the caller named (an exported one), reused when already imported."""
     def load():
         for mod in list(sys.modules.values()):
             if getattr(mod, "__file__", None) == path and hasattr(mod, "attn_fwd"):
                 return mod
-        name = "attndsl_generated_" + hashlib.sha256(path.encode()).hexdigest()[:16]
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+        m = _ENTRY.fullmatch(os.path.basename(path))
+        if m is None:  # an exported module: the file the user wrote and named
+            spec = importlib.util.spec_from_file_location(
+                "attndsl_generated_" + hashlib.sha256(path.encode()).hexdigest()[:16], path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            return mod
+        text = _read_entry(path)
+        want = source
+        if want is None:
+            want = next((k.source for k in caches.KERNELS.values() if k.path == path), None)
+        if want is not None and _digest(want) == m.group(1):
+            if text != want:
+                _write_entry(path, want)  # missing, corrupted or planted: rebuilt
+            return _exec_source(path, want)
+        if text is None or _digest(text) != m.group(1):
+            raise UnsupportedError(f"the kernel cache entry '{path}' does not match its "
+                                   "hash (it was changed after attndsl wrote it) and its "
+                                   "source is no longer known; compile the pattern again")
+        return _exec_source(path, text)
     with _IMPORT_LOCK:
         return caches.KERNEL_MODULES.get_or_create(path, load)
 
 
 def source_path(source: str) -> str:
     """Where the on-disk cache keeps a module's source (named by its content hash)."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-    return os.path.join(cache_dir(), f"attndsl_{digest}.py")
+    return os.path.join(cache_dir(), f"attndsl_{_digest(source)}.py")
 
 
 def load_source(source: str, name_hint: str = "kernel"):
@@ -81,12 +173,7 @@ def load_source(source: str, name_hint: str = "kernel"):
         if os.environ.get("ATTNDSL_DEBUG", "") not in ("", "0"):
             print(f"# ---- attndsl generated source ({name_hint}, {digest}) ----\n{source}",
                   file=sys.stderr)
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(source)
-            os.replace(tmp, path)
-    return module_at(path)
+    return module_at(path, source)
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,21 +401,44 @@ class Triton:
         self.fixed = plan  # an exported module's tables (used for the inputs they are for)
 
     def check(self, bp: BoundPattern, q, k, v) -> None:
+        at = bp.checked.span  # like the driver's checks: the pattern being run
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise InputError(f"the Triton backend takes float16, bfloat16 or float32, not "
-                             f"{q.dtype}")
+                             f"{q.dtype}", at)
         try:
             import triton  # noqa: F401
         except ImportError:
             raise UnsupportedError("backend 'triton' needs the triton package (pip install "
-                                   "triton)") from None
+                                   "triton)", at) from None
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise UnsupportedError("the Triton backend needs CUDA tensors (or "
                                    "TRITON_INTERPRET=1 to run the kernels on the CPU); use "
-                                   "backend='cpu' or 'reference' here")
-        if q.shape[-1] > 256:
-            raise InputError(f"the Triton backend supports head dims up to 256, not "
-                             f"{q.shape[-1]}")
+                                   "backend='cpu' or 'reference' here", at)
+        d, dv = (q.shape[2], v.shape[2]) if bp.channel else (q.shape[3], v.shape[3])
+        if d > 256:  # channel tokens: their positions are the head dim
+            raise InputError(f"the Triton backend supports head dims up to 256, not {d}", at)
+        if dv != d:
+            raise InputError(f"the Triton backend needs v's head dim equal to q's ({d}), not "
+                             f"{dv}; use backend='cpu' or 'reference'", at)
+        if q.shape[0] * q.shape[1] > GRID_Y_LIMIT:
+            raise SizeLimitError(f"the Triton backend launches one program row per (batch, "
+                                 f"head): {q.shape[0] * q.shape[1]:,}, over the limit of "
+                                 f"{GRID_Y_LIMIT:,}", at)
+        if max(bp.nq, bp.nk) > TOKEN_LIMIT:
+            raise SizeLimitError(f"the Triton backend plans {max(bp.nq, bp.nk):,} tokens, over "
+                                 f"its limit of {TOKEN_LIMIT:,} (2^26) per space",
+                                 at)
+        held = cpu_elements(q, k, v) * q.element_size()
+        if q.is_cuda:
+            free, _ = torch.cuda.mem_get_info(q.device)
+            if held > free:
+                raise SizeLimitError(f"the Triton backend needs about {held / 2**30:.1f} GiB of "
+                                     f"device memory for q, k, v and the output, and "
+                                     f"{free / 2**30:.1f} GiB are free", at)
+        elif held > CPU_LIMIT * 4:
+            raise SizeLimitError(f"the Triton interpreter holds q, k, v and the output on the "
+                                 f"host ({held:,} bytes), over the limit of "
+                                 f"{CPU_LIMIT * 4:,} (8 GiB)", at)
 
     def _plan(self, call) -> Plan:
         bp = call.bp
