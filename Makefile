@@ -8,5 +8,5 @@ demo: setup
 	@.venv/bin/python examples/standard_library.py
 
 test: setup
-	@.venv/bin/ruff check attndsl codegen tests examples bench
+	@.venv/bin/ruff check attndsl codegen tests examples bench scripts
 	@.venv/bin/python -m pytest -q -n 2 tests

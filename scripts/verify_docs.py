@@ -6,7 +6,12 @@
 ```console  -> '$ cmd' lines run with bash (stdout+stderr); the following lines are the
                expected output, compared exactly (trailing spaces ignored). --fill rewrites them.
 """
-import os, re, subprocess, sys, tempfile
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 DOC = Path(sys.argv[1])
@@ -23,24 +28,28 @@ while i < len(lines):
     line = lines[i]
     m = re.match(r"^```(\w+)\s*$", line)
     if not m:
-        out_lines.append(line); i += 1; continue
+        out_lines.append(line)
+        i += 1
+        continue
     lang = m.group(1)
     j = i + 1
     while not lines[j].startswith("```"):
         j += 1
-    body = lines[i + 1:j]
+    body = lines[i + 1 : j]
     start_line = i + 1
     out_lines.append(line)
     if lang == "attn":
         n_attn += 1
         name = f"ex{n_attn:02d}.attn"
         if body and body[0].startswith("# file: "):
-            name = body[0][len("# file: "):].strip()
+            name = body[0][len("# file: ") :].strip()
         p = work / name
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("\n".join(body) + "\n")
         if not Path(name).name.startswith("bad"):
-            r = subprocess.run(["attndsl", "check", name], cwd=work, capture_output=True, text=True, env=env)
+            r = subprocess.run(
+                ["attndsl", "check", name], cwd=work, capture_output=True, text=True, env=env
+            )
             if r.returncode != 0:
                 failures += 1
                 print(f"FAIL attn block at line {start_line} ({name}):\n{r.stdout}{r.stderr}")
@@ -49,7 +58,9 @@ while i < len(lines):
         n_py += 1
         p = work / f"snippet{n_py:02d}.py"
         p.write_text("\n".join(body) + "\n")
-        r = subprocess.run([sys.executable, p.name], cwd=work, capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, p.name], cwd=work, capture_output=True, text=True, env=env
+        )
         if r.returncode != 0:
             failures += 1
             print(f"FAIL python block at line {start_line}:\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -66,20 +77,30 @@ while i < len(lines):
             while cmd.endswith("\\"):
                 k += 1
                 cmd = cmd[:-1] + "\n" + body[k]
-            new_body.extend(body[k - cmd.count("\n"):k + 1])
+            new_body.extend(body[k - cmd.count("\n") : k + 1])
             k += 1
             expected = []
             while k < len(body) and not body[k].startswith("$ "):
-                expected.append(body[k]); k += 1
+                expected.append(body[k])
+                k += 1
             n_cmd += 1
-            r = subprocess.run(["bash", "-c", cmd + " 2>&1"], cwd=work, capture_output=True, text=True, env=env)
-            got = [x.rstrip() for x in r.stdout.rstrip("\n").split("\n")] if r.stdout.strip() else []
+            r = subprocess.run(
+                ["bash", "-c", cmd + " 2>&1"], cwd=work, capture_output=True, text=True, env=env
+            )
+            got = (
+                [x.rstrip() for x in r.stdout.rstrip("\n").split("\n")] if r.stdout.strip() else []
+            )
             if [x.rstrip() for x in expected] != got:
                 if FILL:
                     print(f"filled output of '{cmd}' at line {start_line}")
                 else:
                     failures += 1
-                    print(f"FAIL console at line {start_line}: {cmd}\n--- expected\n" + "\n".join(expected) + "\n--- got\n" + "\n".join(got))
+                    print(
+                        f"FAIL console at line {start_line}: {cmd}\n--- expected\n"
+                        + "\n".join(expected)
+                        + "\n--- got\n"
+                        + "\n".join(got)
+                    )
             new_body.extend(got if FILL else expected)
         out_lines.extend(new_body)
     else:
@@ -88,5 +109,8 @@ while i < len(lines):
     i = j + 1
 if FILL:
     DOC.write_text("\n".join(out_lines))
-print(f"{n_attn} attn blocks, {n_py} python blocks, {n_cmd} commands; {failures} failures; workdir {work}")
+print(
+    f"{n_attn} attn blocks, {n_py} python blocks, {n_cmd} commands; {failures} failures; "
+    f"workdir {work}"
+)
 sys.exit(1 if failures else 0)
