@@ -24,16 +24,21 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def _inputs(op, batch, gen):
+def _inputs(op, batch, gen, heads=2, dim=24):
+    """Run-time inputs for a standard pattern: document ids, a prefix, and random floats of
+    every float input's shape (batch in a '*' first dimension; a summary's given keys and
+    values [batch, heads, tokens, head dim])."""
     out = {}
-    for name, (_kind, dims, _opt) in op.inputs.items():
+    for name, (kind, dims, _opt) in op.inputs.items():
         if name == "doc":
-            n = dims[0]
-            out[name] = torch.sort(torch.randint(0, 3, (n,), generator=gen)).values
+            out[name] = torch.sort(torch.randint(0, 3, (dims[0],), generator=gen)).values
         elif name == "prefix":
             out[name] = 9
-        elif name == "router":
-            out[name] = torch.randn(batch, dims[1], dims[2], generator=gen)
+        elif kind == "float":
+            shape = [batch if d is None else d for d in dims]
+            if len(dims) == 4 and dims[0] is None:
+                shape = [batch, heads, dims[2], dim]
+            out[name] = torch.randn(*shape, generator=gen)
     return out
 
 
@@ -54,7 +59,7 @@ def compare(op, *, heads=2, kv_heads=None, dim=24, batch=1, dtype=torch.float32,
     q, k, v = (torch.randn(*s, generator=gen).to(dtype).to(DEV).requires_grad_()
                for s in shapes)
     if inputs is None:
-        inputs = _inputs(op, batch, gen)
+        inputs = _inputs(op, batch, gen, heads, dim)
     inputs = {n: (x.to(DEV) if isinstance(x, torch.Tensor) else x) for n, x in inputs.items()}
     out = op(q, k, v, backend="triton", **inputs)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
