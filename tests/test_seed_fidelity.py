@@ -11,12 +11,12 @@ google-research/google-research @ 4c429948 combiner/combiner/jax/model/layer.py
 
 from __future__ import annotations
 
+import official as off
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attndsl
-import official as off
 from attndsl.errors import AttnError
 from attndsl.nn import DHSAAttention, MoHAttention, TransNeXtAttention
 
@@ -279,7 +279,9 @@ def test_combiner_axial_matches_official(backend, H, W):
         q, k, v, _local, _row, key_row = off.combiner_axial_parts(x, p, H, heads)
         if not through_op:
             return off.combiner_axial(x, p, H, heads)
-        f = (lambda t: t.reshape(B, H * W, heads, hd).transpose(1, 2).to(dtype))
+        def f(t):
+            return t.reshape(B, H * W, heads, hd).transpose(1, 2).to(dtype)
+
         o = op(f(q), f(k), f(v), backend=backend, scale=1.0, row_keys=f(key_row))
         return torch.einsum("bnhd,hdx->bnx", o.transpose(1, 2), p["out"].to(dtype))
 

@@ -19,6 +19,7 @@ import torch
 
 from attndsl.errors import InputError, ParameterError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.dropout import keep
 from attndsl.semantics.inputs import (
     RunInputs,
     check_given,
@@ -27,7 +28,6 @@ from attndsl.semantics.inputs import (
     content_of,
     validate,
 )
-from attndsl.semantics.dropout import keep
 from attndsl.semantics.masks import (
     bound_tokens,
     queries_at,
