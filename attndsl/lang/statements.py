@@ -319,7 +319,9 @@ class Statements:
         if s.member is None:
             if len(given) < 2:
                 self.err(AttnSyntaxError, f"summary '{s.name}' needs a 'member' rule (which "
-                         "keys belong to each summary token)", s.span)
+                         "keys belong to each summary token)" + (
+                             "" if not given else ", or both 'keys from' and 'values from'"),
+                         s.span)
         else:
             chk.allow_context = {"k"}
             member = chk.expr(s.member, inner)
@@ -385,9 +387,6 @@ class Statements:
                 sp for role, _, sp in s.pools if role == "queries")
             self.err(AttnSyntaxError, "'queries' pooling is used only by 'values expectation'",
                      sp)
-        if member is None and pools["values"] == "expectation":
-            self.err(AttnSyntaxError, f"summary '{s.name}' needs a 'member' rule: 'values "
-                     "expectation' attends its member keys", s.span)
         self.summaries.append(ir.Summary(
             s.name, tuple(axes), member, attend, pools["keys"], pools["values"],
             pools["queries"], s.span, given.get("keys"), given.get("values"), at, bias))
