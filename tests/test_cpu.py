@@ -106,12 +106,16 @@ STD = [
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
     # summary tokens (merged with the direct keys through log-sum-exps), rules reading q, k
-    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("combiner.attn", "combiner_axial_pooled", dict(H=7, W=9)),
+    ("transnext.attn", "aggregated_pooled", dict(H=9, W=11, kernel=3, pool=4)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=100, block=16, chunk=12, topk=2)),
+    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, budget=40, local=8, sinks=4,
+                               instruction=10)),
     ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
     ("combiner.attn", "combiner_logsparse", dict(N=50)),
     ("combiner.attn", "combiner_axial", dict(H=7, W=9)),
     ("combiner.attn", "combiner_mixture", dict(N=40, span=6)),
-    ("transnext.attn", "aggregated", dict(H=9, W=11, kernel=3, pool=4)),
+    ("transnext.attn", "aggregated", dict(H=9, W=11, heads=4, kernel=3, pool=4)),
 ]
 
 
@@ -122,7 +126,7 @@ def test_standard_patterns(file, pattern, params):
     compare(op, heads=op.heads or 2)
 
 
-@pytest.mark.parametrize("file,pattern,params", STD[-6:], ids=[p for _, p, _ in STD[-6:]])
+@pytest.mark.parametrize("file,pattern,params", STD[-7:], ids=[p for _, p, _ in STD[-7:]])
 def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern, params,
                                                                    monkeypatch):
     op = attndsl.compile(f"patterns/{file}", pattern, **params)
@@ -137,18 +141,18 @@ def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern
 
 
 def test_dhsa_boundaries_gqa_and_batches():
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=12, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=80, block=16, chunk=12, topk=2)
     bounds = torch.tensor([0, 5, 30, 31, 60])
     compare(op, dtype=torch.float64, heads=4, kv_heads=2, inputs={"boundaries": bounds})
     compare(op, heads=4, kv_heads=2, inputs={"boundaries": bounds})
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=100, block=16, chunk=12, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=100, block=16, chunk=12, topk=2)
     compare(op, dtype=torch.float64, batch=2, seed=3)
     compare(op, batch=2, heads=4, kv_heads=1, block=32, seed=4)
 
 
 def test_dhsa_masks_follow_q_and_k_per_call():
     """The same op on fresh q, k each call: no mask is reused from an earlier call."""
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=8, chunk=8, topk=1)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=64, block=8, chunk=8, topk=1)
     for seed in range(4):
         compare(op, dtype=torch.float64, seed=seed)
 

@@ -103,13 +103,17 @@ STD = [
     ("document.attn", "prefix_lm", dict(N=70)),
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
-    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=100, block=16, chunk=12, topk=2)),
     ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
     ("combiner.attn", "combiner_logsparse", dict(N=50)),
     ("combiner.attn", "combiner_axial", dict(H=7, W=9)),
+    ("combiner.attn", "combiner_axial_pooled", dict(H=5, W=6)),
     ("combiner.attn", "combiner_mixture", dict(N=40, span=6)),
-    ("transnext.attn", "aggregated", dict(H=9, W=11, kernel=3, pool=4)),
-    ("dhsa.attn", "dhsa", dict(N=90, block=20, chunk=7, topk=3)),
+    ("transnext.attn", "aggregated", dict(H=9, W=11, heads=2, kernel=3, pool=4)),
+    ("transnext.attn", "aggregated_pooled", dict(H=6, W=7, kernel=3, pool=4)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=90, block=20, chunk=7, topk=3)),
+    ("dhsa.attn", "dhsa", dict(N=60, block=16, chunk=7, budget=24, local=4, sinks=2,
+                               instruction=8)),
 ]
 
 
@@ -225,7 +229,7 @@ def test_moh_skips_blocks_whose_gates_are_zero():
 
 
 def test_dhsa_with_boundaries_and_gqa():
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=10, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=80, block=16, chunk=10, topk=2)
     compare(op, heads=4, kv_heads=2, inputs={"boundaries": torch.tensor([0, 5, 30, 31, 60])})
     compare(op, heads=2, batch=2, seed=3)
 
