@@ -277,7 +277,7 @@ class Op:
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
                 backend, BACKENDS))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
-                                  or not math.isfinite(scale)):
+                                  or isinstance(scale, bool) or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
         if torch.compiler.is_compiling():  # one opaque op in the graph (see _graph_op)
             names = sorted(n for n, x in inputs.items() if x is not None)
