@@ -613,3 +613,13 @@ def test_triton_refuses_a_value_head_dim_unlike_the_query_one():
     assert err.message == ("the Triton backend needs v's head dim equal to q's (4), not 8; "
                            "use backend='cpu' or 'reference'")
     assert _op()(q, q, v, backend="cpu").shape == (1, 1, 32, 8)
+
+
+def test_compiled_kernels_take_literals_past_int32():
+    """Found by the fuzzer: Triton typed 2147483648 as uint32, which int64 code cannot
+    divide by (a traceback from the interpreter's type checks)."""
+    op = attndsl.compile(pat("space seq(N)\nattend (q + 2147483648 * k) // 2147483648 <= q"),
+                         N=16).options(block_q=16, block_k=16)
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.allclose(op(x, x, x, backend="triton"), op(x, x, x, backend="reference"),
+                          atol=1e-5)
