@@ -257,7 +257,18 @@ def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["ATTNDSL_CACHE"] = os.path.join(scratch, "cache")
-    import attndsl  # noqa: F401 - imported once, before the first case's clock starts
+    # imported before the first case's clock starts: an alarm in the middle of an import
+    # would leave a half-initialised module behind for every later case
+    import torch._dynamo  # noqa: F401 - the custom ops import it on their first call
+
+    import attndsl  # noqa: F401
+    import attndsl.codegen.cpu.kernels  # noqa: F401
+    try:
+        import triton  # noqa: F401
+
+        import attndsl.codegen.triton.runtime  # noqa: F401
+    except ImportError:  # without triton the Triton backend says so (a located error)
+        pass
     home = Path(tempfile.mkdtemp(dir=scratch))
     outside = home / "outside"
     outside.mkdir()
@@ -274,6 +285,8 @@ def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
             outcome, why = "failure", "harness:\n" + traceback.format_exc(limit=-6)
         os.chdir(home)
         outq.put((case["index"], outcome, why, time.perf_counter() - t0))
+        if why.startswith("timeout"):
+            return  # interrupted anywhere, even in an import: the next case gets a new worker
 
 
 class _Slot:
@@ -311,9 +324,13 @@ def run(cases: int, seed: int = 0, workers: int = 2, budget: float = 10.0,
                 index = None
             now = time.perf_counter()
             if index is not None:
-                s = next(s for s in slots if s.case is not None and s.case["index"] == index)
+                i, s = next((i, s) for i, s in enumerate(slots)
+                            if s.case is not None and s.case["index"] == index)
                 s.case = None
                 slowest.append((secs, index))
+                if why.startswith("timeout"):  # that worker has exited: replace it
+                    s.proc.join(timeout=5)
+                    slots[i] = _Slot(ctx, outq, budget, memory, scratch)
             else:
                 for i, s in enumerate(slots):  # hung in C code, or dead: replace the worker
                     if s.case is None:
