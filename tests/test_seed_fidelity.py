@@ -77,7 +77,9 @@ def _check_layer(layer, official, x, params, backend, skip_grad=()):
 def test_moh_matches_official(backend, heads, shared, routed):
     """MoHAttention with MoH-DiT's weights = MoH-DiT's MoHAttention (gates: routed softmax
     over the top `routed` times `routed`, shared softmax times `shared`, 2-way group
-    weights)."""
+    weights).
+    Source: SkyworkAI/MoH @ 66bb340a00e7172f0a2a33059ccdac405c8b0efd, MoH-ViT/attention.py
+    (gates) and MoH-DiT/models.py (MoHAttention)."""
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(heads * 10 + shared)
     B, N, C = 2, 5, 4 * heads
@@ -91,7 +93,9 @@ def test_moh_matches_official(backend, heads, shared, routed):
 def test_moh_old_gates_differ_and_stay_reachable():
     """`normalised=true`: the routed gates sum to 1 (attndsl's earlier rule; with shared
     and group weights as the official): MoHAttention(gates='normalised') computes it, and it
-    differs from the official output."""
+    differs from the official output.
+    Source: SkyworkAI/MoH @ 66bb340a00e7172f0a2a33059ccdac405c8b0efd, MoH-ViT/attention.py
+    (gates) and MoH-DiT/models.py (MoHAttention)."""
     g = torch.Generator().manual_seed(0)
     heads, shared, routed, B, N = 6, 2, 2, 2, 5
     C = 4 * heads
@@ -112,7 +116,9 @@ def test_moh_old_gates_differ_and_stay_reachable():
 
 def test_moh_hard_gates_match_moh_llama():
     """gates='hard' with MoH-LLaMA3's router logits (routed query norms over their std):
-    its 0/1 gates."""
+    its 0/1 gates.
+    Source: SkyworkAI/MoH @ 66bb340a00e7172f0a2a33059ccdac405c8b0efd,
+    MoH-LLaMA3/Inference_code/modeling_llama.py."""
     g = torch.Generator().manual_seed(3)
     B, N, heads, shared, routed, D = 1, 6, 5, 1, 2, 4
     q, k, v = (torch.randn(B, heads, N, D, generator=g, dtype=torch.float64)
@@ -145,7 +151,10 @@ def test_moh_load_balancing_loss():
 def test_transnext_matches_official(backend, H, W, heads, window, sr):
     """TransNeXtAttention with AggregatedAttention's weights = AggregatedAttention.forward
     (eval): every term, learnable tokens included. The CPU and Triton backends take the
-    position biases as constants, so their gradients are checked on the reference only."""
+    position biases as constants, so their gradients are checked on the reference only.
+    Source: DaiShiResearch/TransNeXt @ ae5f0686a2b9ee256c4ae8a15b68a469ad1bd4e5,
+    classification/attention_native.py (AggregatedAttention) and transnext_native.py
+    (get_relative_position_cpb)."""
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(H * W + window)
     B, hd = 2, 4
@@ -166,7 +175,10 @@ def test_transnext_matches_official(backend, H, W, heads, window, sr):
 
 def test_transnext_fixed_pool_and_bias_gradient_errors():
     """fixed_pool_size and a pretraining grid other than the input's; a bias gradient asked
-    of the CPU backend is a located error."""
+    of the CPU backend is a located error.
+    Source: DaiShiResearch/TransNeXt @ ae5f0686a2b9ee256c4ae8a15b68a469ad1bd4e5,
+    classification/attention_native.py (AggregatedAttention) and transnext_native.py
+    (get_relative_position_cpb)."""
     g = torch.Generator().manual_seed(1)
     H, W, heads, C = 5, 6, 2, 8
     x = torch.randn(1, H * W, C, generator=g, dtype=torch.float64)
@@ -214,7 +226,9 @@ DHSA_CASES = [  # N, block, chunk, budget, local, sinks, instruction
 def test_dhsa_matches_official(backend, case):
     """dhsa_sdpa: one selection from head-averaged q and k, a budget of tokens (a chunk cut),
     the most recent keys, sink tokens, a causal instruction tail; with the chunk starts
-    given as `boundaries` and as `chunk`."""
+    given as `boundaries` and as `chunk`.
+    Source: xiongsiheng/DHSA @ cc8e9c7451cb404f7b2a286a0b5448a66b3d1aec,
+    legacy/utils/helper.py (dhsa_sdpa, _obtain_dhsa_mask)."""
     N, block, chunk, budget, local, sinks, instr = case
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(N)
@@ -239,7 +253,9 @@ def test_dhsa_matches_official(backend, case):
 
 def test_dhsa_layer_and_old_forms():
     """DHSAAttention = its projections around dhsa_sdpa; `shared = false` ranks per head
-    and `dhsa_chunks` (the earlier form) differs from the official selection."""
+    and `dhsa_chunks` (the earlier form) differs from the official selection.
+    Source: xiongsiheng/DHSA @ cc8e9c7451cb404f7b2a286a0b5448a66b3d1aec,
+    legacy/utils/helper.py (dhsa_sdpa, _obtain_dhsa_mask)."""
     g = torch.Generator().manual_seed(4)
     B, N, C, heads = 1, 20, 12, 3
     layer = DHSAAttention(C, heads, block=4, chunk=3, budget=7, local=2, sinks=1,
@@ -266,7 +282,9 @@ def test_dhsa_layer_and_old_forms():
 def test_combiner_axial_matches_official(backend, H, W):
     """_SelfAttAxialRowmajor on the same projections: `combiner_axial` with the learned row
     keys as `row_keys` (scale 1: the official q is divided by sqrt(head dim) already);
-    gradients through the row keys too."""
+    gradients through the row keys too.
+    Source: google-research/google-research @ 4c4299485319ed72ef782020c81784be5468924e,
+    combiner/combiner/jax/model/layer.py (_SelfAttAxialRowmajor)."""
     dtype = _dtype(backend)
     g = torch.Generator().manual_seed(H * W)
     B, heads, hd = 2, 2, 4
