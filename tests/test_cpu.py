@@ -135,8 +135,9 @@ def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern
     calls = []
     real = cpu.Cpu.direct
     monkeypatch.setattr(cpu.Cpu, "direct", lambda *a: calls.append(1) or real(*a))
-    q = torch.randn(1, 2, op.bound.nq, 8)
-    op(q, q, q)
+    heads = op.heads or 2
+    q = torch.randn(1, heads, op.bound.nq, 8)
+    op(q, q, q, **_inputs(op, 1, torch.Generator().manual_seed(0), heads, 8))
     assert calls  # (an average calls it once more per part)
 
 
