@@ -75,7 +75,7 @@ CASES = (
          dict(T=8, H=16, W=16, kernel=5), natten=True),
     Case("combiner_fixed", "combiner.attn", "combiner_fixed", dict(N=16384, span=128),
          dict(N=2048, span=128)),
-    Case("dhsa", "dhsa.attn", "dhsa", dict(N=16384), dict(N=2048)),
+    Case("dhsa", "dhsa.attn", "dhsa_chunks", dict(N=16384), dict(N=2048)),
 )
 CASE_NAMES = tuple(c.name for c in CASES)
 

@@ -33,7 +33,7 @@ GOLDEN = [
     ("na2d", "patterns/neighborhood.attn", dict(H=12, W=10, kernel=5, dilation=(1, 2)), 16),
     ("document_causal", "patterns/document.attn", dict(N=64), 16),
     ("mixed", PER_HEAD, dict(N=50), 16),
-    ("dhsa", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
+    ("dhsa_chunks", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
     ("moh", "patterns/moh.attn", dict(N=64, heads=4, shared=1, topk=2), 16),
     ("combiner_logsparse", "patterns/combiner.attn", dict(N=64), 16),
 ]
@@ -221,7 +221,7 @@ def test_exported_content_dependent_pattern_runs(tmp_path, monkeypatch):
     import importlib
 
     from attndsl.codegen.export import export
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=16, chunk=8, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=64, block=16, chunk=8, topk=2)
     export(op.options(block_q=16, block_k=16), tmp_path, "dhsa_export")
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("dhsa_export")

@@ -81,7 +81,7 @@ DECODE = [
     ("power.attn", "power_attention", dict(block=4, window=2), {}),
     ("document.attn", "document_causal", {}, {"doc": None}),
     ("neighborhood.attn", "na1d", dict(kernel=5, causal=True), {}),
-    ("dhsa.attn", "dhsa", dict(block=4, chunk=4, topk=1), {}),
+    ("dhsa.attn", "dhsa_chunks", dict(block=4, chunk=4, topk=1), {}),
     ("moh.attn", "moh", dict(heads=2, shared=1, topk=1), {"router": None}),
     ("combiner.attn", "combiner_fixed", dict(span=4), {}),
 ]
@@ -108,7 +108,7 @@ def test_token_by_token_generation_equals_the_full_call(backend, file, name, par
     q, k, v = (rand(1, 2, L, 8, dtype=dt, seed=s) for s in range(3))
     full = op(q, k, v, backend=backend, **_inputs(spec, L))
     # moh attends every key; a dhsa block's selection reads the block's later queries
-    causal = name not in ("moh", "dhsa")
+    causal = name not in ("moh", "dhsa_chunks")
     first = params.get("kernel", 1) - 1  # NATTEN needs kernel <= length: a prompt first
     steps = range(L - 4, L) if backend == "triton" else range(first, L)
     for t in steps:

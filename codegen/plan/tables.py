@@ -419,19 +419,19 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         t, tt = _table(bp, qorder, korder, bq, bk, h, run)
         tables.append(t)
         transposed.append(tt)
-    summary = summary_plan(bp, qorder, bq, bk, run) if bp.summaries else None
+    summary = summary_plan(bp, qorder, bq, bk, run) if bp.core_summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, bp, run, summary, tuple(tried.items()))
 
 
 def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs
                  ) -> SummaryPlan:
-    """Regions and attend tables of every summary (dense over queries x regions: summary
-    tokens are few, and the reference's own evaluation defines them)."""
+    """Regions and attend tables of every summary a core computes (dense over queries x
+    regions: summary tokens are few, and the reference's own evaluation defines them)."""
     heads = bp.heads if bp.head_dependent else None
     members, rows, offsets, atts = [], [], [], []
     base = 0
-    for bs in bp.summaries:
+    for bs in bp.core_summaries:
         member, att, kept = summary_masks(bp, bs, run, torch.device("cpu"), heads,
                                           rows=True)
         size = math.prod(bs.sizes)

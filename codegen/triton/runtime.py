@@ -34,7 +34,7 @@ from attndsl.codegen.triton.generate import dynamic_config, module_source
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import threshold as dropout_threshold
-from attndsl.semantics.dynamic import keep_chunks
+from attndsl.semantics.dynamic import Selection, select
 from attndsl.semantics.inputs import RunInputs
 
 LN2 = math.log(2.0)
@@ -592,24 +592,30 @@ def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
 
 
 def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
-    """DHSA on the device: the chunk selection (semantics/dynamic.py), then per (batch, head)
-    block tables: the static superset's pairs whose query rows meet a DHSA block that kept a
-    chunk overlapping the key block."""
-    conf = kern.dynamic
+    """DHSA on the device: the selection (semantics/dynamic.py), then per (batch, head)
+    block tables: the static superset's pairs whose query rows meet a selection row that
+    kept a key of the key block. The kernels read keep[b, h, row, key] and each query's row
+    (the tail's queries: a last row that keeps nothing)."""
+    conf = dict(kern.dynamic)
     q, k = call.run.content
     dev = q.device
-    starts = call.run.values.get(conf["starts"]) if conf["starts"] else None
+    starts = call.run.values.get(conf.pop("starts")) if conf.get("starts") else None
+    conf.pop("starts", None)
     with torch.no_grad():
-        keep, chunk_of = keep_chunks(q.detach(), k.detach(), conf["block"], conf["chunk"],
-                                     conf["topk"], starts, None)
+        keep, first = select(q.detach(), k.detach(), Selection(**conf), starts, None)
         n = q.shape[2]
-        B, H, nb, nc = keep.shape
+        B, H = q.shape[0], q.shape[1]
+        keep = torch.cat([keep.expand(B, H, *keep.shape[2:]),
+                          torch.zeros(B, H, 1, n, dtype=torch.bool, device=dev)], 2)
+        nb = keep.shape[2]
+        toks = torch.arange(n, device=dev)
+        row_of = torch.where(toks < first, toks // conf["block"], nb - 1)
         rows = torch.arange(plan.nqb * plan.block_q, device=dev).clamp(max=n - 1)
         qmap = torch.zeros(plan.nqb, nb, device=dev)
-        qmap[rows // plan.block_q, rows // conf["block"]] = 1.0
+        qmap[rows // plan.block_q, row_of[rows]] = 1.0
         cols = torch.arange(plan.nkb * plan.block_k, device=dev).clamp(max=n - 1)
-        cmap = torch.zeros(nc, plan.nkb, device=dev)
-        cmap[chunk_of[cols], cols // plan.block_k] = 1.0
+        cmap = torch.zeros(n, plan.nkb, device=dev)
+        cmap[cols, cols // plan.block_k] = 1.0
         sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
         sel &= t["dense"]
         if kvalid is not None:  # key blocks without a real key are dropped
@@ -622,7 +628,7 @@ def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
         empty_k = torch.zeros(g * (plan.nkb + 1), dtype=torch.int32, device=dev)
         none = torch.zeros(1, dtype=torch.int32, device=dev)
     return ((part, (empty_q, none), tpart, (empty_k, none)),
-            keep.to(torch.int8).contiguous(), chunk_of.to(torch.int32).contiguous(), nb, nc)
+            keep.to(torch.int8).contiguous(), row_of.to(torch.int32).contiguous(), nb, n)
 
 
 def _csr_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
