@@ -351,20 +351,26 @@ class Op:
                  q_start: int | None = None, key_padding_mask: torch.Tensor | None = None,
                  lengths: torch.Tensor | None = None, dropout_p: float = 0.0,
                  generator: torch.Generator | None = None, queries: torch.Tensor | None = None,
-                 **inputs) -> torch.Tensor:
+                 softcap: float | None = None, **inputs) -> torch.Tensor:
         """Attention of q over k and v: [B, H, N, D] (or [B, H, *grid, D] for grid spaces;
         the output has q's layout). Run-time inputs and, for a family op given flat tensors
         of a grid space, its sizes are keywords. `q_start`: q holds the queries q_start ..
         q_start + M - 1 (decoding with a KV cache, chunked prefill); `key_padding_mask`
         [B, Nk] (True: a real token) or `lengths` [B] (right padding); `dropout_p` with
         `generator` (training); `queries` [B, H, Nk, D]: the queries of every key position,
-        for patterns that pool or read queries while q holds only some (docs/model.md)."""
+        for patterns that pool or read queries while q holds only some (docs/model.md);
+        `softcap`: cap * tanh(score / cap) on the scaled scores, with any pattern (Gemma 2;
+        it replaces the pattern's own `softcap` statement for this call)."""
         if backend not in BACKENDS:
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
                 backend, BACKENDS))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
+        if softcap is not None and (not isinstance(softcap, int | float)
+                                    or isinstance(softcap, bool) or not softcap > 0
+                                    or not math.isfinite(softcap)):
+            raise ParameterError(f"softcap must be a positive number, not {softcap!r}")
         seed = None
         if dropout_p:
             seed = torch.randint(0, 2**32 - 1, (), generator=generator, dtype=torch.int64,
@@ -375,12 +381,13 @@ class Op:
                              ",".join(names), self.key, backend,
                              -1.0 if scale is None else float(scale),
                              -1 if q_start is None else q_start, key_padding_mask, lengths,
-                             float(dropout_p), seed, queries)
+                             float(dropout_p), seed, queries,
+                             -1.0 if softcap is None else float(softcap))
         return self._attend(q, k, v, backend, scale, q_start, key_padding_mask, lengths,
-                            float(dropout_p), seed, queries, inputs)
+                            float(dropout_p), seed, queries, inputs, softcap)
 
     def _attend(self, q, k, v, backend, scale, q_start, key_padding_mask, lengths, dropout_p,
-                seed, queries, inputs):
+                seed, queries, inputs, softcap=None):
         sizes, inputs = self.family.split(inputs)
         if self._bound is None:
             sizes = self.family.infer(q, k, sizes, q_start)
@@ -397,7 +404,8 @@ class Op:
         qf, kf, vf = flat(q, len(bp.qshape)), flat(k, len(bp.kshape)), flat(v, len(bp.kshape))
         opts = Options(scale, self.block_q, self.block_k, q_start,
                        _key_valid(key_padding_mask, lengths, kf), dropout_p,
-                       0 if seed is None else int(seed), flat(queries, len(bp.kshape)))
+                       0 if seed is None else int(seed), flat(queries, len(bp.kshape)),
+                       None if softcap is None else float(softcap))
         core = _core(backend, bp, qf, self.compiled)
         out = driver.attention(core, bp, qf, kf, vf, inputs, opts)
         return out.reshape(*q.shape[:-1], out.shape[-1]) if grid_out else out
@@ -453,25 +461,26 @@ def _registered(key: str) -> Op:
 # shape; eagerly it runs the op through its backend. Its backward, another custom op,
 # recomputes the forward with autograd and differentiates it.
 def _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p,
-           seed, queries):
+           seed, queries, softcap):
     return _registered(key)._attend(
         q, k, v, backend, None if scale < 0 else scale, None if q_start < 0 else q_start,
         kpm, lengths, dropout_p, None if seed is None else int(seed), queries,
-        _named(names, inputs))
+        _named(names, inputs), None if softcap < 0 else softcap)
 
 
 @torch.library.custom_op("attndsl::attention", mutates_args=())
 def _graph_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
               names: str, key: str, backend: str, scale: float, q_start: int,
               kpm: torch.Tensor | None, lengths: torch.Tensor | None, dropout_p: float,
-              seed: torch.Tensor | None, queries: torch.Tensor | None) -> torch.Tensor:
+              seed: torch.Tensor | None, queries: torch.Tensor | None, softcap: float
+              ) -> torch.Tensor:
     return _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths,
-                  dropout_p, seed, queries).clone()
+                  dropout_p, seed, queries, softcap).clone()
 
 
 @_graph_op.register_fake
 def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
-      queries):
+      queries, softcap):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -480,7 +489,7 @@ def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   inputs: list[torch.Tensor], names: str, key: str, backend: str,
                   scale: float, q_start: int, kpm: torch.Tensor | None,
                   lengths: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
-                  queries: torch.Tensor | None, dout: torch.Tensor
+                  queries: torch.Tensor | None, softcap: float, dout: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op runs below autograd: record this recomputation's graph all the same
     exclude = torch._C._dispatch_tls_local_exclude_set() - torch._C.DispatchKeySet(
@@ -491,30 +500,31 @@ def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          exclude), torch.enable_grad():
         xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
         out = _eager(*xs, inputs, names, key, backend, scale, q_start, kpm, lengths,
-                     dropout_p, seed, queries)
+                     dropout_p, seed, queries, softcap)
         grads = torch.autograd.grad(out, xs, dout, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs))
 
 
 @_graph_op_bwd.register_fake
 def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
-      queries, dout):
+      queries, softcap, dout):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, tensors, names, key, backend, scale, q_start, kpm, lengths, p, seed, qs = inputs
+    (q, k, v, tensors, names, key, backend, scale, q_start, kpm, lengths, p, seed, qs,
+     cap) = inputs
     ctx.save_for_backward(q, k, v, kpm, lengths, seed, qs, *tensors)
-    ctx.meta = (names, key, backend, scale, q_start, p)
+    ctx.meta = (names, key, backend, scale, q_start, p, cap)
 
 
 def _backward(ctx, dout):
     q, k, v, kpm, lengths, seed, qs, *tensors = ctx.saved_tensors
-    names, key, backend, scale, q_start, p = ctx.meta
+    names, key, backend, scale, q_start, p, cap = ctx.meta
     dq, dk, dv = _graph_op_bwd(q, k, v, tensors, names, key, backend, scale, q_start, kpm,
-                               lengths, p, seed, qs, dout)
+                               lengths, p, seed, qs, cap, dout)
     return (dq, dk, dv, [None] * len(tensors), None, None, None, None, None, None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 _graph_op.register_autograd(_backward, setup_context=_setup)

@@ -18,6 +18,7 @@ RESERVED_INPUTS = {
     "query": "op.analyze(...)", "head_dim": "op.analyze(...)", "progress": "op.analyze(...)",
     "keep_sets": "op.analyze(...)", "source": "op.path(...)", "target": "op.path(...)",
     "name": "export(...)", "flex": "export(...)",
+    "softcap": "op(...)", "order": "op.block_mask(...)", "block_size": "op.block_mask(...)",
 }
 RESERVED_PARAMS = {"pattern": "attndsl.compile(...)", "import_roots": "attndsl.compile(...)"}
 ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades
