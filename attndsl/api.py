@@ -32,7 +32,7 @@ from attndsl.semantics.family import Family, flat
 from attndsl.semantics.inputs import check_tensors, content_of, declared, validate
 from attndsl.semantics.masks import dense_mask, summary_masks
 
-BACKENDS = ("reference", "triton", "cpu", "auto")
+BACKENDS = ("reference", "triton", "cpu", "flex", "auto")
 
 
 def load(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
@@ -333,6 +333,34 @@ class Op:
         from attndsl.codegen.triton.generate import kernel_sizes
         return {**plan_stats(self._part(bp).plan(**inputs)), "kernel_sizes": kernel_sizes(bp)}
 
+    # -- FlexAttention (codegen/flex.py; docs/integrations.md)
+    def block_mask(self, /, order: str = "row-major", block_size: int = 128, *, device=None,
+                   **inputs):
+        """A torch.nn.attention.flex_attention.BlockMask built from attndsl's exact tables
+        (FULL and PARTIAL blocks, and their transposition for the backward) with the
+        generated mask_mod: for flex_attention(q, k, v, block_mask=...). With
+        order="tiled", pass q, k, v through op.permute and the output through
+        op.unpermute."""
+        from attndsl.codegen.flex import block_mask
+        return block_mask(self, order, block_size, device, **inputs)
+
+    def score_mod(self, /, order: str = "row-major", block_size: int = 128, *, device=None,
+                  softcap: float | None = None, **inputs):
+        """The generated score_mod (the pattern's bias and softcap) or None."""
+        from attndsl.codegen.flex import score_mod
+        return score_mod(self, order, block_size, device, softcap, **inputs)
+
+    def permute(self, x, /, block_size: int = 128, **inputs) -> torch.Tensor:
+        """x [B, H, N, D] (or [B, H, *grid, D]) into the tiled order of
+        block_mask(order="tiled") on the token axis; padding positions are zero."""
+        from attndsl.codegen.flex import permute
+        return permute(self, x, "tiled", block_size, **inputs)
+
+    def unpermute(self, x, /, block_size: int = 128, **inputs) -> torch.Tensor:
+        """The inverse of permute: [B, H, L, D] back to row-major tokens [B, H, N, D]."""
+        from attndsl.codegen.flex import permute
+        return permute(self, x, "tiled", block_size, inverse=True, **inputs)
+
     @staticmethod
     def cache_info() -> dict:
         """The caches ops share (attndsl/caches.py): plans (block tables per bound pattern,
@@ -544,6 +572,9 @@ def _core(backend: str, bp: BoundPattern, q, compiled=None):
     if backend == "cpu":
         from attndsl.codegen.cpu.kernels import Cpu
         return Cpu()
+    if backend == "flex":
+        from attndsl.codegen.flex import Flex
+        return Flex()
     if backend == "triton":
         from attndsl.codegen.triton.runtime import Triton
         return Triton(None if compiled is None else compiled[1],
