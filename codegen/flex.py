@@ -168,21 +168,21 @@ def _union(t) -> tuple[np.ndarray, np.ndarray]:
 def dense_tables(arrays, device):
     """Flex's layout from CSR tables: (kv_num_blocks [1, G, rows], kv_indices [1, G, rows,
     cols], the full pair, then the same for the transposed tables); unused slots hold 0."""
+    import numpy as np
     groups, nqb, nkb = (int(x) for x in arrays["shape"])
     out = []
     for name, rows, cols in (("kv", nqb, nkb), ("q", nkb, nqb)):
         for kind in ("part", "full"):
-            num = torch.zeros(1, groups, rows, dtype=torch.int32)
-            idx = torch.zeros(1, groups, rows, cols, dtype=torch.int32)
+            num = np.zeros((1, groups, rows), dtype=np.int32)
+            idx = np.zeros((1, groups, rows, cols), dtype=np.int32)
             for g in range(groups):
-                off = torch.from_numpy(arrays[f"{name}{g}_{kind}_off"]).long()
-                col = torch.from_numpy(arrays[f"{name}{g}_{kind}_idx"]).long()
-                cnt = off[1:] - off[:-1]
-                num[0, g] = cnt.to(torch.int32)
-                r = torch.repeat_interleave(torch.arange(rows), cnt)
-                pos = torch.arange(len(r)) - off[:-1][r]
-                idx[0, g, r, pos] = col[:len(r)].to(torch.int32)
-            out += [num.to(device), idx.to(device)]
+                off = arrays[f"{name}{g}_{kind}_off"].astype(np.int64)
+                cnt = np.diff(off)
+                num[0, g] = cnt
+                r = np.repeat(np.arange(rows), cnt)
+                pos = np.arange(len(r)) - off[:-1][r]
+                idx[0, g, r, pos] = arrays[f"{name}{g}_{kind}_idx"][:len(r)]
+            out += [torch.from_numpy(num).to(device), torch.from_numpy(idx).to(device)]
     return out
 
 
