@@ -45,8 +45,10 @@ CASES = [
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("case", CASES, ids=[c[1] for c in CASES])
 def test_softcap_any_pattern_outputs_and_gradients(backend, case):
-    if backend == "triton":
+    if backend == "triton":  # interpreted kernels are slow: one 1D and one tiled 2D case
         pytest.importorskip("triton")
+        if case[1] == "power_attention":
+            pytest.skip("sliding_window covers 1D under the interpreter")
     file, name, params, mask_of, n = case
     op = attndsl.compile(f"patterns/{file}", name, **params).options(block_q=16, block_k=16)
     gen = torch.Generator().manual_seed(3)
