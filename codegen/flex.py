@@ -268,7 +268,8 @@ def flex_plan(op, order: str, block_size, inputs: dict):
     if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 16
             or block_size & (block_size - 1)):
         raise ParameterError(f"block_size must be a power of two >= 16, not {block_size!r}")
-    bp, rest = op._split(inputs)
+    sizes, rest = op.family.split(inputs)
+    bp = op.bind(**sizes)
     expressible(bp)
     run = validate(bp, rest, for_mask=True)
     plan = plan_for(bp, block_size, block_size, run,
