@@ -116,3 +116,20 @@ def test_softcap_cannot_name_an_input():
                        "is a keyword of op"):
         attndsl.compile("pattern p(N: int) {\n space seq(N)\n input softcap: int\n"
                         " attend k <= q\n}", N=4)
+
+
+def test_softcap_through_torch_compile():
+    """The call's softcap reaches the custom op of a compiled graph (and its backward)."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", window=4)
+    q, k, v = (3 * torch.randn(1, 2, 12, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+
+    def f(q, k, v):
+        return op(q, k, v, backend="cpu", softcap=1.5)
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    want = capped_attention(q, k, v, torch.from_numpy(ind.sliding_window(12, 4)), 8 ** -0.5,
+                            1.5)
+    torch.testing.assert_close(out, want)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.testing.assert_close(g, torch.autograd.grad(want.sum(), (q, k, v)))
