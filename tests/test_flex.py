@@ -125,19 +125,38 @@ def test_tiled_order_lists_fewer_blocks_on_2d_neighbourhoods():
     assert counts[0] * 1.5 < counts[1], counts
 
 
-@pytest.mark.parametrize("order", ["tiled"])  # the tiled order reads positions through it
-def test_mask_mod_and_score_mod_with_eager_flex(order):
-    """The attached mask_mod and the score_mod (bias and softcap, per head) through Flex's
-    eager path, which evaluates them densely: equal to the reference backend."""
-    op = attndsl.compile(PER_HEAD, N=40)
+GRID_BIAS = """
+pattern nb(H: int, W: int) {
+    space grid(H, W)
+    attend neighborhood(7)
+    bias -0.5 * float(abs(q.y - k.y)) + 0.25 * float(k.x)
+}"""
+
+
+@pytest.mark.parametrize("src,params,order", [(PER_HEAD, dict(N=40), "row-major"),
+                                              (GRID_BIAS, dict(H=32, W=32), "tiled")],
+                         ids=["per-head", "grid-tiled"])
+def test_mask_mod_and_score_mod_with_eager_flex(src, params, order):
+    """The attached mask_mod and the score_mod (bias, softcap, per head; read through the
+    tiled order) in Flex's eager path, which evaluates them densely: equal to the
+    reference backend."""
+    op = attndsl.compile(src, **params)
     bm = op.block_mask(order=order, block_size=16)
-    sm = op.score_mod(order=order, block_size=16)
-    q, k, v = (torch.randn(2, 4, 40, 8, generator=torch.Generator().manual_seed(s))
+    sm = op.score_mod(order=order, block_size=16, softcap=3.0 if order == "tiled" else None)
+    n = op.bound.nq
+    q, k, v = (torch.randn(1, 4, n, 8, generator=torch.Generator().manual_seed(s))
                for s in range(3))
+    qp, kp, vp = (op.permute(x, block_size=16) for x in (q, k, v)) if order == "tiled" else (
+        q, k, v)
+    if order == "tiled":
+        assert qp.shape[2] > n or not torch.equal(qp[:, :, :n], q)  # really reordered
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = flex_mod.flex_attention(q, k, v, block_mask=bm, score_mod=sm)
-    torch.testing.assert_close(out, op(q, k, v, backend="reference"), atol=1e-5, rtol=1e-5)
+        out = flex_mod.flex_attention(qp, kp, vp, block_mask=bm, score_mod=sm)
+    if order == "tiled":
+        out = op.unpermute(out, block_size=16)
+    want = op(q, k, v, backend="reference", softcap=3.0 if order == "tiled" else None)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert attndsl.compile("patterns/sliding.attn", "sliding_window", N=8,
                            window=3).score_mod() is None
     capped = attndsl.compile("patterns/sliding.attn", "sliding_window", N=8,
