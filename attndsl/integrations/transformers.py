@@ -51,6 +51,19 @@ class HFMask:
     q_offset: int
     kv_offset: int
     kv_length: int
+    q_length: int = 0
+    batch: int = 0
+
+    # generate() prepares the masks of a static cache ahead of the forward and hands them
+    # back as `attention_mask`: it calls .contiguous() and reads .ndim / .shape of a mask
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, 1, self.q_length, self.kv_length)
+
+    def contiguous(self) -> HFMask:
+        return self
 
 
 @dataclass(frozen=True)
@@ -122,12 +135,15 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
                  attention_mask=None, **kwargs) -> HFMask:
     """The mask function: no mask is built (the pattern is the mask); the padding and the
     offsets travel to the attention."""
+    if isinstance(attention_mask, HFMask):  # made ahead by generate() (static caches)
+        return attention_mask
     valid = None
     if attention_mask is not None:
         valid = attention_mask.to(torch.bool)
         if bool(valid.all()):
             valid = None
-    return HFMask(valid, int(q_offset), int(kv_offset), int(kv_length))
+    return HFMask(valid, int(q_offset), int(kv_offset), int(kv_length), int(q_length),
+                  int(batch_size))
 
 
 def _spec(value, where: str) -> Spec:
@@ -212,11 +228,11 @@ def _attend(op, q, k, v, mask, dropout, scaling, softcap):
         pad = k.new_zeros(B, k.shape[1], off, k.shape[3])
         k, v = torch.cat([pad, k], 2), torch.cat([pad.new_zeros(B, v.shape[1], off,
                                                                  v.shape[3]), v], 2)
+    # a static cache holds slots past the new tokens: padding (the 2D mask ends before them)
     q_start = mask.q_offset if (mask.q_offset or M != n) else None
-    if q_start is not None and q_start + M != n:
-        raise UnsupportedError(f"queries at {q_start}..{q_start + M - 1} do not end at the "
-                               f"last of the {n} keys; attndsl needs a cache whose keys end "
-                               "with the new tokens (DynamicCache)")
+    if q_start is not None and valid is None and q_start + M != n:
+        valid = _valid(None, B, n, q.device)
+        valid[:, q_start + M:] = False
     return op(q, k, v, q_start=q_start, key_padding_mask=valid, scale=scaling,
               softcap=softcap, dropout_p=dropout)
 
