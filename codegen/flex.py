@@ -168,13 +168,23 @@ def _union(t) -> tuple[np.ndarray, np.ndarray]:
 def dense_tables(arrays, device):
     """Flex's layout from CSR tables: (kv_num_blocks [1, G, rows], kv_indices [1, G, rows,
     cols], the full pair, then the same for the transposed tables); unused slots hold 0."""
+    import mmap
+
     import numpy as np
+
+    def zeros(shape):
+        # Anonymous pages are zero until written and numpy's huge-page advice is avoided:
+        # only the slots written are faulted in (at 1M tokens the layout is 1 GiB, nearly
+        # all unused), and no huge-page compaction stalls the build.
+        size = int(np.prod(shape))
+        return np.frombuffer(mmap.mmap(-1, 4 * size or 4), np.int32, size).reshape(shape)
+
     groups, nqb, nkb = (int(x) for x in arrays["shape"])
     out = []
     for name, rows, cols in (("kv", nqb, nkb), ("q", nkb, nqb)):
         for kind in ("part", "full"):
             num = np.zeros((1, groups, rows), dtype=np.int32)
-            idx = np.zeros((1, groups, rows, cols), dtype=np.int32)
+            idx = zeros((1, groups, rows, cols))
             for g in range(groups):
                 off = arrays[f"{name}{g}_{kind}_off"].astype(np.int64)
                 cnt = np.diff(off)
