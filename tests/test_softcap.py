@@ -111,13 +111,6 @@ def test_bad_softcap_is_a_parameter_error(bad):
         op(q, q, q, softcap=bad)
 
 
-def test_softcap_cannot_name_an_input():
-    with pytest.raises(attndsl.AttnError, match="'softcap' cannot name a run-time input: it "
-                       "is a keyword of op"):
-        attndsl.compile("pattern p(N: int) {\n space seq(N)\n input softcap: int\n"
-                        " attend k <= q\n}", N=4)
-
-
 def test_softcap_through_torch_compile():
     """The call's softcap reaches the custom op of a compiled graph (and its backward)."""
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", window=4)
