@@ -120,9 +120,13 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
+FLEX_CODE = LRU("flex_code", 64, "the generated FlexAttention mask_mod / score_mod, compiled "
+                "Python per bound pattern (codegen/flex.py)")
+HF_OPS = LRU("hf_ops", 256, "family ops of registered transformers attention, per (source, "
+             "pattern, parameters) of a layer (integrations/transformers.py)")
 
 CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES)
+          DEVICE_TABLES, FLEX_CODE, HF_OPS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

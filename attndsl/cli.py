@@ -264,7 +264,8 @@ Compile a pattern into block-sparse Triton kernels (forward and backward).
 With -o DIR: writes DIR/<name>.py (the generated @triton.jit source, metadata and a loader:
 `import <name>` gives `op`, callable as op(q, k, v, backend="triton")) and DIR/<name>.npz
 (token orders and block tables). --emit flex also writes DIR/<name>_flex.py, a FlexAttention
-mask_mod / score_mod / block_mask for the same pattern. --stats prints full, partial and
+mask_mod / score_mod / block_mask for the same pattern, the BlockMask read from the tables in
+DIR/<name>_flex.npz. --stats prints full, partial and
 empty blocks, tiles, table bytes, build time and computed / needed score elements.
 """
 

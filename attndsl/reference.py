@@ -61,14 +61,14 @@ class Reference:
                  cdt)
         if b is not None:
             logits = logits + b
-        return attend(softcapped(logits, bp.softcap), mask, v,
+        return attend(softcapped(logits, call.softcap), mask, v,
                       *_dropout(call, B, H, qidx, kidx))
 
     def summary(self, call, ks, vs, att):
         """Attention over summary tokens ks, vs [B, H, R, D] where att [.., M, R] allows:
         the softcap applies, the bias does not."""
         q = call.q.to(ks.dtype)
-        logits = softcapped((q @ ks.transpose(-1, -2)) * call.scale, call.bp.softcap)
+        logits = softcapped((q @ ks.transpose(-1, -2)) * call.scale, call.softcap)
         B, H, M, R = logits.shape
         first, nk = call.q_start, call.k.shape[2]
         qidx = torch.arange(first, first + M, device=q.device).view(-1, 1)

@@ -95,7 +95,7 @@ def test_flex_export_with_per_head_rules_and_score_mod_runs_flex_attention():
     ns: dict = {}
     exec(compile(flex_source(op.bound), "<flex>", "exec"), ns)  # noqa: S102 - our output
     q, k, v = (torch.randn(1, 4, 48, 16) for _ in range(3))
-    bm = ns["block_mask"](BLOCK_SIZE=16)
+    bm = op.block_mask(block_size=16)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,7 +178,8 @@ def test_cli_export_imports_as_op(tmp_path, capsys):
                            "--emit", "flex"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "attn_document_causal.npz", "attn_document_causal.py", "attn_document_causal_flex.py"]
+        "attn_document_causal.npz", "attn_document_causal.py", "attn_document_causal_flex.npz",
+        "attn_document_causal_flex.py"]
     script = (
         "import torch, attn_document_causal as m\n"
         "op = m.op\n"

@@ -46,7 +46,8 @@ class Options:
     `key_valid` [B, Nk] bool (False: a padding key); dropout on the attention probabilities
     at rate `dropout_p`, drawn from `seed` (semantics/dropout.py); `queries`, the queries of
     every key position when q holds only some and the pattern pools queries (summary tokens
-    with `values expectation`) or reads them (chunk_topk)."""
+    with `values expectation`) or reads them (chunk_topk); `softcap`, Gemma 2's
+    cap * tanh(score / cap) on the scaled scores (None: the pattern's own, if any)."""
 
     scale: float | None = None
     block_q: int | None = None
@@ -56,6 +57,7 @@ class Options:
     dropout_p: float = 0.0
     seed: int = 0
     queries: torch.Tensor | None = None
+    softcap: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +65,8 @@ class Call:
     """One attention call as a core sees it: q, k, v [B, H, N, D] (channel tokens already
     transposed; q holds rows q_start .. q_start + M - 1), the call's inputs, the scale,
     MoH's routing gates [B, H, M] (cores may skip work whose gates are zero; the driver
-    applies them), the kernels' block sizes, padding and dropout."""
+    applies them), the kernels' block sizes, padding, dropout and the softcap in force
+    (the call's, else the pattern's; None: no cap)."""
 
     bp: BoundPattern
     q: torch.Tensor
@@ -80,6 +83,7 @@ class Call:
     dropout_p: float = 0.0
     seed: int = 0
     queries: torch.Tensor | None = None
+    softcap: float | None = None
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -127,9 +131,10 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     if bp.route is not None:
         gates = route_gates(bp, run, q.shape[1])
     run = run.with_content(content_of(bp, q if queries is None else queries, k))
+    softcap = opts.softcap if opts.softcap is not None else bp.softcap
     call = Call(bp, q, k, v, run, float(scale), gates, bool(bp.summaries), opts.block_q,
                 opts.block_k, opts.q_start or 0, opts.key_valid, opts.dropout_p, opts.seed,
-                queries)
+                queries, None if softcap is None else float(softcap))
     out, lse = core.direct(call)
     if bp.summaries:
         tokens = summary_tokens(call)

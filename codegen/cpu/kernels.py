@@ -79,7 +79,8 @@ class Cpu:
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
-        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p)
+        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p,
+                       call.softcap)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
                                     call.need_lse, extra)
         return out, (lse if call.need_lse else None)
@@ -87,11 +88,12 @@ class Cpu:
 
 @dataclass(frozen=True)
 class _Extra:
-    """Per-call additions to the plan's masks: padding keys [B, Nk] and dropout."""
+    """Per-call additions to the plan's masks: padding keys [B, Nk], dropout, the softcap."""
 
     key_valid: torch.Tensor | None = None
     seed: int | None = None
     p: float = 0.0
+    softcap: float | None = None
 
 
 def cpu_elements(q, k, v) -> int:
@@ -183,6 +185,7 @@ class _Ctx:
     kvalid: torch.Tensor | None = None  # [B, nkb, bk] padding keys False (per call)
     seed: int | None = None  # dropout's seed, or None
     p_drop: float = 0.0
+    softcap: float | None = None  # the call's cap * tanh(s / cap), or None
 
     def passes(self) -> list:
         """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
@@ -363,7 +366,7 @@ class _Item:
         if b is not None:
             s5.add_(b)
         tanh = None
-        cap = cp.bp.softcap
+        cap = self.ctx.softcap
         if cap is not None:
             tanh = s.div_(cap).tanh_()
             s = torch.mul(tanh, cap, out=sc("sc", *s.shape))
@@ -600,7 +603,7 @@ class _Attention(torch.autograd.Function):
             kvalid = extra.key_valid[:, cp.ktok.reshape(-1)].view(B, *cp.ktok.shape)
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
-                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p)
+                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p, extra.softcap)
         o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
         fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)

@@ -186,7 +186,6 @@ class Kernel:
     module: object
     layout: dict  # run-time input -> Arr (its slot in the packed inputs)
     has_bias: bool
-    softcap: float | None
     dynamic: dict | None  # chunk_topk's configuration (content-dependent patterns)
     sizes: tuple = ()  # size parameters the module reads at run time (one module, every size)
 
@@ -204,7 +203,7 @@ def kernel_for(bp: BoundPattern, module=None) -> Kernel:
             text = f.read()
         sizes = tuple(getattr(mod, "KERNEL_SIZES", ()))
         return Kernel(text, mod.__file__, mod, input_layout(bp, sizes), bool(bp.biases),
-                      bp.softcap, dynamic_config(bp), sizes)
+                      dynamic_config(bp), sizes)
     return caches.KERNELS.get_or_create(path, build)
 
 
@@ -524,9 +523,9 @@ class Triton:
                 inf, dyn_keep, dyn_chunk, route.reshape(-1).contiguous(), srow, kvalid, meta]
         ints = [sb, sh, nk, plan.nqb, nkb, nb, nc, plan.block_q, plan.block_k, int(perm_q),
                 int(perm_k and not summary), int(kern.has_bias and not summary),
-                int(kern.softcap is not None), int(call.gates is not None), int(summary),
+                int(call.softcap is not None), int(call.gates is not None), int(summary),
                 int(pad), int(drop)]
-        floats = [float(call.scale), float(kern.softcap or 1.0),
+        floats = [float(call.scale), float(call.softcap or 1.0),
                   1.0 / (1.0 - call.dropout_p) if drop else 1.0]
         o, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), tabs, ints, floats,
                          kern.path)
