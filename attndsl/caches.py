@@ -112,6 +112,8 @@ NEEDED = LRU("needed", 256, "attended entries of proven-PARTIAL block pairs, cou
              "demand per (plan, table) (codegen/plan/tables.py)")
 CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
                 "plan (codegen/cpu/plan.py)")
+CPU_FUSED = LRU("cpu_fused", 16, "the CPU backend's fused-path work units and additive masks "
+                "per (plan, table, head, dtype) (codegen/cpu/fused.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
                      "token orders) (codegen/triton/generate.py)")
 KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (bound "
@@ -121,7 +123,7 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
 
-CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
+CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
           DEVICE_TABLES)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.plan.tables import plan_for
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
@@ -585,9 +586,14 @@ class _Attention(torch.autograd.Function):
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
                    _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p)
-        o, lse = _forward(ctx)
+        raw = None
+        if fused.eligible(cp, dv=v.shape[-1], d=q.shape[-1], dropout=extra.seed is not None,
+                          padding=kvalid is not None, content=crun is not None):
+            o, raw, lse = fused.forward(ctx)
+        else:
+            o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
-        fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
+        fctx.state = (ctx, o, lse, raw, q.dtype, q.shape, k.shape)
         out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
         if need_lse:
             lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
@@ -600,7 +606,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
         fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
-        ctx, o, lse, dtype, qshape, kshape = fctx.state
+        ctx, o, lse, raw, dtype, qshape, kshape = fctx.state
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
@@ -616,7 +622,10 @@ class _Attention(torch.autograd.Function):
             do.mul_(valid)
             if dl is not None:
                 dl.mul_(valid)
-        dq, dk, dv = _backward(ctx, o, lse, do, dl)
+        if raw is not None and dl is None:
+            dq, dk, dv = fused.backward(ctx, o, raw, do)
+        else:
+            dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
         dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
         dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
