@@ -31,7 +31,9 @@ from attndsl.semantics.masks import bias, chunks
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-GATHER = 1 << 21  # elements of gathered k (or of key gradients) per kernel call: 8 MiB fp32
+GATHER = 1 << 21  # elements of gathered k per forward kernel call: 8 MiB in fp32
+GRADS = 1 << 18  # elements of key gradients per backward kernel call (fresh buffers the
+# kernel zeroes: small ones are reused by the allocator instead of page-faulted each time)
 MASK_ELEMS = 1 << 25  # additive mask elements kept per (plan, pass); beyond, built per call
 DISTINCT = 16  # distinct masks in a group before its rows keep one mask each
 
@@ -182,123 +184,234 @@ def _steps(rows: np.ndarray, kidx: np.ndarray) -> tuple:
     return qstep, kstep
 
 
-# ------------------------------------------------------------------ views
-
-
-def _rows_view(x, u: Unit, i0, i1, g0, gstride, gcount, r0, rcount):
-    """Rows i0:i1 of a unit of x [G, nb, R, bq, D] for the pass's pairs and query heads:
-    [n, gcount, rcount * bq, D], a view when the rows are evenly spaced, else a copy."""
-    G, nb, R, bq, D = x.shape
-    n = i1 - i0
-    if u.qstep is not None:
-        s = x.stride()
-        off = x.storage_offset() + g0 * s[0] + int(u.rows[i0]) * s[1] + r0 * s[2]
-        return x.as_strided((n, gcount, rcount * bq, D), (u.qstep * s[1], gstride * s[0],
-                                                          s[3], s[4]), off)
-    y = x[g0::gstride][:gcount, :, r0:r0 + rcount].index_select(1, u.rows[i0:i1])
-    return y.permute(1, 0, 2, 3, 4).reshape(n, gcount, rcount * bq, D)
-
-
-def _put_rows(dst, val, u: Unit, i0, i1, g0, gstride, gcount, r0, rcount):
-    """dst [G, nb, R, bq, *] at a unit's rows i0:i1 <- val [n, gcount, rcount * bq, *]."""
-    G, nb, R, bq, D = dst.shape
-    n = i1 - i0
-    if u.qstep is not None:
-        _rows_view(dst, u, i0, i1, g0, gstride, gcount, r0, rcount).copy_(val)
-        return
-    sel = dst[g0::gstride][:gcount, :, r0:r0 + rcount]
-    sel.index_copy_(1, u.rows[i0:i1],
-                    val.reshape(n, gcount, rcount, bq, D).permute(1, 0, 2, 3, 4))
-
-
-def _keys_view(x, u: Unit, i0, i1, g0, gstride, gcount):
-    """Key blocks of a unit's rows i0:i1 of x [G, nkb, bk, D]: [n, gcount, w, D], one
-    overlapping strided view when they shift by a fixed step, else gathered."""
-    G, nkb, bk, D = x.shape
-    n = i1 - i0
-    slots = u.kidx.shape[1]
-    if u.kstep is not None:
-        s = x.stride()
-        off = x.storage_offset() + g0 * s[0] + int(u.kidx[i0, 0]) * s[1]
-        return x.as_strided((n, gcount, slots * bk, D), (u.kstep * s[1], gstride * s[0],
-                                                         s[2], s[3]), off)
-    return x.view(G * nkb, bk * D).index_select(0, _flat_idx(u, i0, i1, g0, gstride, gcount,
-                                                             nkb)).view(n, gcount,
-                                                                        slots * bk, D)
-
-
-def _flat_idx(u: Unit, i0, i1, g0, gstride, gcount, nkb):
-    """[n, gcount, slots] flat indices g * nkb + key block, flattened."""
-    g = torch.arange(g0, g0 + gstride * gcount, gstride)[:gcount]
-    return (g.view(1, -1, 1) * nkb + u.kidx[i0:i1].unsqueeze(1)).reshape(-1)
-
-
-def _mask(cp, u: Unit, t, head, i0, i1, rcount, dtype):
-    """The additive mask of rows i0:i1 for a kernel call: [1 or n, 1, rcount * bq, w]."""
-    if u.lazy:  # the unit is its whole group
-        m = row_masks(cp, u.group, t, head, i0, i1, dtype).unsqueeze(1)
-    elif u.mask is None:
+def active_blocks(cp: CpuPlan, gates: torch.Tensor, hkv: int) -> torch.Tensor | None:
+    """MoH's routing gates [B, H, M] -> [B * hkv, H / hkv, nqb]: query blocks with some
+    non-zero gate (None when all are)."""
+    B, H, M = gates.shape
+    if M <= int(cp.qpos.max()):  # not one gate per query row: compute everything
         return None
-    else:
-        m = u.mask if u.mask.shape[0] == 1 else u.mask[i0:i1]
-    return m if rcount == 1 else m.repeat(1, 1, rcount, 1)
+    nz = gates != 0
+    act = (nz[:, :, cp.qpos] & cp.qvalid).any(-1)  # [B, H, nqb]
+    if bool(act.all()):
+        return None
+    return act.view(B * hkv, H // hkv, -1)
 
 
-def _chunks(u: Unit, gcount: int, w: int, d: int, always: bool):
-    """Row ranges of a unit per kernel call: gathered keys (or key gradients, `always`)
-    of at most GATHER elements."""
-    if u.kstep is not None and not always:
-        yield 0, u.n
-        return
-    step = max(1, GATHER // max(1, gcount * w * d))
-    for a in range(0, u.n, step):
-        yield a, min(u.n, a + step)
+# ------------------------------------------------------------------ kernel calls
 
 
-# ------------------------------------------------------------------ forward / backward
+@dataclass
+class Piece:
+    """One kernel call: query blocks `rows` with key blocks `kidx`, for the (batch, kv head)
+    pairs g0, g0 + gs, ... (gc of them) and query heads r0 .. r0 + rc - 1 of each."""
+
+    rows: torch.Tensor
+    kidx: torch.Tensor
+    qstep: int | None
+    kstep: int | None
+    mask: torch.Tensor | None  # [1 or n, 1, rc * bq, w]
+    empty: torch.Tensor | None  # [1 or n, rc * bq]
+    g0: int
+    gs: int
+    gc: int
+    r0: int
+    rc: int
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
 
 
-def forward(ctx):
-    """(out [G, nqb, R, bq, D], raw lse [G, nqb, R, bq] as the kernel gives it (0 for rows
-    without keys: what its backward needs), lse [G, nqb, R, bq, 1] with -inf there)."""
+def _pieces(ctx, active, backward: bool):
+    """Every kernel call of a forward or backward. `active` [G, R, nqb] (MoH's gates): the
+    (pair, query head, query block)s to compute, or None for all."""
     cp = ctx.cp
-    G, nqb, R, bq, D = ctx.qs.shape
-    o = torch.zeros(G, nqb, R, bq, D, dtype=ctx.cdt)
-    raw = torch.zeros(G, nqb, R, bq, dtype=torch.float64 if ctx.cdt == torch.float64
-                      else torch.float32)
-    lse = torch.full((G, nqb, R, bq, 1), float("-inf"), dtype=ctx.cdt)
+    R, D = ctx.qs.shape[2], ctx.qs.shape[4]
     for t, (g0, gs, gc), hsl, head in ctx.passes():
         r0 = 0 if hsl.start is None else hsl.start
         rc = R if hsl.start is None else 1
         if gc == 0 or rc == 0:
             continue
-        for u in units(cp, t, _mask_head(cp, head), ctx.cdt):
+        mh = _mask_head(cp, head)
+        for u in units(cp, t, mh, ctx.cdt):
             w = u.kidx.shape[1] * cp.bk
-            for i0, i1 in _chunks(u, gc, w, D, False):
-                q = _rows_view(ctx.qs, u, i0, i1, g0, gs, gc, r0, rc)
-                k = _keys_view(ctx.k, u, i0, i1, g0, gs, gc)
-                v = _keys_view(ctx.v, u, i0, i1, g0, gs, gc)
-                mask = _mask(cp, u, t, _mask_head(cp, head), i0, i1, rc, ctx.cdt)
-                out, l_ = FLASH(q, k, v, attn_mask=mask, scale=ctx.scale)
-                _put_rows(o, out, u, i0, i1, g0, gs, gc, r0, rc)
-                _put_rows(raw.unsqueeze(-1), l_.unsqueeze(-1), u, i0, i1, g0, gs, gc, r0, rc)
-                l_ = l_.to(ctx.cdt)
-                empty = _empty(u, i0, i1, rc, mask)
-                if empty is not None:
-                    l_ = l_.masked_fill(empty.view(-1, 1, rc * bq), float("-inf"))
-                _put_rows(lse, l_.unsqueeze(-1), u, i0, i1, g0, gs, gc, r0, rc)
+            if active is None:
+                for i0, i1 in _row_chunks(u.n, u.kstep is not None and not backward, gc, w, D,
+                                          backward):
+                    mask, empty = _mask(cp, u, t, mh, i0, i1, rc, ctx.cdt)
+                    for a, b in _pair_chunks(gc, (i1 - i0) * w * D, backward):
+                        yield Piece(u.rows[i0:i1], u.kidx[i0:i1], u.qstep, u.kstep, mask,
+                                    empty, g0 + a * gs, gs, b - a, r0, rc)
+                continue
+            for a in range(gc):
+                g = g0 + a * gs
+                for r in range(r0, r0 + rc):
+                    yield from _active_pieces(cp, u, t, mh, ctx.cdt, active[g, r], g, r, w, D,
+                                              backward)
+
+
+def _active_pieces(cp, u: Unit, t, mh, dtype, act, g, r, w, d, backward):
+    """The calls of one (pair, query head) over a unit's query blocks whose gates are not
+    all 0 (the others' outputs stay 0; the driver multiplies them by their gates)."""
+    keep = act[u.rows]
+    if not bool(keep.any()):
+        return
+    whole = bool(keep.all())
+    for i0, i1 in _row_chunks(u.n, False, 1, w, d, backward):
+        sel = torch.nonzero(keep[i0:i1]).view(-1)
+        if len(sel) == 0:
+            continue
+        mask, empty = _mask(cp, u, t, mh, i0, i1, 1, dtype)
+        if whole:
+            yield Piece(u.rows[i0:i1], u.kidx[i0:i1], u.qstep, u.kstep, mask, empty, g, 1, 1,
+                        r, 1)
+            continue
+        if mask is not None and mask.shape[0] > 1:
+            mask = mask[sel]
+        if empty is not None and empty.shape[0] > 1:
+            empty = empty[sel]
+        yield Piece(u.rows[i0:i1][sel], u.kidx[i0:i1][sel], None,
+                    0 if u.kstep == 0 else None, mask, empty, g, 1, 1, r, 1)
+
+
+def _row_chunks(n: int, whole: bool, gcount: int, w: int, d: int, backward: bool):
+    """Row ranges per call: all rows (strided keys, forward), else gathered keys of at
+    most GATHER elements, or key gradients of at most GRADS."""
+    if whole:
+        yield 0, n
+        return
+    step = max(1, (GRADS if backward else GATHER) // max(1, gcount * w * d))
+    for a in range(0, n, step):
+        yield a, min(n, a + step)
+
+
+def _pair_chunks(gcount: int, per_pair: int, backward: bool):
+    """(batch, kv head) pair ranges per call: key gradients of at most GRADS elements."""
+    step = max(1, GRADS // max(1, per_pair)) if backward else gcount
+    for a in range(0, gcount, step):
+        yield a, min(gcount, a + step)
+
+
+def _mask(cp, u: Unit, t, head, i0, i1, rcount, dtype):
+    """(additive mask [1 or n, 1, rcount * bq, w] or None, rows without keys [1 or n,
+    rcount * bq] or None) of rows i0:i1 of a unit."""
+    if u.lazy:  # the unit is its whole group
+        m = row_masks(cp, u.group, t, head, i0, i1, dtype).unsqueeze(1)
+        e = torch.isneginf(m).all(-1)[:, 0]
+        e = e if bool(e.any()) else None
+    elif u.mask is None:
+        return None, None
+    else:
+        m = u.mask if u.mask.shape[0] == 1 else u.mask[i0:i1]
+        e = u.empty if u.empty is None or u.empty.shape[0] == 1 else u.empty[i0:i1]
+    if rcount > 1:
+        m = m.repeat(1, 1, rcount, 1)
+        e = None if e is None else e.repeat(1, rcount)
+    return m, e
+
+
+# ------------------------------------------------------------------ views
+
+
+def _rows_view(x, p: Piece):
+    """A piece's rows of x [G, nb, R, bq, D]: [n, gc, rc * bq, D], a view when the rows
+    are evenly spaced, else a copy."""
+    G, nb, R, bq, D = x.shape
+    if p.qstep is not None:
+        s = x.stride()
+        off = x.storage_offset() + p.g0 * s[0] + int(p.rows[0]) * s[1] + p.r0 * s[2]
+        return x.as_strided((p.n, p.gc, p.rc * bq, D), (p.qstep * s[1], p.gs * s[0], s[3],
+                                                        s[4]), off)
+    y = x[p.g0::p.gs][:p.gc, :, p.r0:p.r0 + p.rc].index_select(1, p.rows)
+    return y.permute(1, 0, 2, 3, 4).reshape(p.n, p.gc, p.rc * bq, D)
+
+
+def _put_rows(dst, val, p: Piece):
+    """dst [G, nb, R, bq, *] at a piece's rows <- val [n, gc, rc * bq, *]."""
+    G, nb, R, bq, D = dst.shape
+    if p.qstep is not None:
+        _rows_view(dst, p).copy_(val)
+        return
+    sel = dst[p.g0::p.gs][:p.gc, :, p.r0:p.r0 + p.rc]
+    sel.index_copy_(1, p.rows, val.reshape(p.n, p.gc, p.rc, bq, D).permute(1, 0, 2, 3, 4))
+
+
+def _keys_view(x, p: Piece):
+    """A piece's key blocks of x [G, nkb, bk, D]: [n, gc, w, D], one overlapping strided
+    view when they shift by a fixed step, else gathered."""
+    G, nkb, bk, D = x.shape
+    slots = p.kidx.shape[1]
+    if p.kstep is not None:
+        s = x.stride()
+        off = x.storage_offset() + p.g0 * s[0] + int(p.kidx[0, 0]) * s[1]
+        return x.as_strided((p.n, p.gc, slots * bk, D), (p.kstep * s[1], p.gs * s[0], s[2],
+                                                         s[3]), off)
+    g = torch.arange(p.g0, p.g0 + p.gs * p.gc, p.gs)[:p.gc]
+    idx = (g.view(1, -1, 1) * nkb + p.kidx.unsqueeze(1)).reshape(-1)
+    return x.view(G * nkb, bk * D).index_select(0, idx).view(p.n, p.gc, slots * bk, D)
+
+
+def _add_keys(dst, val, p: Piece):
+    """dst [G, nkb, bk, D] at a piece's key blocks += val [n, gc, slots * bk, D], one row
+    or one key slot at a time (whichever are fewer; neither repeats a key block, so plain
+    adds through views, or short index_add_s, do)."""
+    G, nkb, bk, D = dst.shape
+    n, gc = p.n, p.gc
+    slots = p.kidx.shape[1]
+    if val.transpose(1, 2).is_contiguous():  # the kernel's layout [n, w, gc, D]
+        val = val.transpose(1, 2).view(n, slots, bk, gc, D).permute(0, 3, 1, 2, 4)
+    else:
+        val = val.reshape(n, gc, slots, bk, D)
+    s = dst.stride()
+    if p.kstep == 0:  # every row reads the same key blocks
+        first = int(p.kidx[0, 0])
+        dst[p.g0::p.gs][:gc, first:first + slots].add_(val.sum(0))
+        return
+    if p.kstep is not None:
+        base = dst.storage_offset() + p.g0 * s[0] + int(p.kidx[0, 0]) * s[1]
+        if n <= slots:
+            for i in range(n):
+                dst.as_strided((gc, slots, bk, D), (p.gs * s[0], s[1], s[2], s[3]),
+                               base + i * p.kstep * s[1]).add_(val[i])
+        else:
+            for j in range(slots):
+                dst.as_strided((n, gc, bk, D), (p.kstep * s[1], p.gs * s[0], s[2], s[3]),
+                               base + j * s[1]).add_(val[:, :, j])
+        return
+    flat = dst.view(G * nkb, bk * D)
+    g = torch.arange(p.g0, p.g0 + p.gs * gc, p.gs)[:gc]
+    if n <= slots:
+        for i in range(n):
+            idx = (g.view(-1, 1) * nkb + p.kidx[i].view(1, -1)).reshape(-1)
+            flat.index_add_(0, idx, val[i].reshape(gc * slots, bk * D))
+    else:
+        for j in range(slots):
+            idx = (p.kidx[:, j].view(-1, 1) + g.view(1, -1) * nkb).reshape(-1)
+            flat.index_add_(0, idx, val[:, :, j].reshape(n * gc, bk * D))
+
+
+# ------------------------------------------------------------------ forward / backward
+
+
+def forward(ctx, active=None):
+    """(out [G, nqb, R, bq, D], raw lse [G, nqb, R, bq] as the kernel gives it (0 for rows
+    without keys: what its backward needs), lse [G, nqb, R, bq, 1] with -inf there)."""
+    G, nqb, R, bq, D = ctx.qs.shape
+    o = torch.zeros(G, nqb, R, bq, D, dtype=ctx.cdt)
+    raw = torch.zeros(G, nqb, R, bq, 1, dtype=torch.float64 if ctx.cdt == torch.float64
+                      else torch.float32)
+    lse = torch.full((G, nqb, R, bq, 1), float("-inf"), dtype=ctx.cdt)
+    for p in _pieces(ctx, active, False):
+        out, l_ = FLASH(_rows_view(ctx.qs, p), _keys_view(ctx.k, p), _keys_view(ctx.v, p),
+                        attn_mask=p.mask, scale=ctx.scale)
+        _put_rows(o, out, p)
+        l_ = l_.unsqueeze(-1)
+        _put_rows(raw, l_, p)
+        l_ = l_.to(ctx.cdt)
+        if p.empty is not None:
+            l_ = l_.masked_fill(p.empty.view(-1, 1, p.rc * bq, 1), float("-inf"))
+        _put_rows(lse, l_, p)
     return o, raw, lse
-
-
-def _empty(u: Unit, i0, i1, rc, mask):
-    """Rows without any key among rows i0:i1: [1 or n, rc * bq] bool, or None."""
-    if u.lazy:
-        e = torch.isneginf(mask).all(-1)[:, 0]
-        return e if bool(e.any()) else None
-    if u.empty is None:
-        return None
-    e = u.empty if u.empty.shape[0] == 1 else u.empty[i0:i1]
-    return e.repeat(1, rc)
 
 
 def _mask_head(cp: CpuPlan, head):
@@ -309,37 +422,17 @@ def _mask_head(cp: CpuPlan, head):
     return head
 
 
-def backward(ctx, o, raw, do):
+def backward(ctx, o, raw, do, active=None):
     """dq, dk, dv in block layout (dq for the q the user passed: the scale is applied)."""
-    cp = ctx.cp
-    G, nqb, R, bq, D = ctx.qs.shape
-    _, nkb, bk, _ = ctx.k.shape
     dq = torch.zeros_like(ctx.qs)
     dk = torch.zeros_like(ctx.k)
     dv = torch.zeros_like(ctx.v)
-    dk_f, dv_f = dk.view(G * nkb, bk * D), dv.view(G * nkb, bk * D)
-    raw5 = raw.unsqueeze(-1)
-    for t, (g0, gs, gc), hsl, head in ctx.passes():
-        r0 = 0 if hsl.start is None else hsl.start
-        rc = R if hsl.start is None else 1
-        if gc == 0 or rc == 0:
-            continue
-        for u in units(cp, t, _mask_head(cp, head), ctx.cdt):
-            slots = u.kidx.shape[1]
-            w = slots * bk
-            for i0, i1 in _chunks(u, gc, w, D, True):
-                n = i1 - i0
-                args = [_rows_view(x, u, i0, i1, g0, gs, gc, r0, rc)
-                        for x in (do, ctx.qs)]
-                k = _keys_view(ctx.k, u, i0, i1, g0, gs, gc)
-                v = _keys_view(ctx.v, u, i0, i1, g0, gs, gc)
-                out = _rows_view(o, u, i0, i1, g0, gs, gc, r0, rc)
-                lse = _rows_view(raw5, u, i0, i1, g0, gs, gc, r0, rc)[..., 0]
-                mask = _mask(cp, u, t, _mask_head(cp, head), i0, i1, rc, ctx.cdt)
-                gq, gk, gv = FLASH_BWD(args[0], args[1], k, v, out, lse, 0.0, False,
-                                       attn_mask=mask, scale=ctx.scale)
-                _put_rows(dq, gq, u, i0, i1, g0, gs, gc, r0, rc)
-                idx = _flat_idx(u, i0, i1, g0, gs, gc, nkb)
-                dk_f.index_add_(0, idx, gk.reshape(n * gc * slots, bk * D))
-                dv_f.index_add_(0, idx, gv.reshape(n * gc * slots, bk * D))
+    for p in _pieces(ctx, active, True):
+        gq, gk, gv = FLASH_BWD(_rows_view(do, p), _rows_view(ctx.qs, p), _keys_view(ctx.k, p),
+                               _keys_view(ctx.v, p), _rows_view(o, p),
+                               _rows_view(raw, p)[..., 0], 0.0, False, attn_mask=p.mask,
+                               scale=ctx.scale)
+        _put_rows(dq, gq, p)
+        _add_keys(dk, gk, p)
+        _add_keys(dv, gv, p)
     return dq, dk, dv

@@ -77,7 +77,8 @@ class Cpu:
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
-        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p)
+        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p,
+                       call.gates)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
                                     call.need_lse, extra)
         return out, (lse if call.need_lse else None)
@@ -90,6 +91,8 @@ class _Extra:
     key_valid: torch.Tensor | None = None
     seed: int | None = None
     p: float = 0.0
+    gates: torch.Tensor | None = None  # MoH's [B, H, M]: query blocks whose gates are all 0
+    # are skipped (the driver multiplies the output by the gates)
 
 
 def cpu_elements(q, k, v) -> int:
@@ -589,11 +592,13 @@ class _Attention(torch.autograd.Function):
         raw = None
         if fused.eligible(cp, dv=v.shape[-1], d=q.shape[-1], dropout=extra.seed is not None,
                           padding=kvalid is not None, content=crun is not None):
-            o, raw, lse = fused.forward(ctx)
+            active = None if extra.gates is None else fused.active_blocks(cp, extra.gates, HKV)
+            o, raw, lse = fused.forward(ctx, active)
         else:
+            active = None
             o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
-        fctx.state = (ctx, o, lse, raw, q.dtype, q.shape, k.shape)
+        fctx.state = (ctx, o, lse, raw, active, q.dtype, q.shape, k.shape)
         out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
         if need_lse:
             lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
@@ -606,7 +611,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
         fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
-        ctx, o, lse, raw, dtype, qshape, kshape = fctx.state
+        ctx, o, lse, raw, active, dtype, qshape, kshape = fctx.state
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
@@ -623,7 +628,7 @@ class _Attention(torch.autograd.Function):
             if dl is not None:
                 dl.mul_(valid)
         if raw is not None and dl is None:
-            dq, dk, dv = fused.backward(ctx, o, raw, do)
+            dq, dk, dv = fused.backward(ctx, o, raw, do, active)
         else:
             dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
