@@ -123,8 +123,8 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
 
-CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES)
+CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS,
+          KERNEL_MODULES, DEVICE_TABLES)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,
