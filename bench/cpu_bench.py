@@ -1081,7 +1081,16 @@ def run(args: argparse.Namespace) -> int:
     progress.step("fp32 matmul peak")
     peaks = [matmul_peak()]
     progress.advance()
-    rows = [run_case(c, cfg, progress) for c in cases]
+    out_dir = None if getattr(args, "no_write", False) else Path(
+        getattr(args, "out", None) or RESULTS)
+    rows = []
+    for c in cases:
+        rows.append(run_case(c, cfg, progress))
+        if out_dir is not None:  # a long run on a busy machine keeps what it has measured
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "cpu_partial.json").write_text(
+                json.dumps({"rows": rows, "machine": machine_info(), "peak_start": peaks[0]},
+                           indent=2, default=str) + "\n")
     progress.step(f"block tables at N={BIG_N:,}")
     tables = big_tables()
     progress.advance()
@@ -1133,6 +1142,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: no chart ({short_error(e)})", file=sys.stderr)
         for p in written:
             print(f"wrote {p}")
+        (out / "cpu_partial.json").unlink(missing_ok=True)
     return 0
 
 
