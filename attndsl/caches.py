@@ -112,6 +112,8 @@ NEEDED = LRU("needed", 256, "attended entries of proven-PARTIAL block pairs, cou
              "demand per (plan, table) (codegen/plan/tables.py)")
 CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
                 "plan (codegen/cpu/plan.py)")
+CPU_FUSED = LRU("cpu_fused", 16, "the CPU backend's fused-path work units and additive masks "
+                "per (plan, table, head, dtype) (codegen/cpu/fused.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
                      "token orders) (codegen/triton/generate.py)")
 KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (bound "
@@ -125,8 +127,8 @@ FLEX_CODE = LRU("flex_code", 64, "the generated FlexAttention mask_mod / score_m
 HF_OPS = LRU("hf_ops", 256, "family ops of registered transformers attention, per (source, "
              "pattern, parameters) of a layer (integrations/transformers.py)")
 
-CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES, FLEX_CODE, HF_OPS)
+CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS,
+          KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.plan.tables import plan_for
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
@@ -80,7 +81,7 @@ class Cpu:
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
         extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p,
-                       call.softcap)
+                       call.softcap, call.gates)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
                                     call.need_lse, extra)
         return out, (lse if call.need_lse else None)
@@ -94,6 +95,8 @@ class _Extra:
     seed: int | None = None
     p: float = 0.0
     softcap: float | None = None
+    gates: torch.Tensor | None = None  # MoH's [B, H, M]: query blocks whose gates are all 0
+    # are skipped (the driver multiplies the output by the gates)
 
 
 def cpu_elements(q, k, v) -> int:
@@ -604,9 +607,17 @@ class _Attention(torch.autograd.Function):
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
                    _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p, extra.softcap)
-        o, lse = _forward(ctx)
+        raw = None
+        if extra.softcap is None and fused.eligible(
+                cp, dv=v.shape[-1], d=q.shape[-1], dropout=extra.seed is not None,
+                padding=kvalid is not None, content=crun is not None):
+            active = None if extra.gates is None else fused.active_blocks(cp, extra.gates, HKV)
+            o, raw, lse = fused.forward(ctx, active)
+        else:
+            active = None
+            o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
-        fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
+        fctx.state = (ctx, o, lse, raw, active, q.dtype, q.shape, k.shape)
         out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
         if need_lse:
             lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
@@ -619,7 +630,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
         fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
-        ctx, o, lse, dtype, qshape, kshape = fctx.state
+        ctx, o, lse, raw, active, dtype, qshape, kshape = fctx.state
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
@@ -635,7 +646,10 @@ class _Attention(torch.autograd.Function):
             do.mul_(valid)
             if dl is not None:
                 dl.mul_(valid)
-        dq, dk, dv = _backward(ctx, o, lse, do, dl)
+        if raw is not None and dl is None:
+            dq, dk, dv = fused.backward(ctx, o, raw, do, active)
+        else:
+            dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
         if cp.compact:
             dk = _scatter_blocks(dk.unsqueeze(2), cp.ktok, cp.kvalid, kshape[2], B, ctx.HKV,
