@@ -108,8 +108,8 @@ BIND = LRU("bind", 512, "patterns called from expressions, included or averaged,
            "parameter values (semantics/bind.py)")
 PLANS = LRU("plans", 16, "token orders and block tables per (bound pattern, block sizes, "
             "order, run-time inputs) (codegen/plan/tables.py)")
-NEEDED = LRU("needed", 256, "attended entries of proven-PARTIAL block pairs, counted on "
-             "demand per (plan, table) (codegen/plan/tables.py)")
+NEEDED = LRU("needed", 256, "attended entries per query block, proven-PARTIAL pairs counted "
+             "on demand, per (plan, table) (codegen/plan/tables.py)")
 CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
                 "plan (codegen/cpu/plan.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
@@ -120,9 +120,13 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
+CP_LAYOUTS = LRU("cp_layouts", 16, "context parallelism: the blocks of each rank and the key "
+                 "blocks it receives, per (plans, ranks, dispatch) (distributed/plan.py)")
+CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans and exchange "
+               "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
 
 CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES)
+          DEVICE_TABLES, CP_LAYOUTS, CP_PLANS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

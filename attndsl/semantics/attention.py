@@ -8,6 +8,8 @@ backend's core. Every backend (reference, cpu, triton) runs through it:
 
 A core implements `check(bp, q, k, v)`, `direct(call)` and `summary(call, ks, vs, att)`,
 each returning (out [B, H, Nq, Dv], lse [B, H, Nq]) with lse = -inf for rows with no key.
+A core with `runs_plans = True` also runs a given plan (`call.plan`): the queries of some
+blocks against the keys of others, as attndsl.distributed computes one rank's share.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Call:
     dropout_p: float = 0.0
     seed: int = 0
     queries: torch.Tensor | None = None
+    plan: object = None  # a Plan to run instead of planning (codegen/plan/tables.restrict)
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -101,23 +104,12 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     queries = opts.queries
     if bp.channel:
         q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
-    scale = opts.scale
-    if scale is None:
-        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        span = next((sc.span for _, sc, _ in bp.scores if sc.kind == "scale"),
-                    bp.checked.span) if bp.scale is not None else None
-    else:
-        span = None
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    if float(scale) > torch.finfo(cdt).max:
-        raise ParameterError(f"scale {float(scale):g} does not fit in {_name(cdt)}, in which "
-                             f"{_name(dtype)} scores are computed (at most "
-                             f"{torch.finfo(cdt).max:.4g})", span)
+    scale = scale_of(bp, q, opts.scale)
     gates = None
     if bp.route is not None:
         gates = route_gates(bp, run.values[bp.route[0]], q.shape[1])
     run = run.with_content(content_of(bp, q if queries is None else queries, k))
-    call = Call(bp, q, k, v, run, float(scale), gates, bool(bp.summaries), opts.block_q,
+    call = Call(bp, q, k, v, run, scale, gates, bool(bp.summaries), opts.block_q,
                 opts.block_k, opts.q_start or 0, opts.key_valid, opts.dropout_p, opts.seed,
                 queries)
     out, lse = core.direct(call)
@@ -132,12 +124,29 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     return out.to(dtype)
 
 
+def scale_of(bp: BoundPattern, q, scale: float | None) -> float:
+    """The call's scale: the given one, the pattern's, or 1/sqrt(D); it must fit in the
+    dtype scores are computed in."""
+    span = None
+    if scale is None:
+        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        span = next((sc.span for _, sc, _ in bp.scores if sc.kind == "scale"),
+                    bp.checked.span) if bp.scale is not None else None
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if float(scale) > torch.finfo(cdt).max:
+        raise ParameterError(f"scale {float(scale):g} does not fit in {_name(cdt)}, in which "
+                             f"{_name(q.dtype)} scores are computed (at most "
+                             f"{torch.finfo(cdt).max:.4g})", span)
+    return float(scale)
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def merge(out_a, lse_a, out_b, lse_b):
-    """One softmax over two disjoint key sets, from each set's output and log-sum-exp."""
+def merge(out_a, lse_a, out_b, lse_b, with_lse: bool = False):
+    """One softmax over two disjoint key sets, from each set's output and log-sum-exp (and,
+    with `with_lse`, the union's log-sum-exp: -inf where neither set has a key)."""
     dt = torch.promote_types(out_a.dtype, torch.float32)
     out_a, out_b = out_a.to(dt), out_b.to(dt)
     la, lb = lse_a.to(dt).unsqueeze(-1), lse_b.to(dt).unsqueeze(-1)
@@ -145,7 +154,13 @@ def merge(out_a, lse_a, out_b, lse_b):
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(la - m), torch.exp(lb - m)
     den = wa + wb
-    return (wa * out_a + wb * out_b) / torch.where(den > 0, den, torch.ones_like(den))
+    some = den > 0
+    out = (wa * out_a + wb * out_b) / torch.where(some, den, torch.ones_like(den))
+    if not with_lse:
+        return out
+    lse = torch.where(some, m + torch.log(torch.where(some, den, torch.ones_like(den))),
+                      torch.full_like(den, -math.inf))
+    return out, lse.squeeze(-1)
 
 
 def attend(logits, mask, values, kept=None, p_drop: float = 0.0):

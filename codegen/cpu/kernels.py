@@ -51,6 +51,7 @@ class Cpu:
 
     name = "cpu"
     summary = Reference.summary
+    runs_plans = True  # runs call.plan when given (semantics/attention.Call)
 
     def check(self, bp: BoundPattern, q, k, v) -> None:
         if q.device.type != "cpu":
@@ -72,7 +73,8 @@ class Cpu:
         bp = call.bp
         cdt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
         mask_run = call.run if bp.route is None else call.run.without(bp.route[0])
-        cp = cpu_plan(plan_for(bp, call.block_q, call.block_k, mask_run, rows=call.rows))
+        plan = call.plan or plan_for(bp, call.block_q, call.block_k, mask_run, rows=call.rows)
+        cp = cpu_plan(plan)
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
@@ -572,8 +574,8 @@ class _Attention(torch.autograd.Function):
         HKV = k.shape[1]
         plan = cp.plan
         qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
-        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
-        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
+        kb = _to_blocks(k, cp.kpos, plan.korder.identity, HKV, cdt).squeeze(2)
+        vb = _to_blocks(v, cp.kpos, plan.korder.identity, HKV, cdt).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None
@@ -581,7 +583,7 @@ class _Attention(torch.autograd.Function):
         crun = None if content is None else cp.run.with_content(content)
         kvalid = None
         if extra.key_valid is not None:  # into the plan's key order and blocks
-            kvalid = extra.key_valid[:, cp.ktok.reshape(-1)].view(B, *cp.ktok.shape)
+            kvalid = extra.key_valid[:, cp.kpos.reshape(-1)].view(B, *cp.ktok.shape)
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
                    _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p)

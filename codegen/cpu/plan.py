@@ -53,6 +53,7 @@ class CpuPlan:
     qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
     qpos: torch.Tensor  # [nqb, bq] the row of q each position reads (pads: 0)
     ktok: torch.Tensor  # [nkb, bk]
+    kpos: torch.Tensor  # [nkb, bk] the row of k each position reads (pads: 0)
     qvalid: torch.Tensor  # [nqb, bq] bool
     kvalid: torch.Tensor
     qinv: torch.Tensor | None  # token -> position (None: identity order)
@@ -119,21 +120,26 @@ def cpu_plan(plan: Plan) -> CpuPlan:
 
 
 def _positions(order, block):
+    """(token, row of the call's tensor, valid) of each position [blocks, block], and the
+    scatter back (None: identity)."""
     perm = padded_perm(order, block)
     tok = torch.from_numpy(np.maximum(perm, 0))
     valid = torch.from_numpy(perm >= 0)
+    src = np.full(perm.size, -1, dtype=np.int64)
+    src[:order.length] = order.source_rows()
+    pos = torch.from_numpy(np.maximum(src, 0).reshape(perm.shape))
     inv = None if order.identity else torch.from_numpy(order.inverse())
-    return tok, valid, inv
+    return tok, pos, valid, inv
 
 
 def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
-    qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
-    qpos = (qtok - plan.qorder.start).clamp(min=0)  # q holds the rows from `start` on
-    ktok, kvalid, kinv = _positions(plan.korder, plan.block_k)
+    qtok, qpos, qvalid, qinv = _positions(plan.qorder, plan.block_q)
+    ktok, kpos, kvalid, kinv = _positions(plan.korder, plan.block_k)
     groups = [_groups(t, plan.nqb) for t in plan.tables]
     keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
                for t in plan.tables]
-    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, kpos, qvalid, kvalid, qinv, kinv,
+                 keyless)
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
     cp.cache_masks = (not bp.content_dependent
                       and total * plan.block_q * plan.block_k <= MASK_CACHE)

@@ -21,7 +21,11 @@ from attndsl.semantics.evaluate import Evaluator
 
 @dataclass(frozen=True, eq=False)
 class TokenOrder:
-    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding."""
+    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding.
+
+    The call's tensor holds the space's tokens in row-major order (row = token - start), or,
+    for a `compact` order, exactly the order's tokens in position order, padding skipped:
+    a subset of the space, such as one rank's blocks under context parallelism."""
 
     shape: tuple[int, ...]
     tile: tuple[int, ...]
@@ -30,6 +34,7 @@ class TokenOrder:
     identity: bool = False  # perm is start + arange(len): the kernels skip the gathers
     tile_block: int = 0  # tokens per block this order was made for
     start: int = 0  # the first token of a range of queries (decoding, chunked prefill)
+    compact: bool = False  # the tensor holds the order's tokens in position order
 
     def __post_init__(self):
         object.__setattr__(self, "identity", bool(
@@ -49,11 +54,27 @@ class TokenOrder:
         return len(self.perm)
 
     def inverse(self) -> np.ndarray:
-        """position of every row-major token in this order (the scatter back)."""
-        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
+        """position of every row of the call's tensor in this order (the scatter back): of
+        every row-major token, or of every token a compact order holds."""
         pos = np.nonzero(self.perm >= 0)[0]
+        if self.compact:
+            return pos
+        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
         inv[self.perm[pos]] = pos
         return inv
+
+    def source_rows(self) -> np.ndarray:
+        """The row of the call's tensor each position reads (the gather), -1 for padding."""
+        valid = self.perm >= 0
+        if self.compact:
+            return np.where(valid, np.cumsum(valid) - 1, -1)
+        return np.where(valid, self.perm - self.start, -1)
+
+    def tokens(self) -> np.ndarray:
+        """The row-major token each row of the call's tensor holds."""
+        if self.compact:
+            return self.perm[self.perm >= 0]
+        return np.arange(self.start, self.start + int((self.perm >= 0).sum()))
 
     def describe(self) -> str:
         if self.identity:
@@ -63,7 +84,9 @@ class TokenOrder:
         t = "x".join(map(str, self.tile))
         d = "" if all(x == 1 for x in self.dilation) else (
             ", dilation groups " + "x".join(map(str, self.dilation)))
-        return f"tiles {t}{d}"
+        held = f", {int((self.perm >= 0).sum())} tokens held" if self.compact else ""
+        kind = "row-major blocks" if len(self.shape) == 1 else f"tiles {t}"
+        return f"{kind}{d}{held}"
 
 
 def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
