@@ -140,6 +140,7 @@ def _run_case(name, spec, rank, ranks, log, phase):
     mine = cp.tokens(**inputs).numpy()
     got = np.sort(cp.received(**inputs).numpy())
     res["received"] = got.tolist()
+    res["tokens"], res["n"] = mine.tolist(), n
     if mask is not None:  # the remote keys my queries attend, and their blocks (1D)
         need = np.nonzero(mask[mine].any(0))[0]
         need = need[~np.isin(need, mine)]
