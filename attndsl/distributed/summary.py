@@ -13,7 +13,7 @@ import torch
 
 from attndsl.distributed.comm import gather
 from attndsl.errors import UnsupportedError
-from attndsl.semantics.attention import attend
+from attndsl.semantics.attention import attend, stack_summaries
 from attndsl.semantics.masks import summary_masks
 
 
@@ -85,9 +85,4 @@ def summary_tokens(bp, q, k, v, run, scale, tokens, group, counter):
         ks.append(key)
         vs.append(val)
         atts.append(att)
-    if not ks:
-        return None
-    atts = [a.reshape((1,) * (4 - a.dim()) + tuple(a.shape)) for a in atts]
-    lead = torch.broadcast_shapes(*(a.shape[:2] for a in atts))
-    atts = [a.expand(*lead, *a.shape[2:]) for a in atts]
-    return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(atts, -1)
+    return stack_summaries(ks, vs, atts)

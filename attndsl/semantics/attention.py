@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attndsl.errors import InputError, ParameterError, UnsupportedError
@@ -221,11 +222,17 @@ def summary_tokens(call: Call):
         ks.append(a)
         vs.append(b)
         atts.append(att)
+    return stack_summaries(ks, vs, atts)
+
+
+def stack_summaries(ks: list, vs: list, atts: list):
+    """Every summary's (keys, values, attend) as one set of summary tokens, or None."""
     if not ks:
         return None
     # [M, R], [H, M, R] (a rule reads h) or [B, 1|H, M, R] (padding): one layout for all
     atts = [a.reshape((1,) * (4 - a.dim()) + tuple(a.shape)) for a in atts]
-    lead = torch.broadcast_shapes(*(a.shape[:2] for a in atts))
+    # numpy's, not torch.broadcast_shapes: that imports sympy (seconds) on first use
+    lead = np.broadcast_shapes(*(tuple(a.shape[:2]) for a in atts))
     atts = [a.expand(*lead, *a.shape[2:]) for a in atts]
     return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(atts, -1)
 
