@@ -120,8 +120,9 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
-CP_LAYOUTS = LRU("cp_layouts", 16, "context parallelism: the blocks of each rank and the key "
-                 "blocks it receives, per (plans, ranks, dispatch) (distributed/plan.py)")
+CP_LAYOUTS = LRU("cp_layouts", 16, "context parallelism: the attended pairs per query block, "
+                 "and the blocks of each rank and the key blocks it receives, per (plans, "
+                 "ranks, dispatch) (distributed/plan.py)")
 CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans and exchange "
                "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
 

@@ -206,6 +206,7 @@ class ContextParallel:
         return {
             "rank": r, "ranks": self.ranks, "dispatch": self.dispatch,
             "tokens": int(lay.held()[r]), "pairs": int(lay.pairs()[r]),
+            "pairs_exact": rp.problem.exact,
             "kv_tokens_received": recv, "kv_tokens_sent": sent,
             "kv_bytes_received": recv * row, "kv_bytes_sent": sent * row,
             "grad_bytes_received": sent * row, "grad_bytes_sent": recv * row,

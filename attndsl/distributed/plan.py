@@ -18,6 +18,10 @@ from attndsl.errors import UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import RunInputs
 
+# Mask entries of PARTIAL blocks counted exactly per head table (about a second of dense
+# evaluation); past it, the attended pairs a dispatch balances are estimated from a sample.
+COUNT_BUDGET = 1 << 24
+
 
 @dataclass(frozen=True, eq=False)
 class Problem:
@@ -58,7 +62,21 @@ class Problem:
     def costs(self) -> np.ndarray:
         """[blocks] attended pairs of each query block, over every head table, summary
         tokens included. Patterns whose masks read q and k count every entry of their
-        static superset's PARTIAL blocks (the content decides at run time)."""
+        static superset's PARTIAL blocks (the content decides at run time). Past
+        COUNT_BUDGET mask entries of PARTIAL blocks per table the counts are estimated
+        from a sample (`exact` says whether they were)."""
+        return self._costs()[0]
+
+    @property
+    def exact(self) -> bool:
+        return self._costs()[1]
+
+    def _costs(self) -> tuple[np.ndarray, bool]:
+        return caches.CP_LAYOUTS.get_or_create(
+            (tuple(plan for _, plan in self.parts), "costs"), self._count)
+
+    def _count(self) -> tuple[np.ndarray, bool]:
+        exact = True
         cost = np.zeros(self.nblocks, dtype=np.int64)
         n = self.block_tokens()
         for _, plan in self.parts:
@@ -68,10 +86,12 @@ class Problem:
                         r = np.repeat(np.arange(self.nblocks), np.diff(off.astype(np.int64)))
                         np.add.at(cost, r, n[r] * n[idx])
                 else:
-                    cost += plan.row_needed(h)
+                    rows, ok = plan.row_estimate(h, COUNT_BUDGET)
+                    cost += rows
+                    exact = exact and ok
             if plan.summary is not None and plan.summary.row_needed is not None:
                 cost += plan.summary.row_needed.sum(0)
-        return cost
+        return cost, exact
 
     def layout(self, ranks: int, dispatch: str) -> Layout:
         return caches.CP_LAYOUTS.get_or_create(

@@ -60,7 +60,7 @@ def rows(op, inputs: dict, ranks: int, geo: dict, label: str | None = None) -> l
     name = label or bp.name
     params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in bp.values.items()}
     base = {"pattern": name, "params": params, "tokens": n, "ranks": ranks,
-            "block": prob.block, "plan_seconds": round(t1 - t0, 3),
+            "block": prob.block, "pairs_exact": prob.exact, "plan_seconds": round(t1 - t0, 3),
             "layout_seconds": round(t2 - t1, 3)}
     out = []
 

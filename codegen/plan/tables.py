@@ -128,24 +128,51 @@ class Plan:
         context parallelism balances (proven-PARTIAL pairs counted on demand)."""
         return caches.NEEDED.get_or_create((self, h), lambda: self._count_rows(h))
 
-    def _count_rows(self, h: int) -> np.ndarray:
+    def row_estimate(self, h: int, budget: int) -> tuple[np.ndarray, bool]:
+        """(row_needed(h), True) when counting it evaluates at most `budget` mask entries;
+        else (an estimate, False): FULL pairs exact, and PARTIAL pairs counted on an evenly
+        spread sample of `budget` entries, the others taking the sample's mean. Dense
+        counting of a dilated pattern at 1M tokens takes minutes; its balance does not
+        need it."""
+        rows, todo = self._rows_todo(h)
+        if todo is None or len(todo) * self.block_q * self.block_k <= budget:
+            return self.row_needed(h), True
+        return caches.NEEDED.get_or_create((self, h, budget),
+                                           lambda: (self._sampled(h, rows, todo, budget),
+                                                    False))
+
+    def _rows_todo(self, h: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(counted entries per query block, [U, 2] PARTIAL pairs still to count)."""
         t = self.tables[h]
-        todo = t.uncounted
         if t.row_needed is not None:
-            rows = t.row_needed.astype(np.int64)
-        else:  # FULL pairs from the blocks' token counts; every PARTIAL pair evaluated
-            qn = (padded_perm(self.qorder, self.block_q) >= 0).sum(1)
-            kn = (padded_perm(self.korder, self.block_k) >= 0).sum(1)
-            r = np.repeat(np.arange(self.nqb), np.diff(t.full_off))
-            rows = _bincount(r, qn[r] * kn[t.full_idx], self.nqb)
-            r = np.repeat(np.arange(self.nqb), np.diff(t.part_off))
-            todo = np.stack([r, t.part_idx.astype(np.int64)], axis=1)
+            return t.row_needed.astype(np.int64), t.uncounted
+        # FULL pairs from the blocks' token counts; every PARTIAL pair to evaluate
+        qn = (padded_perm(self.qorder, self.block_q) >= 0).sum(1)
+        kn = (padded_perm(self.korder, self.block_k) >= 0).sum(1)
+        r = np.repeat(np.arange(self.nqb), np.diff(t.full_off))
+        rows = _bincount(r, qn[r] * kn[t.full_idx], self.nqb)
+        r = np.repeat(np.arange(self.nqb), np.diff(t.part_off))
+        return rows, np.stack([r, t.part_idx.astype(np.int64)], axis=1)
+
+    def _counts(self, h: int, pairs: np.ndarray) -> np.ndarray:
+        head = h if len(self.tables) > 1 else None
+        return _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
+                             self.block_k, pairs[:, 0], pairs[:, 1], head, self.run)[2]
+
+    def _count_rows(self, h: int) -> np.ndarray:
+        rows, todo = self._rows_todo(h)
         if todo is not None and len(todo):
-            head = h if len(self.tables) > 1 else None
-            _, _, cnt = _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
-                                      self.block_k, todo[:, 0], todo[:, 1], head, self.run)
-            rows = rows + _bincount(todo[:, 0], cnt, self.nqb)
+            rows = rows + _bincount(todo[:, 0], self._counts(h, todo), self.nqb)
         return rows
+
+    def _sampled(self, h: int, rows: np.ndarray, todo: np.ndarray, budget: int) -> np.ndarray:
+        m = max(1, budget // (self.block_q * self.block_k))
+        pick = np.unique(np.linspace(0, len(todo) - 1, m).astype(np.int64))
+        cnt = self._counts(h, todo[pick]).astype(np.float64)
+        est = np.full(len(todo), cnt.mean())
+        est[pick] = cnt
+        return rows + np.rint(np.bincount(todo[:, 0], weights=est, minlength=self.nqb)
+                              ).astype(np.int64)
 
     def table_bytes(self) -> int:
         """Bytes of every CSR array a launch reads (tables, transposed, summary tables): the
