@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl import caches
 from attndsl.cli import main
 from attndsl.codegen.plan.tables import plan_for, restrict
 from attndsl.distributed import dispatch as dsp
@@ -208,6 +209,19 @@ def test_one_rank_group_in_process(tmp_path):
             cp(q[:, :, :40], k[:, :, :40], v[:, :, :40])
         with pytest.raises(AttnError, match="has 40 tokens on axis -2, not 50"):
             cp.shard(q[:, :, :40])
+        # new document ids per call: the layouts and rank plans stay bounded
+        docs = attndsl.compile("document.attn", pattern="document_causal", N=48)
+        cpd = ContextParallel(docs)
+        x = torch.randn(1, 1, 48, 4, dtype=torch.float64)
+        for i in range(24):
+            doc = torch.repeat_interleave(torch.arange(2), torch.tensor([1 + i, 47 - i]))
+            xl = cpd.shard(x, doc=doc)
+            out = cpd.unshard(cpd(xl, xl, xl, doc=doc), doc=doc)
+            ref = ind.masked_attention(x, x, x, torch.from_numpy(
+                ind.document_causal(48, doc.tolist())))
+            assert torch.allclose(out, ref, atol=1e-12)
+        for c in caches.CACHES:
+            assert len(c) <= c.maxsize, c.name
         dyn = attndsl.compile("dhsa.attn", pattern="dhsa", N=256)
         with pytest.raises(UnsupportedError, match="chooses its keys from q and k"):
             ContextParallel(dyn)
