@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cases(n):
-    doc = torch.repeat_interleave(torch.arange(8), torch.full((8,), n // 8))
+    # documents of n/16 .. n/4 tokens (seeded): they cross the ranks' boundaries
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(n // 16, n // 4, (64,), generator=g)
+    doc = torch.repeat_interleave(torch.arange(64), lengths)[:n]
     return [("sliding_window", "sliding.attn", dict(N=n, window=1024), {}),
             ("document_causal", "document.attn", dict(N=n), {"doc": doc}),
             ("power_attention", "power.attn", dict(N=n, block=256, window=5, sink=1), {})]
