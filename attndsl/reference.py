@@ -81,8 +81,8 @@ def _tokens(call) -> tuple[torch.Tensor, torch.Tensor]:
     or what the call's plan says."""
     dev = call.q.device
     if call.plan is not None:
-        return (torch.from_numpy(call.plan.qorder.tokens()).to(dev),
-                torch.from_numpy(call.plan.korder.tokens()).to(dev))
+        return (torch.from_numpy(call.plan.qorder.held_tokens()).to(dev),
+                torch.from_numpy(call.plan.korder.held_tokens()).to(dev))
     first, m = call.rows
     return (torch.arange(first, first + m, device=dev),
             torch.arange(call.k.shape[2], device=dev))

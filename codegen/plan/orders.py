@@ -8,6 +8,7 @@ the backends gather into it and scatter back.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ from attndsl.semantics.evaluate import Evaluator
 class TokenOrder:
     """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding.
 
+    A row-major range keeps `tokens` None and only its `count`: decoding one token against
+    a million keys never builds (nor compares) a million-entry permutation; `perm` is made
+    on first use by the backends that gather with it.
+
     The call's tensor holds the space's tokens in row-major order (row = token - start), or,
     for a `compact` order, exactly the order's tokens in position order, padding skipped:
     a subset of the space, such as one rank's blocks under context parallelism."""
@@ -30,28 +35,38 @@ class TokenOrder:
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     dilation: tuple[int, ...]
-    perm: np.ndarray
+    tokens: np.ndarray | None
     identity: bool = False  # perm is start + arange(len): the kernels skip the gathers
     tile_block: int = 0  # tokens per block this order was made for
     start: int = 0  # the first token of a range of queries (decoding, chunked prefill)
+    count: int = -1  # the length of a row-major range (tokens None)
     compact: bool = False  # the tensor holds the order's tokens in position order
 
     def __post_init__(self):
-        object.__setattr__(self, "identity", bool(
-            (self.perm == self.start + np.arange(len(self.perm))).all()))
+        if self.tokens is None:
+            object.__setattr__(self, "identity", True)
+        else:
+            object.__setattr__(self, "count", len(self.tokens))
+            object.__setattr__(self, "identity", bool(
+                (self.tokens == self.start + np.arange(len(self.tokens))).all()))
 
     @staticmethod
     def rows(shape: tuple[int, ...], block: int, start: int = 0, count: int | None = None
              ) -> TokenOrder:
         """Row-major tokens start .. start + count - 1 (all by default)."""
         count = math.prod(shape) - start if count is None else count
-        return TokenOrder(tuple(shape), (block,), (1,) * len(shape),
-                          np.arange(start, start + count, dtype=np.int64), tile_block=block,
-                          start=start)
+        return TokenOrder(tuple(shape), (block,), (1,) * len(shape), None, tile_block=block,
+                          start=start, count=count)
+
+    @functools.cached_property
+    def perm(self) -> np.ndarray:
+        if self.tokens is not None:
+            return self.tokens
+        return np.arange(self.start, self.start + self.count, dtype=np.int64)
 
     @property
     def length(self) -> int:
-        return len(self.perm)
+        return self.count
 
     def inverse(self) -> np.ndarray:
         """position of every row of the call's tensor in this order (the scatter back): of
@@ -70,11 +85,12 @@ class TokenOrder:
             return np.where(valid, np.cumsum(valid) - 1, -1)
         return np.where(valid, self.perm - self.start, -1)
 
-    def tokens(self) -> np.ndarray:
+    def held_tokens(self) -> np.ndarray:
         """The row-major token each row of the call's tensor holds."""
         if self.compact:
             return self.perm[self.perm >= 0]
-        return np.arange(self.start, self.start + int((self.perm >= 0).sum()))
+        n = self.count if self.identity else int((self.perm >= 0).sum())
+        return np.arange(self.start, self.start + n)
 
     def describe(self) -> str:
         if self.identity:
