@@ -145,31 +145,43 @@ def test_balanced_evens_out_a_causal_mask_better_than_contiguous():
     assert bal.max() < 0.8 * cont.max()
 
 
-def test_restricted_plans_merge_into_the_whole_attention():
-    """A query block subset against two key block subsets, merged through the log-sum-exp,
-    is the whole attention of those queries (the CPU and reference cores)."""
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_restricted_plans_merge_into_the_whole_attention(backend):
+    """A query block subset against two key block subsets (compact token orders), merged
+    through the log-sum-exp, is the whole attention of those queries: outputs and
+    gradients, on every core that runs plans."""
     from attndsl.api import core_for
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = 2e-5 if backend == "triton" else 1e-12
     op = attndsl.compile("power.attn", pattern="power_attention", N=200, block=16, window=2,
                          sink=1)
     bp = op.bound
     plan = plan_for(bp, 16, 16, validate(bp, {}, for_mask=True))
     qb, ka, kb = [1, 4, 7, 12], [0, 4, 5, 12], [1, 2, 3, 6, 7, 8, 9, 10, 11]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 200, 8, generator=g, dtype=torch.float64) for _ in "qkv")
-    ref = ind.masked_attention(q, k, v, torch.from_numpy(ind.power_attention(200, 16, 2, 1)))
+    q, k, v = (torch.randn(1, 2, 200, 8, generator=g, dtype=torch.float64).requires_grad_()
+               for _ in "qkv")
 
     def rows(blocks):
         return torch.cat([torch.arange(b * 16, min(200, b * 16 + 16)) for b in blocks])
-    for backend in ("cpu", "reference"):
-        core = core_for(backend, bp, q)
-        parts = []
-        for keys in (ka, kb):
-            sub = restrict(plan, qb, keys)
-            call = Call(bp, q[:, :, rows(qb)], k[:, :, rows(keys)], v[:, :, rows(keys)],
-                        validate(bp, {}), scale_of(bp, q, None), None, True, 16, 16, plan=sub)
-            parts.append(core.direct(call))
-        out = merge(*parts[0], *parts[1])
-        assert torch.allclose(out, ref[:, :, rows(qb)], atol=1e-12), backend
+    go = torch.randn(1, 2, len(rows(qb)), 8, generator=g, dtype=torch.float64)
+    ref = ind.masked_attention(q, k, v, torch.from_numpy(ind.power_attention(200, 16, 2, 1)))
+    want = torch.autograd.grad((ref[:, :, rows(qb)] * go).sum(), (q, k, v))
+    core = core_for(backend, bp, q.to(dtype))
+    parts = []
+    for keys in (ka, kb):
+        sub = restrict(plan, qb, keys)
+        call = Call(bp, q[:, :, rows(qb)].to(dtype), k[:, :, rows(keys)].to(dtype),
+                    v[:, :, rows(keys)].to(dtype), validate(bp, {}), scale_of(bp, q, None),
+                    None, True, 16, 16, plan=sub)
+        parts.append(core.direct(call))
+    out = merge(*parts[0], *parts[1])
+    assert (out.double() - ref[:, :, rows(qb)]).abs().max() < tol
+    got = torch.autograd.grad((out.double() * go).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        assert (a - b).abs().max() < tol, name
 
 
 def test_restrict_rejects_bad_block_ids():
