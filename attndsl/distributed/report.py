@@ -190,7 +190,9 @@ def table(rows_: list[dict]) -> str:
         ring = next(r for r in rs if r["scheme"] == "ring")
         lines.append(f"{name}: {r0['tokens']:,} tokens, {r0['ranks']} ranks, blocks of "
                      f"{r0['block']} (tables {r0['plan_seconds']:.2f} s, layouts "
-                     f"{r0['layout_seconds']:.2f} s)")
+                     f"{r0['layout_seconds']:.2f} s)"
+                     + ("" if r0.get("pairs_exact", True) else
+                        "; pairs of PARTIAL blocks estimated from a sample"))
         lines.append(f"  {'scheme':<11}{'max/mean pairs':>15}{'max pairs':>16}"
                      f"{'max KV MiB':>12}{'mean KV MiB':>13}{'vs ring':>9}  tokens/rank")
         for r in rs:
