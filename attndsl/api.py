@@ -567,6 +567,14 @@ def _backward(ctx, dout):
 _graph_op.register_autograd(_backward, setup_context=_setup)
 
 
+def core_for(backend: str, bp: BoundPattern, q):
+    """The core a call of `bp` on tensors like q runs on (for callers that drive cores
+    themselves, such as attndsl.distributed)."""
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(backend, BACKENDS))
+    return _core(backend, bp, q)
+
+
 def _core(backend: str, bp: BoundPattern, q, compiled=None):
     """The core of a backend; 'auto' picks Triton for CUDA tensors, the CPU backend for CPU
     tensors it runs, the reference otherwise."""

@@ -1,4 +1,5 @@
-"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench."""
+"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench,
+cp-plan."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _inputs(pairs) -> dict:
         if v.startswith("@"):
             try:
                 arr = np.load(v[1:])
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:
                 raise ParameterError(f"cannot load input '{k}' from '{v[1:]}': {e}") from None
             out[k] = torch.as_tensor(arr)
         else:
@@ -295,6 +296,41 @@ def cmd_compile(args) -> int:
     return 0
 
 
+CP_PLAN_HELP = """\
+Context parallelism planned from the block tables alone: for each dispatch (balanced,
+contiguous, zigzag) the per-rank balance (max / mean attended pairs) and the K/V bytes each
+rank receives, against ring attention, an all-gather and Ulysses. --library plans every
+standard pattern at --tokens. Bytes follow --heads, --kv-heads, --head-dim and --dtype.
+"""
+
+
+def cmd_cp_plan(args) -> int:
+    import json
+
+    from attndsl.distributed import report
+    geo = report.geometry(args.heads, args.kv_heads, args.head_dim, args.dtype)
+    if args.library:
+        if args.file is not None:
+            raise ParameterError("give a FILE or --library, not both")
+        if args.tokens < 16:
+            raise ParameterError(f"--tokens must be at least 16, not {args.tokens}")
+        def progress(name, s):
+            if not args.json:
+                print(f"planned {name} in {s:.1f} s", file=sys.stderr, flush=True)
+        out = report.library_rows(args.tokens, args.ranks, geo, progress=progress)
+    else:
+        if args.file is None:
+            raise ParameterError("cp-plan needs a FILE (with -p PATTERN) or --library")
+        op = _compile(args)
+        op.options(block_q=args.block, block_k=args.block)
+        out = report.rows(op, _inputs(args.input), args.ranks, geo)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.table(out), end="")
+    return 0
+
+
 # -- `attndsl bench` (issue 5): runs the repository's bench/cpu_bench.py ----------------
 
 
@@ -402,6 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also try compiled create_block_mask at N=65,536 (one attempt)")
     c.set_defaults(func=cmd_bench)
     # -- end of bench
+    c = sub.add_parser("cp-plan", help="context parallelism from the tables: balance and "
+                       "K/V traffic per rank against ring, all-gather and Ulysses",
+                       description=CP_PLAN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(c)
+    c.set_defaults(file=None)
+    c._actions[[a.dest for a in c._actions].index("file")].nargs = "?"
+    c.add_argument("--ranks", type=int, required=True, help="number of ranks")
+    c.add_argument("--library", action="store_true", help="every standard pattern")
+    c.add_argument("--tokens", type=int, default=1 << 20,
+                   help="sequence length for --library (default 1,048,576)")
+    c.add_argument("--block", type=int, default=None, help="block size (default 64)")
+    c.add_argument("--heads", type=int, default=32, help="query heads (for bytes)")
+    c.add_argument("--kv-heads", type=int, default=8, help="key/value heads (for bytes)")
+    c.add_argument("--head-dim", type=int, default=128, help="head dim (for bytes)")
+    c.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16 or fp64 (for bytes)")
+    c.add_argument("--json", action="store_true",
+                   help="one row per (pattern, scheme): scheme, max_pairs, mean_pairs, "
+                   "max_kv_bytes, mean_kv_bytes, ...")
+    c.set_defaults(func=cmd_cp_plan)
     c = sub.add_parser("compare", help="receptive-field growth of several patterns")
     c.add_argument("patterns", nargs="+", metavar="FILE[:PATTERN]",
                    help="a file (all its patterns) or FILE:PATTERN")

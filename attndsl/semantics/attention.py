@@ -8,6 +8,8 @@ backend's core. Every backend (reference, cpu, triton) runs through it:
 
 A core implements `check(bp, q, k, v)`, `direct(call)` and `summary(call, ks, vs, att)`,
 each returning (out [B, H, Nq, Dv], lse [B, H, Nq]) with lse = -inf for rows with no key.
+A core with `runs_plans = True` also runs a given plan (`call.plan`): the queries of some
+blocks against the keys of others, as attndsl.distributed computes one rank's share.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attndsl.errors import InputError, ParameterError, UnsupportedError
@@ -83,7 +86,8 @@ class Call:
     dropout_p: float = 0.0
     seed: int = 0
     queries: torch.Tensor | None = None
-    softcap: float | None = None
+    softcap: float | None = None  # the call's cap (op(..., softcap=) or the pattern's)
+    plan: object = None  # a Plan to run instead of planning (codegen/plan/tables.restrict)
 
     @property
     def rows(self) -> tuple[int, int]:
@@ -115,18 +119,7 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     queries = opts.queries
     if bp.channel:
         q, k, v = (t.transpose(-1, -2) for t in (q, k, v))
-    scale = opts.scale
-    if scale is None:
-        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        span = next((sc.span for _, sc, _ in bp.scores if sc.kind == "scale"),
-                    bp.checked.span) if bp.scale is not None else None
-    else:
-        span = None
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    if float(scale) > torch.finfo(cdt).max:
-        raise ParameterError(f"scale {float(scale):g} does not fit in {_name(cdt)}, in which "
-                             f"{_name(dtype)} scores are computed (at most "
-                             f"{torch.finfo(cdt).max:.4g})", span)
+    scale = scale_of(bp, q, opts.scale)
     gates = None
     if bp.route is not None:
         gates = route_gates(bp, run, q.shape[1])
@@ -152,17 +145,29 @@ def _attend(core, bp, q, k, v, run, opts: Options):
     return out.to(dtype)
 
 
+def scale_of(bp: BoundPattern, q, scale: float | None) -> float:
+    """The call's scale: the given one, the pattern's, or 1/sqrt(D); it must fit in the
+    dtype scores are computed in."""
+    span = None
+    if scale is None:
+        scale = bp.scale if bp.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        span = next((sc.span for _, sc, _ in bp.scores if sc.kind == "scale"),
+                    bp.checked.span) if bp.scale is not None else None
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if float(scale) > torch.finfo(cdt).max:
+        raise ParameterError(f"scale {float(scale):g} does not fit in {_name(cdt)}, in which "
+                             f"{_name(q.dtype)} scores are computed (at most "
+                             f"{torch.finfo(cdt).max:.4g})", span)
+    return float(scale)
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def merge(out_a, lse_a, out_b, lse_b):
-    """One softmax over two disjoint key sets, from each set's output and log-sum-exp."""
-    return merge_lse(out_a, lse_a, out_b, lse_b)[0]
-
-
-def merge_lse(out_a, lse_a, out_b, lse_b):
-    """merge(), and the log-sum-exp of the union (-inf where neither set has a key)."""
+def merge(out_a, lse_a, out_b, lse_b, with_lse: bool = False):
+    """One softmax over two disjoint key sets, from each set's output and log-sum-exp (and,
+    with `with_lse`, the union's log-sum-exp: -inf where neither set has a key)."""
     dt = torch.promote_types(out_a.dtype, torch.float32)
     out_a, out_b = out_a.to(dt), out_b.to(dt)
     la, lb = lse_a.to(dt).unsqueeze(-1), lse_b.to(dt).unsqueeze(-1)
@@ -170,10 +175,18 @@ def merge_lse(out_a, lse_a, out_b, lse_b):
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     wa, wb = torch.exp(la - m), torch.exp(lb - m)
     den = wa + wb
-    has = den > 0
-    safe = torch.where(has, den, torch.ones_like(den))
-    lse = torch.where(has, m + torch.log(safe), torch.full_like(den, -math.inf))
-    return (wa * out_a + wb * out_b) / safe, lse.squeeze(-1)
+    some = den > 0
+    out = (wa * out_a + wb * out_b) / torch.where(some, den, torch.ones_like(den))
+    if not with_lse:
+        return out
+    lse = torch.where(some, m + torch.log(torch.where(some, den, torch.ones_like(den))),
+                      torch.full_like(den, -math.inf))
+    return out, lse.squeeze(-1)
+
+
+def merge_lse(out_a, lse_a, out_b, lse_b):
+    """merge() with the union's log-sum-exp."""
+    return merge(out_a, lse_a, out_b, lse_b, with_lse=True)
 
 
 def attend(logits, mask, values, kept=None, p_drop: float = 0.0):
@@ -234,11 +247,17 @@ def summary_tokens(call: Call):
         ks.append(a)
         vs.append(b)
         atts.append(att)
+    return stack_summaries(ks, vs, atts)
+
+
+def stack_summaries(ks: list, vs: list, atts: list):
+    """Every summary's (keys, values, attend) as one set of summary tokens, or None."""
     if not ks:
         return None
     # [M, R], [H, M, R] (a rule reads h) or [B, 1|H, M, R] (padding): one layout for all
     atts = [a.reshape((1,) * (4 - a.dim()) + tuple(a.shape)) for a in atts]
-    lead = torch.broadcast_shapes(*(a.shape[:2] for a in atts))
+    # numpy's, not torch.broadcast_shapes: that imports sympy (seconds) on first use
+    lead = np.broadcast_shapes(*(tuple(a.shape[:2]) for a in atts))
     atts = [a.expand(*lead, *a.shape[2:]) for a in atts]
     return torch.cat(ks, 2), torch.cat(vs, 2), torch.cat(atts, -1)
 

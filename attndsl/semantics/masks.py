@@ -137,10 +137,11 @@ def bias(bp: BoundPattern, run: RunInputs, qidx, kidx, hidx, dtype, head=None):
     return total
 
 
-def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None = None
-               ) -> torch.Tensor:
+def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None = None,
+               tokens: tuple | None = None) -> torch.Tensor:
     """[Nq, Nk], [H, Nq, Nk] (per-head) or [B, H, Nq, Nk] (content-dependent) bool mask;
-    with rows = (first, count), only those queries' rows."""
+    with rows = (first, count), only those queries' rows; with tokens = (query tokens,
+    key tokens), int64 tensors, only those rows and columns."""
     heads = None
     if bp.head_dependent:
         heads = bp.heads
@@ -156,15 +157,23 @@ def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None
     elif heads is not None:
         lead = [heads]
     first, count = rows if rows is not None else (0, bp.nq)
-    bp.check_size(math.prod(lead) if lead else 1, count)
     device = device or torch.device("cpu")
-    out = torch.empty(lead + [count, bp.nk], dtype=torch.bool, device=device)
-    kidx = torch.arange(bp.nk, device=device).view(1, -1)
+    if tokens is not None:
+        qtok, kidx = (t.to(device) for t in tokens)
+        count = len(qtok)
+        kidx = kidx.view(1, -1)
+    else:
+        qtok = None
+        kidx = torch.arange(bp.nk, device=device).view(1, -1)
+    nk = kidx.shape[1]
+    bp.check_size(math.prod(lead) if lead else 1, count)
+    out = torch.empty(lead + [count, nk], dtype=torch.bool, device=device)
     h = torch.arange(heads, device=device).view(-1, 1, 1) if heads is not None else None
-    for q0, q1 in chunks(count, bp.nk * max(1, math.prod(lead))):
-        qidx = torch.arange(first + q0, first + q1, device=device).view(-1, 1)
+    for q0, q1 in chunks(count, nk * max(1, math.prod(lead))):
+        qidx = (torch.arange(first + q0, first + q1, device=device) if qtok is None
+                else qtok[q0:q1]).view(-1, 1)
         val = predicate(bp, context(bp, qidx, kidx, h), run)
-        out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, bp.nk])
+        out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, nk])
     return out
 
 

@@ -52,6 +52,7 @@ class Cpu:
 
     name = "cpu"
     summary = Reference.summary
+    runs_plans = True  # runs call.plan when given (semantics/attention.Call)
 
     def check(self, bp: BoundPattern, q, k, v) -> None:
         if q.device.type != "cpu":
@@ -76,7 +77,8 @@ class Cpu:
         bq = call.block_q
         if bq is None and call.partial and call.rows[1] <= 16:
             bq = 16  # decoding: a block of a few rows, not 64 rows of which one is real
-        cp = cpu_plan(plan_for(bp, bq, call.block_k, mask_run, rows=call.rows))
+        plan = call.plan or plan_for(bp, bq, call.block_k, mask_run, rows=call.rows)
+        cp = cpu_plan(plan)
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
@@ -594,8 +596,8 @@ class _Attention(torch.autograd.Function):
         plan = cp.plan
         qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
         kid = plan.korder.identity and not cp.compact
-        kb = _to_blocks(k, cp.ktok, kid, HKV, cdt).squeeze(2)
-        vb = _to_blocks(v, cp.ktok, kid, HKV, cdt).squeeze(2)
+        kb = _to_blocks(k, cp.kpos, kid, HKV, cdt).squeeze(2)
+        vb = _to_blocks(v, cp.kpos, kid, HKV, cdt).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None
@@ -603,7 +605,7 @@ class _Attention(torch.autograd.Function):
         crun = None if content is None else cp.run.with_content(content)
         kvalid = None
         if extra.key_valid is not None:  # into the plan's key order and blocks
-            kvalid = extra.key_valid[:, cp.ktok.reshape(-1)].view(B, *cp.ktok.shape)
+            kvalid = extra.key_valid[:, cp.kpos.reshape(-1)].view(B, *cp.ktok.shape)
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
                    _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p, extra.softcap)
@@ -652,9 +654,9 @@ class _Attention(torch.autograd.Function):
             dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
         if cp.compact:
-            dk = _scatter_blocks(dk.unsqueeze(2), cp.ktok, cp.kvalid, kshape[2], B, ctx.HKV,
+            dk = _scatter_blocks(dk.unsqueeze(2), cp.kpos, cp.kvalid, kshape[2], B, ctx.HKV,
                                  dtype)
-            dv = _scatter_blocks(dv.unsqueeze(2), cp.ktok, cp.kvalid, kshape[2], B, ctx.HKV,
+            dv = _scatter_blocks(dv.unsqueeze(2), cp.kpos, cp.kvalid, kshape[2], B, ctx.HKV,
                                  dtype)
         else:
             dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)

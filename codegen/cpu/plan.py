@@ -54,6 +54,7 @@ class CpuPlan:
     qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
     qpos: torch.Tensor  # [nqb, bq] the row of q each position reads (pads: 0)
     ktok: torch.Tensor  # [nkb, bk]
+    kpos: torch.Tensor  # [nkb, bk] the row of k each position reads (pads: 0)
     qvalid: torch.Tensor  # [nqb, bq] bool
     kvalid: torch.Tensor
     qinv: torch.Tensor | None  # token -> position (None: identity order)
@@ -124,8 +125,9 @@ def cpu_plan(plan: Plan) -> CpuPlan:
 
 
 def _positions(order, block, used=None):
-    """Each position's row-major token (padding: a real token), validity and the inverse;
-    with `used`, the rows of those blocks only (a row-major range never reads a perm)."""
+    """Each position's row-major token (padding: a real token), the row of the call's
+    tensor it reads, validity, and the inverse (None: identity); with `used`, the rows of
+    those blocks only (a row-major range never reads a perm)."""
     nb = -(-order.length // block)
     if order.identity:
         ids = (torch.arange(nb, dtype=torch.int64) if used is None
@@ -133,18 +135,21 @@ def _positions(order, block, used=None):
         tok = order.start + ids.view(-1, 1) * block + torch.arange(block).view(1, -1)
         valid = tok < order.start + order.length
         tok = tok.clamp_(max=max(order.start, order.start + order.length - 1))
-        return tok, valid, None
+        return tok, tok - order.start, valid, None
     perm = padded_perm(order, block)
+    src = np.full(perm.size, -1, dtype=np.int64)
+    src[:order.length] = order.source_rows()
+    src = src.reshape(perm.shape)
     if used is not None:
-        perm = perm[used]
+        perm, src = perm[used], src[used]
     tok = torch.from_numpy(np.maximum(perm, 0))
     valid = torch.from_numpy(perm >= 0)
-    return tok, valid, torch.from_numpy(order.inverse())
+    pos = torch.from_numpy(np.maximum(src, 0))
+    return tok, pos, valid, torch.from_numpy(order.inverse())
 
 
 def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
-    qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
-    qpos = (qtok - plan.qorder.start).clamp(min=0)  # q holds the rows from `start` on
+    qtok, qpos, qvalid, qinv = _positions(plan.qorder, plan.block_q)
     used = np.unique(np.concatenate([np.asarray(x, dtype=np.int64) for t in plan.tables
                                      for x in (t.full_idx, t.part_idx)]))
     tables = plan.tables
@@ -155,11 +160,12 @@ def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
                   for t in tables]
     else:
         used = None
-    ktok, kvalid, kinv = _positions(plan.korder, plan.block_k, used)
+    ktok, kpos, kvalid, kinv = _positions(plan.korder, plan.block_k, used)
     groups = [_groups(t, plan.nqb) for t in tables]
     keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
                for t in plan.tables]
-    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, kpos, qvalid, kvalid, qinv, kinv,
+                 keyless)
     cp.compact = used is not None
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
     cp.cache_masks = (not bp.content_dependent

@@ -242,6 +242,9 @@ def device_tables(plan: Plan, device) -> dict:
         t["qperm"] = torch.from_numpy(plan.qorder.perm.astype(np.int32))
         t["kperm"] = torch.from_numpy(plan.korder.perm.astype(np.int32))
         t["qinv"] = torch.from_numpy(plan.qorder.inverse())
+        # the rows of q and k each position reads (the tokens themselves, or a compact subset)
+        t["qsrc"] = torch.from_numpy(np.maximum(plan.qorder.source_rows(), 0))
+        t["ksrc"] = torch.from_numpy(np.maximum(plan.korder.source_rows(), 0))
         if plan.content_dependent:
             m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
             tab = plan.tables[0]
@@ -394,6 +397,7 @@ class Triton:
     """The core of backend='triton' (the Core protocol of semantics/attention.py)."""
 
     name = "triton"
+    runs_plans = True  # runs call.plan when given (semantics/attention.Call)
 
     def __init__(self, module=None, plan: Plan | None = None):
         self.module = module  # an exported module's kernels, or None to generate
@@ -441,6 +445,8 @@ class Triton:
 
     def _plan(self, call) -> Plan:
         bp = call.bp
+        if call.plan is not None:
+            return call.plan
         run = call.run if bp.route is None else call.run.without(bp.route[0])
         if (self.fixed is not None and not call.partial
                 and self.fixed.run.fingerprint == run.fingerprint):
@@ -466,11 +472,10 @@ class Triton:
         ini, inf = pack_inputs(kern, call.run, dev, bp.values)
         perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
         if perm_q:
-            q = q.index_select(2, t["qperm"].clamp(min=0).long())
+            q = q.index_select(2, t["qsrc"])
         route = torch.zeros(1, dtype=torch.int8, device=dev)
         if call.gates is not None:  # [B, H, N] gates -> per (batch x head, query block)
-            g = call.gates if not perm_q else call.gates.index_select(
-                2, t["qperm"].clamp(min=0).long())
+            g = call.gates if not perm_q else call.gates.index_select(2, t["qsrc"])
             g = torch.nn.functional.pad(g, (0, plan.nqb * plan.block_q - g.shape[2]))
             route = (g.reshape(-1, plan.nqb, plan.block_q) != 0).any(-1).to(torch.int8)
         dyn_keep = dyn_chunk = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -499,14 +504,13 @@ class Triton:
         else:
             nk, nkb = plan.korder.length, plan.nkb
             if perm_k:
-                idx = t["kperm"].clamp(min=0).long()
-                k, v = k.index_select(2, idx), v.index_select(2, idx)
+                k, v = k.index_select(2, t["ksrc"]), v.index_select(2, t["ksrc"])
             tables = (t["part"], t["full"], t["tpart"], t["tfull"])
             srow = torch.zeros(1, dtype=torch.int64, device=dev)
             if pad:  # padding keys in the kernels' key order; per-batch tables
                 kv = call.key_valid
                 if perm_k:
-                    kv = kv.index_select(1, t["kperm"].clamp(min=0).long())
+                    kv = kv.index_select(1, t["ksrc"])
                 kvalid = kv.to(torch.int8).contiguous()
             if kern.dynamic is not None:
                 tables, dyn_keep, dyn_chunk, nb, nc = _dynamic_tables(kern, plan, t, call,
