@@ -69,11 +69,10 @@ class Bands:
 
 
 def reach_limits(distance: torch.Tensor, in_reach: torch.Tensor) -> tuple[int, int]:
-    """(every answer up to this distance is in reach, some answer at this distance is);
-    0 when none."""
+    """(the largest answer distance up to which every answer is in reach, the largest
+    distance of any answer in reach); 0 when there is none."""
     out_d = distance[~in_reach]
-    full = int(out_d.min()) - 1 if len(out_d) else (int(distance.max()) if len(distance)
-                                                     else 0)
-    in_d = distance[in_reach]
-    some = int(in_d.max()) if len(in_d) else 0
-    return max(0, full), some
+    near = in_reach if not len(out_d) else in_reach & (distance < out_d.min())
+    full = int(distance[near].max()) if bool(near.any()) else 0
+    some = int(distance[in_reach].max()) if bool(in_reach.any()) else 0
+    return full, some
