@@ -61,12 +61,14 @@ def main(argv=None) -> int:
     ops = [attndsl.compile(f, p, **params) for f, p, params in PATTERNS]
     res = evaluate(*ops, task="mqar", layers=2, steps=steps, budget=budget, seeds=seeds,
                    d_model=64, heads=4, batch=64, lr=3e-3, progress=args.progress, **size)
-    report = res.text()
-    print(report)
-    if args.out is not None:
+    stem = None
+    if args.out is not None:  # the results first: the report can be made again from them
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / ("eval_mqar_cpu_quick" if args.quick else "eval_mqar_cpu")
         res.save(stem.with_suffix(".json"))
+    report = res.text()
+    print(report)
+    if stem is not None:
         stem.with_suffix(".txt").write_text(report + "\n")
         res.plot(stem.with_suffix(".png"))
         print(f"wrote {stem}.json, .txt and .png")
