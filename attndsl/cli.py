@@ -390,6 +390,10 @@ def cmd_eval(args) -> int:
     if unused:
         raise ParameterError("no evaluated pattern has parameter"
                              f"{'s' if len(unused) > 1 else ''} " + ", ".join(sorted(unused)))
+    for what, path in (("results", args.output), ("plot", args.plot)):
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():  # found out now, not after training
+            raise ParameterError(f"no folder '{folder}' for the {what} ('{path}')")
     try:
         res = evaluate(*arms, task=args.task, layers=args.layers, steps=args.steps,
                        budget=args.budget, seeds=args.seeds, control=not args.no_control,

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     how.add_argument("--steps", type=int, default=None, help="training steps of every run")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
-                    help="a seconds-sized smoke run (N 64, vocab 64, 4 pairs, 30 steps, 1 seed)")
+                    help="a seconds-sized smoke run (N 64, vocab 64, 4 pairs, 10 steps, 1 seed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for eval_mqar_cpu.json, .txt and .png")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     size = dict(seq_len=128, vocab=256, items=8)
     steps, budget, seeds = args.steps, args.budget, args.seeds
     if args.quick:
-        size = dict(seq_len=64, vocab=64, items=4, test_sequences=256)
-        steps, budget, seeds = steps or 30, None, 1
+        size = dict(seq_len=64, vocab=64, items=4, test_sequences=128)
+        steps, budget, seeds = steps or 10, None, 1
     elif steps is None and budget is None:
         budget = 120.0
     ops = [attndsl.compile(f, p, **params) for f, p, params in PATTERNS]
