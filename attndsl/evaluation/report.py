@@ -31,7 +31,8 @@ def _header(d: dict) -> list[str]:
     mach = d["machine"]
     return [
         f"attndsl eval: {task.describe()}",
-        f"model: {m['layers']} layer{'s' if m['layers'] != 1 else ''}, d_model {m['d_model']}, {m['heads']} heads "
+        f"model: {m['layers']} layer{'s' if m['layers'] != 1 else ''}, d_model "
+        f"{m['d_model']}, {m['heads']} heads "
         f"(attndsl.nn.Attention, backend {m['backend']}); AdamW lr {tr['lr']:g}, batch "
         f"{tr['batch']}, warm-up {tr['warmup']} steps",
         f"training: {how}; seeds {seeds}; {tr['threads']} thread"
