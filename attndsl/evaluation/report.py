@@ -101,7 +101,7 @@ def _band_table(d: dict, view: str) -> list[str]:
             cell = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}{_mark(r)}"
             cells.append(f"{cell:>{col}}")
         out.append(f"  {a['name']:<{width}}" + "".join(cells))
-    out.append(f"  {'in reach (share of answers)':<{width}}")
+    out.append("  in reach (share of answers)")
     for a in arms:
         cells = "".join(f"{'-' if x is None else f'{100 * x:.0f}%':>{col}}"
                         for x in a["reach"]["bands"])
