@@ -382,7 +382,7 @@ class Op:
             raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
                 backend, BACKENDS))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
-                                  or not math.isfinite(scale)):
+                                  or isinstance(scale, bool) or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
         seed = None
         if dropout_p:

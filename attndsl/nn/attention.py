@@ -94,7 +94,7 @@ class Attention(nn.Module):
                 f"pattern={self.op.name}({vals}), backend={self.backend}")
 
     # -- forward
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, /, *,
                 key_padding_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 **inputs) -> torch.Tensor:
         """x [B, *space, dim] -> [B, *space, dim]. `context` [B, *key space, dim]: keys and

@@ -485,12 +485,12 @@ class Triton:
             if H != k.shape[1]:  # summary rows may depend on the query head
                 rep = H // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            pad = nkb * plan.block_k - k.shape[2]
-            k = torch.nn.functional.pad(k.to(q.dtype), (0, 0, 0, pad))
-            v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, pad))
+            fill = nkb * plan.block_k - k.shape[2]
+            k = torch.nn.functional.pad(k.to(q.dtype), (0, 0, 0, fill))
+            v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, fill))
             tables = (t["spart"], t["sfull"], t["tspart"], t["tsfull"])
             srow = t["srow"]
-            if pad:  # regions left without a real key (the driver dropped them from att)
+            if pad or fill:  # regions left without a real key (the driver dropped them from att)
                 rows_valid = att.expand(B, *att.shape[1:]).any(1).any(1)  # [B, R]
                 kvalid = torch.nn.functional.pad(rows_valid.to(torch.int8),
                                                  (0, k.shape[2] - rows_valid.shape[1]))
@@ -567,7 +567,7 @@ def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
     (the kernels' mask reads KVALID there)."""
     B, nt = kvalid.shape[0], len(plan.tables)
     blocks = torch.nn.functional.pad(kvalid != 0, (0, nkb * plan.block_k
-                                                   - kvalid.shape[1])).view(B, nkb, -1)
+                                                   - kvalid.shape[1])).view(B, nkb, plan.block_k)
     state = blocks.any(-1).long() + blocks.all(-1).long()  # 0: no real key, 2: no padding
     out = []
     for names, rows, by_row in ((("part", "full"), plan.nqb, False),
@@ -586,7 +586,8 @@ def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
                         dst[1].append(r[keep])
                         dst[2].append(c[keep])
         for dst in (part, full):
-            out.append(_csr(*(torch.cat(x) for x in dst), B * nt, rows))
+            out.append(_csr(*(torch.cat(x) if x else torch.zeros(
+                0, dtype=torch.int64, device=kvalid.device) for x in dst), B * nt, rows))
     return tuple(out)
 
 
