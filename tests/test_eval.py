@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attndsl
 from attndsl.cli import main
@@ -111,6 +113,28 @@ def test_answers_in_reach_need_the_whole_range():
     lo = torch.tensor([3, 2, 4, 0])
     hi = torch.tensor([4, 4, 5, 9])
     assert answers_in_reach(reach, where, lo, hi).tolist() == [True, False, True, False]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.integers(1, 20))
+def test_answers_in_reach_is_every_position_of_the_range(n, seed, count):
+    g = torch.Generator().manual_seed(seed)
+    reach = torch.rand(n, n, generator=g) < 0.7
+    where = torch.randint(0, n, (count,), generator=g)
+    a = torch.randint(0, n, (count,), generator=g)
+    b = torch.randint(0, n, (count,), generator=g)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    got = answers_in_reach(reach, where, lo, hi)
+    want = [all(bool(reach[int(w), j]) for j in range(int(x), int(y) + 1))
+            for w, x, y in zip(where, lo, hi)]
+    assert got.tolist() == want
+
+
+def test_load_refuses_other_json(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('{"schema": "attndsl.analysis/1"}')
+    with pytest.raises(ParameterError, match="is not an attndsl eval result"):
+        EvalResult.load(p)
 
 
 def test_bands_cover_every_distance():
