@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     how.add_argument("--steps", type=int, default=None, help="training steps of every run")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
-                    help="a seconds-sized smoke run (N 64, vocab 64, 4 pairs, 10 steps, 1 seed)")
+                    help="a seconds-sized smoke run (3 patterns; N 64, vocab 64, 4 pairs, "
+                    "10 steps, 1 seed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for eval_mqar_cpu.json, .txt and .png")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         steps, budget, seeds = steps or 10, None, 1
     elif steps is None and budget is None:
         budget = 120.0
-    ops = [attndsl.compile(f, p, **params) for f, p, params in PATTERNS]
+    chosen = PATTERNS[:3] if args.quick else PATTERNS
+    ops = [attndsl.compile(f, p, **params) for f, p, params in chosen]
     res = evaluate(*ops, task="mqar", layers=2, steps=steps, budget=budget, seeds=seeds,
                    d_model=64, heads=4, batch=64, lr=3e-3, progress=args.progress, **size)
     stem = None
