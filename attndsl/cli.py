@@ -436,8 +436,8 @@ def _eval_parser(sub) -> None:
     c.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     how = c.add_mutually_exclusive_group()
     how.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                     help="training time of the first run; its steps are every run's "
-                     "(default 120)")
+                     help="CPU time of the first run's training steps; its step count is "
+                     "every run's (default 120)")
     how.add_argument("--steps", type=int, default=None, metavar="K", help="training steps")
     c.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
     c.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default "

@@ -319,6 +319,20 @@ def test_cli_compare_one_pattern_per_layer(tmp_path, capsys):
     assert "sliding_window(window=2) + sliding_window(window=5)" in capsys.readouterr().out
 
 
+def test_budget_sets_every_runs_steps():
+    op = attndsl.compile(SLIDING, "sliding_window", window=3)
+    res = op.evaluate("mqar", seq_len=16, vocab=16, items=2, budget=0.3, seeds=[0, 1],
+                      d_model=16, heads=2, batch=4, test_sequences=16, equal_flops=False,
+                      progress=False)
+    d = res.data
+    k = d["training"]["steps"]
+    first = d["arms"][0]["runs"][0]
+    assert k == first["steps"] >= 1 and first["cpu_seconds"] >= 0.3
+    assert d["training"]["budget_seconds"] == 0.3
+    assert [r["steps"] for a in d["arms"] for r in a["runs"]] == [k] * 4
+    assert "(the first run's budget of 0.3 CPU s)" in res.text()
+
+
 def test_op_evaluate_is_evaluate():
     op = attndsl.compile(SLIDING, "sliding_window", window=3)
     res = op.evaluate("mqar", seq_len=16, vocab=16, items=2, steps=2, seeds=1, d_model=16,

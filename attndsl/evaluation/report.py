@@ -26,7 +26,7 @@ def _header(d: dict) -> list[str]:
     task = Task(t["name"], t["seq_len"], t["vocab"], t["items"], t["power_a"], t["distance"])
     how = (f"{tr['steps']:,} steps" if tr["steps"] is not None else "no step finished")
     if tr["budget_seconds"] is not None:
-        how += f" (the first run's budget of {tr['budget_seconds']:g} s)"
+        how += f" (the first run's budget of {tr['budget_seconds']:g} CPU s)"
     seeds = ", ".join(map(str, tr["seeds"]))
     mach = d["machine"]
     return [

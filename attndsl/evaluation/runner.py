@@ -178,11 +178,13 @@ def evaluate(*arms, task: str = "mqar", layers: int = 2, steps: int | None = Non
 
     Each arm is an Op (its pattern in every layer) or a list of `layers` Ops (layer 1
     first). A dense-attention control arm comes first unless `control=False`. Training
-    length: `steps`, or `budget` seconds (default 120): the first run (the control at the
-    first seed) trains for the budget and its step count K becomes every run's, so results
-    stay deterministic and `steps=K` reproduces them. With `equal_flops`, each arm also
-    trains on to the step where its FLOPs equal the first arm's at K (FLOPs from the
-    analysed attention pairs and the linear layers) and is scored there too.
+    length: `steps`, or `budget` seconds (default 120) of CPU time: the first run (the
+    control at the first seed) trains until its steps have used the budget, and its step
+    count K becomes every run's, so results stay deterministic and `steps=K` reproduces them
+    (CPU time, so that a busy machine delays the runs without shortening them). With
+    `equal_flops`, each arm also trains on to the step where its FLOPs equal the first
+    arm's at K (FLOPs from the analysed attention pairs and the linear layers) and is scored
+    there too.
     `threads`: torch threads while training (None: leave as is); bitwise repeatability needs
     the same thread count. Ctrl-C stops early and returns what is done, marked interrupted.
     """
@@ -341,6 +343,7 @@ def evaluate(*arms, task: str = "mqar", layers: int = 2, steps: int | None = Non
             "attention_flops_per_step": info["attention_flops_per_step"],
             "in_reach": pack(info["in_reach"]),
             "runs": [{"seed": r.seed, "steps": r.steps, "seconds": r.seconds,
+                      "cpu_seconds": r.cpu_seconds,
                       "tokens_per_second": r.steps * batch * n / r.seconds if r.seconds
                       else None,
                       "interrupted": r.interrupted,

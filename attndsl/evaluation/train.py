@@ -53,6 +53,7 @@ class Run:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the process's CPU time in training steps (what a budget counts)
     interrupted: bool = False
 
     def at(self, step: int) -> Checkpoint | None:
@@ -87,12 +88,15 @@ class Progress:
         self.tty = enabled and sys.stderr.isatty()
         self.every, self.last = (0.25 if self.tty else every), -1e9
 
-    def update(self, step: int, loss: float, seconds: float, force: bool = False) -> None:
+    def update(self, step: int, loss: float, seconds: float, force: bool = False,
+               used: float | None = None) -> None:
+        """`seconds`: wall time so far; `used`: what the budget counts (default: seconds)."""
         if not self.enabled or (not force and step > 1 and seconds - self.last < self.every):
             return
         self.last = seconds
         frac = (step / self.total if self.total else
-                min(1.0, seconds / self.budget) if self.budget else 0.0)
+                min(1.0, (seconds if used is None else used) / self.budget) if self.budget
+                else 0.0)
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         total = f"/{self.total}" if self.total else ""
         line = f"{self.label} [{bar}] step {step}{total} loss {loss:.3f} {seconds:6.1f}s"
@@ -108,8 +112,10 @@ class Progress:
 def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: int,
           test: Batch, *, stops: tuple[int, ...] = (), seconds: float | None = None,
           progress: Progress | None = None) -> Run:
-    """Train from seed `seed` until the last of `stops` (or for `seconds` of training time,
-    then stop there), evaluating the test set at every step in `stops` and at the end.
+    """Train from seed `seed` until the last of `stops` (or until the training steps have
+    used `seconds` of the process's CPU time, so that other work on a shared machine delays
+    the run without shortening it), evaluating the test set at every step in `stops` and at
+    the end.
 
     Ctrl-C (KeyboardInterrupt) ends the run early: the model as it is is evaluated and the
     run comes back marked `interrupted`. A second Ctrl-C during that evaluation propagates.
@@ -123,7 +129,7 @@ def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: 
     run = Run(seed)
     last = max(stops) if stops else None
     losses: list[float] = []
-    spent, step = 0.0, 0
+    spent, cpu, step = 0.0, 0.0, 0
 
     def recent() -> float:
         tail = losses[-LOSS_WINDOW:]
@@ -133,8 +139,8 @@ def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: 
         run.checkpoints.append(Checkpoint(step, spent, recent(), predict(model, test)))
 
     try:
-        while (last is None or step < last) and (seconds is None or spent < seconds):
-            t0 = time.perf_counter()
+        while (last is None or step < last) and (seconds is None or cpu < seconds):
+            t0, c0 = time.perf_counter(), time.process_time()
             for group in opt.param_groups:
                 group["lr"] = hyper.lr * min(1.0, (step + 1) / max(1, hyper.warmup))
             b = task.sample(hyper.batch, g)
@@ -146,17 +152,18 @@ def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: 
             opt.step()
             step += 1
             spent += time.perf_counter() - t0
+            cpu += time.process_time() - c0
             losses.append(loss.item())
             if progress is not None:
-                progress.update(step, recent(), spent)
+                progress.update(step, recent(), spent, used=cpu)
             if step in stops:
                 checkpoint()
     except KeyboardInterrupt:
         run.interrupted = True
     if progress is not None:
-        progress.update(step, recent(), spent, force=True)
+        progress.update(step, recent(), spent, force=True, used=cpu)
         progress.close()
-    run.steps, run.seconds = step, spent
+    run.steps, run.seconds, run.cpu_seconds = step, spent, cpu
     if step > 0 and (not run.checkpoints or run.checkpoints[-1].step != step):
         checkpoint()
     return run
