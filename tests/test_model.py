@@ -139,6 +139,29 @@ def test_chunked_prefill_equals_the_full_forward(backend, m):
         close(got, full[:, :, start:stop], backend)
 
 
+@pytest.mark.parametrize("n,start,m", [(600, 400, 20), (1000, 990, 10), (777, 700, 77)])
+def test_a_few_rows_against_a_long_cache_gradients_on_the_cpu(n, start, m):
+    """Rows that attend a few key blocks of many run in the CPU backend's compact key layout
+    (only those blocks copied); outputs and gradients against the definition, dense."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", window=32)
+    q = rand(2, 3, m, 16, dtype=torch.float64, seed=0).requires_grad_()
+    k, v = (rand(2, 3, n, 16, dtype=torch.float64, seed=s).requires_grad_() for s in (1, 2))
+    out = op(q, k, v, backend="cpu", q_start=start)
+    i, j = torch.arange(start, start + m)[:, None], torch.arange(n)[None, :]
+    keep = (i - j >= 0) & (i - j < 32)
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 4.0).masked_fill(~keep, -torch.inf), -1) @ v
+    g = rand(*ref.shape, dtype=torch.float64, seed=3)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    from attndsl.codegen.cpu.plan import cpu_plan
+    from attndsl.codegen.plan.tables import plan_for
+    cp = cpu_plan(plan_for(op.bind(N=n), 16, None, rows=(start, m)))
+    assert cp.compact and cp.ktok.shape[0] < plan_for(op.bind(N=n), 16, None).nkb // 2
+
+
 def test_decoding_one_token_at_a_million_plans_only_its_row():
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", window=4096)
     bp = op.bind(N=1 << 20)

@@ -111,19 +111,12 @@ def supported(bp: BoundPattern) -> bool:
 # ------------------------------------------------------------------ layouts
 
 
-def _to_blocks(x, tok, order_identity, groups, cdt, used=None):
-    """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order,
-    converted to cdt (a view of x when that is the same layout; never written to);
-    padding positions hold token 0's row. With `used` (block ids), only those blocks are
-    filled: the others are never read (nor their memory touched)."""
+def _to_blocks(x, tok, order_identity, groups, cdt):
+    """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order
+    (tok: [nb, block], the token at each position; padding positions hold a real token's
+    row), converted to cdt (a view of x when that is the same layout; never written to)."""
     B, Hx, N, D = x.shape
     nb, block = tok.shape
-    if used is not None:
-        xs = x.index_select(2, tok[used].reshape(-1)).to(cdt)
-        out = torch.empty(B, groups, nb, Hx // groups, block, D, dtype=cdt)
-        out[:, :, used] = xs.reshape(B, groups, Hx // groups, len(used), block, D).permute(
-            0, 1, 3, 2, 4, 5)
-        return out.view(B * groups, nb, Hx // groups, block, D)
     if order_identity and nb * block == N and Hx == groups and x.dtype == cdt and (
             x.is_contiguous()):
         return x.view(B * groups, nb, 1, block, D)  # the same layout: no copy
@@ -141,6 +134,18 @@ def _from_blocks(x, inv, n_tokens, B, groups, dtype):
         B, groups * r, nb * block, D)
     y = y[:, :, :n_tokens] if inv is None else y.index_select(2, inv)
     return y.to(dtype)
+
+
+def _scatter_blocks(x, tok, valid, n_tokens, B, groups, dtype):
+    """Gradients of a compact key layout (some blocks only) -> [B, groups * r, N, D], zero
+    at the keys no block holds."""
+    _, nb, r, block, D = x.shape
+    y = x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
+        B, groups * r, nb * block, D)
+    sel = valid.reshape(-1).nonzero().squeeze(1)
+    out = y.new_zeros(B, groups * r, n_tokens, D)
+    out.index_copy_(2, tok.reshape(-1)[sel], y.index_select(2, sel))
+    return out.to(dtype)
 
 
 class _Scratch:
@@ -582,8 +587,9 @@ class _Attention(torch.autograd.Function):
         HKV = k.shape[1]
         plan = cp.plan
         qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
-        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
-        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
+        kid = plan.korder.identity and not cp.compact
+        kb = _to_blocks(k, cp.ktok, kid, HKV, cdt).squeeze(2)
+        vb = _to_blocks(v, cp.ktok, kid, HKV, cdt).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None
@@ -628,6 +634,12 @@ class _Attention(torch.autograd.Function):
                 dl.mul_(valid)
         dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
-        dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
-        dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+        if cp.compact:
+            dk = _scatter_blocks(dk.unsqueeze(2), cp.ktok, cp.kvalid, kshape[2], B, ctx.HKV,
+                                 dtype)
+            dv = _scatter_blocks(dv.unsqueeze(2), cp.ktok, cp.kvalid, kshape[2], B, ctx.HKV,
+                                 dtype)
+        else:
+            dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+            dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
         return dq, dk, dv, None, None, None, None, None, None, None
