@@ -5,6 +5,7 @@ own beyond its options."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import os
@@ -279,6 +280,15 @@ class Op:
         table_bytes = self._part(bp).stats(**run_inputs)["block_table_bytes"]
         return analyze(bp, layers, query, head_dim=head_dim, inputs=run_inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
+
+    def evaluate(self, /, task: str = "mqar", *, compare=(), **options):
+        """Train tiny models with this pattern in every layer (and the ops or per-layer op
+        lists in `compare`, and a dense control) on `task` ('mqar', 'passkey', 'copy') on
+        the CPU; recall per distance band against the analysed reach (docs/eval.md)."""
+        # attndsl.evaluation builds its models from attndsl.nn, which imports this module:
+        # it is a stage above this one, reached by name (the one call up the stages)
+        evaluation = importlib.import_module("attndsl.evaluation")
+        return evaluation.evaluate(self, *compare, task=task, **options)
 
     def path(self, /, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""

@@ -1,5 +1,5 @@
 """The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench,
-cp-plan."""
+cp-plan, eval."""
 
 from __future__ import annotations
 
@@ -355,6 +355,161 @@ def cmd_bench(args) -> int:
 # -- end of `attndsl bench` -------------------------------------------------------------
 
 
+# -- `attndsl eval` (issue 16): recall of tiny models against the analysed reach ---------
+
+EVAL_HELP = """\
+Train tiny transformers built from attndsl.nn layers on the CPU on a recall task and
+report accuracy per query-to-value distance band against each pattern's analysed reach
+(docs/eval.md). A dense-attention control runs first. Patterns: FILE -p PATTERN (every
+layer) and --compare specs FILE:PATTERN or FILE:PATTERN(name=value, ...); join specs with
+'+' for one pattern per layer (layer 1 first). --set gives a parameter to every pattern
+that has it; a spec's own values win.
+"""
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == sep and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+def _eval_op(spec: str, sets: dict, used: set, args):
+    """One FILE:PATTERN(name=value, ...) spec compiled, with the --set values it has."""
+    import re
+    m = re.fullmatch(r"\s*(.+):([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", spec, re.S)
+    if m is None:
+        raise ParameterError(f"--compare takes FILE:PATTERN or FILE:PATTERN(name=value, ...), "
+                             f"not '{spec}'")
+    file, name, body = m.groups()
+    own = {}
+    for item in _split_top(body or "", ","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ParameterError(f"'{spec}': parameters are name=value, not '{item.strip()}'")
+        k, v = item.split("=", 1)
+        own[k.strip()] = parse_value(v)
+    return _eval_compile(file, name, own, sets, used, args)
+
+
+def _eval_compile(file: str, name: str | None, own: dict, sets: dict, used: set, args):
+    from attndsl.api import compile_module, find_pattern
+    module = _load(file, args)
+    names = {p.name for p in find_pattern(module, name).params}
+    mine = {k: v for k, v in sets.items() if k in names}
+    used |= set(mine)
+    return compile_module(module, name, {**mine, **own})
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from attndsl.evaluation import evaluate
+    sets = _sets(args.set)
+    used: set = set()
+    arms = []
+    if args.file is not None:
+        arms.append(_eval_compile(args.file, args.pattern, {}, sets, used, args))
+    elif args.pattern:
+        raise ParameterError("-p names a pattern of FILE: give the file too")
+    for spec in args.compare or ():
+        ops = [_eval_op(s, sets, used, args) for s in _split_top(spec, "+")]
+        arms.append(ops[0] if len(ops) == 1 else ops)
+    unused = set(sets) - used
+    if unused:
+        raise ParameterError("no evaluated pattern has parameter"
+                             f"{'s' if len(unused) > 1 else ''} " + ", ".join(sorted(unused)))
+    for what, path in (("results", args.output), ("plot", args.plot)):
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():  # found out now, not after training
+            raise ParameterError(f"no folder '{folder}' for the {what} ('{path}')")
+    try:
+        res = evaluate(*arms, task=args.task, layers=args.layers, steps=args.steps,
+                       budget=args.budget, seeds=args.seeds, control=not args.no_control,
+                       seq_len=args.seq_len, vocab=args.vocab, items=args.items,
+                       power_a=args.power_a, distance=args.distance, d_model=args.d_model,
+                       heads=args.heads, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                       test_sequences=args.test_sequences, bands=args.bands,
+                       equal_flops=not args.no_equal_flops, threads=args.threads,
+                       backend=args.backend, import_roots=_roots(args),
+                       progress=args.progress)
+    except KeyboardInterrupt:  # before the first run had started
+        print("interrupted before any run started: no results", file=sys.stderr)
+        return 130
+    if args.output:
+        res.save(args.output)
+    if args.plot:
+        res.plot(args.plot)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        print(res.text())
+        for what, path in (("results", args.output), ("plot", args.plot)):
+            if path:
+                print(f"wrote {path} ({what})")
+    return 130 if res.interrupted else 0
+
+
+def _eval_parser(sub) -> None:
+    c = sub.add_parser("eval", help="recall of tiny models trained on the CPU, per distance, "
+                       "against the analysed reach", description=EVAL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("file", nargs="?", help="the .attn file of the pattern under test")
+    c.add_argument("-p", "--pattern", help="pattern name (optional if the file has one)")
+    c.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="parameter value, given to every pattern that has the parameter")
+    c.add_argument("--compare", nargs="+", metavar="SPEC",
+                   help="more arms: FILE:PATTERN or FILE:PATTERN(name=value, ...); "
+                   "SPEC+SPEC+... gives one pattern per layer")
+    c.add_argument("--task", choices=["mqar", "passkey", "copy"], default="mqar")
+    c.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                     help="CPU time of the first run's training steps; its step count is "
+                     "every run's (default 120)")
+    how.add_argument("--steps", type=int, default=None, metavar="K", help="training steps")
+    c.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default "
+                   "128, or the N a pattern was compiled with)")
+    c.add_argument("--vocab", type=int, default=256)
+    c.add_argument("--items", type=int, default=8,
+                   help="mqar: key-value pairs; copy: tokens to copy (default 8)")
+    c.add_argument("--power-a", type=float, default=0.01, help="mqar: the gap power law")
+    c.add_argument("--distance", type=int, default=None,
+                   help="passkey: one fixed distance (default: all)")
+    c.add_argument("--d-model", type=int, default=64)
+    c.add_argument("--heads", type=int, default=4)
+    c.add_argument("--batch", type=int, default=64)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--warmup", type=int, default=50)
+    c.add_argument("--test-sequences", type=int, default=None,
+                   help="test set size (default: about 8,192 answers)")
+    c.add_argument("--bands", type=int, default=8, help="distance bands (default 8)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    c.add_argument("--backend", default="cpu", help="attention backend (default cpu)")
+    c.add_argument("--no-control", action="store_true", help="no dense control arm")
+    c.add_argument("--no-equal-flops", action="store_true",
+                   help="score at equal steps only (no extra steps for cheaper patterns)")
+    c.add_argument("--json", action="store_true", help="print the JSON result instead")
+    c.add_argument("-o", "--output", metavar="FILE.json", help="write the JSON result")
+    c.add_argument("--plot", metavar="OUT.png", help="accuracy against distance, with reach")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress lines on stderr (default: on a terminal)")
+    c.add_argument("--import-root", action="append", metavar="DIR",
+                   help="a folder imports may read (repeatable)")
+    c.set_defaults(func=cmd_eval)
+
+
+# -- end of `attndsl eval` --------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attndsl", description="Compile and inspect attention "
                                  "patterns written in .attn files.")
@@ -467,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", help="PNG: reached fraction per layer, one line per pattern")
     import_root(c)
     c.set_defaults(func=cmd_compare)
+    _eval_parser(sub)
     return ap
 
 
