@@ -277,7 +277,8 @@ def test_ctrl_c_stops_with_partial_results(tmp_path):
 # -- bad input --------------------------------------------------------------------------------
 
 def test_patterns_eval_cannot_take_are_located_errors():
-    dhsa = attndsl.compile(ROOT / "patterns" / "dhsa.attn", "dhsa", block=4, chunk=4, topk=1)
+    dhsa = attndsl.compile(ROOT / "patterns" / "dhsa.attn", "dhsa_chunks", block=4, chunk=4,
+                           topk=1)
     with pytest.raises(UnsupportedError, match="depends on q and k"):
         evaluate(dhsa, steps=1, progress=False)
     na2d = attndsl.compile(ROOT / "patterns" / "neighborhood.attn", "na2d", kernel=3)
