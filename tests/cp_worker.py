@@ -71,7 +71,7 @@ def cases():
         "combiner_fixed": ("combiner.attn", "combiner_fixed", dict(N=128, span=16), {}, 2, 2,
                            torch.float64, lambda q, k, v: ind.combiner_fixed(q, k, v, 16),
                            None),
-        "aggregated": ("transnext.attn", "aggregated", dict(H=12, W=12), {}, 2, 2,
+        "aggregated": ("transnext.attn", "aggregated_pooled", dict(H=12, W=12), {}, 2, 2,
                        torch.float64,
                        lambda q, k, v: ind.transnext_aggregated(q, k, v, 12, 12, 3, 4), None),
         "fp32": ("power.attn", "power_attention", dict(N=256, block=16, window=2, sink=1), {},
