@@ -135,7 +135,7 @@ def library(n: int) -> list[tuple]:
         ("neighborhood.attn", "na3d", dict(T=16, H=cube, W=cube, kernel=5), {}),
         ("halo.attn", "halo2d", dict(H=side, W=side), {}),
         ("davit.attn", "window2d", dict(H=side, W=side), {}),
-        ("transnext.attn", "aggregated", dict(H=side, W=side, pool=side // 16), {}),
+        ("transnext.attn", "aggregated_pooled", dict(H=side, W=side, pool=side // 16), {}),
         ("combiner.attn", "combiner_fixed", dict(N=n, span=span), {}),
         ("combiner.attn", "combiner_logsparse", dict(N=n), {}),
         ("combiner.attn", "combiner_axial", dict(H=side, W=side), {}),
