@@ -248,3 +248,18 @@ def test_davit_channel_attention_maps_timm_qkv_as_k_v_q():
     torch.testing.assert_close(op(k, v, q, backend="reference"), expect)   # the mapping
     torch.testing.assert_close(op(k, v, q, backend="cpu"), expect)
     assert not torch.allclose(op(q, k, v, backend="reference"), expect)  # passed straight in
+
+
+# ------------------------------------------------------------------ na1d with 1-tuples
+
+
+def test_na1d_takes_one_item_tuples_like_natten():
+    plain = attndsl.compile("patterns/neighborhood.attn", "na1d", N=16, kernel=5, dilation=2,
+                            stride=2, causal=True)
+    tupled = attndsl.compile("patterns/neighborhood.attn", "na1d", N=16, kernel=(5,),
+                             dilation=[2], stride=(2,), causal=(True,))
+    assert tupled.params == plain.params
+    assert torch.equal(tupled.mask(), plain.mask())
+    with pytest.raises(attndsl.ParameterError,
+                       match="^parameter 'kernel' must be int, not a sequence$"):
+        attndsl.compile("patterns/neighborhood.attn", "na1d", N=16, kernel=(5, 5))

@@ -196,6 +196,8 @@ def convert(name: str, value, t: ir.Type, span):
 
     if t.n is None:
         if isinstance(value, tuple | list):
+            if len(value) == 1:  # a 1-tuple is one axis' value (NATTEN's `kernel_size=(7,)`)
+                return scalar(value[0])
             raise ParameterError(f"parameter '{name}' must be {t}, not a sequence", span)
         return scalar(value)
     if isinstance(value, tuple | list):
