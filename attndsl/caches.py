@@ -120,9 +120,11 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
+NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
+                 "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
 
 CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES)
+          DEVICE_TABLES, NATTEN_OPS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,
