@@ -16,7 +16,7 @@ fi
 # few minutes looks like a hang)
 pip_q() {
     python -m pip install --disable-pip-version-check "$@" 2>&1 \
-        | grep --line-buffered -E "^(Collecting|Installing collected|Successfully|ERROR)" \
+        | grep --line-buffered -E "^(Collecting|Processing|Installing collected|Successfully|ERROR)" \
         | sed -u "s/^/    /" || true
 }
 if ! python -c "import torch" 2>/dev/null; then
