@@ -72,7 +72,16 @@ def compile(source: str | os.PathLike, /, pattern: str | None = None, *,  # noqa
     """Compile one pattern of a file (or source text) with the given parameter values.
     (`source` is positional-only, so a parameter may be called 'source'; no parameter may
     be called 'import_roots', see lang/statements.py.)"""
-    module = load(source, import_roots=import_roots)
+    return compile_module(load(source, import_roots=import_roots), pattern, params)
+
+
+def compile_module(module: ir.Module, pattern: str | None, params: dict) -> Op:
+    """`compile` of a loaded module (attndsl.nn recompiles stored source text this way)."""
+    return Op(_family(check_pattern(module, find_pattern(module, pattern)), params))
+
+
+def find_pattern(module: ir.Module, pattern: str | None) -> ir.PatternDef:
+    """The pattern `pattern` of a module, or its only pattern when None."""
     pats = module.patterns()
     if pattern is None:
         if not pats:
@@ -88,7 +97,7 @@ def compile(source: str | os.PathLike, /, pattern: str | None = None, *,  # noqa
             cands = [k for k, v in module.scope.items() if isinstance(v, ir.PatternDef)]
             raise AttnNameError(f"'{module.path}' has no pattern '{pattern}'"
                                 + did_you_mean(pattern, cands))
-    return Op(_family(check_pattern(module, pdef), params))
+    return pdef
 
 
 def _family(checked: ir.CheckedPattern, params: dict) -> Family:
@@ -365,7 +374,7 @@ class Op:
         if backend not in BACKENDS:
             raise UnsupportedError(_unknown_backend(backend))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
-                                  or not math.isfinite(scale)):
+                                  or isinstance(scale, bool) or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
         seed = None
         if dropout_p:

@@ -106,6 +106,9 @@ class Dialect:
     def where(self, c, a, b):
         return f"{self.NS}.where({c}, {a}, {b})"
 
+    def int_lit(self, v: int) -> str:
+        return str(v)
+
 
 class TritonDialect(Dialect):
     NS = "tl"
@@ -117,6 +120,11 @@ class TritonDialect(Dialect):
     FLOOR = "tl.floor({}).to(tl.int64)"
     SQRT, EXP, LOG, TANH = "tl.sqrt({})", "tl.exp({})", "tl.log({})", "_tanh({})"
     ABS = "tl.abs({})"
+
+    def int_lit(self, v: int) -> str:
+        # Triton types an int literal in [2^31, 2^32) as uint32, which int64 code cannot
+        # divide by: past int32, a literal is an explicit int64
+        return str(v) if -(1 << 31) <= v < 1 << 31 else f"tl.full([], {v}, tl.int64)"
 
     def load(self, arr, idx):
         if arr.kind == "float":
@@ -232,7 +240,7 @@ class Emitter:
         if isinstance(v, bool):
             return "True" if v else "False"
         if isinstance(v, int):
-            return str(v)
+            return self.d.int_lit(v)
         if isinstance(v, float):
             if not math.isfinite(v):
                 raise UnsupportedError(f"non-finite constant {v} in a compiled expression")

@@ -42,13 +42,15 @@ class Session:
         self.recursions = 0  # recursion errors so far          # Checker._instance
         self.sizes: dict = {}  # id(node) -> (node, expanded size), see expanded()
         self.pattern_sizes: dict = {}  # CheckedPattern.key -> its expanded size
+        self.too_large: set = set()  # keys of patterns over EXPANSION_LIMIT
         self.extents: dict = {}  # (file, pattern) -> the nesting its expressions add
         self.comps: dict = {}  # module path -> components(), see refers_back
 
-    def expanded(self, root) -> int:
+    def expanded(self, root) -> tuple[int, bool]:
         """The nodes of the IR tree `root` once every function body, constant and called
-        pattern is expanded in place (a called pattern counts its whole size): computed on
-        the shared DAG, once per node, in time linear in its size."""
+        pattern is expanded in place (a called pattern counts its whole size), and whether
+        it reaches a pattern already reported too large: computed on the shared DAG, once
+        per node, in time linear in its size."""
         memo = self.sizes
         stack = [(root, False)]
         while stack:
@@ -61,12 +63,14 @@ class Session:
                 stack.extend((k, False) for k in kids if id(k) not in memo)
                 continue
             n = 1 + sum(memo[id(k)][1] for k in kids)
+            over = any(memo[id(k)][2] for k in kids)
             if isinstance(node, ir.Call | ir.PatternRef):
                 callee = node.callee if isinstance(node, ir.Call) else node.checked
                 if callee is not None:
                     n += self.pattern_sizes.get(callee.key, 0)
-            memo[id(node)] = (node, n)  # the node is kept so that its id stays its own
-        return memo[id(root)][1]
+                    over = over or callee.key in self.too_large
+            memo[id(node)] = (node, n, over)  # the node is kept so that its id stays its own
+        return memo[id(root)][1:]
 
     def components(self, module: ir.Module) -> tuple[dict, dict]:
         """The module's reference graph (who calls, includes or averages whom: name ->

@@ -17,7 +17,9 @@ RESERVED_INPUTS = {
     "backend": "op(...)", "scale": "op(...)", "layers": "op.analyze(...)",
     "query": "op.analyze(...)", "head_dim": "op.analyze(...)", "progress": "op.analyze(...)",
     "keep_sets": "op.analyze(...)", "source": "op.path(...)", "target": "op.path(...)",
-    "name": "export(...)", "flex": "export(...)",
+    "name": "export(...)", "flex": "export(...)", "q_start": "op(...)",
+    "key_padding_mask": "op(...)", "lengths": "op(...)", "dropout_p": "op(...)",
+    "generator": "op(...)", "queries": "op(...)", "cache": "attndsl.nn.Attention(...)",
 }
 RESERVED_PARAMS = {"pattern": "attndsl.compile(...)", "import_roots": "attndsl.compile(...)"}
 ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades

@@ -125,8 +125,8 @@ class Statements:
 
     def expansion(self, cp: ir.CheckedPattern) -> None:
         """Record the pattern's expanded size (Session.expanded); report the statement at
-        which it passes EXPANSION_LIMIT. A pattern over the limit counts 0 where it is
-        used, so that only its own statement is reported."""
+        which it passes EXPANSION_LIMIT, unless it is that large only through a pattern
+        already reported (one error, where the size is made)."""
         session = self.chk.session
         parts = [(prm.span, [prm.default]) for prm, _ in cp.params]
         for sp in {id(x): x for x in (cp.qspace, cp.kspace) if x is not None}.values():
@@ -145,16 +145,21 @@ class Statements:
         if cp.nnz is not None:
             parts.append((cp.nnz.span, [cp.nnz.expr, cp.nnz.when]))
         parts += [(ref.span, [ref]) for ref in [r for _, r in cp.average] + list(cp.includes)]
-        total = 0
+        total, inherited = 0, False
         for span, exprs in sorted(parts, key=lambda x: (x[0].line, x[0].col)):
-            total += sum(session.expanded(x) for x in exprs if x is not None)
+            for x in exprs:
+                if x is not None:
+                    n, over = session.expanded(x)
+                    total += n
+                    inherited = inherited or over
             if total > EXPANSION_LIMIT:
-                self.err(AttnTypeError, f"pattern '{cp.name}' expands to more than "
-                         f"{EXPANSION_LIMIT:,} expression nodes by here (counting every "
-                         "call of a function or pattern, every include and every constant "
-                         "as a copy of what it names); call fewer functions or patterns",
-                         span)
-                total = 0
+                session.too_large.add(cp.key)
+                if not inherited:
+                    self.err(AttnTypeError, f"pattern '{cp.name}' expands to more than "
+                             f"{EXPANSION_LIMIT:,} expression nodes by here (counting "
+                             "every call of a function or pattern, every include and every "
+                             "constant as a copy of what it names); call fewer functions or "
+                             "patterns", span)
                 break
         session.pattern_sizes[cp.key] = total
 

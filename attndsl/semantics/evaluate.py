@@ -182,12 +182,12 @@ class Evaluator:
         x = num(self.eval(e.operand, local))
         if e.op == "not":
             return lift(lambda a: ~a if _is_t(a) else not a, x)
-        if e.op == "~":
-            return lift(lambda a: _check_tensor(~a, None, e.span, self.guard,
-                                                "the result of '~'")
+        if e.op == "~":  # |~a| = |a| + 1 for a >= 0: only 2^63 - 1 overflows
+            return lift(lambda a: (_check_tensor(~a, None, e.span, self.guard,
+                                                 "the result of '~'")
+                                   if _bound(a) >= INT_LIMIT - 1 else ~a)
                         if _is_t(a) else _check_int(~a, e.span), x)
-        return lift(lambda a: _check_tensor(-a, None, e.span, self.guard, "a negation")
-                    if _is_t(a) else _check_int(-a, e.span), x)
+        return lift(lambda a: -a if _is_t(a) else _check_int(-a, e.span), x)  # -a fits
 
     def e_Binary(self, e, local):
         op = e.op
@@ -333,72 +333,103 @@ def _exact_overflow(a, b, f, est, guard) -> torch.Tensor:
     return bad
 
 
+def _bound(x) -> int:
+    """max |x| over the elements of an int tensor (or |x| of a number), exactly, in one
+    pass that allocates nothing of x's size. No value is ever -2^63 (see _check_tensor)."""
+    if not _is_t(x):
+        return abs(int(x))
+    if x.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(x)
+    return max(-int(lo), int(hi))
+
+
 def binop(op: str, a, b, span, guard=None):
     """One arithmetic or bit operation with Python's semantics on ints and tensors; an
     integer result outside the signed 64-bit range is an overflow error, never a wrapped
-    value.
+    value. Whether a tensor operation can overflow is first decided from its operands'
+    largest magnitudes (cheap: the operands are often far smaller than the broadcast
+    result); only when it might is the result checked element by element.
 
     `guard` marks the tensor elements whose value is used; a zero divisor or an overflow
     elsewhere (in the untaken side of an 'or', 'and' or 'if') is not an error."""
-    tensors = _is_t(a) or _is_t(b)
-    if not tensors:
+    if not (_is_t(a) or _is_t(b)):
         return _check_int(_scalar_op(op, a, b, span), span)
-    bad = None
-    what = "the result"
     if op in ("+", "-"):
         r = a + b if op == "+" else a - b
-        if _int_tensor(r):
-            ta, tb = _t(a), _t(b)
-            bad = (((ta ^ r) & (tb ^ r)) < 0) if op == "+" else (((ta ^ tb) & (ta ^ r)) < 0)
-            what = "a sum" if op == "+" else "a difference"
-    elif op == "*":
+        if not _int_tensor(r) or _bound(a) + _bound(b) < INT_LIMIT:
+            return r
+        ta, tb = _t(a), _t(b)
+        bad = (((ta ^ r) & (tb ^ r)) < 0) if op == "+" else (((ta ^ tb) & (ta ^ r)) < 0)
+        return _check_tensor(r, bad, span, guard, "a sum" if op == "+" else "a difference")
+    if op == "*":
         r = a * b
-        if _int_tensor(r):
-            est = (_t(a).double() * _t(b).double()).abs()
-            bad, what = _exact_overflow(a, b, lambda x, y: x * y, est, guard), "a product"
-    elif op == "/":
+        if not _int_tensor(r) or _bound(a) * _bound(b) < INT_LIMIT:
+            return r
+        est = (_t(a).double() * _t(b).double()).abs()
+        return _check_tensor(r, _exact_overflow(a, b, lambda x, y: x * y, est, guard), span,
+                             guard, "a product")
+    if op == "/":
         if _any_zero(b, guard):
             raise EvaluationError("division by zero", span)
-        r = (a.double() if _is_t(a) else float(a)) / _nonzero(b)
-    elif op in ("//", "%"):
+        return (a.double() if _is_t(a) else float(a)) / _nonzero(b)
+    if op in ("//", "%"):
         if _any_zero(b, guard):
             raise EvaluationError("division by zero" if op == "//" else "modulo by zero", span)
         b = _nonzero(b)
         if op == "//":
-            r = torch.div(_t(a), b, rounding_mode="floor")
-        else:
-            r = torch.remainder(_t(a), b)
-    elif op == "**":
-        if _is_t(b) and not b.is_floating_point() and _guarded_any(b < 0, guard):
-            raise EvaluationError("negative integer exponent", span)
-        if isinstance(b, int) and not isinstance(b, bool) and b < 0 and not (
-                _is_t(a) and a.is_floating_point()) and not isinstance(a, float):
-            raise EvaluationError(f"negative integer exponent {b}", span)
-        if _is_t(b) and not b.is_floating_point():
-            b = b.clamp(min=0)  # negative exponents only where unused (checked above)
-        r = torch.pow(_t(a), b)
-        if _int_tensor(r):
-            est = _t(a).double().abs() ** _t(b).double().clamp(min=0)
-            bad, what = _exact_overflow(a, b, lambda x, y: x ** max(y, 0), est, guard), \
-                "a power"
-    elif op in ("&", "|", "^"):
+            return torch.div(_t(a), b, rounding_mode="floor")  # |a // b| <= |a|: fits
+        return torch.remainder(_t(a), b)
+    if op == "**":
+        return _tensor_pow(a, b, span, guard)
+    if op in ("&", "|", "^"):
         r = {"&": operator.and_, "|": operator.or_, "^": operator.xor}[op](_t(a), b)
-        what = f"the result of '{op}'"
-    elif op in ("<<", ">>"):
-        if _guarded_any(_t(b) < 0, guard):
+        if not _int_tensor(r) or max(_bound(a), _bound(b)) < INT_LIMIT // 2:
+            return r  # both in [-2^62, 2^62): so is the result
+        return _check_tensor(r, None, span, guard, f"the result of '{op}'")
+    if op in ("<<", ">>"):
+        return _tensor_shift(op, a, b, span, guard)
+    raise EvaluationError(f"unknown operator '{op}'", span)  # pragma: no cover
+
+
+def _tensor_pow(a, b, span, guard):
+    if _is_t(b) and not b.is_floating_point() and _guarded_any(b < 0, guard):
+        raise EvaluationError("negative integer exponent", span)
+    if isinstance(b, int) and not isinstance(b, bool) and b < 0 and not (
+            _is_t(a) and a.is_floating_point()) and not isinstance(a, float):
+        raise EvaluationError(f"negative integer exponent {b}", span)
+    if _is_t(b) and not b.is_floating_point():
+        b = b.clamp(min=0)  # negative exponents only where unused (checked above)
+    r = torch.pow(_t(a), b)
+    if not _int_tensor(r):
+        return r
+    ba, bb = _bound(a), _bound(b)
+    if ba <= 1 or (bb < 64 and ba ** bb < INT_LIMIT):
+        return r
+    est = _t(a).double().abs() ** _t(b).double().clamp(min=0)
+    return _check_tensor(r, _exact_overflow(a, b, lambda x, y: x ** max(y, 0), est, guard),
+                         span, guard, "a power")
+
+
+def _tensor_shift(op, a, b, span, guard):
+    if _is_t(b):
+        if _guarded_any(b < 0, guard):
             raise EvaluationError("negative shift count", span)
-        big = _t(b) >= 63
-        if op == "<<" and _guarded_any(big, guard):
+        if op == "<<" and _guarded_any(b >= 63, guard):
             raise EvaluationError("shift count of 63 or more overflows 64-bit integers", span)
-        b = _t(b).clamp(min=0, max=63 if op == ">>" else 62)
-        if op == ">>":
-            r = torch.bitwise_right_shift(_t(a), b)
-        else:
-            r = torch.bitwise_left_shift(_t(a), b)
-            bad, what = torch.bitwise_right_shift(r, b) != _t(a), "a shift"
-    else:  # pragma: no cover - the grammar has no other operators
-        raise EvaluationError(f"unknown operator '{op}'", span)
-    return _check_tensor(r, bad, span, guard, what)
+        b = b.clamp(min=0, max=63 if op == ">>" else 62)
+    else:
+        if b < 0:
+            raise EvaluationError("negative shift count", span)
+        if op == "<<" and b >= 63:
+            raise EvaluationError("shift count of 63 or more overflows 64-bit integers", span)
+        b = min(b, 63)
+    if op == ">>":
+        return torch.bitwise_right_shift(_t(a), b)  # moves towards 0 or -1: fits
+    r = torch.bitwise_left_shift(_t(a), b)
+    if _bound(a) << _bound(b) < INT_LIMIT:
+        return r
+    return _check_tensor(r, torch.bitwise_right_shift(r, b) != _t(a), span, guard, "a shift")
 
 
 def _scalar_op(op: str, a, b, span):
@@ -572,7 +603,7 @@ def _log(x, span, guard=None):
 
 def _abs(x, span, guard=None):
     if _is_t(x):
-        return _check_tensor(x.abs(), None, span, guard, "an absolute value")
+        return x.abs()  # no value is -2^63: |x| fits
     return _check_int(abs(x), span)
 
 

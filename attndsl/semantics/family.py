@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from attndsl.errors import InputError, ParameterError
+from attndsl.errors import AttnError, InputError, ParameterError
 from attndsl.lang import ir
 from attndsl.semantics.bind import BoundPattern, bind, bind_cached
+from attndsl.semantics.evaluate import Evaluator
 
 
 def _space_params(checked: ir.CheckedPattern, which: str) -> tuple[str | None, ...] | None:
@@ -100,6 +101,24 @@ class Family:
         if not self.sizes:
             return bind(self.checked, values)
         return bind_cached(self.checked, tuple(values.items()))
+
+    def static(self, e: ir.Expr | None):
+        """The value of an expression of the given parameters (and defaults) alone, or None
+        when it needs a size left to the call: what a layer can know before its first call
+        (the router width of a routed pattern, its head count)."""
+        if e is None:
+            return None
+        env = dict(self.given)
+        for p, _ in self.checked.params:
+            if p.name not in env and p.default is not None:
+                try:
+                    env[p.name] = Evaluator(env, {}).eval(p.default)
+                except AttnError:
+                    pass
+        try:
+            return Evaluator(env, {}).eval(e)
+        except AttnError:
+            return None
 
     def split(self, kwargs: dict) -> tuple[dict, dict]:
         """Keyword arguments of a call: (sizes, the rest)."""

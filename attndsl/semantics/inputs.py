@@ -66,7 +66,7 @@ class RunInputs:
         for name in sorted(self.values):
             v = self.values[name]
             if isinstance(v, torch.Tensor):
-                data = v.detach().cpu().contiguous().numpy().tobytes()
+                data = v.detach().cpu().contiguous().numpy()  # hashed in place, no copy
                 out.append((name, tuple(v.shape), str(v.dtype),
                             hashlib.sha1(data).hexdigest()))
             else:

@@ -72,7 +72,10 @@ class Cpu:
         bp = call.bp
         cdt = torch.float64 if call.q.dtype == torch.float64 else torch.float32
         mask_run = call.run if bp.route is None else call.run.without(bp.route[0])
-        cp = cpu_plan(plan_for(bp, call.block_q, call.block_k, mask_run, rows=call.rows))
+        bq = call.block_q
+        if bq is None and call.partial and call.rows[1] <= 16:
+            bq = 16  # decoding: a block of a few rows, not 64 rows of which one is real
+        cp = cpu_plan(plan_for(bp, bq, call.block_k, mask_run, rows=call.rows))
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
@@ -108,12 +111,19 @@ def supported(bp: BoundPattern) -> bool:
 # ------------------------------------------------------------------ layouts
 
 
-def _to_blocks(x, tok, order_identity, groups, cdt):
+def _to_blocks(x, tok, order_identity, groups, cdt, used=None):
     """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order,
     converted to cdt (a view of x when that is the same layout; never written to);
-    padding positions hold token 0's row."""
+    padding positions hold token 0's row. With `used` (block ids), only those blocks are
+    filled: the others are never read (nor their memory touched)."""
     B, Hx, N, D = x.shape
     nb, block = tok.shape
+    if used is not None:
+        xs = x.index_select(2, tok[used].reshape(-1)).to(cdt)
+        out = torch.empty(B, groups, nb, Hx // groups, block, D, dtype=cdt)
+        out[:, :, used] = xs.reshape(B, groups, Hx // groups, len(used), block, D).permute(
+            0, 1, 3, 2, 4, 5)
+        return out.view(B * groups, nb, Hx // groups, block, D)
     if order_identity and nb * block == N and Hx == groups and x.dtype == cdt and (
             x.is_contiguous()):
         return x.view(B * groups, nb, 1, block, D)  # the same layout: no copy
@@ -572,8 +582,8 @@ class _Attention(torch.autograd.Function):
         HKV = k.shape[1]
         plan = cp.plan
         qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
-        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
-        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt).squeeze(2)
+        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
+        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None

@@ -59,6 +59,9 @@ class CpuPlan:
     kinv: torch.Tensor | None
     keyless: list  # per table: query blocks with no key block
     cache_masks: bool = True
+    # the key blocks some table lists, when at most half of them (decoding: one row's keys);
+    # only these are copied into block layout, so a step costs what its row attends
+    kused: torch.Tensor | None = None
 
     @property
     def bq(self) -> int:
@@ -134,6 +137,10 @@ def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
     keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
                for t in plan.tables]
     cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    used = np.unique(np.concatenate([np.asarray(x, dtype=np.int64) for t in plan.tables
+                                     for x in (t.full_idx, t.part_idx)]))
+    if 2 * len(used) <= plan.nkb:
+        cp.kused = torch.from_numpy(used)
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
     cp.cache_masks = (not bp.content_dependent
                       and total * plan.block_q * plan.block_k <= MASK_CACHE)

@@ -36,6 +36,7 @@ from .mutate import make_case
 doc_files = cache(_doc_files)
 CANARY = "ATTNDSL_CANARY_7f3a"  # the text of the file outside the roots; never reported
 SECRETS = (CANARY, "root:x:0:0")
+WALL_FACTOR = 6  # a case blocked (not computing) is stopped after this many budgets of wall time
 SMALL = 1 << 16  # masks and attention run below this many (query, key, head) entries ...
 HUGE = 1 << 40  # ... or above this, where only the size checks may answer (fast)
 
@@ -45,7 +46,7 @@ class Mismatch(Exception):
 
 
 class CaseTimeout(BaseException):
-    """Raised by the alarm in a worker; a BaseException so that no `except Exception` in
+    """Raised by the CPU-time alarm in a worker; a BaseException so that no `except Exception` in
     the code under test can take it for an ordinary error."""
 
 
@@ -208,16 +209,16 @@ def run_case(case: dict, budget: float) -> tuple[str, str]:
     def alarm(signum, frame):
         raise CaseTimeout()
 
-    signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, budget)
+    signal.signal(signal.SIGPROF, alarm)
+    signal.setitimer(signal.ITIMER_PROF, budget)  # CPU seconds: the same on a busy machine
     try:
         exercise(case)
         return "ok", ""
     except attndsl.AttnError as e:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
         return classify(e, case)
     except CaseTimeout:
-        return "failure", f"timeout: more than {budget:g} s"
+        return "failure", f"timeout: more than {budget:g} s of CPU time"
     except Mismatch as e:
         return "failure", f"mismatch: {e}"
     except MemoryError:
@@ -227,7 +228,7 @@ def run_case(case: dict, budget: float) -> tuple[str, str]:
     except Exception:
         return "failure", "traceback:\n" + traceback.format_exc(limit=-12)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 # ------------------------------------------------------------------ workers
@@ -255,9 +256,22 @@ def _setup_case(case: dict, home: Path, outside: Path) -> dict:
 def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
     if memory:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    import torch
+    torch.set_num_threads(1)  # CPU time is then the case's own time, and workers share fairly
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["ATTNDSL_CACHE"] = os.path.join(scratch, "cache")
-    import attndsl  # noqa: F401 - imported once, before the first case's clock starts
+    # imported before the first case's clock starts: an alarm in the middle of an import
+    # would leave a half-initialised module behind for every later case
+    import torch._dynamo  # noqa: F401 - the custom ops import it on their first call
+
+    import attndsl  # noqa: F401
+    import attndsl.codegen.cpu.kernels  # noqa: F401
+    try:
+        import triton  # noqa: F401
+
+        import attndsl.codegen.triton.runtime  # noqa: F401
+    except ImportError:  # without triton the Triton backend says so (a located error)
+        pass
     home = Path(tempfile.mkdtemp(dir=scratch))
     outside = home / "outside"
     outside.mkdir()
@@ -274,6 +288,8 @@ def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
             outcome, why = "failure", "harness:\n" + traceback.format_exc(limit=-6)
         os.chdir(home)
         outq.put((case["index"], outcome, why, time.perf_counter() - t0))
+        if why.startswith("timeout"):
+            return  # interrupted anywhere, even in an import: the next case gets a new worker
 
 
 class _Slot:
@@ -311,15 +327,19 @@ def run(cases: int, seed: int = 0, workers: int = 2, budget: float = 10.0,
                 index = None
             now = time.perf_counter()
             if index is not None:
-                s = next(s for s in slots if s.case is not None and s.case["index"] == index)
+                i, s = next((i, s) for i, s in enumerate(slots)
+                            if s.case is not None and s.case["index"] == index)
                 s.case = None
                 slowest.append((secs, index))
+                if why.startswith("timeout"):  # that worker has exited: replace it
+                    s.proc.join(timeout=5)
+                    slots[i] = _Slot(ctx, outq, budget, memory, scratch)
             else:
                 for i, s in enumerate(slots):  # hung in C code, or dead: replace the worker
                     if s.case is None:
                         continue
                     dead = not s.proc.is_alive()
-                    if dead or now - s.since > budget + 20:
+                    if dead or now - s.since > WALL_FACTOR * budget + 30:
                         index, outcome = s.case["index"], "failure"
                         why = (f"worker died (exit code {s.proc.exitcode})" if dead else
                                f"timeout: no answer after {now - s.since:.0f} s")
