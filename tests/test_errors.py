@@ -1027,8 +1027,8 @@ def test_cli_check_good_and_bad_files(in_tmp, capsys):
 
 @pytest.mark.parametrize(("args", "report"), [
     pytest.param(["mask", NB, "-p", "na1d", "--set", "N=abc", "--set", "kernel=3"],
-                 "error: cannot read value 'abc': expected an integer, a number, true/false, "
-                 "or a comma-separated tuple\n", id="set-not-a-value"),
+                 "error: --set N=abc: cannot read value 'abc': expected an integer, a number, "
+                 "true/false, or a comma-separated tuple\n", id="set-not-a-value"),
     pytest.param(["mask", NB, "-p", "na1d", "--set", "N"],
                  "error: --set takes NAME=VALUE, not 'N'\n", id="set-without-equals"),
     pytest.param(["show", NB, "-p", "na1d", "--set", "N=8", "--set", "kernel=3,3"],
