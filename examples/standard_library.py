@@ -143,7 +143,8 @@ def main() -> int:
         waste = "at run time" if s["content_dependent"] else f"{s['waste']:.2f}"
         print(f"{name:<20} {s['order_q'][:34]:<34} {s['full_blocks']:>7,} "
               f"{s['partial_blocks']:>8,} {waste:>16} {vs:>8} {s['build_seconds'] * 1e3:>9.0f}")
-    print(f"\npictures of every mask: {OUT.relative_to(ROOT)}/ (direct keys black, keys "
+    shown = OUT.relative_to(ROOT) if OUT.is_relative_to(ROOT) else OUT
+    print(f"\npictures of every mask: {shown}/ (direct keys black, keys "
           "reached through summary tokens blue)")
     print("a text picture, for example `attndsl show patterns/neighborhood.attn -p na2d "
           "--set H=9 --set W=9 --set kernel=3 --set dilation=2`:")

@@ -256,3 +256,36 @@ def test_growth_class_says_which_sizes_a_requirement_rejects():
     a = attndsl.compile(capped, N=64).analyze(1)
     assert a.asymptotic == ("unknown (the pattern's constraints reject the larger sizes "
                             "N=128: N must be at most 100 (got N=128))")
+
+
+# ------------------------------------------------------------------ make demo
+
+
+def test_demo_table_pictures_and_summary_tokens(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import matplotlib.image
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "standard_library.py"
+    spec = importlib.util.spec_from_file_location("standard_library_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    monkeypatch.setattr(demo, "OUT", tmp_path)
+    monkeypatch.setattr(demo, "PARAM_WIDTH", 20)
+    monkeypatch.setattr(demo, "CASES", [
+        ("sliding.attn", "sliding_window", dict(N=64, window=8), {}),
+        ("sliding.attn", "sliding_window", dict(N=64, window=8, causal=False), {}),
+        ("combiner.attn", "combiner_fixed", dict(N=64, span=8), {}),
+    ])
+    assert demo.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    # a parameter list wider than its column continues on the next line, cut between items
+    at = lines.index(" " * 21 + "causal=False") - 1
+    assert lines[at].split()[:3] == ["sliding_window", "N=64,", "window=8,"]
+    assert {p.name for p in tmp_path.iterdir()} == {"sliding_window.png",
+                                                    "sliding_window_2.png",
+                                                    "combiner_fixed.png"}
+    # combiner_fixed: its summary tokens' keys in light blue beside the black direct keys
+    img = matplotlib.image.imread(tmp_path / "combiner_fixed.png")[..., :3]
+    blue = (abs(img - [0x9e / 255, 0xca / 255, 0xe1 / 255]).max(-1) < 0.02).sum()
+    assert blue > 1000
