@@ -5,6 +5,7 @@ own beyond its options."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import os
@@ -32,10 +33,10 @@ from attndsl.semantics.family import Family, flat
 from attndsl.semantics.inputs import check_tensors, content_of, declared, validate
 from attndsl.semantics.masks import dense_mask, summary_masks
 
-BACKENDS = ("reference", "triton", "cpu", "auto")
+BACKENDS = ("reference", "triton", "cpu", "flex", "auto")
 # the keywords of op(q, k, v, ...) besides run-time inputs and sizes (suggested for typos)
 CALL_OPTIONS = ("backend", "scale", "q_start", "key_padding_mask", "lengths", "dropout_p",
-                "generator", "queries")
+                "generator", "queries", "softcap")
 
 
 def load(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
@@ -283,6 +284,15 @@ class Op:
         return analyze(bp, layers, query, head_dim=head_dim, inputs=run_inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
+    def evaluate(self, /, task: str = "mqar", *, compare=(), **options):
+        """Train tiny models with this pattern in every layer (and the ops or per-layer op
+        lists in `compare`, and a dense control) on `task` ('mqar', 'passkey', 'copy') on
+        the CPU; recall per distance band against the analysed reach (docs/eval.md)."""
+        # attndsl.evaluation builds its models from attndsl.nn, which imports this module:
+        # it is a stage above this one, reached by name (the one call up the stages)
+        evaluation = importlib.import_module("attndsl.evaluation")
+        return evaluation.evaluate(self, *compare, task=task, **options)
+
     def path(self, /, source, target, *, q=None, k=None, **inputs):
         """The shortest hop path from query `source` to token `target`."""
         from attndsl.analysis.reach import shortest_path
@@ -345,6 +355,34 @@ class Op:
         from attndsl.codegen.triton.generate import kernel_sizes
         return {**plan_stats(self._part(bp).plan(**inputs)), "kernel_sizes": kernel_sizes(bp)}
 
+    # -- FlexAttention (codegen/flex.py; docs/integrations.md)
+    def block_mask(self, /, order: str = "row-major", block_size: int = 128, *, device=None,
+                   **inputs):
+        """A torch.nn.attention.flex_attention.BlockMask built from attndsl's exact tables
+        (FULL and PARTIAL blocks, and their transposition for the backward) with the
+        generated mask_mod: for flex_attention(q, k, v, block_mask=...). With
+        order="tiled", pass q, k, v through op.permute and the output through
+        op.unpermute."""
+        from attndsl.codegen.flex import block_mask
+        return block_mask(self, order, block_size, device, **inputs)
+
+    def score_mod(self, /, order: str = "row-major", block_size: int = 128, *, device=None,
+                  softcap: float | None = None, **inputs):
+        """The generated score_mod (the pattern's bias and softcap) or None."""
+        from attndsl.codegen.flex import score_mod
+        return score_mod(self, order, block_size, device, softcap, **inputs)
+
+    def permute(self, x, /, block_size: int = 128, **inputs) -> torch.Tensor:
+        """x [B, H, N, D] (or [B, H, *grid, D]) into the tiled order of
+        block_mask(order="tiled") on the token axis; padding positions are zero."""
+        from attndsl.codegen.flex import permute
+        return permute(self, x, "tiled", block_size, **inputs)
+
+    def unpermute(self, x, /, block_size: int = 128, **inputs) -> torch.Tensor:
+        """The inverse of permute: [B, H, L, D] back to row-major tokens [B, H, N, D]."""
+        from attndsl.codegen.flex import permute
+        return permute(self, x, "tiled", block_size, inverse=True, **inputs)
+
     @staticmethod
     def cache_info() -> dict:
         """The caches ops share (attndsl/caches.py): plans (block tables per bound pattern,
@@ -363,19 +401,25 @@ class Op:
                  q_start: int | None = None, key_padding_mask: torch.Tensor | None = None,
                  lengths: torch.Tensor | None = None, dropout_p: float = 0.0,
                  generator: torch.Generator | None = None, queries: torch.Tensor | None = None,
-                 **inputs) -> torch.Tensor:
+                 softcap: float | None = None, **inputs) -> torch.Tensor:
         """Attention of q over k and v: [B, H, N, D] (or [B, H, *grid, D] for grid spaces;
         the output has q's layout). Run-time inputs and, for a family op given flat tensors
         of a grid space, its sizes are keywords. `q_start`: q holds the queries q_start ..
         q_start + M - 1 (decoding with a KV cache, chunked prefill); `key_padding_mask`
         [B, Nk] (True: a real token) or `lengths` [B] (right padding); `dropout_p` with
         `generator` (training); `queries` [B, H, Nk, D]: the queries of every key position,
-        for patterns that pool or read queries while q holds only some (docs/model.md)."""
+        for patterns that pool or read queries while q holds only some (docs/model.md);
+        `softcap`: cap * tanh(score / cap) on the scaled scores, with any pattern (Gemma 2;
+        it replaces the pattern's own `softcap` statement for this call)."""
         if backend not in BACKENDS:
             raise UnsupportedError(_unknown_backend(backend))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or isinstance(scale, bool) or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
+        if softcap is not None and (not isinstance(softcap, int | float)
+                                    or isinstance(softcap, bool) or not softcap > 0
+                                    or not math.isfinite(softcap)):
+            raise ParameterError(f"softcap must be a positive number, not {softcap!r}")
         seed = None
         if dropout_p:
             seed = torch.randint(0, 2**32 - 1, (), generator=generator, dtype=torch.int64,
@@ -386,12 +430,13 @@ class Op:
                              ",".join(names), self.key, backend,
                              -1.0 if scale is None else float(scale),
                              -1 if q_start is None else q_start, key_padding_mask, lengths,
-                             float(dropout_p), seed, queries)
+                             float(dropout_p), seed, queries,
+                             -1.0 if softcap is None else float(softcap))
         return self._attend(q, k, v, backend, scale, q_start, key_padding_mask, lengths,
-                            float(dropout_p), seed, queries, inputs)
+                            float(dropout_p), seed, queries, inputs, softcap)
 
     def _attend(self, q, k, v, backend, scale, q_start, key_padding_mask, lengths, dropout_p,
-                seed, queries, inputs):
+                seed, queries, inputs, softcap=None):
         sizes, inputs = self.family.split(inputs)
         if self._bound is None:
             sizes = self.family.infer(q, k, sizes, q_start)
@@ -412,7 +457,8 @@ class Op:
         qf, kf, vf = flat(q, len(bp.qshape)), flat(k, len(bp.kshape)), flat(v, len(bp.kshape))
         opts = Options(scale, self.block_q, self.block_k, q_start,
                        _key_valid(key_padding_mask, lengths, kf), dropout_p,
-                       0 if seed is None else int(seed), flat(queries, len(bp.kshape)))
+                       0 if seed is None else int(seed), flat(queries, len(bp.kshape)),
+                       None if softcap is None else float(softcap))
         core = _core(backend, bp, qf, self.compiled)
         out = driver.attention(core, bp, qf, kf, vf, inputs, opts)
         return out.reshape(*q.shape[:-1], out.shape[-1]) if grid_out else out
@@ -484,25 +530,26 @@ def _registered(key: str) -> Op:
 # shape; eagerly it runs the op through its backend. Its backward, another custom op,
 # recomputes the forward with autograd and differentiates it.
 def _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p,
-           seed, queries):
+           seed, queries, softcap):
     return _registered(key)._attend(
         q, k, v, backend, None if scale < 0 else scale, None if q_start < 0 else q_start,
         kpm, lengths, dropout_p, None if seed is None else int(seed), queries,
-        _named(names, inputs))
+        _named(names, inputs), None if softcap < 0 else softcap)
 
 
 @torch.library.custom_op("attndsl::attention", mutates_args=())
 def _graph_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
               names: str, key: str, backend: str, scale: float, q_start: int,
               kpm: torch.Tensor | None, lengths: torch.Tensor | None, dropout_p: float,
-              seed: torch.Tensor | None, queries: torch.Tensor | None) -> torch.Tensor:
+              seed: torch.Tensor | None, queries: torch.Tensor | None, softcap: float
+              ) -> torch.Tensor:
     return _eager(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths,
-                  dropout_p, seed, queries).clone()
+                  dropout_p, seed, queries, softcap).clone()
 
 
 @_graph_op.register_fake
 def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
-      queries):
+      queries, softcap):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -511,7 +558,7 @@ def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   inputs: list[torch.Tensor], names: str, key: str, backend: str,
                   scale: float, q_start: int, kpm: torch.Tensor | None,
                   lengths: torch.Tensor | None, dropout_p: float, seed: torch.Tensor | None,
-                  queries: torch.Tensor | None, dout: torch.Tensor
+                  queries: torch.Tensor | None, softcap: float, dout: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # a custom op runs below autograd: record this recomputation's graph all the same
     exclude = torch._C._dispatch_tls_local_exclude_set() - torch._C.DispatchKeySet(
@@ -522,33 +569,42 @@ def _graph_op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          exclude), torch.enable_grad():
         xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
         out = _eager(*xs, inputs, names, key, backend, scale, q_start, kpm, lengths,
-                     dropout_p, seed, queries)
+                     dropout_p, seed, queries, softcap)
         grads = torch.autograd.grad(out, xs, dout, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs))
 
 
 @_graph_op_bwd.register_fake
 def _(q, k, v, inputs, names, key, backend, scale, q_start, kpm, lengths, dropout_p, seed,
-      queries, dout):
+      queries, softcap, dout):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, tensors, names, key, backend, scale, q_start, kpm, lengths, p, seed, qs = inputs
+    (q, k, v, tensors, names, key, backend, scale, q_start, kpm, lengths, p, seed, qs,
+     cap) = inputs
     ctx.save_for_backward(q, k, v, kpm, lengths, seed, qs, *tensors)
-    ctx.meta = (names, key, backend, scale, q_start, p)
+    ctx.meta = (names, key, backend, scale, q_start, p, cap)
 
 
 def _backward(ctx, dout):
     q, k, v, kpm, lengths, seed, qs, *tensors = ctx.saved_tensors
-    names, key, backend, scale, q_start, p = ctx.meta
+    names, key, backend, scale, q_start, p, cap = ctx.meta
     dq, dk, dv = _graph_op_bwd(q, k, v, tensors, names, key, backend, scale, q_start, kpm,
-                               lengths, p, seed, qs, dout)
+                               lengths, p, seed, qs, cap, dout)
     return (dq, dk, dv, [None] * len(tensors), None, None, None, None, None, None, None,
-            None, None, None)
+            None, None, None, None)
 
 
 _graph_op.register_autograd(_backward, setup_context=_setup)
+
+
+def core_for(backend: str, bp: BoundPattern, q):
+    """The core a call of `bp` on tensors like q runs on (for callers that drive cores
+    themselves, such as attndsl.distributed)."""
+    if backend not in BACKENDS:
+        raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(backend, BACKENDS))
+    return _core(backend, bp, q)
 
 
 def _core(backend: str, bp: BoundPattern, q, compiled=None):
@@ -565,6 +621,9 @@ def _core(backend: str, bp: BoundPattern, q, compiled=None):
     if backend == "cpu":
         from attndsl.codegen.cpu.kernels import Cpu
         return Cpu()
+    if backend == "flex":
+        from attndsl.codegen.flex import Flex
+        return Flex()
     if backend == "triton":
         from attndsl.codegen.triton.runtime import Triton
         return Triton(None if compiled is None else compiled[1],

@@ -108,10 +108,12 @@ BIND = LRU("bind", 512, "patterns called from expressions, included or averaged,
            "parameter values (semantics/bind.py)")
 PLANS = LRU("plans", 16, "token orders and block tables per (bound pattern, block sizes, "
             "order, run-time inputs) (codegen/plan/tables.py)")
-NEEDED = LRU("needed", 256, "attended entries of proven-PARTIAL block pairs, counted on "
-             "demand per (plan, table) (codegen/plan/tables.py)")
+NEEDED = LRU("needed", 256, "attended entries per query block, proven-PARTIAL pairs counted "
+             "on demand, per (plan, table) (codegen/plan/tables.py)")
 CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
                 "plan (codegen/cpu/plan.py)")
+CPU_FUSED = LRU("cpu_fused", 16, "the CPU backend's fused-path work units and additive masks "
+                "per (plan, table, head, dtype) (codegen/cpu/fused.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
                      "token orders) (codegen/triton/generate.py)")
 KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (bound "
@@ -120,11 +122,21 @@ KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules pe
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "
                     "device) (codegen/triton/runtime.py)")
+FLEX_CODE = LRU("flex_code", 64, "the generated FlexAttention mask_mod / score_mod, compiled "
+                "Python per bound pattern (codegen/flex.py)")
+HF_OPS = LRU("hf_ops", 256, "family ops of registered transformers attention, per (source, "
+             "pattern, parameters) of a layer (integrations/transformers.py)")
+CP_LAYOUTS = LRU("cp_layouts", 16, "context parallelism: the attended pairs per query block, "
+                 "and the blocks of each rank and the key blocks it receives, per (plans, "
+                 "ranks, dispatch) (distributed/plan.py)")
+CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans and exchange "
+               "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
 NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
                  "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
 
-CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, KERNEL_SOURCES, KERNELS, KERNEL_MODULES,
-          DEVICE_TABLES, NATTEN_OPS)
+CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS,
+          KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
+          NATTEN_OPS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

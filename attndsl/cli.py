@@ -1,4 +1,5 @@
-"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench."""
+"""The `attndsl` command line: check, list, mask, show, analyze, compare, compile, bench,
+cp-plan, eval."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _inputs(pairs) -> dict:
         if v.startswith("@"):
             try:
                 arr = np.load(v[1:])
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:
                 raise ParameterError(f"cannot load input '{k}' from '{v[1:]}': {e}") from None
             out[k] = torch.as_tensor(arr)
         else:
@@ -306,7 +307,8 @@ Compile a pattern into block-sparse Triton kernels (forward and backward).
 With -o DIR: writes DIR/<name>.py (the generated @triton.jit source, metadata and a loader:
 `import <name>` gives `op`, callable as op(q, k, v, backend="triton")) and DIR/<name>.npz
 (token orders and block tables). --emit flex also writes DIR/<name>_flex.py, a FlexAttention
-mask_mod / score_mod / block_mask for the same pattern. --stats prints full, partial and
+mask_mod / score_mod / block_mask for the same pattern, the BlockMask read from the tables in
+DIR/<name>_flex.npz. --stats prints full, partial and
 empty blocks, tiles, table bytes, build time and computed / needed score elements.
 """
 
@@ -336,6 +338,41 @@ def cmd_compile(args) -> int:
     return 0
 
 
+CP_PLAN_HELP = """\
+Context parallelism planned from the block tables alone: for each dispatch (balanced,
+contiguous, zigzag) the per-rank balance (max / mean attended pairs) and the K/V bytes each
+rank receives, against ring attention, an all-gather and Ulysses. --library plans every
+standard pattern at --tokens. Bytes follow --heads, --kv-heads, --head-dim and --dtype.
+"""
+
+
+def cmd_cp_plan(args) -> int:
+    import json
+
+    from attndsl.distributed import report
+    geo = report.geometry(args.heads, args.kv_heads, args.head_dim, args.dtype)
+    if args.library:
+        if args.file is not None:
+            raise ParameterError("give a FILE or --library, not both")
+        if args.tokens < 16:
+            raise ParameterError(f"--tokens must be at least 16, not {args.tokens}")
+        def progress(name, s):
+            if not args.json:
+                print(f"planned {name} in {s:.1f} s", file=sys.stderr, flush=True)
+        out = report.library_rows(args.tokens, args.ranks, geo, progress=progress)
+    else:
+        if args.file is None:
+            raise ParameterError("cp-plan needs a FILE (with -p PATTERN) or --library")
+        op = _compile(args)
+        op.options(block_q=args.block, block_k=args.block)
+        out = report.rows(op, _inputs(args.input), args.ranks, geo)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.table(out), end="")
+    return 0
+
+
 # -- `attndsl bench` (issue 5): runs the repository's bench/cpu_bench.py ----------------
 
 
@@ -358,6 +395,161 @@ def cmd_bench(args) -> int:
 
 
 # -- end of `attndsl bench` -------------------------------------------------------------
+
+
+# -- `attndsl eval` (issue 16): recall of tiny models against the analysed reach ---------
+
+EVAL_HELP = """\
+Train tiny transformers built from attndsl.nn layers on the CPU on a recall task and
+report accuracy per query-to-value distance band against each pattern's analysed reach
+(docs/eval.md). A dense-attention control runs first. Patterns: FILE -p PATTERN (every
+layer) and --compare specs FILE:PATTERN or FILE:PATTERN(name=value, ...); join specs with
+'+' for one pattern per layer (layer 1 first). --set gives a parameter to every pattern
+that has it; a spec's own values win.
+"""
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == sep and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [*out, cur]
+
+
+def _eval_op(spec: str, sets: dict, used: set, args):
+    """One FILE:PATTERN(name=value, ...) spec compiled, with the --set values it has."""
+    import re
+    m = re.fullmatch(r"\s*(.+):([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*", spec, re.S)
+    if m is None:
+        raise ParameterError(f"--compare takes FILE:PATTERN or FILE:PATTERN(name=value, ...), "
+                             f"not '{spec}'")
+    file, name, body = m.groups()
+    own = {}
+    for item in _split_top(body or "", ","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ParameterError(f"'{spec}': parameters are name=value, not '{item.strip()}'")
+        k, v = item.split("=", 1)
+        own[k.strip()] = parse_value(v)
+    return _eval_compile(file, name, own, sets, used, args)
+
+
+def _eval_compile(file: str, name: str | None, own: dict, sets: dict, used: set, args):
+    from attndsl.api import compile_module, find_pattern
+    module = _load(file, args)
+    names = {p.name for p in find_pattern(module, name).params}
+    mine = {k: v for k, v in sets.items() if k in names}
+    used |= set(mine)
+    return compile_module(module, name, {**mine, **own})
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from attndsl.evaluation import evaluate
+    sets = _sets(args.set)
+    used: set = set()
+    arms = []
+    if args.file is not None:
+        arms.append(_eval_compile(args.file, args.pattern, {}, sets, used, args))
+    elif args.pattern:
+        raise ParameterError("-p names a pattern of FILE: give the file too")
+    for spec in args.compare or ():
+        ops = [_eval_op(s, sets, used, args) for s in _split_top(spec, "+")]
+        arms.append(ops[0] if len(ops) == 1 else ops)
+    unused = set(sets) - used
+    if unused:
+        raise ParameterError("no evaluated pattern has parameter"
+                             f"{'s' if len(unused) > 1 else ''} " + ", ".join(sorted(unused)))
+    for what, path in (("results", args.output), ("plot", args.plot)):
+        folder = Path(path).parent if path else None
+        if folder is not None and not folder.is_dir():  # found out now, not after training
+            raise ParameterError(f"no folder '{folder}' for the {what} ('{path}')")
+    try:
+        res = evaluate(*arms, task=args.task, layers=args.layers, steps=args.steps,
+                       budget=args.budget, seeds=args.seeds, control=not args.no_control,
+                       seq_len=args.seq_len, vocab=args.vocab, items=args.items,
+                       power_a=args.power_a, distance=args.distance, d_model=args.d_model,
+                       heads=args.heads, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                       test_sequences=args.test_sequences, bands=args.bands,
+                       equal_flops=not args.no_equal_flops, threads=args.threads,
+                       backend=args.backend, import_roots=_roots(args),
+                       progress=args.progress)
+    except KeyboardInterrupt:  # before the first run had started
+        print("interrupted before any run started: no results", file=sys.stderr)
+        return 130
+    if args.output:
+        res.save(args.output)
+    if args.plot:
+        res.plot(args.plot)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        print(res.text())
+        for what, path in (("results", args.output), ("plot", args.plot)):
+            if path:
+                print(f"wrote {path} ({what})")
+    return 130 if res.interrupted else 0
+
+
+def _eval_parser(sub) -> None:
+    c = sub.add_parser("eval", help="recall of tiny models trained on the CPU, per distance, "
+                       "against the analysed reach", description=EVAL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("file", nargs="?", help="the .attn file of the pattern under test")
+    c.add_argument("-p", "--pattern", help="pattern name (optional if the file has one)")
+    c.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="parameter value, given to every pattern that has the parameter")
+    c.add_argument("--compare", nargs="+", metavar="SPEC",
+                   help="more arms: FILE:PATTERN or FILE:PATTERN(name=value, ...); "
+                   "SPEC+SPEC+... gives one pattern per layer")
+    c.add_argument("--task", choices=["mqar", "passkey", "copy"], default="mqar")
+    c.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                     help="CPU time of the first run's training steps; its step count is "
+                     "every run's (default 120)")
+    how.add_argument("--steps", type=int, default=None, metavar="K", help="training steps")
+    c.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default "
+                   "128, or the N a pattern was compiled with)")
+    c.add_argument("--vocab", type=int, default=256)
+    c.add_argument("--items", type=int, default=8,
+                   help="mqar: key-value pairs; copy: tokens to copy (default 8)")
+    c.add_argument("--power-a", type=float, default=0.01, help="mqar: the gap power law")
+    c.add_argument("--distance", type=int, default=None,
+                   help="passkey: one fixed distance (default: all)")
+    c.add_argument("--d-model", type=int, default=64)
+    c.add_argument("--heads", type=int, default=4)
+    c.add_argument("--batch", type=int, default=64)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--warmup", type=int, default=50)
+    c.add_argument("--test-sequences", type=int, default=None,
+                   help="test set size (default: about 8,192 answers)")
+    c.add_argument("--bands", type=int, default=8, help="distance bands (default 8)")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    c.add_argument("--backend", default="cpu", help="attention backend (default cpu)")
+    c.add_argument("--no-control", action="store_true", help="no dense control arm")
+    c.add_argument("--no-equal-flops", action="store_true",
+                   help="score at equal steps only (no extra steps for cheaper patterns)")
+    c.add_argument("--json", action="store_true", help="print the JSON result instead")
+    c.add_argument("-o", "--output", metavar="FILE.json", help="write the JSON result")
+    c.add_argument("--plot", metavar="OUT.png", help="accuracy against distance, with reach")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress lines on stderr (default: on a terminal)")
+    c.add_argument("--import-root", action="append", metavar="DIR",
+                   help="a folder imports may read (repeatable)")
+    c.set_defaults(func=cmd_eval)
+
+
+# -- end of `attndsl eval` --------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,6 +651,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also try compiled create_block_mask at N=65,536 (one attempt)")
     c.set_defaults(func=cmd_bench)
     # -- end of bench
+    c = sub.add_parser("cp-plan", help="context parallelism from the tables: balance and "
+                       "K/V traffic per rank against ring, all-gather and Ulysses",
+                       description=CP_PLAN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(c)
+    c.set_defaults(file=None)
+    c._actions[[a.dest for a in c._actions].index("file")].nargs = "?"
+    c.add_argument("--ranks", type=int, required=True, help="number of ranks")
+    c.add_argument("--library", action="store_true", help="every standard pattern")
+    c.add_argument("--tokens", type=int, default=1 << 20,
+                   help="sequence length for --library (default 1,048,576)")
+    c.add_argument("--block", type=int, default=None, help="block size (default 64)")
+    c.add_argument("--heads", type=int, default=32, help="query heads (for bytes)")
+    c.add_argument("--kv-heads", type=int, default=8, help="key/value heads (for bytes)")
+    c.add_argument("--head-dim", type=int, default=128, help="head dim (for bytes)")
+    c.add_argument("--dtype", default="bf16", help="fp32, bf16, fp16 or fp64 (for bytes)")
+    c.add_argument("--json", action="store_true",
+                   help="one row per (pattern, scheme): scheme, max_pairs, mean_pairs, "
+                   "max_kv_bytes, mean_kv_bytes, ...")
+    c.set_defaults(func=cmd_cp_plan)
     c = sub.add_parser("compare", help="receptive-field growth of several patterns",
                        description="Analyse several patterns stacked --layers deep and print "
                        "the fraction of the full-attention receptive field each reaches per "
@@ -481,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", help="PNG: reached fraction per layer, one line per pattern")
     import_root(c)
     c.set_defaults(func=cmd_compare)
+    _eval_parser(sub)
     return ap
 
 

@@ -29,6 +29,7 @@ class Reference:
     """The dense core of backend='reference' (the Core protocol of semantics/attention.py)."""
 
     name = "reference"
+    runs_plans = True  # call.plan: its orders say which tokens q and k hold
 
     def check(self, bp, q, k, v) -> None:
         B, H = q.shape[:2]
@@ -50,30 +51,41 @@ class Reference:
         v = v.repeat_interleave(rep, dim=1).to(cdt)
         B, H, M, _ = q.shape
         Nk = k.shape[2]
-        first = call.q_start
-        mask = dense_mask(bp, call.run, q.device, call.rows).expand(B, H, M, Nk)
+        qidx, kidx = _tokens(call)
+        mask = dense_mask(bp, call.run, q.device, call.rows, (qidx, kidx)).expand(B, H, M, Nk)
         if call.key_valid is not None:
             mask = mask & call.key_valid.view(B, 1, 1, Nk)
         logits = (q.to(cdt) @ k.transpose(-1, -2)) * call.scale
-        qidx = torch.arange(first, first + M, device=q.device).view(-1, 1)
-        kidx = torch.arange(Nk, device=q.device).view(1, -1)
+        qidx, kidx = qidx.view(-1, 1), kidx.view(1, -1)
         b = bias(bp, call.run, qidx, kidx, torch.arange(H, device=q.device).view(-1, 1, 1),
                  cdt)
         if b is not None:
             logits = logits + b
-        return attend(softcapped(logits, bp.softcap), mask, v,
+        return attend(softcapped(logits, call.softcap), mask, v,
                       *_dropout(call, B, H, qidx, kidx))
 
     def summary(self, call, ks, vs, att):
         """Attention over summary tokens ks, vs [B, H, R, D] where att [.., M, R] allows:
         the softcap applies, the bias does not."""
         q = call.q.to(ks.dtype)
-        logits = softcapped((q @ ks.transpose(-1, -2)) * call.scale, call.bp.softcap)
+        logits = softcapped((q @ ks.transpose(-1, -2)) * call.scale, call.softcap)
         B, H, M, R = logits.shape
-        first, nk = call.q_start, call.k.shape[2]
-        qidx = torch.arange(first, first + M, device=q.device).view(-1, 1)
+        nk = call.bp.nk
+        qidx = _tokens(call)[0].view(-1, 1)
         ridx = torch.arange(nk, nk + R, device=q.device).view(1, -1)  # summary rows: keys Nk+r
         return attend(logits, att.expand(logits.shape), vs, *_dropout(call, B, H, qidx, ridx))
+
+
+def _tokens(call) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query and key token each row of q and k holds: rows q_start.. against every key,
+    or what the call's plan says."""
+    dev = call.q.device
+    if call.plan is not None:
+        return (torch.from_numpy(call.plan.qorder.held_tokens()).to(dev),
+                torch.from_numpy(call.plan.korder.held_tokens()).to(dev))
+    first, m = call.rows
+    return (torch.arange(first, first + m, device=dev),
+            torch.arange(call.k.shape[2], device=dev))
 
 
 def _dropout(call, B: int, H: int, qidx, kidx) -> tuple:

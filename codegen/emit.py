@@ -59,19 +59,30 @@ class Arr:
 
 
 def input_layout(bp: BoundPattern, sizes: tuple[str, ...] = ()) -> dict[str, Arr]:
-    """The run-time values a compiled mask or bias reads, with their slots: every input the
-    pattern (and what it includes) declares, but the router of `route`, which gates outputs
-    and never reaches a kernel; then the size parameters `sizes` (scalars) of a kernel that
-    serves every size."""
+    """The run-time values a compiled mask or bias reads, with their slots: the inputs the
+    pattern (and what it includes) declares that its rules or its biases read (not the
+    route's, nor the given keys and values of summary tokens, which never reach a kernel);
+    then the size parameters `sizes` (scalars) of a kernel that serves every size."""
     out: dict[str, Arr] = {}
+    read = bp.mask_inputs | bp.bias_inputs
     for owner in bp.owners():
         for name, spec in owner.inputs.items():
-            if (bp.route is not None and name == bp.route[0]) or name in out:
+            if name not in read or name in out:
                 continue
             out[name] = Arr(name, len(out), spec.kind, not spec.dims)
     for name in sizes:
         out[name] = Arr(name, len(out), "int", True)
     return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """An input of several dimensions indexed on its leading ones: the flat offset of the
+    rows so far (code or int) and the dimensions after them."""
+
+    arr: Arr
+    offset: object
+    dims: tuple
 
 
 class NeedsSizes(Exception):
@@ -484,8 +495,25 @@ class Emitter:
                                        e.span)
             return base[idx]
         if isinstance(base, Arr):
-            return self.fresh(self.d.load(base, self.text(idx)), base.kind)
+            dims = sc.owner.inputs[base.name].dims
+            if len(dims) == 1:
+                return self.fresh(self.d.load(base, self.text(idx)), base.kind)
+            if self.sizes and self._sized_dims(sc.owner, base.name):
+                raise NeedsSizes("an input whose dimensions depend on the sizes")
+            return Rows(base, idx, dims[1:])  # x[i, j, ...]: a flat offset
+        if isinstance(base, Rows):
+            off = self.binop("+", self.binop("*", base.offset, base.dims[0], e.span), idx,
+                             e.span)
+            if len(base.dims) == 1:
+                return self.fresh(self.d.load(base.arr, self.text(off)), base.arr.kind)
+            return Rows(base.arr, off, base.dims[1:])
         raise UnsupportedError("indexing this value cannot be compiled", e.span)
+
+    def _sized_dims(self, owner, name: str) -> bool:
+        """Does a dimension of input `name` depend on a size read at run time?"""
+        dep = size_dependent(owner, self.sizes)
+        decl = next(d for d in owner.checked.inputs if d.name == name)
+        return any(n.id in dep for d in decl.dims if d is not None for n in names(d))
 
     def e_Attr(self, e, sc, local):
         base = self.expr(e.base, sc, local)
@@ -516,27 +544,29 @@ class Emitter:
                                "here", e.span)
 
     def chunk_topk(self, e, sc, local):
-        """DHSA's selection, read from the run-time table the wrapper computes on the device:
-        keep[b, h, query block, chunk] and chunk_of[key]."""
+        """DHSA's selection, read from the run-time tables the wrapper computes on the
+        device (semantics/dynamic.select): DYN_CHUNK maps each query to its block's row
+        (the tail's queries to a last, empty row), DYN_KEEP[b, h, row, key]."""
         args = dict(zip(e.params, e.args))
         conf = {}
-        for name in ("block", "chunk", "topk"):
-            v = self.expr(args[name], sc, local)
-            if not isinstance(v, int):
+        for name, a in args.items():
+            if name == "starts":
+                conf["starts"] = a.id if isinstance(a, ir.Name) else None
+                continue
+            v = self.expr(a, sc, local)
+            if not isinstance(v, int | bool):
                 if self.sizes:
                     raise NeedsSizes("chunk_topk")
                 raise UnsupportedError(f"chunk_topk's '{name}' must be static to compile")
             conf[name] = v
-        starts = args.get("starts")
-        conf["starts"] = starts.id if isinstance(starts, ir.Name) else None
         if self.dynamic and self.dynamic != conf:
             raise UnsupportedError("a pattern can use only one chunk_topk selection")
         self.dynamic.update(conf)
         q = self.text(sc.ctx["q"].index)
         k = self.text(sc.ctx["k"].index)
-        qb = self.fresh(f"tl.maximum({q}, 0) // {conf['block']}", "int").text
-        cid = self.fresh(f"tl.load(DYN_CHUNK + tl.maximum({k}, 0))", "int").text
-        keep = self.fresh(f"tl.load(DYN_KEEP + (bh * DYN_NB + {qb}) * DYN_NC + {cid})", "int")
+        row = self.fresh(f"tl.load(DYN_CHUNK + tl.maximum({q}, 0))", "int").text
+        keep = self.fresh(f"tl.load(DYN_KEEP + (bh * DYN_NB + {row}) * DYN_NC + "
+                          f"tl.maximum({k}, 0))", "int")
         return self.fresh(f"({keep.text}) != 0", "bool")
 
     def pattern_call(self, e, sc, local):

@@ -82,11 +82,15 @@ def export(op, out_dir: str | os.PathLike, /, name: str | None = None, flex: boo
     py = out / f"{name}.py"
     py.write_text(text)
     paths = {"module": str(py), "tables": str(out / f"{name}.npz")}
-    if flex:
-        from attndsl.codegen.flex import flex_source
+    if flex:  # mask_mod and Flex's row-major tables at its block size, shipped beside it
+        from attndsl.codegen.flex import FLEX_BLOCK, csr_arrays, flex_source
+        from attndsl.codegen.plan.tables import plan_for
+        fplan = plan_for(bp, FLEX_BLOCK, FLEX_BLOCK, plan.run, "row-major")
         fp = out / f"{name}_flex.py"
-        fp.write_text(flex_source(bp))
+        np.savez(out / f"{name}_flex.npz", **csr_arrays(fplan))
+        fp.write_text(flex_source(bp, f"{name}_flex.npz"))
         paths["flex"] = str(fp)
+        paths["flex_tables"] = str(out / f"{name}_flex.npz")
     return {"paths": paths, "stats": meta["stats"]}
 
 

@@ -1,22 +1,51 @@
-"""Exports a pattern as a FlexAttention `mask_mod` (and `score_mod` for bias and softcap),
-for users who stay on torch.nn.attention.flex_attention.
+"""FlexAttention fed by attndsl: the pattern's `mask_mod` / `score_mod` generated from the
+typed IR (by the same emitter as the Triton kernels, spelled with torch operations), and
+BlockMasks built from attndsl's exact block tables instead of `create_block_mask`'s O(N^2)
+evaluation: FULL and PARTIAL blocks from the plan, and the transposed tables (which the
+backward reads) from the plan too, never from Flex's own transposition.
 
-The functions are generated from the typed IR by the same emitter as the Triton kernels,
-spelled with torch operations; run-time inputs become module globals set by `set_inputs`.
+Orders: "row-major" (Flex's own token order) or "tiled" (attndsl's order: 2D/3D spaces cut
+into compact tiles, so a block pair is far more often empty or full); with "tiled", q, k
+and v go through `permute` and the output through `unpermute`, and the mask_mod reads
+positions through the order. `backend="flex"` (the `Flex` core) runs
+torch.compile(flex_attention) with these tables in the tiled order.
+
+The generated source is one module text: run-time inputs are its globals `in_<name>`. In
+this process each use executes it into a fresh namespace (so no value of one call is seen
+by another); `attndsl compile --emit flex` writes it as a file with `set_inputs()` and a
+`block_mask()` that reads the tables shipped beside it.
 """
 
 from __future__ import annotations
 
+import inspect
+
+import numpy as np
+import torch
+
+from attndsl import caches
 from attndsl.codegen.emit import TORCH_HELPERS, Code, Emitter, TorchDialect, input_layout, prune
-from attndsl.errors import UnsupportedError
+from attndsl.codegen.plan.tables import Plan, plan_for
+from attndsl.errors import InputError, ParameterError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
+from attndsl.semantics.inputs import RunInputs
+
+ORDERS = ("row-major", "tiled")
+FLEX_BLOCK = 128  # FlexAttention's default block size; the tables an export ships
 
 
-def flex_source(bp: BoundPattern) -> str:
+def expressible(bp: BoundPattern) -> None:
+    """What a mask_mod cannot say fails here, with the pattern's location."""
     if bp.summaries or bp.content_dependent or bp.average or bp.channel:
         raise UnsupportedError(f"pattern '{bp.name}' uses summary tokens, content-dependent "
                                "selection, averaging or channel tokens, which a FlexAttention "
                                "mask_mod cannot express", bp.checked.span)
+
+
+def flex_source(bp: BoundPattern, tables: str | None = None) -> str:
+    """The module text: mask_mod, bias (or None), score_mod (bias and the pattern's softcap)
+    and, with `tables` (the file name of the .npz beside it), block_mask() from them."""
+    expressible(bp)
     layout = input_layout(bp)
     names = [f"in_{n}" for n in layout]
 
@@ -38,7 +67,6 @@ def flex_source(bp: BoundPattern) -> str:
         '"""',
         "",
         "import torch",
-        "from torch.nn.attention.flex_attention import create_block_mask",
         "",
         f"NQ, NK = {bp.nq}, {bp.nk}",
         f"HEADS = {bp.heads!r}",
@@ -59,23 +87,316 @@ def flex_source(bp: BoundPattern) -> str:
         "",
     ]
     sbody, sout = body("bias")
+    if sout is not None:
+        lines += ["", "def bias(b, h, q_idx, kv_idx):", sbody + f"    return {sout}", ""]
+    else:
+        lines += ["", "bias = None", ""]
     if sout is not None or bp.softcap is not None:
-        lines += ["", "def score_mod(score, b, h, q_idx, kv_idx):", sbody.rstrip("\n")]
-        expr = "score" if sout is None else f"score + {sout}"
+        expr = "score" if sout is None else "score + bias(b, h, q_idx, kv_idx)"
         if bp.softcap is not None:
             expr = f"{bp.softcap!r} * torch.tanh(({expr}) / {bp.softcap!r})"
-        lines += [f"    return {expr}", ""]
+        lines += ["", "def score_mod(score, b, h, q_idx, kv_idx):", f"    return {expr}", ""]
     else:
         lines += ["", "score_mod = None", ""]
     scale = "None" if bp.scale is None else repr(bp.scale)
-    lines += [
-        f"SCALE = {scale}  # pass as flex_attention(..., scale=SCALE); None means 1/sqrt(D)",
-        "",
-        "",
-        "def block_mask(device='cpu', BLOCK_SIZE=128, B=None, H=HEADS):",
-        '    """A BlockMask for flex_attention (per head when the pattern uses h)."""',
-        "    return create_block_mask(mask_mod, B, H, NQ, NK, device=device,",
-        "                             BLOCK_SIZE=BLOCK_SIZE)",
-        "",
-    ]
+    lines += [f"SCALE = {scale}  # pass as flex_attention(..., scale=SCALE); None means "
+              "1/sqrt(D)", ""]
+    if tables is not None:
+        lines += [
+            "",
+            inspect.getsource(dense_tables).rstrip(),
+            "",
+            "",
+            f"BLOCK_SIZE = {FLEX_BLOCK}",
+            "",
+            "",
+            "def block_mask(device='cpu'):",
+            '    """The BlockMask of this pattern (row-major, BLOCK_SIZE tokens a block), built',
+            "    from the exact tables attndsl shipped beside this module for the run-time",
+            "    inputs it was compiled with: no mask evaluation, no transposition.\"\"\"",
+            "    import os",
+            "",
+            "    import numpy as np",
+            "    from torch.nn.attention.flex_attention import BlockMask",
+            f"    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), {tables!r})",
+            "    with np.load(path) as data:",
+            "        arrays = {k: data[k] for k in data.files}",
+            "    t = dense_tables(arrays, torch.device(device))",
+            "    return BlockMask(seq_lengths=(NQ, NK), kv_num_blocks=t[0], kv_indices=t[1],",
+            "                     full_kv_num_blocks=t[2], full_kv_indices=t[3],",
+            "                     q_num_blocks=t[4], q_indices=t[5], full_q_num_blocks=t[6],",
+            "                     full_q_indices=t[7], BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),",
+            "                     mask_mod=mask_mod)",
+            "",
+        ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ tables -> BlockMask
+
+
+def csr_arrays(plan: Plan, all_partial: bool = False) -> dict:
+    """The plan's CSR tables (and transposed tables) by the names dense_tables reads, for
+    every head table; with all_partial, FULL blocks are listed as PARTIAL (so that the
+    mask_mod, which may add padding or a query offset, is applied to every block)."""
+    out = {"shape": np.array([len(plan.tables), plan.nqb, plan.nkb], dtype=np.int64)}
+    for name, tabs in (("kv", plan.tables), ("q", plan.transposed)):
+        for g, t in enumerate(tabs):
+            full = (t.full_off, t.full_idx)
+            part = (t.part_off, t.part_idx)
+            if all_partial:
+                part = _union(t)
+                full = (np.zeros_like(t.full_off), t.full_idx[:0])
+            out[f"{name}{g}_part_off"], out[f"{name}{g}_part_idx"] = part
+            out[f"{name}{g}_full_off"], out[f"{name}{g}_full_idx"] = full
+    return out
+
+
+def _union(t) -> tuple[np.ndarray, np.ndarray]:
+    """FULL and PARTIAL columns of every row together, increasing."""
+    rows = len(t.full_off) - 1
+    cnt = np.diff(t.full_off) + np.diff(t.part_off)
+    off = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(cnt, out=off[1:])
+    r = np.concatenate([np.repeat(np.arange(rows), np.diff(t.full_off)),
+                        np.repeat(np.arange(rows), np.diff(t.part_off))])
+    c = np.concatenate([t.full_idx, t.part_idx]).astype(np.int64)
+    order = np.lexsort((c, r))
+    return off, c[order].astype(np.int32)
+
+
+def dense_tables(arrays, device):
+    """Flex's layout from CSR tables: (kv_num_blocks [1, G, rows], kv_indices [1, G, rows,
+    cols], the full pair, then the same for the transposed tables); unused slots hold 0."""
+    import mmap
+
+    import numpy as np
+
+    def zeros(shape):
+        # Anonymous pages are zero until written and numpy's huge-page advice is avoided:
+        # only the slots written are faulted in (at 1M tokens the layout is 1 GiB, nearly
+        # all unused), and no huge-page compaction stalls the build.
+        size = int(np.prod(shape))
+        return np.frombuffer(mmap.mmap(-1, 4 * size or 4), np.int32, size).reshape(shape)
+
+    groups, nqb, nkb = (int(x) for x in arrays["shape"])
+    out = []
+    for name, rows, cols in (("kv", nqb, nkb), ("q", nkb, nqb)):
+        for kind in ("part", "full"):
+            num = np.zeros((1, groups, rows), dtype=np.int32)
+            idx = zeros((1, groups, rows, cols))
+            for g in range(groups):
+                off = arrays[f"{name}{g}_{kind}_off"].astype(np.int64)
+                cnt = np.diff(off)
+                num[0, g] = cnt
+                r = np.repeat(np.arange(rows), cnt)
+                pos = np.arange(len(r)) - off[:-1][r]
+                idx[0, g, r, pos] = arrays[f"{name}{g}_{kind}_idx"][:len(r)]
+            out += [torch.from_numpy(num).to(device), torch.from_numpy(idx).to(device)]
+    return out
+
+
+def block_mask_of(plan: Plan, mask_mod, device, all_partial: bool = False):
+    """A BlockMask from a plan: its tables, its transposed tables, and mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+    t = dense_tables(csr_arrays(plan, all_partial), torch.device(device))
+    return BlockMask(seq_lengths=(plan.qorder.length, plan.korder.length),
+                     kv_num_blocks=t[0], kv_indices=t[1], full_kv_num_blocks=t[2],
+                     full_kv_indices=t[3], q_num_blocks=t[4], q_indices=t[5],
+                     full_q_num_blocks=t[6], full_q_indices=t[7],
+                     BLOCK_SIZE=(plan.block_q, plan.block_k), mask_mod=mask_mod)
+
+
+# ------------------------------------------------------------------ generated functions
+
+
+def functions(bp: BoundPattern, run: RunInputs, device) -> dict:
+    """The generated mask_mod, bias and score_mod, executed into a namespace of their own
+    with this call's run-time inputs (tensors on `device`)."""
+    expressible(bp)
+    code = caches.FLEX_CODE.get_or_create(bp, lambda: compile(
+        flex_source(bp), f"<attndsl flex {bp.name}>", "exec"))
+    ns: dict = {}
+    exec(code, ns)  # noqa: S102 - generated from the typed IR: no text of the .attn file
+    for name in input_layout(bp):
+        v = run.values.get(name)
+        if v is not None:
+            ns[f"in_{name}"] = torch.as_tensor(v).to(device)
+    return ns
+
+
+class Positions:
+    """Where a Flex position points: the row-major query / key token (-1: padding), as
+    tensors on one device; None where the order is row-major from 0. `gather`: q, k and v
+    must be permuted into the order (it is not row-major)."""
+
+    def __init__(self, plan: Plan, device):
+        def perm(order):
+            if order.identity and order.start == 0:
+                return None
+            return torch.from_numpy(order.perm).to(device)
+        self.q = perm(plan.qorder)
+        self.k = perm(plan.korder)
+        self.gather = not (plan.qorder.identity and plan.korder.identity)
+
+    def wrap_mask(self, mask_mod, key_valid=None):
+        qp, kp = self.q, self.k
+        if qp is None and kp is None and key_valid is None:
+            return mask_mod
+
+        def mm(b, h, q_idx, kv_idx):
+            tq = q_idx if qp is None else qp[q_idx]
+            tk = kv_idx if kp is None else kp[kv_idx]
+            ok = (tq >= 0) & (tk >= 0)
+            tq, tk = tq.clamp(min=0), tk.clamp(min=0)
+            if key_valid is not None:
+                ok = ok & key_valid[b, tk]
+            return ok & mask_mod(b, h, tq, tk)
+        return mm
+
+    def wrap_score(self, bias, softcap):
+        qp, kp = self.q, self.k
+        if bias is None and softcap is None:
+            return None
+
+        def sm(score, b, h, q_idx, kv_idx):
+            if bias is not None:
+                tq = q_idx if qp is None else qp[q_idx].clamp(min=0)
+                tk = kv_idx if kp is None else kp[kv_idx].clamp(min=0)
+                score = score + bias(b, h, tq, tk)
+            if softcap is not None:
+                score = softcap * torch.tanh(score / softcap)
+            return score
+        return sm
+
+
+def flex_plan(op, order: str, block_size, inputs: dict):
+    """(bound pattern, validated run-time inputs, plan) of op.block_mask and friends."""
+    from attndsl.semantics.inputs import validate
+    if order not in ORDERS:
+        raise ParameterError(f"order must be 'row-major' or 'tiled', not {order!r}")
+    if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 16
+            or block_size & (block_size - 1)):
+        raise ParameterError(f"block_size must be a power of two >= 16, not {block_size!r}")
+    sizes, rest = op.family.split(inputs)
+    bp = op.bind(**sizes)
+    expressible(bp)
+    run = validate(bp, rest, for_mask=True)
+    plan = plan_for(bp, block_size, block_size, run,
+                    "auto" if order == "tiled" else "row-major")
+    return bp, run, plan
+
+
+def block_mask(op, order: str = "row-major", block_size: int = FLEX_BLOCK, device=None,
+               **inputs):
+    """A torch BlockMask of the op (see Op.block_mask)."""
+    bp, run, plan = flex_plan(op, order, block_size, inputs)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    ns = functions(bp, run, dev)
+    return block_mask_of(plan, Positions(plan, dev).wrap_mask(ns["mask_mod"]), dev)
+
+
+def score_mod(op, order: str = "row-major", block_size: int = FLEX_BLOCK, device=None,
+              softcap: float | None = None, **inputs):
+    """The op's score_mod (bias and softcap) for flex_attention, or None."""
+    bp, run, plan = flex_plan(op, order, block_size, inputs)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    ns = functions(bp, run, dev)
+    cap = softcap if softcap is not None else bp.softcap
+    return Positions(plan, dev).wrap_score(ns["bias"], cap)
+
+
+def permute(op, x, order: str = "tiled", block_size: int = FLEX_BLOCK, inverse=False,
+            **inputs):
+    """x [B, H, N, D] (or [B, H, *grid, D]) into the order's positions [B, H, L, D] (padding
+    positions zero), or back with inverse (to [B, H, N, D])."""
+    from attndsl.semantics.family import flat
+    bp, _, plan = flex_plan(op, order, block_size, inputs)
+    if plan.qorder.describe() != plan.korder.describe():
+        raise UnsupportedError("queries and keys are in different token orders; pass "
+                               "order='row-major'", bp.checked.span)
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        raise InputError(f"expected a tensor [batch, heads, tokens, dim], not "
+                         f"{list(getattr(x, 'shape', []))}")
+    o = plan.qorder
+    if inverse:
+        if x.shape[2] != o.length:
+            raise InputError(f"expected {o.length} positions on axis 2, not {x.shape[2]}")
+        return x.index_select(2, torch.from_numpy(o.inverse()).to(x.device))
+    x = flat(x, len(bp.qshape))
+    if x.shape[2] != bp.nq:
+        raise InputError(f"expected {bp.nq} tokens on axis 2, not {x.shape[2]}")
+    if o.identity and o.start == 0:
+        return x
+    perm = torch.from_numpy(o.perm).to(x.device)
+    y = x.index_select(2, perm.clamp(min=0))
+    return y * (perm >= 0).view(1, 1, -1, 1).to(y.dtype)
+
+
+# ------------------------------------------------------------------ backend="flex"
+
+
+_COMPILED = []  # torch.compile(flex_attention), made on first use
+
+
+def compiled_flex():
+    if not _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+        _COMPILED.append(torch.compile(flex_attention))
+    return _COMPILED[0]
+
+
+class Flex:
+    """The core of backend='flex' (the Core protocol of semantics/attention.py): the compiled
+    FlexAttention kernels with attndsl's tables in its tiled token order."""
+
+    name = "flex"
+    BLOCK = FLEX_BLOCK
+
+    def check(self, bp: BoundPattern, q, k, v) -> None:
+        at = bp.checked.span
+        expressible(bp)
+        if bp.route is not None:
+            raise UnsupportedError("backend 'flex' does not run routed heads; use 'cpu', "
+                                   "'triton' or 'reference'", at)
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InputError(f"backend 'flex' takes float16, bfloat16 or float32, not "
+                             f"{q.dtype}", at)
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v)):
+            raise UnsupportedError("FlexAttention has no backward on the CPU: use "
+                                   "backend='cpu' to train there, or run under "
+                                   "torch.no_grad()", at)
+
+    def direct(self, call):
+        bp = call.bp
+        if call.dropout_p:
+            raise UnsupportedError("backend 'flex' has no dropout; use 'cpu', 'triton' or "
+                                   "'reference'", bp.checked.span)
+        dev = call.q.device
+        run = call.run
+        plan = plan_for(bp, self.BLOCK, self.BLOCK, run,
+                        "row-major" if call.partial else "auto",
+                        rows=call.rows if call.partial else None)
+        pos = Positions(plan, dev)
+        ns = functions(bp, run, dev)
+        mm = pos.wrap_mask(ns["mask_mod"], call.key_valid)
+        bm = block_mask_of(plan, mm, dev, all_partial=call.key_valid is not None)
+        sm = pos.wrap_score(ns["bias"], call.softcap)
+        q, k, v = call.q, call.k, call.v
+        if pos.gather:  # the tiled order (whole spaces only: partial calls are row-major)
+            q, k, v = _gather(q, pos.q), _gather(k, pos.k), _gather(v, pos.k)
+        out = compiled_flex()(q, k, v, score_mod=sm, block_mask=bm, scale=call.scale,
+                              enable_gqa=q.shape[1] != k.shape[1])
+        if pos.gather:
+            out = out.index_select(2, torch.from_numpy(plan.qorder.inverse()).to(dev))
+        return out, None
+
+    def summary(self, call, ks, vs, att):  # pragma: no cover - check() refuses summaries
+        raise UnsupportedError("backend 'flex' has no summary tokens", call.bp.checked.span)
+
+
+def _gather(x, perm):
+    return x.index_select(2, perm.clamp(min=0)) * (perm >= 0).view(1, 1, -1, 1).to(x.dtype)
+
+

@@ -4,8 +4,8 @@
   the borders, so every query keeps kernel^2 keys;
 - halo2d (HaloNet): block x block query tiles reading their tile grown by a halo;
 - window2d (DaViT / Swin windows): non-overlapping window x window blocks;
-- aggregated (TransNeXt): a clipped kernel x kernel window plus average-pooled summary
-  tokens of the whole grid, in one softmax.
+- aggregated_pooled (TransNeXt-style): a clipped kernel x kernel window plus
+  average-pooled summary tokens of the whole grid, in one softmax.
 
 For each: keys per query (direct keys, and summary tokens for TransNeXt), then one
 query's neighbourhood drawn on the grid (the bottom of `attndsl.render.text`) for a query
@@ -26,7 +26,7 @@ CASES = [  # (file, pattern, parameters)
     ("neighborhood.attn", "na2d", dict(kernel=5)),
     ("halo.attn", "halo2d", dict(block=4, halo=1)),
     ("davit.attn", "window2d", dict(window=4)),
-    ("transnext.attn", "aggregated", dict(kernel=3, pool=4)),
+    ("transnext.attn", "aggregated_pooled", dict(kernel=3, pool=4)),
 ]
 QUERIES = [(4, 5), (0, 0)]
 

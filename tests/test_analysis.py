@@ -129,7 +129,7 @@ def test_channel_routing_and_dynamic_patterns_are_described():
     assert a.full_coverage_layers == 1 and any("channel" in n for n in a.notes)
     a = analyze(_op("moh.attn", "moh", N=32, heads=4, shared=1, topk=1), layers=1)
     assert any("routing" in n for n in a.notes)
-    op = _op("dhsa.attn", "dhsa", N=64, block=8, chunk=8, topk=1)
+    op = _op("dhsa.attn", "dhsa_chunks", N=64, block=8, chunk=8, topk=1)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
     with pytest.raises(attndsl.InputError):
@@ -152,7 +152,8 @@ CASES = [
     ("halo.attn", "halo2d", dict(H=13, W=10, block=4, halo=1)),
     ("sparse_transformer.attn", "fixed", dict(N=150, stride=12, c=2)),
     ("davit.attn", "window2d", dict(H=10, W=9, window=4)),
-    ("transnext.attn", "aggregated", dict(H=8, W=9, kernel=3, pool=3)),
+    ("transnext.attn", "aggregated", dict(H=8, W=9, heads=2, kernel=3, pool=3)),
+    ("transnext.attn", "aggregated_pooled", dict(H=8, W=9, kernel=3, pool=3)),
 ]
 
 

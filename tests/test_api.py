@@ -187,7 +187,8 @@ def test_op_metadata():
     op = attndsl.compile("patterns/moh.attn", pattern="moh", N=8, heads=4, shared=1, topk=2)
     assert op.heads == 4 and op.query_shape == (8,) and op.inputs["router"][1] == (None, 8, 3)
     assert "Mixture-of-Head" in op.doc
-    assert op.params == {"N": 8, "heads": 4, "shared": 1, "topk": 2}
+    assert op.params == {"N": 8, "heads": 4, "shared": 1, "topk": 2, "normalised": False,
+                         "hard": False}
     assert "moh(N=8" in repr(op)
 
 

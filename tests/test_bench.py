@@ -38,6 +38,11 @@ def test_bench_quick_sliding_window(capsys):
         assert f"| sliding_window | N=2048 window=256 | {system} |" in out
     assert "| sliding_window | N=2048 window=256 | natten |" not in out  # not a peer here
     assert "Targets:" in out and "block tables for N=1,048,576" in out
+    for target in ("forward faster than FlexAttention-CPU on every case",
+                   "of the fp32 matmul peak, forward + backward", "bf16 vs fp32",
+                   "BigBird-style analysis (12 layers)"):
+        assert target in out
+    assert "N=131,072: " in out  # the analysis ran (or says why not) in its own process
     assert "wrote " not in out
 
 

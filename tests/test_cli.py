@@ -66,8 +66,8 @@ def test_show_volume_and_png(tmp_path, capsys):
 
 
 def test_show_content_dependent_pattern_uses_seeded_random_qk(capsys):
-    args = ["show", "patterns/dhsa.attn", "--set", "N=32", "--set", "block=8", "--set",
-            "chunk=4", "--set", "topk=1", "--seed", "3"]
+    args = ["show", "patterns/dhsa.attn", "-p", "dhsa_chunks", "--set", "N=32", "--set",
+            "block=8", "--set", "chunk=4", "--set", "topk=1", "--seed", "3"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0

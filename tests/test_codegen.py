@@ -33,7 +33,7 @@ GOLDEN = [
     ("na2d", "patterns/neighborhood.attn", dict(H=12, W=10, kernel=5, dilation=(1, 2)), 16),
     ("document_causal", "patterns/document.attn", dict(N=64), 16),
     ("mixed", PER_HEAD, dict(N=50), 16),
-    ("dhsa", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
+    ("dhsa_chunks", "patterns/dhsa.attn", dict(N=64, block=16, chunk=8, topk=2), 16),
     ("moh", "patterns/moh.attn", dict(N=64, heads=4, shared=1, topk=2), 16),
     ("combiner_logsparse", "patterns/combiner.attn", dict(N=64), 16),
 ]
@@ -95,7 +95,7 @@ def test_flex_export_with_per_head_rules_and_score_mod_runs_flex_attention():
     ns: dict = {}
     exec(compile(flex_source(op.bound), "<flex>", "exec"), ns)  # noqa: S102 - our output
     q, k, v = (torch.randn(1, 4, 48, 16) for _ in range(3))
-    bm = ns["block_mask"](BLOCK_SIZE=16)
+    bm = op.block_mask(block_size=16)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,7 +178,8 @@ def test_cli_export_imports_as_op(tmp_path, capsys):
                            "--emit", "flex"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "attn_document_causal.npz", "attn_document_causal.py", "attn_document_causal_flex.py"]
+        "attn_document_causal.npz", "attn_document_causal.py", "attn_document_causal_flex.npz",
+        "attn_document_causal_flex.py"]
     script = (
         "import torch, attn_document_causal as m\n"
         "op = m.op\n"
@@ -221,7 +222,7 @@ def test_exported_content_dependent_pattern_runs(tmp_path, monkeypatch):
     import importlib
 
     from attndsl.codegen.export import export
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=16, chunk=8, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=64, block=16, chunk=8, topk=2)
     export(op.options(block_q=16, block_k=16), tmp_path, "dhsa_export")
     monkeypatch.syspath_prepend(str(tmp_path))
     mod = importlib.import_module("dhsa_export")

@@ -23,15 +23,21 @@ from attndsl.errors import AttnError, InputError
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def _inputs(op, batch, gen):
+def _inputs(op, batch, gen, heads=2, dim=24):
+    """Run-time inputs for a standard pattern: document ids, a prefix, and random floats of
+    every float input's shape (batch in a '*' first dimension; a summary's given keys and
+    values [batch, heads, tokens, head dim])."""
     out = {}
-    for name, (_kind, dims, _opt) in op.inputs.items():
+    for name, (kind, dims, _opt) in op.inputs.items():
         if name == "doc":
             out[name] = torch.sort(torch.randint(0, 3, (dims[0],), generator=gen)).values
         elif name == "prefix":
             out[name] = 9
-        elif name == "router":
-            out[name] = torch.randn(batch, dims[1], dims[2], generator=gen)
+        elif kind == "float":
+            shape = [batch if d is None else d for d in dims]
+            if len(dims) == 4 and dims[0] is None:
+                shape = [batch, heads, dims[2], dim]
+            out[name] = torch.randn(*shape, generator=gen)
     return out
 
 
@@ -56,7 +62,7 @@ def compare(op, *, heads=2, kv_heads=None, dim=24, batch=1, dtype=torch.float32,
     gen = torch.Generator().manual_seed(seed)
     q, k, v = _qkv(op, heads, kv_heads or heads, dim, batch, dtype, gen)
     if inputs is None:
-        inputs = _inputs(op, batch, gen)
+        inputs = _inputs(op, batch, gen, heads, dim)
     out = op(q, k, v, backend="cpu", scale=scale, **inputs)
     assert out.dtype == dtype and out.shape[:3] == q.shape[:3]
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -106,12 +112,16 @@ STD = [
     ("sta.attn", "sliding_tile", dict(H=8, W=9, tile=(2, 3), window=3)),
     ("sta.attn", "sliding_tile3d", dict(T=2, H=8, W=4, tile=(1, 2, 2), window=(1, 3, 1))),
     # summary tokens (merged with the direct keys through log-sum-exps), rules reading q, k
-    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("combiner.attn", "combiner_axial_pooled", dict(H=7, W=9)),
+    ("transnext.attn", "aggregated_pooled", dict(H=9, W=11, kernel=3, pool=4)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=100, block=16, chunk=12, topk=2)),
+    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, budget=40, local=8, sinks=4,
+                               instruction=10)),
     ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
     ("combiner.attn", "combiner_logsparse", dict(N=50)),
     ("combiner.attn", "combiner_axial", dict(H=7, W=9)),
     ("combiner.attn", "combiner_mixture", dict(N=40, span=6)),
-    ("transnext.attn", "aggregated", dict(H=9, W=11, kernel=3, pool=4)),
+    ("transnext.attn", "aggregated", dict(H=9, W=11, heads=4, kernel=3, pool=4)),
 ]
 
 
@@ -122,7 +132,7 @@ def test_standard_patterns(file, pattern, params):
     compare(op, heads=op.heads or 2)
 
 
-@pytest.mark.parametrize("file,pattern,params", STD[-6:], ids=[p for _, p, _ in STD[-6:]])
+@pytest.mark.parametrize("file,pattern,params", STD[-7:], ids=[p for _, p, _ in STD[-7:]])
 def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern, params,
                                                                    monkeypatch):
     op = attndsl.compile(f"patterns/{file}", pattern, **params)
@@ -131,24 +141,25 @@ def test_summaries_and_content_rules_in_float64_and_auto_picks_cpu(file, pattern
     calls = []
     real = cpu.Cpu.direct
     monkeypatch.setattr(cpu.Cpu, "direct", lambda *a: calls.append(1) or real(*a))
-    q = torch.randn(1, 2, op.bound.nq, 8)
-    op(q, q, q)
+    heads = op.heads or 2
+    q = torch.randn(1, heads, op.bound.nq, 8)
+    op(q, q, q, **_inputs(op, 1, torch.Generator().manual_seed(0), heads, 8))
     assert calls  # (an average calls it once more per part)
 
 
 def test_dhsa_boundaries_gqa_and_batches():
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=12, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=80, block=16, chunk=12, topk=2)
     bounds = torch.tensor([0, 5, 30, 31, 60])
     compare(op, dtype=torch.float64, heads=4, kv_heads=2, inputs={"boundaries": bounds})
     compare(op, heads=4, kv_heads=2, inputs={"boundaries": bounds})
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=100, block=16, chunk=12, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=100, block=16, chunk=12, topk=2)
     compare(op, dtype=torch.float64, batch=2, seed=3)
     compare(op, batch=2, heads=4, kv_heads=1, block=32, seed=4)
 
 
 def test_dhsa_masks_follow_q_and_k_per_call():
     """The same op on fresh q, k each call: no mask is reused from an earlier call."""
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=64, block=8, chunk=8, topk=1)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=64, block=8, chunk=8, topk=1)
     for seed in range(4):
         compare(op, dtype=torch.float64, seed=seed)
 

@@ -424,7 +424,8 @@ def test_reserved_names_cover_every_keyword_beside_inputs_and_parameters():
     from attndsl.api import Op
     from attndsl.codegen.export import export
     takes_inputs = [Op.__call__, Op.mask, Op.summaries, Op.reach, Op.analyze, Op.path,
-                    Op.plan, Op.kernel, Op.source, Op.stats, export]
+                    Op.plan, Op.kernel, Op.source, Op.stats, Op.block_mask, Op.score_mod,
+                    Op.permute, Op.unpermute, export]
     assert set().union(*map(_keywords, takes_inputs)) <= set(RESERVED_INPUTS) | {"q", "k"}
     assert _keywords(attndsl.compile) <= set(RESERVED_PARAMS)
 

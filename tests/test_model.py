@@ -81,7 +81,7 @@ DECODE = [
     ("power.attn", "power_attention", dict(block=4, window=2), {}),
     ("document.attn", "document_causal", {}, {"doc": None}),
     ("neighborhood.attn", "na1d", dict(kernel=5, causal=True), {}),
-    ("dhsa.attn", "dhsa", dict(block=4, chunk=4, topk=1), {}),
+    ("dhsa.attn", "dhsa_chunks", dict(block=4, chunk=4, topk=1), {}),
     ("moh.attn", "moh", dict(heads=2, shared=1, topk=1), {"router": None}),
     ("combiner.attn", "combiner_fixed", dict(span=4), {}),
 ]
@@ -108,7 +108,7 @@ def test_token_by_token_generation_equals_the_full_call(backend, file, name, par
     q, k, v = (rand(1, 2, L, 8, dtype=dt, seed=s) for s in range(3))
     full = op(q, k, v, backend=backend, **_inputs(spec, L))
     # moh attends every key; a dhsa block's selection reads the block's later queries
-    causal = name not in ("moh", "dhsa")
+    causal = name not in ("moh", "dhsa_chunks")
     first = params.get("kernel", 1) - 1  # NATTEN needs kernel <= length: a prompt first
     steps = range(L - 4, L) if backend == "triton" else range(first, L)
     for t in steps:
@@ -137,6 +137,29 @@ def test_chunked_prefill_equals_the_full_forward(backend, m):
         got = op(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], backend=backend,
                  q_start=start)
         close(got, full[:, :, start:stop], backend)
+
+
+@pytest.mark.parametrize("n,start,m", [(600, 400, 20), (1000, 990, 10), (777, 700, 77)])
+def test_a_few_rows_against_a_long_cache_gradients_on_the_cpu(n, start, m):
+    """Rows that attend a few key blocks of many run in the CPU backend's compact key layout
+    (only those blocks copied); outputs and gradients against the definition, dense."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", window=32)
+    q = rand(2, 3, m, 16, dtype=torch.float64, seed=0).requires_grad_()
+    k, v = (rand(2, 3, n, 16, dtype=torch.float64, seed=s).requires_grad_() for s in (1, 2))
+    out = op(q, k, v, backend="cpu", q_start=start)
+    i, j = torch.arange(start, start + m)[:, None], torch.arange(n)[None, :]
+    keep = (i - j >= 0) & (i - j < 32)
+    ref = torch.softmax((q @ k.transpose(-1, -2) / 4.0).masked_fill(~keep, -torch.inf), -1) @ v
+    g = rand(*ref.shape, dtype=torch.float64, seed=3)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    from attndsl.codegen.cpu.plan import cpu_plan
+    from attndsl.codegen.plan.tables import plan_for
+    cp = cpu_plan(plan_for(op.bind(N=n), 16, None, rows=(start, m)))
+    assert cp.compact and cp.ktok.shape[0] < plan_for(op.bind(N=n), 16, None).nkb // 2
 
 
 def test_decoding_one_token_at_a_million_plans_only_its_row():

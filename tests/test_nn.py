@@ -174,7 +174,7 @@ def test_generation_with_the_cache_equals_the_full_forward(backend, file, name, 
 def test_generation_of_non_causal_patterns_equals_the_call_over_the_prefix(backend):
     """MoH and DHSA attend later keys: step t equals row t of the call over tokens 0..t."""
     for name, file, params in (("moh", "moh.attn", dict(shared=1, topk=1)),
-                               ("dhsa", "dhsa.attn", dict(block=4, chunk=4, topk=1))):
+                               ("dhsa_chunks", "dhsa.attn", dict(block=4, chunk=4, topk=1))):
         m = layer(16, 2, file, name, backend=backend, **params)
         x = rand(1, 13, 16, seed=3)
         cache = KVCache()

@@ -86,7 +86,7 @@ STD = [
     ("combiner.attn", "combiner_fixed", dict(N=100, span=10)),
     ("combiner.attn", "combiner_logsparse", dict(N=100)),
     ("combiner.attn", "combiner_axial", dict(H=12, W=10)),
-    ("transnext.attn", "aggregated", dict(H=14, W=12, kernel=5, pool=4)),
+    ("transnext.attn", "aggregated", dict(H=14, W=12, heads=2, kernel=5, pool=4)),
     ("moh.attn", "moh", dict(N=70, heads=4, shared=1, topk=2)),
     ("document.attn", "prefix_lm", dict(N=70)),
 ]

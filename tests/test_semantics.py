@@ -112,7 +112,7 @@ def test_stdlib_fallback_only_for_bare_names():
 
 
 def test_reach_of_content_dependent_pattern_and_array_parameters():
-    op = attndsl.compile("dhsa.attn", N=16, block=4, chunk=4, topk=1)
+    op = attndsl.compile("dhsa.attn", "dhsa_chunks", N=16, block=4, chunk=4, topk=1)
     q = torch.randn(1, 1, 16, 8)
     assert op.reach(q=q, k=q).shape == (1, 1, 16, 16)
     with pytest.raises(attndsl.ParameterError):

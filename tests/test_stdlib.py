@@ -628,7 +628,7 @@ def test_combiner_logsparse(N):
 
 @pytest.mark.parametrize("H,W", [(1, 5), (4, 4), (3, 7), (6, 2), (5, 1)])
 def test_combiner_axial(H, W):
-    op = compile_("combiner.attn", "combiner_axial", H=H, W=W)
+    op = compile_("combiner.attn", "combiner_axial_pooled", H=H, W=W)
     _combiner_check(op, lambda q, k, v: ind.combiner_axial(q, k, v, H, W), H * W, seed=H * W)
 
 
@@ -641,7 +641,7 @@ def test_combiner_mixture(N, span):
 @settings(max_examples=10, **SETTINGS)
 @given(st.integers(1, 6), st.integers(1, 6), st.integers(0, 1000))
 def test_combiner_axial_hypothesis(H, W, seed):
-    op = compile_("combiner.attn", "combiner_axial", H=H, W=W)
+    op = compile_("combiner.attn", "combiner_axial_pooled", H=H, W=W)
     q, k, v = rand_qkv(1, 2, 2, H * W, H * W, 4, seed=seed)
     close(op(q, k, v, backend="reference"), ind.combiner_axial(q, k, v, H, W), 1e-10)
 
@@ -680,7 +680,7 @@ def _dhsa_case(N, block, chunk, topk, B=2, H=2, D=8, seed=0, boundaries=None, in
         q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
         k = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
     v = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
-    op = compile_("dhsa.attn", "dhsa", N=N, block=block, chunk=chunk, topk=topk)
+    op = compile_("dhsa.attn", "dhsa_chunks", N=N, block=block, chunk=chunk, topk=topk)
     rt = {} if boundaries is None else dict(boundaries=torch.tensor(boundaries))
     exp_mask = ind.dhsa_mask(q, k, block, chunk, topk, boundaries)
     assert_mask_runtime = as_np(op.mask(q=q, k=k, **rt))
@@ -708,7 +708,7 @@ def test_dhsa_defaults():
     # defaults block=128, chunk=64, topk=4 on N=400: 4 blocks, 7 chunks (last partial)
     B, H, N, D = 1, 2, 400, 4
     q, k, v = rand_qkv(B, H, H, N, N, D, seed=3)
-    op = compile_("dhsa.attn", "dhsa", N=N)
+    op = compile_("dhsa.attn", "dhsa_chunks", N=N)
     assert np.array_equal(as_np(op.mask(q=q, k=k)), ind.dhsa_mask(q, k, 128, 64, 4))
 
 
@@ -728,7 +728,7 @@ def test_dhsa_ties_break_toward_later_chunk():
     N, block, chunk = 16, 4, 4
     q = torch.randn(1, 1, N, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     k = torch.ones(1, 1, N, 4, dtype=torch.float64)
-    op = compile_("dhsa.attn", "dhsa", N=N, block=block, chunk=chunk, topk=1)
+    op = compile_("dhsa.attn", "dhsa_chunks", N=N, block=block, chunk=chunk, topk=1)
     got = as_np(op.mask(q=q, k=k))[0, 0]
     # block 3 (queries 12..15): own chunk 3 plus the latest earlier chunk, chunk 2
     assert got[15].tolist() == [False] * 8 + [True] * 8
@@ -796,7 +796,7 @@ def test_davit_channel_group(C, groups, N):
 def test_moh(N, heads, shared, topk):
     if heads - shared < topk:
         pytest.skip("invalid")
-    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk)
+    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk, normalised=True)
     B, D = 2, 8
     q, k, v = rand_qkv(B, heads, heads, N, N, D, seed=N + heads)
     router = torch.randn(B, N, heads - shared, dtype=torch.float64,
@@ -819,7 +819,7 @@ def test_moh(N, heads, shared, topk):
 def test_moh_gate_zero_head_gives_zero_rows():
     # routed head 0 never wins: its rows are exactly 0 for every token
     N, heads, shared, topk = 6, 4, 1, 1
-    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk)
+    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk, normalised=True)
     q, k, v = rand_qkv(1, heads, heads, N, N, 8, seed=2)
     router = torch.zeros(1, N, 3, dtype=torch.float64)
     router[..., 0] = -5.0
@@ -834,7 +834,7 @@ def test_moh_gate_zero_head_gives_zero_rows():
 def test_moh_hypothesis(heads, data, N, seed):
     shared = data.draw(st.integers(0, heads))
     topk = data.draw(st.integers(0, heads - shared))
-    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk)
+    op = compile_("moh.attn", "moh", N=N, heads=heads, shared=shared, topk=topk, normalised=True)
     q, k, v = rand_qkv(2, heads, heads, N, N, 4, seed=seed)
     router = torch.randn(2, N, heads - shared, dtype=torch.float64,
                          generator=torch.Generator().manual_seed(seed + 1))
@@ -848,7 +848,7 @@ def test_moh_hypothesis(heads, data, N, seed):
 @pytest.mark.parametrize("H,W,kernel,pool", [(8, 8, 3, 4), (6, 9, 3, 4), (7, 5, 5, 2),
                                              (5, 5, 3, 3), (4, 10, 3, 5), (3, 3, 3, 4)])
 def test_transnext(H, W, kernel, pool):
-    op = compile_("transnext.attn", "aggregated", H=H, W=W, kernel=kernel, pool=pool)
+    op = compile_("transnext.attn", "aggregated_pooled", H=H, W=W, kernel=kernel, pool=pool)
     assert_mask(op, ind.transnext_window(H, W, kernel))
     q, k, v = rand_qkv(2, 2, 2, H * W, H * W, 8, seed=H * W + pool)
     got, g_got = grads(lambda a, b, c: op(a, b, c, backend="reference"), q, k, v)
@@ -863,14 +863,14 @@ def test_transnext(H, W, kernel, pool):
 @given(st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3, 5, 7]), st.integers(1, 6),
        st.integers(0, 1000))
 def test_transnext_hypothesis(H, W, kernel, pool, seed):
-    op = compile_("transnext.attn", "aggregated", H=H, W=W, kernel=kernel, pool=pool)
+    op = compile_("transnext.attn", "aggregated_pooled", H=H, W=W, kernel=kernel, pool=pool)
     assert_mask(op, ind.transnext_window(H, W, kernel))
     q, k, v = rand_qkv(1, 2, 2, H * W, H * W, 4, seed=seed)
     close(op(q, k, v, backend="reference"), ind.transnext_aggregated(q, k, v, H, W, kernel, pool))
 
 
 def test_transnext_defaults():
-    op = compile_("transnext.attn", "aggregated", H=9, W=8)
+    op = compile_("transnext.attn", "aggregated_pooled", H=9, W=8)
     assert_mask(op, ind.transnext_window(9, 8, 3))
     q, k, v = rand_qkv(1, 2, 2, 72, 72, 8, seed=1)
     close(op(q, k, v, backend="reference"), ind.transnext_aggregated(q, k, v, 9, 8, 3, 4))
@@ -929,9 +929,11 @@ BAD_PARAMS = [
     ("davit.attn", "window2d", dict(H=4, W=4, window=0)),
     ("davit.attn", "channel_group", dict(C=4, groups=0)),
     ("davit.attn", "channel_group", dict(C=10, groups=3)),      # Cg = C / groups channels
-    ("transnext.attn", "aggregated", dict(H=4, W=4, pool=0)),
-    ("dhsa.attn", "dhsa", dict(N=8, block=0)),
-    ("dhsa.attn", "dhsa", dict(N=8, chunk=0)),
+    ("transnext.attn", "aggregated_pooled", dict(H=4, W=4, pool=0)),
+    ("transnext.attn", "aggregated", dict(H=4, W=4, heads=1, pool=5)),  # no pooled token
+    ("dhsa.attn", "dhsa_chunks", dict(N=8, block=0)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=8, chunk=0)),
+    ("dhsa.attn", "dhsa", dict(N=8, budget=0)),
     ("moh.attn", "moh", dict(N=4, heads=4, shared=1, topk=4)),  # only 3 routed heads
     ("moh.attn", "moh", dict(N=4, heads=4, shared=5, topk=0)),  # more shared than heads
 ]
@@ -948,12 +950,12 @@ def test_bad_runtime_inputs_are_attn_errors():
     op = compile_("document.attn", "document_causal", N=8)
     with pytest.raises(attndsl.AttnError):
         op.mask(doc=torch.zeros(7, dtype=torch.long))            # wrong length
-    op = compile_("moh.attn", "moh", N=8, heads=2, shared=1, topk=1)
+    op = compile_("moh.attn", "moh", N=8, heads=2, shared=1, topk=1, normalised=True)
     with pytest.raises(attndsl.AttnError):
         op(q, k, v, backend="reference")                           # router missing
     with pytest.raises(attndsl.AttnError):
         op(q, k, v, backend="reference", router=torch.randn(1, 8, 2, dtype=torch.float64))
-    op = compile_("dhsa.attn", "dhsa", N=8, block=4, chunk=2, topk=1)
+    op = compile_("dhsa.attn", "dhsa_chunks", N=8, block=4, chunk=2, topk=1)
     with pytest.raises(attndsl.AttnError):
         op.mask()                                                   # needs q and k
     for bad in ([1, 3], [0, 3, 3, 5], [0, 5, 2]):                  # first is 0, increasing

@@ -24,16 +24,21 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def _inputs(op, batch, gen):
+def _inputs(op, batch, gen, heads=2, dim=24):
+    """Run-time inputs for a standard pattern: document ids, a prefix, and random floats of
+    every float input's shape (batch in a '*' first dimension; a summary's given keys and
+    values [batch, heads, tokens, head dim])."""
     out = {}
-    for name, (_kind, dims, _opt) in op.inputs.items():
+    for name, (kind, dims, _opt) in op.inputs.items():
         if name == "doc":
-            n = dims[0]
-            out[name] = torch.sort(torch.randint(0, 3, (n,), generator=gen)).values
+            out[name] = torch.sort(torch.randint(0, 3, (dims[0],), generator=gen)).values
         elif name == "prefix":
             out[name] = 9
-        elif name == "router":
-            out[name] = torch.randn(batch, dims[1], dims[2], generator=gen)
+        elif kind == "float":
+            shape = [batch if d is None else d for d in dims]
+            if len(dims) == 4 and dims[0] is None:
+                shape = [batch, heads, dims[2], dim]
+            out[name] = torch.randn(*shape, generator=gen)
     return out
 
 
@@ -54,7 +59,7 @@ def compare(op, *, heads=2, kv_heads=None, dim=24, batch=1, dtype=torch.float32,
     q, k, v = (torch.randn(*s, generator=gen).to(dtype).to(DEV).requires_grad_()
                for s in shapes)
     if inputs is None:
-        inputs = _inputs(op, batch, gen)
+        inputs = _inputs(op, batch, gen, heads, dim)
     inputs = {n: (x.to(DEV) if isinstance(x, torch.Tensor) else x) for n, x in inputs.items()}
     out = op(q, k, v, backend="triton", **inputs)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -98,13 +103,17 @@ STD = [
     ("document.attn", "prefix_lm", dict(N=70)),
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
-    ("dhsa.attn", "dhsa", dict(N=100, block=16, chunk=12, topk=2)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=100, block=16, chunk=12, topk=2)),
     ("combiner.attn", "combiner_fixed", dict(N=70, span=8)),
     ("combiner.attn", "combiner_logsparse", dict(N=50)),
     ("combiner.attn", "combiner_axial", dict(H=7, W=9)),
+    ("combiner.attn", "combiner_axial_pooled", dict(H=5, W=6)),
     ("combiner.attn", "combiner_mixture", dict(N=40, span=6)),
-    ("transnext.attn", "aggregated", dict(H=9, W=11, kernel=3, pool=4)),
-    ("dhsa.attn", "dhsa", dict(N=90, block=20, chunk=7, topk=3)),
+    ("transnext.attn", "aggregated", dict(H=9, W=11, heads=2, kernel=3, pool=4)),
+    ("transnext.attn", "aggregated_pooled", dict(H=6, W=7, kernel=3, pool=4)),
+    ("dhsa.attn", "dhsa_chunks", dict(N=90, block=20, chunk=7, topk=3)),
+    ("dhsa.attn", "dhsa", dict(N=60, block=16, chunk=7, budget=24, local=4, sinks=2,
+                               instruction=8)),
     ("llm.attn", "chunked_causal", dict(N=70, chunk=16)),
     ("llm.attn", "alibi", dict(N=50, heads=3)),
     ("longdoc.attn", "longformer", dict(N=70, window=8, globals=3)),
@@ -226,7 +235,7 @@ def test_moh_skips_blocks_whose_gates_are_zero():
 
 
 def test_dhsa_with_boundaries_and_gqa():
-    op = attndsl.compile("patterns/dhsa.attn", "dhsa", N=80, block=16, chunk=10, topk=2)
+    op = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=80, block=16, chunk=10, topk=2)
     compare(op, heads=4, kv_heads=2, inputs={"boundaries": torch.tensor([0, 5, 30, 31, 60])})
     compare(op, heads=2, batch=2, seed=3)
 

@@ -18,6 +18,7 @@ from attndsl.lang import ir
 from attndsl.semantics.bind import BoundPattern, bind
 from attndsl.semantics.evaluate import Evaluator, fn_locals
 from attndsl.semantics.evaluate import lift as _lift
+from attndsl.semantics.inputs import route_inputs
 
 
 class NoFormula(Exception):
@@ -210,7 +211,7 @@ def growth_class(bp: BoundPattern, max_tokens: int = 1 << 18) -> str:
     """Fit exact pair counts at four doubling sizes (other parameters fixed)."""
     if bp.average or bp.content_dependent or bp.checked.qspace is None:
         return "unknown (averaged or content-dependent pattern)"
-    if set(bp.inputs) - ({bp.route[0]} if bp.route else set()):
+    if set(bp.inputs) - set(route_inputs(bp)):  # gate inputs leave the mask alone
         return "unknown (the mask depends on run-time inputs)"
     size_params = []
     for sz in bp.checked.qspace.sizes + bp.checked.kspace.sizes:

@@ -373,13 +373,27 @@ def _f(x) -> np.ndarray:
 
 
 def _corners(f, a: IV, b: IV, g=None) -> IV:
-    pairs = [(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+    # an operand that is one value everywhere (a constant, mostly) has two corners, not four
+    # (the other two repeat them): half the passes over the boxes
+    if _exact(b):
+        pairs = [(a.lo, b.lo), (a.hi, b.lo)]
+    elif _exact(a):
+        pairs = [(a.lo, b.lo), (a.lo, b.hi)]
+    else:
+        pairs = [(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
     if g is not None:
         _fits(*(g(_f(x), _f(y)) for x, y in pairs))
     with np.errstate(over="ignore"):
         c = [f(x, y) for x, y in pairs]
-    return IV(np.minimum.reduce(np.broadcast_arrays(*c)), np.maximum.reduce(
-        np.broadcast_arrays(*c)))
+    lo, hi = c[0], c[0]
+    for x in c[1:]:
+        lo, hi = np.minimum(lo, x), np.maximum(hi, x)
+    return IV(lo, hi)
+
+
+def _exact(a: IV) -> bool:
+    """Whether `a` is one point per box, decided cheaply: only scalars are looked at."""
+    return np.ndim(a.lo) == 0 and np.ndim(a.hi) == 0 and a.lo == a.hi
 
 
 def _bits(x):

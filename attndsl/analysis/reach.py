@@ -317,6 +317,13 @@ class _Progress:
                          f" {time.perf_counter() - self.t0:5.1f}s")
         sys.stderr.flush()
 
+    def stage(self, what: str) -> None:
+        """Name a step that comes before the layers (the decomposition of a large irregular
+        mask can take seconds), so that the bar does not sit silent."""
+        if self.enabled:
+            sys.stderr.write(f"\r{self.label}: {what} ({time.perf_counter() - self.t0:.1f}s)")
+            sys.stderr.flush()
+
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
@@ -358,8 +365,12 @@ def analyze(bp: BoundPattern, layers: int = 4, query=None, head_dim: int = 64,
     if bp.summaries or any(s.summaries for s in bp.average):
         notes.append("summary tokens: attending a summary of region R reaches every token of R "
                      "in the same layer")
-    graph, parts, summaries = build_graph(bp, inputs, content)
     nq, nk = bp.nq, bp.nk
+    checked = max(layers, coverage_limit) if nq == nk else 1
+    bar = _Progress(checked, bool(progress if progress is not None else (
+        nq > 1 << 16 and sys.stderr.isatty())), f"analyzing {bp.name}")
+    bar.stage("decomposing the mask")
+    graph, parts, summaries = build_graph(bp, inputs, content)
     causal = _is_causal(parts, nq, nk) and all(_summary_causal(a, m) for a, m in summaries)
     if query is None:
         query = _default_query(bp)
@@ -392,9 +403,7 @@ def analyze(bp: BoundPattern, layers: int = 4, query=None, head_dim: int = 64,
     stats = []
     sets = []
     coverage = None
-    checked = max(layers, coverage_limit) if nq == nk else 1
-    bar = _Progress(checked, bool(progress if progress is not None else (
-        nq > 1 << 16 and sys.stderr.isatty())), f"analyzing {bp.name}")
+    checked = bar.total = max(layers, coverage_limit) if nq == nk else 1
     prev = R
     fixpoint = None
     prev_cnt = np.ones(len(qs), dtype=np.int64)

@@ -40,7 +40,13 @@ BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("tanh", 1, 1, "float", "float", doc="hyperbolic tangent"),
 ]}
 
-# Content-dependent predicates: evaluated from the q/k tensors of a call (see reference.py).
+# Content-dependent predicates: evaluated from the q/k tensors of a call
+# (semantics/dynamic.py). Per parameter: (kind, default): kind int|bool (a static parameter
+# expression) or input (a run-time int array); default None: required; an 'input' default
+# is false: absent.
 DYNAMIC = {
-    "chunk_topk": ("block", "chunk", "topk", "starts"),
+    "chunk_topk": {"block": ("int", None), "chunk": ("int", None), "topk": ("int", None),
+                   "starts": ("input", False), "shared": ("bool", False),
+                   "budget": ("int", 0), "local": ("int", 0), "sinks": ("int", 0),
+                   "norm": ("bool", True), "tail": ("int", 0)},
 }

@@ -119,6 +119,7 @@ class Checker:
         self.uses_h = False
         self.uses_content = False
         self.allow_context: set[str] = set()
+        self.where: str | None = None  # where q, k or h may not appear, when not the default
         self.qspace: ir.Space | None = None
         self.kspace: ir.Space | None = None
         self.summary_axes: dict[str, tuple[str, ...]] = {}
@@ -248,6 +249,8 @@ class Checker:
 
     def _where(self) -> str:
         """Where q, k or h may not appear, for messages."""
+        if self.where is not None:
+            return self.where
         if self.allow_context == {"k"}:
             return "in a summary's 'member' rule, which sees only the key 'k'"
         if self.allow_context == {"q", "h"}:
@@ -422,10 +425,18 @@ class Checker:
                 return dataclasses.replace(out, ty=self.err(
                     AttnTypeError, f"optional input '{getattr(base, 'id', '?')}' may be absent"
                     " and cannot be indexed", base.span))
-            if len(tb.dims) != 1:
+            if not tb.dims:
                 return dataclasses.replace(out, ty=self.err(
-                    AttnTypeError, f"only 1-D inputs can be indexed, not {tb.space} inputs with"
-                    f" {len(tb.dims)} dimensions", e.span))
+                    AttnTypeError, f"input '{_array_name(base)}' is indexed with more indices "
+                    "than it has dimensions", e.span))
+            if len(tb.dims) > 1:  # x[i, j]: the rows of x[i], then an element
+                if any(d is None for d in tb.dims[1:]):
+                    return dataclasses.replace(out, ty=self.err(
+                        AttnTypeError, f"indexing input '{_array_name(base)}' of "
+                        f"{len(tb.dims)} dimensions needs its dimensions after the first "
+                        f"declared, not '*': {tb}", e.span))
+                return dataclasses.replace(out, ty=Type("array", None, False, tb.space,
+                                                        tb.dims[1:]))
             return dataclasses.replace(out, ty=Type(tb.space, None, False))
         if tb.n is not None:
             if not isinstance(idx, ir.IntLit):
@@ -749,26 +760,32 @@ class Checker:
                                    callee=callee)
 
     def call_dynamic(self, e):
-        names = DYNAMIC[e.func]
-        bound = self.bind_args(e, tuple(ir.Param(n, None, None if n != "starts" else
-                                                 ir.BoolLit(e.span, False), e.span)
-                                        for n in names), f"'{e.func}'")
+        spec = DYNAMIC[e.func]
+        names = tuple(spec)
+        bound = self.bind_args(e, tuple(ir.Param(n, None, None if kind[1] is None else
+                                                 _literal(kind[1], e.span), e.span)
+                                        for n, kind in spec.items()), f"'{e.func}'")
         if bound is None:
             return dataclasses.replace(e, ty=ERROR, ref="dynamic")
-        for n in names[:-1]:
+        for n, (kind, _default) in spec.items():
+            if n not in bound:
+                continue
             t = self.ty(bound[n])
-            if t.kind != "error" and (t.kind != "int" or t.n is not None or not t.static):
-                self.err(AttnTypeError, f"'{n}' of '{e.func}' must be an int parameter, not "
-                         f"{t}", bound[n].span)
-        if "starts" in bound:
-            t = self.ty(bound["starts"])
-            if t.kind not in ("error", "array"):
-                self.err(AttnTypeError, f"'starts' of '{e.func}' must be a run-time input "
-                         f"int[*], not {t}", bound["starts"].span)
+            if t.kind == "error":
+                continue
+            if kind == "input":
+                if t.kind != "array" or t.space != "int" or len(t.dims) not in (1, 2):
+                    self.err(AttnTypeError, f"'{n}' of '{e.func}' must be a run-time input "
+                             f"int[*] (or int[*, *], one row per batch element), not {t}",
+                             bound[n].span)
+            elif t.kind != kind or t.n is not None or not t.static:
+                self.err(AttnTypeError, f"'{n}' of '{e.func}' must be {_a(kind)} {kind} "
+                         f"parameter, not {t}", bound[n].span)
         if self.qspace is not None and self.qspace.kind != "seq":
             self.err(AttnTypeError, f"'{e.func}' needs a 'seq' space", e.span)
         self.uses_content = True
-        args = tuple(bound.get(n, ir.BoolLit(e.span, False)) for n in names)
+        args = tuple(bound.get(n, _literal(spec[n][1] if spec[n][1] is not None else False,
+                                           e.span)) for n in names)
         return dataclasses.replace(e, args=args, kwargs=(), ty=Type("bool", None, False),
                                    ref="dynamic", params=names)
 
@@ -926,3 +943,20 @@ def check_module(module: ir.Module) -> dict[str, ir.CheckedPattern]:
 
 
 __all__ = ["AttnError", "Session", "check_module", "check_pattern"]
+
+
+def _array_name(base) -> str:
+    while isinstance(base, ir.Index):
+        base = base.base
+    return getattr(base, "id", "?")
+
+
+def _literal(value, span) -> ir.Expr:
+    """A default argument of a built-in as a literal node."""
+    if isinstance(value, bool):
+        return ir.BoolLit(span, value)
+    return ir.IntLit(span, value)
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"

@@ -260,9 +260,13 @@ class ScoreStmt:
 
 @dataclass(frozen=True, slots=True)
 class SummaryAxis:
+    """`name: size`, or `name: size = expr`: an axis bound to a value of the query (a query
+    attends only the tokens whose coordinate on this axis equals it)."""
+
     name: str
     size: Expr
     span: Span
+    bound: Expr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,14 +279,25 @@ class SummaryStmt:
     attend: Expr | None
     pools: tuple[tuple[str, str, Span], ...]  # (keys|values|queries, max|mean|expectation)
     span: Span
+    given: tuple[tuple[str, str, Span], ...] = ()  # (keys|values, input name): `from`
+    at: Expr | None = None  # `queries at EXPR`: the query of the token at these coordinates
+    scores: tuple[tuple[str, Expr, Span], ...] = ()  # (bias, expr)
 
 
 @dataclass(frozen=True, slots=True)
 class RouteStmt:
+    """`route INPUT top K shared S` and its options: `scaled E` (routed gates times E),
+    `hard B` (kept routed heads get 1, not their softmax), `weighted INPUT` (the shared
+    heads' logits), `grouped INPUT` (two group logits)."""
+
     input: str
     top: Expr
     shared: Expr
     span: Span
+    scaled: Expr | None = None
+    hard: Expr | None = None
+    weighted: Expr | None = None  # a Name of a run-time input
+    grouped: Expr | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,14 +419,32 @@ class InputDecl:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
+    """A checked summary. `keys` / `values` name a pooling, or are "input" with the input in
+    `keys_from` / `values_from`; `member` is None for a summary whose keys and values are
+    both given (it summarises no key the analysis knows of); `queries_at` is the query
+    position (flat index or coordinates) of `values expectation` taken at one token; `bias`
+    a score term on its tokens."""
+
     name: str
     axes: tuple[SummaryAxis, ...]
-    member: Expr
+    member: Expr | None
     attend: Expr
     keys: str
     values: str
     queries: str
     span: Span
+    keys_from: str | None = None
+    values_from: str | None = None
+    queries_at: Expr | None = None
+    bias: Expr | None = None
+
+    @property
+    def extended(self) -> bool:
+        """Computed by the driver for every backend (given keys or values, a bias, bound
+        axes, queries at one token), not by a core's summary kernel."""
+        return (self.keys_from is not None or self.values_from is not None
+                or self.bias is not None or self.queries_at is not None
+                or any(a.bound is not None for a in self.axes))
 
 
 @dataclass(frozen=True, eq=False)

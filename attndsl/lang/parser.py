@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as _pyast
+import dataclasses
 
 import lark
 from lark import Token, Transformer, v_args
@@ -163,7 +164,29 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def route_stmt(self, meta, c):
-        return ir.RouteStmt(str(c[0]), c[1], c[2], self.span(meta))
+        name, top, shared, *opts = c
+        out = ir.RouteStmt(str(name), top, shared, self.span(meta))
+        for kind, val, sp in opts:
+            if getattr(out, kind) is not None:
+                raise AttnSyntaxError(f"'route' has two '{kind}' options", sp)
+            out = dataclasses.replace(out, **{kind: val})
+        return out
+
+    @v_args(meta=True)
+    def route_scaled(self, meta, c):
+        return ("scaled", c[1], self.span(meta))
+
+    @v_args(meta=True)
+    def route_hard(self, meta, c):
+        return ("hard", c[0], self.span(meta))
+
+    @v_args(meta=True)
+    def route_weighted(self, meta, c):
+        return ("weighted", ir.Name(self.span(c[0]), str(c[0])), self.span(meta))
+
+    @v_args(meta=True)
+    def route_grouped(self, meta, c):
+        return ("grouped", ir.Name(self.span(c[0]), str(c[0])), self.span(meta))
 
     @v_args(meta=True)
     def average_stmt(self, meta, c):
@@ -193,8 +216,8 @@ class _Builder(Transformer):
     @v_args(meta=True)
     def summary_stmt(self, meta, c):
         name, axes, *items = c
-        member = attend = None
-        pools = []
+        member = attend = at = None
+        pools, given, scores = [], [], []
         for kind, val, sp in items:
             if kind == "member":
                 if member is not None:
@@ -204,17 +227,25 @@ class _Builder(Transformer):
                 if attend is not None:
                     raise AttnSyntaxError("summary has two 'attend' rules", sp)
                 attend = val
+            elif kind == "score":
+                scores.append(val + (sp,))
+            elif kind == "given":
+                given.append(val + (sp,))
+            elif kind == "at":
+                if at is not None:
+                    raise AttnSyntaxError("summary has two 'queries at' lines", sp)
+                at = val
             else:
                 pools.append((kind, val, sp))
         return ir.SummaryStmt(str(name), tuple(axes), member, attend, tuple(pools),
-                              self.span(name))
+                              self.span(name), tuple(given), at, tuple(scores))
 
     def summary_axes(self, c):
         return tuple(c)
 
     @v_args(meta=True)
     def summary_axis(self, meta, c):
-        return ir.SummaryAxis(str(c[0]), c[1], self.span(c[0]))
+        return ir.SummaryAxis(str(c[0]), c[1], self.span(c[0]), c[2])
 
     @v_args(meta=True)
     def summary_member(self, meta, c):
@@ -229,6 +260,27 @@ class _Builder(Transformer):
     @v_args(meta=True)
     def summary_pool(self, meta, c):
         return (str(c[0]), str(c[1]), self.span(c[1]))
+
+    @v_args(meta=True)
+    def summary_score(self, meta, c):
+        if str(c[0]) != "bias":
+            raise AttnSyntaxError(f"a summary takes 'bias', not '{c[0]}' ('scale' and "
+                                  "'softcap' are the pattern's)", self.span(c[0]))
+        return ("score", ("bias", c[1]), self.span(meta))
+
+    @v_args(meta=True)
+    def summary_given(self, meta, c):
+        if str(c[0]) == "queries":
+            raise AttnSyntaxError("'queries' cannot come from an input (only keys and "
+                                  "values)", self.span(c[0]))
+        return ("given", (str(c[0]), str(c[1])), self.span(c[1]))
+
+    @v_args(meta=True)
+    def summary_at(self, meta, c):
+        if str(c[0]) != "queries":
+            raise AttnSyntaxError(f"'{c[0]} at' is not a pooling; 'queries at POSITION' "
+                                  "takes the query of one token", self.span(c[0]))
+        return ("at", c[1], self.span(meta))
 
     # -- expressions
     @v_args(meta=True)
@@ -323,7 +375,10 @@ class _Builder(Transformer):
 
     @v_args(meta=True)
     def index(self, meta, c):
-        return ir.Index(self.span(meta), c[0], c[1])
+        out = c[0]
+        for i in c[1:]:  # x[i, j] is x[i][j]
+            out = ir.Index(self.span(meta), out, i)
+        return out
 
     @v_args(meta=True)
     def attr(self, meta, c):

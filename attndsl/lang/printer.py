@@ -97,19 +97,32 @@ def pattern_tree(cp: ir.CheckedPattern) -> str:
         out.append(f"  {s.kind}{hr}")
         out += expr_tree(s.expr, 2, seen)
     for s in cp.summaries:
-        axes = ", ".join(f"{a.name}: {expr_source(a.size)}" for a in s.axes)
-        out.append(f"  summary {s.name}({axes}) keys {s.keys} values {s.values}"
-                   + (f" queries {s.queries}" if s.values == "expectation" else ""))
-        out.append("    member")
-        out += expr_tree(s.member, 3, seen)
+        axes = ", ".join(f"{a.name}: {expr_source(a.size)}"
+                         + (f" = {expr_source(a.bound)}" if a.bound is not None else "")
+                         for a in s.axes)
+        keys = f"from {s.keys_from}" if s.keys_from else s.keys
+        values = f"from {s.values_from}" if s.values_from else s.values
+        queries = f"at {expr_source(s.queries_at)}" if s.queries_at is not None else s.queries
+        out.append(f"  summary {s.name}({axes}) keys {keys} values {values}"
+                   + (f" queries {queries}" if s.values == "expectation" else ""))
+        if s.member is not None:
+            out.append("    member")
+            out += expr_tree(s.member, 3, seen)
         out.append("    attend")
         out += expr_tree(s.attend, 3, seen)
+        if s.bias is not None:
+            out.append("    bias")
+            out += expr_tree(s.bias, 3, seen)
     if cp.nnz is not None:
         out.append("  nnz" + (f" when {expr_source(cp.nnz.when)}" if cp.nnz.when else ""))
         out += expr_tree(cp.nnz.expr, 2, seen)
     if cp.route is not None:
-        out.append(f"  route {cp.route.input} top {expr_source(cp.route.top)} shared "
-                   f"{expr_source(cp.route.shared)}")
+        r = cp.route
+        opts = "".join(f" {what} {expr_source(x)}" for what, x in (
+            ("scaled", r.scaled), ("hard", r.hard), ("weighted", r.weighted),
+            ("grouped", r.grouped)) if x is not None)
+        out.append(f"  route {r.input} top {expr_source(r.top)} shared "
+                   f"{expr_source(r.shared)}{opts}")
     for name, ref in cp.average:
         args = ", ".join([expr_source(a) for a in ref.args]
                          + [f"{k.name} = {expr_source(k.value)}" for k in ref.kwargs])

@@ -20,6 +20,8 @@ RESERVED_INPUTS = {
     "name": "export(...)", "flex": "export(...)", "q_start": "op(...)",
     "key_padding_mask": "op(...)", "lengths": "op(...)", "dropout_p": "op(...)",
     "generator": "op(...)", "queries": "op(...)", "cache": "attndsl.nn.Attention(...)",
+    "softcap": "op(...)", "order": "op.block_mask(...)", "block_size": "op.block_mask(...)",
+    "device": "op.block_mask(...)",
 }
 RESERVED_PARAMS = {"pattern": "attndsl.compile(...)", "import_roots": "attndsl.compile(...)"}
 ERROR = Type("error")  # an erroneous sub-expression: compatible with everything, no cascades

@@ -290,15 +290,43 @@ class Statements:
             if ax.name in names:
                 self.err(AttnNameError, f"summary axis '{ax.name}' is declared twice", ax.span)
             names.add(ax.name)
-            axes.append(dataclasses.replace(
-                ax, size=chk.static_int(ax.size, scope, "a summary axis size")))
+            chk.allow_context = set()
+            size = chk.static_int(ax.size, scope, "a summary axis size")
+            bound = None
+            if ax.bound is not None:  # `c: W = q.x`: the query's own coordinate
+                chk.allow_context = {"q"}
+                chk.where = "in a summary axis's value, which sees only the query 'q'"
+                bound = chk.expr(ax.bound, scope)
+                chk.where = None
+                t = chk.ty(bound)
+                if t.kind != "error" and (t.kind != "int" or t.n is not None):
+                    self.err(AttnTypeError, f"summary axis '{ax.name}' is bound to a value of "
+                             f"the query, an int; not {t}", bound.span)
+            axes.append(dataclasses.replace(ax, size=size, bound=bound))
         inner = Scope(scope)
         inner.names[s.name] = ("summary", Type("summary", len(axes), False, s.name,
                                                tuple(a.name for a in s.axes)))
+        given = {}
+        for role, name, sp in s.given:
+            if role in given:
+                self.err(AttnSyntaxError, f"'{role}' is given twice", sp)
+            given[role] = name
+            found = scope.get(name)
+            if found is None or found[0] != "input":
+                self.err(AttnNameError, f"'{role} from' needs a run-time input, and '{name}' "
+                         "is not one", sp)
+            elif (found[1].kind != "array" or found[1].space != "float"
+                  or len(found[1].dims) != 4 or found[1].optional):
+                self.err(AttnTypeError, f"'{role} from {name}': the input must be declared "
+                         f"float[batch, heads, tokens, dim] (4 dimensions), not "
+                         f"{found[1]}", sp)
         member = attend = None
         if s.member is None:
-            self.err(AttnSyntaxError, f"summary '{s.name}' needs a 'member' rule (which keys "
-                     "belong to each summary token)", s.span)
+            if len(given) < 2:
+                self.err(AttnSyntaxError, f"summary '{s.name}' needs a 'member' rule (which "
+                         "keys belong to each summary token)" + (
+                             "" if not given else ", or both 'keys from' and 'values from'"),
+                         s.span)
         else:
             chk.allow_context = {"k"}
             member = chk.expr(s.member, inner)
@@ -313,8 +341,31 @@ class Statements:
             chk.mask_h = chk.mask_h or chk.uses_h
             chk.uses_h = chk.uses_h or before
             self._want_bool(attend, "a summary's 'attend'")
+            stype = inner.names[s.name][1]
+            for ax in axes:  # a bound axis: the query attends only its own coordinate's tokens
+                if ax.bound is None or chk.ty(ax.bound).kind == "error":
+                    continue
+                sp = ax.bound.span
+                coord = ir.Attr(sp, ir.Name(sp, s.name, stype, "summary"), ax.name,
+                                Type("int", None, False))
+                same = ir.Compare(sp, ("==",), (coord, ax.bound), Type("bool", None, False))
+                attend = ir.Binary(attend.span, "and", attend, same, Type("bool", None, False))
+        bias = None
+        for _kind, expr, sp in s.scores:
+            chk.allow_context = {"q", "h"}
+            chk.where = "in a summary's 'bias', which sees only the query 'q' and 'h'"
+            x = chk.expr(expr, inner)
+            chk.where = None
+            t = chk.ty(x)
+            if t.kind != "error" and (t.kind not in ("int", "float") or t.n):
+                self.err(AttnTypeError, f"a summary's 'bias' needs a number, not {t}", x.span)
+            if bias is not None:
+                kind = "float" if "float" in (chk.ty(bias).kind, t.kind) else "int"
+                x = ir.Binary(sp, "+", bias, x, Type(kind, None, False))
+            bias = x
         pools = {"keys": "mean", "values": "mean", "queries": "max"}
-        seen = set()
+        pools.update({role: "input" for role in given})
+        seen = set(given)
         for role, how, sp in s.pools:
             if role in seen:
                 self.err(AttnSyntaxError, f"'{role}' is given twice", sp)
@@ -324,12 +375,26 @@ class Statements:
                          + _dym(how, POOLS[role]) + f"; choose {', '.join(POOLS[role])}", sp)
                 continue
             pools[role] = how
+        at = None
+        if s.at is not None:
+            if "queries" in seen:
+                self.err(AttnSyntaxError, "'queries' is given twice", s.at.span)
+            seen.add("queries")
+            chk.allow_context = set()
+            at = chk.expr(s.at, inner)
+            t = chk.ty(at)
+            n = None if self.chk.qspace is None else len(self.chk.qspace.axes)
+            if t.kind != "error" and (t.kind != "int" or t.n not in (None, n)):
+                self.err(AttnTypeError, "'queries at' needs the query's flat index (an int) or "
+                         f"its coordinates (int[{n}]), not {t}", at.span)
         if "queries" in seen and pools["values"] != "expectation":
-            sp = next(sp for role, _, sp in s.pools if role == "queries")
+            sp = at.span if at is not None else next(
+                sp for role, _, sp in s.pools if role == "queries")
             self.err(AttnSyntaxError, "'queries' pooling is used only by 'values expectation'",
                      sp)
-        self.summaries.append(ir.Summary(s.name, tuple(axes), member, attend, pools["keys"],
-                                         pools["values"], pools["queries"], s.span))
+        self.summaries.append(ir.Summary(
+            s.name, tuple(axes), member, attend, pools["keys"], pools["values"],
+            pools["queries"], s.span, given.get("keys"), given.get("values"), at, bias))
         return scope
 
     def _want_bool(self, x, what):
@@ -351,7 +416,34 @@ class Statements:
                      "float[*, N, routed heads]", s.span)
         top = chk.static_int(s.top, scope, "'top'")
         shared = chk.static_int(s.shared, scope, "'shared'")
-        self.route = dataclasses.replace(s, top=top, shared=shared)
+        scaled = hard = None
+        if s.scaled is not None:
+            scaled = chk.expr(s.scaled, scope)
+            t = chk.ty(scaled)
+            if t.kind != "error" and (t.kind not in ("int", "float") or t.n is not None
+                                      or not t.static):
+                self.err(AttnTypeError, "'scaled' needs a number that depends only on "
+                         f"parameters, not {t}", scaled.span)
+        if s.hard is not None:
+            hard = chk.expr(s.hard, scope)
+            t = chk.ty(hard)
+            if t.kind != "error" and (t.kind != "bool" or t.n is not None or not t.static):
+                self.err(AttnTypeError, "'hard' needs a bool that depends only on parameters, "
+                         f"not {t}", hard.span)
+        opts = {}
+        for what, name in (("weighted", s.weighted), ("grouped", s.grouped)):
+            if name is None:
+                continue
+            x = chk.expr(name, scope)
+            opts[what] = x
+            t = chk.ty(x)
+            if t.kind != "error" and (x.ref != "input" or t.kind != "array"
+                                      or t.space != "float" or len(t.dims) != 3):
+                want = "shared heads" if what == "weighted" else "2"
+                self.err(AttnTypeError, f"'{what}' needs a run-time input declared float[*, N,"
+                         f" {want}], not {t}", x.span)
+        self.route = dataclasses.replace(s, top=top, shared=shared, scaled=scaled, hard=hard,
+                                         **opts)
         return scope
 
     def s_NnzStmt(self, s: ir.NnzStmt, scope, hr):

@@ -41,11 +41,27 @@ class InputSpec:
     span: object
 
 
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """`route`'s options as bound: routed gates times `scale`; `hard`: a kept routed head's
+    gate is 1 (before the scale), not its softmax; the inputs holding the shared heads'
+    logits (`weighted`) and the two groups' logits (`grouped`), or None."""
+
+    scale: float = 1.0
+    hard: bool = False
+    weighted: str | None = None
+    grouped: str | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class BoundSummary:
     owner: BoundPattern
     summary: ir.Summary
     sizes: tuple[int, ...]
+
+    @property
+    def extended(self) -> bool:
+        return self.summary.extended
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +86,7 @@ class BoundPattern:
     scale: float | None
     softcap: float | None
     key: tuple = field(repr=False)
+    route_opts: RouteOptions | None = None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, BoundPattern) and self.key == other.key
@@ -129,6 +146,28 @@ class BoundPattern:
         """Pattern-level lets on q, k, h or inputs: evaluated when a rule first uses them."""
         return MappingProxyType({let.name: let.value for let in self.checked.lets
                                  if not (let.name in self.env and let.value.ty.static)})
+
+    @lazy
+    def core_summaries(self) -> tuple[BoundSummary, ...]:
+        """The summaries a core's summary kernel computes (the rest: the driver's)."""
+        return tuple(bs for bs in self.summaries if not bs.extended)
+
+    @lazy
+    def mask_inputs(self) -> frozenset:
+        """The run-time inputs the masks read (rules, summary member and attend rules): the
+        others (scores, routing, given summary keys and values) are not needed for masks."""
+        exprs = [r.expr for _, r, _ in self.rules]
+        for bs in self.summaries:
+            exprs += [x for x in (bs.summary.member, bs.summary.attend) if x is not None]
+        exprs += [let.value for o in self.owners() for let in o.checked.lets]
+        return frozenset(n.id for e in exprs for n in names(e) if n.ref == "input")
+
+    @lazy
+    def bias_inputs(self) -> frozenset:
+        """The run-time inputs the direct keys' `bias` statements read (lets included)."""
+        exprs = [sc.expr for _, sc, _ in self.biases]
+        exprs += [let.value for o in self.owners() for let in o.checked.lets]
+        return frozenset(n.id for e in exprs for n in names(e) if n.ref == "input")
 
     @lazy
     def head_dependent(self) -> bool:
@@ -292,7 +331,7 @@ def bind(checked: ir.CheckedPattern, values: dict, call_span=None) -> BoundPatte
                 raise ConstraintError(f"an input dimension must be at least 0, not {n}",
                                       x.span)
         inputs[d.name] = InputSpec(d.kind, dims, d.optional, d.span)
-    route = None
+    route = route_opts = None
     if checked.route is not None:
         top, shared = ev.eval(checked.route.top), ev.eval(checked.route.shared)
         if heads is None:
@@ -304,6 +343,14 @@ def bind(checked: ir.CheckedPattern, values: dict, call_span=None) -> BoundPatte
             raise ConstraintError(f"'top' must be between 0 and {heads - shared} (the routed"
                                   f" heads), not {top}", checked.route.top.span)
         route = (checked.route.input, top, shared)
+        r = checked.route
+        scale_r = 1.0 if r.scaled is None else float(ev.eval(r.scaled))
+        if not math.isfinite(scale_r) or not scale_r > 0:
+            raise ConstraintError(f"'scaled' must be a positive number, not {scale_r}",
+                                  r.scaled.span)
+        route_opts = RouteOptions(scale_r, False if r.hard is None else bool(ev.eval(r.hard)),
+                                  None if r.weighted is None else r.weighted.id,
+                                  None if r.grouped is None else r.grouped.id)
     average = tuple(_bind_ref(ref, ev) for _name, ref in checked.average)
     includes = []
     for ref in checked.includes:
@@ -337,7 +384,7 @@ def bind(checked: ir.CheckedPattern, values: dict, call_span=None) -> BoundPatte
     return BoundPattern(checked, MappingProxyType(params), MappingProxyType(env), qshape,
                         kshape, heads, rules, tuple(scores), tuple(summaries),
                         MappingProxyType(inputs), route, average, tuple(includes), scale,
-                        softcap, key)
+                        softcap, key, route_opts)
 
 
 def _with_spaces(checked, other):

@@ -62,6 +62,31 @@ def token_field(tok, name: str):
     return tok.pos[tok.axes.index(name)]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """An input of several dimensions indexed on its leading ones (x[i] of x[i, j]): the
+    tensor and the index values so far, combined (broadcast) at the last index."""
+
+    t: torch.Tensor
+    idx: tuple
+
+
+def _index_rows(base, idx, span):
+    """x[i, j, ...] one index at a time, each checked against its dimension."""
+    t, done = (base.t, base.idx) if isinstance(base, Rows) else (base, ())
+    n = t.shape[len(done)]
+    lo = int(idx.min()) if _is_t(idx) and idx.numel() else idx if not _is_t(idx) else 0
+    hi = int(idx.max()) if _is_t(idx) and idx.numel() else idx if not _is_t(idx) else 0
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise EvaluationError(f"index {bad} is out of range for dimension {len(done) + 1} "
+                              f"(of size {n}) of an input of shape {list(t.shape)}", span)
+    done = done + (idx if _is_t(idx) else torch.tensor(idx),)
+    if len(done) < t.dim():
+        return Rows(t, done)
+    return t[tuple(torch.broadcast_tensors(*[d.to(t.device) for d in done]))]
+
+
 def _is_t(x) -> bool:
     return isinstance(x, torch.Tensor)
 
@@ -239,6 +264,8 @@ class Evaluator:
             return base[idx]
         if base is None:
             raise EvaluationError("indexing an absent optional input", e.span)
+        if isinstance(base, Rows) or (_is_t(base) and base.dim() > 1):
+            return _index_rows(base, idx, e.span)
         n = base.shape[0]
         if _is_t(idx):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):

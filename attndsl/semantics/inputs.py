@@ -8,13 +8,14 @@ backend; nothing writes run-time values into a BoundPattern or a plan.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
 
 from attndsl.caches import lazy
-from attndsl.errors import InputError, SizeLimitError
+from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -90,10 +91,11 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
              for_mask: bool = False, content=None, q_rows: int | None = None) -> RunInputs:
     """Check run-time inputs against their declarations and return them as a RunInputs.
 
-    With `for_mask`, a router input is optional: routing gates outputs, not the mask. The
-    router has one row per query of the call (`q_rows`, when q holds only some)."""
+    With `for_mask`, the inputs no rule reads (a router, bias values, given summary keys)
+    are optional: they change outputs, not masks. The router (and the route's other
+    inputs) have one row per query of the call (`q_rows`, when q holds only some)."""
     out = {}
-    router = bp.route[0] if bp.route is not None else None
+    per_query = route_inputs(bp)
     for name in given:
         if name not in bp.inputs:
             raise bp.unknown_input(name)
@@ -101,7 +103,7 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
         kind, dims, optional, span = spec.kind, spec.dims, spec.optional, spec.span
         v = given.get(name)
         if v is None:
-            if optional or (for_mask and bp.route is not None and name == bp.route[0]):
+            if optional or (for_mask and name not in bp.mask_inputs):
                 out[name] = None
                 continue
             shape = "" if not dims else _shape(dims)
@@ -123,7 +125,7 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
         if kind == "float" and not v.is_floating_point():
             raise InputError(f"run-time input '{name}' must have a floating dtype, not "
                              f"{v.dtype}", span)
-        if name == router:  # [batch, the call's queries, routed heads]: checked below
+        if name in per_query:  # [batch, the call's queries, heads]: checked below
             dims = (None, None, dims[2])
         if v.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, v.shape)):
             must = ("be a scalar, not shape" if not dims else
@@ -139,16 +141,59 @@ def validate(bp: BoundPattern, given: dict, device=None, batch=None,
                                  "range of .attn integers (|value| < 2^63)", span)
         out[name] = v
     rows = bp.nq if q_rows is None else q_rows
-    if router is not None and out.get(router) is not None:
-        r = out[router]
-        if (batch is not None and r.shape[0] != batch) or r.shape[1] != rows or (
-                r.shape[2] != bp.heads - bp.route[2]):
-            raise InputError(f"router '{router}' must have shape [{batch or '*'}, {rows}, "
-                             f"{bp.heads - bp.route[2]}], not {list(r.shape)}",
-                             bp.inputs[router].span)
+    for name, (what, width) in per_query.items():
+        r = out.get(name)
+        if r is not None and ((batch is not None and r.shape[0] != batch)
+                              or r.shape[1] != rows or r.shape[2] != width):
+            raise InputError(f"{what} '{name}' must have shape [{batch or '*'}, {rows}, "
+                             f"{width}], not {list(r.shape)}", bp.inputs[name].span)
     for sub in bp.average:
         validate(sub, declared(sub, given), device, batch, for_mask, None, q_rows)
     return RunInputs(MappingProxyType(out), content)
+
+
+def check_given(bp: BoundPattern, run: RunInputs, q, v, core_name: str) -> None:
+    """Summary keys and values given at run time against q and v: [batch, 1 | a divisor
+    of the query heads, the summary's tokens, q's (keys) or v's (values) head dim]; and,
+    on a backend that compiles its biases, no bias input that would need a gradient."""
+    B, H = q.shape[0], q.shape[1]
+    for bs in bp.summaries:
+        s = bs.summary
+        r = math.prod(bs.sizes)
+        for role, name, width in (("keys", s.keys_from, q.shape[-1]),
+                                  ("values", s.values_from, v.shape[-1])):
+            if name is None:
+                continue
+            t = run.values[name]
+            want = f"[{B}, heads (1, or a divisor of {H}), {r}, {width}]"
+            if t.shape[0] != B or t.shape[1] < 1 or H % t.shape[1] or t.shape[2] != r or (
+                    t.shape[3] != width):
+                raise InputError(f"summary '{s.name}' takes its {role} from '{name}', which "
+                                 f"must have shape {want}, not {list(t.shape)}",
+                                 bp.inputs[name].span)
+    if core_name != "reference" and torch.is_grad_enabled():
+        for name in sorted(bp.bias_inputs):
+            t = run.values.get(name)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise UnsupportedError(
+                    f"backend '{core_name}' compiles the 'bias' that reads run-time input "
+                    f"'{name}' and takes it as a constant, but it requires a gradient; pass "
+                    "it detached, or use backend='reference'", bp.inputs[name].span)
+    for sub in bp.average:
+        check_given(sub, run.part(sub), q, v, core_name)
+
+
+def route_inputs(bp: BoundPattern) -> dict:
+    """The route's inputs, one row per query: name -> (what, width)."""
+    if bp.route is None:
+        return {}
+    out = {bp.route[0]: ("router", bp.heads - bp.route[2])}
+    opts = bp.route_opts
+    if opts.weighted is not None:
+        out[opts.weighted] = ("shared-head weights", bp.route[2])
+    if opts.grouped is not None:
+        out[opts.grouped] = ("group weights", 2)
+    return out
 
 
 def content_of(bp: BoundPattern, q, k):

@@ -137,10 +137,11 @@ def bias(bp: BoundPattern, run: RunInputs, qidx, kidx, hidx, dtype, head=None):
     return total
 
 
-def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None = None
-               ) -> torch.Tensor:
+def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None = None,
+               tokens: tuple | None = None) -> torch.Tensor:
     """[Nq, Nk], [H, Nq, Nk] (per-head) or [B, H, Nq, Nk] (content-dependent) bool mask;
-    with rows = (first, count), only those queries' rows."""
+    with rows = (first, count), only those queries' rows; with tokens = (query tokens,
+    key tokens), int64 tensors, only those rows and columns."""
     heads = None
     if bp.head_dependent:
         heads = bp.heads
@@ -156,15 +157,23 @@ def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None
     elif heads is not None:
         lead = [heads]
     first, count = rows if rows is not None else (0, bp.nq)
-    bp.check_size(math.prod(lead) if lead else 1, count)
     device = device or torch.device("cpu")
-    out = torch.empty(lead + [count, bp.nk], dtype=torch.bool, device=device)
-    kidx = torch.arange(bp.nk, device=device).view(1, -1)
+    if tokens is not None:
+        qtok, kidx = (t.to(device) for t in tokens)
+        count = len(qtok)
+        kidx = kidx.view(1, -1)
+    else:
+        qtok = None
+        kidx = torch.arange(bp.nk, device=device).view(1, -1)
+    nk = kidx.shape[1]
+    bp.check_size(math.prod(lead) if lead else 1, count)
+    out = torch.empty(lead + [count, nk], dtype=torch.bool, device=device)
     h = torch.arange(heads, device=device).view(-1, 1, 1) if heads is not None else None
-    for q0, q1 in chunks(count, bp.nk * max(1, math.prod(lead))):
-        qidx = torch.arange(first + q0, first + q1, device=device).view(-1, 1)
+    for q0, q1 in chunks(count, nk * max(1, math.prod(lead))):
+        qidx = (torch.arange(first + q0, first + q1, device=device) if qtok is None
+                else qtok[q0:q1]).view(-1, 1)
         val = predicate(bp, context(bp, qidx, kidx, h), run)
-        out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, bp.nk])
+        out[..., q0:q1, :] = val.to(device).expand(lead + [q1 - q0, nk])
     return out
 
 
@@ -178,14 +187,10 @@ def summary_masks(bp: BoundPattern, bs: BoundSummary, run: RunInputs, device, he
     if r * bp.nk > SUMMARY_LIMIT or r * bp.nq > SUMMARY_LIMIT:
         raise SizeLimitError(f"summary '{s.name}' has {r:,} tokens; too many for the "
                              "reference backend", s.span)
-    coords = dict(zip((ax.name for ax in s.axes),
-                      unravel(torch.arange(r, device=device), bs.sizes)))
-    kidx = torch.arange(bp.nk, device=device).view(1, -1)
-    ctx = {"k": token(kidx, bp.kshape, owner.checked.kspace.axes),
-           "summary": SummaryVal({a: c.view(-1, 1) for a, c in coords.items()})}
-    member = evaluator(owner, ctx, run).eval(s.member)
-    member = torch.as_tensor(member, device=device).expand(r, bp.nk)
-    keep = member.any(dim=1)
+    coords = summary_coords(bs, device)
+    member = summary_member(bp, bs, run, device)
+    keep = member.any(dim=1) if s.keys_from is None else torch.ones(
+        r, dtype=torch.bool, device=device)  # given keys: every token is the caller's
     qidx = torch.arange(bp.nq, device=device).view(-1, 1)
     ctx = {"q": token(qidx, bp.qshape, owner.checked.qspace.axes),
            "summary": SummaryVal({a: c.view(1, -1) for a, c in coords.items()})}
@@ -196,3 +201,86 @@ def summary_masks(bp: BoundPattern, bs: BoundSummary, run: RunInputs, device, he
     if rows:
         return member[keep], att[..., keep], torch.nonzero(keep).view(-1)
     return member[keep], att[..., keep]
+
+
+def summary_coords(bs: BoundSummary, device, index=None) -> dict:
+    """Axis name -> coordinate of each token (of `index`, flat token indices, or all)."""
+    if index is None:
+        index = torch.arange(math.prod(bs.sizes), device=device)
+    return dict(zip((ax.name for ax in bs.summary.axes), unravel(index, bs.sizes)))
+
+
+def summary_member(bp: BoundPattern, bs: BoundSummary, run: RunInputs, device):
+    """[R, Nk] bool: the member keys of every token (none for a summary without 'member')."""
+    r = math.prod(bs.sizes)
+    if bs.summary.member is None:
+        return torch.zeros(r, bp.nk, dtype=torch.bool, device=device)
+    kidx = torch.arange(bp.nk, device=device).view(1, -1)
+    ctx = {"k": token(kidx, bp.kshape, bs.owner.checked.kspace.axes),
+           "summary": SummaryVal({a: c.view(-1, 1)
+                                  for a, c in summary_coords(bs, device).items()})}
+    member = evaluator(bs.owner, ctx, run).eval(bs.summary.member)
+    return torch.as_tensor(member, device=device).expand(r, bp.nk)
+
+
+def summary_rule(bp: BoundPattern, bs: BoundSummary, run: RunInputs, expr, qidx, coords,
+                 heads=None):
+    """A summary expression that reads the query (its `attend` rule, its `bias`) at query
+    indices `qidx` and token coordinates `coords`, broadcast together (and over the heads
+    [H, 1, 1] when given)."""
+    ctx = {"q": token(qidx, bp.qshape, bs.owner.checked.qspace.axes),
+           "summary": SummaryVal(coords)}
+    if heads is not None:
+        ctx["h"] = heads
+    return evaluator(bs.owner, ctx, run).eval(expr)
+
+
+def bound_tokens(bp: BoundPattern, bs: BoundSummary, run: RunInputs, qidx):
+    """For a summary with axes bound to the query (`c: W = q.x`): the flat indices
+    [M, R'] of the tokens each query may attend (the bound axes at the query's values, the
+    free axes at every value) and which of them exist (a value outside its axis: none)."""
+    s = bs.summary
+    ctx = {"q": token(qidx.view(-1, 1), bp.qshape, bs.owner.checked.qspace.axes)}
+    ev = evaluator(bs.owner, ctx, run)
+    free = [n for ax, n in zip(s.axes, bs.sizes) if ax.bound is None]
+    grid = unravel(torch.arange(math.prod(free), device=qidx.device), tuple(free))
+    pos, valid, f = [], torch.ones(qidx.numel(), 1, dtype=torch.bool, device=qidx.device), 0
+    for ax, n in zip(s.axes, bs.sizes):
+        if ax.bound is None:
+            pos.append(grid[f].view(1, -1))
+            f += 1
+            continue
+        v = torch.as_tensor(ev.eval(ax.bound), device=qidx.device).long().expand(
+            qidx.numel(), 1)
+        valid = valid & (v >= 0) & (v < n)
+        pos.append(v.clamp(0, n - 1))
+    flat = torch.zeros((), dtype=torch.long, device=qidx.device)
+    for p_, n in zip(pos, bs.sizes):
+        flat = flat * n + p_
+    width = math.prod(free)
+    return flat.expand(qidx.numel(), width), valid.expand(qidx.numel(), width)
+
+
+def queries_at(bp: BoundPattern, bs: BoundSummary, run: RunInputs, device):
+    """[R] flat query index of each token's `queries at` position."""
+    s = bs.summary
+    ev = evaluator(bs.owner, {"summary": SummaryVal(summary_coords(bs, device))}, run)
+    at = ev.eval(s.queries_at)
+    r = math.prod(bs.sizes)
+    if isinstance(at, tuple):
+        for v, n in zip(at, bp.qshape):
+            v = torch.as_tensor(v, device=device)
+            if bool(((v < 0) | (v >= n)).any()):
+                bad = int(v[(v < 0) | (v >= n)].view(-1)[0]) if v.dim() else int(v)
+                raise EvaluationError(f"'queries at' gives coordinate {bad}, outside the "
+                                      f"query space {list(bp.qshape)}", s.queries_at.span)
+        flat = torch.zeros((), dtype=torch.long, device=device)
+        for v, n in zip(at, bp.qshape):
+            flat = flat * n + torch.as_tensor(v, device=device)
+        return flat.expand(r)
+    flat = torch.as_tensor(at, device=device).long().expand(r)
+    bad = (flat < 0) | (flat >= bp.nq)
+    if bool(bad.any()):
+        raise EvaluationError(f"'queries at' gives query {int(flat[bad][0])}, outside the "
+                              f"{bp.nq} queries", s.queries_at.span)
+    return flat

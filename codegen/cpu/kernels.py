@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.plan.tables import plan_for
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
@@ -51,6 +52,7 @@ class Cpu:
 
     name = "cpu"
     summary = Reference.summary
+    runs_plans = True  # runs call.plan when given (semantics/attention.Call)
 
     def check(self, bp: BoundPattern, q, k, v) -> None:
         if q.device.type != "cpu":
@@ -75,11 +77,13 @@ class Cpu:
         bq = call.block_q
         if bq is None and call.partial and call.rows[1] <= 16:
             bq = 16  # decoding: a block of a few rows, not 64 rows of which one is real
-        cp = cpu_plan(plan_for(bp, bq, call.block_k, mask_run, rows=call.rows))
+        plan = call.plan or plan_for(bp, bq, call.block_k, mask_run, rows=call.rows)
+        cp = cpu_plan(plan)
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
-        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p)
+        extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p,
+                       call.softcap, call.gates)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
                                     call.need_lse, extra)
         return out, (lse if call.need_lse else None)
@@ -87,11 +91,14 @@ class Cpu:
 
 @dataclass(frozen=True)
 class _Extra:
-    """Per-call additions to the plan's masks: padding keys [B, Nk] and dropout."""
+    """Per-call additions to the plan's masks: padding keys [B, Nk], dropout, the softcap."""
 
     key_valid: torch.Tensor | None = None
     seed: int | None = None
     p: float = 0.0
+    softcap: float | None = None
+    gates: torch.Tensor | None = None  # MoH's [B, H, M]: query blocks whose gates are all 0
+    # are skipped (the driver multiplies the output by the gates)
 
 
 def cpu_elements(q, k, v) -> int:
@@ -111,19 +118,12 @@ def supported(bp: BoundPattern) -> bool:
 # ------------------------------------------------------------------ layouts
 
 
-def _to_blocks(x, tok, order_identity, groups, cdt, used=None):
-    """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order,
-    converted to cdt (a view of x when that is the same layout; never written to);
-    padding positions hold token 0's row. With `used` (block ids), only those blocks are
-    filled: the others are never read (nor their memory touched)."""
+def _to_blocks(x, tok, order_identity, groups, cdt):
+    """[B, Hx, N, D] -> [B * groups, nb, Hx / groups, block, D] in the plan's token order
+    (tok: [nb, block], the token at each position; padding positions hold a real token's
+    row), converted to cdt (a view of x when that is the same layout; never written to)."""
     B, Hx, N, D = x.shape
     nb, block = tok.shape
-    if used is not None:
-        xs = x.index_select(2, tok[used].reshape(-1)).to(cdt)
-        out = torch.empty(B, groups, nb, Hx // groups, block, D, dtype=cdt)
-        out[:, :, used] = xs.reshape(B, groups, Hx // groups, len(used), block, D).permute(
-            0, 1, 3, 2, 4, 5)
-        return out.view(B * groups, nb, Hx // groups, block, D)
     if order_identity and nb * block == N and Hx == groups and x.dtype == cdt and (
             x.is_contiguous()):
         return x.view(B * groups, nb, 1, block, D)  # the same layout: no copy
@@ -141,6 +141,18 @@ def _from_blocks(x, inv, n_tokens, B, groups, dtype):
         B, groups * r, nb * block, D)
     y = y[:, :, :n_tokens] if inv is None else y.index_select(2, inv)
     return y.to(dtype)
+
+
+def _scatter_blocks(x, tok, valid, n_tokens, B, groups, dtype):
+    """Gradients of a compact key layout (some blocks only) -> [B, groups * r, N, D], zero
+    at the keys no block holds."""
+    _, nb, r, block, D = x.shape
+    y = x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
+        B, groups * r, nb * block, D)
+    sel = valid.reshape(-1).nonzero().squeeze(1)
+    out = y.new_zeros(B, groups * r, n_tokens, D)
+    out.index_copy_(2, tok.reshape(-1)[sel], y.index_select(2, sel))
+    return out.to(dtype)
 
 
 class _Scratch:
@@ -178,6 +190,7 @@ class _Ctx:
     kvalid: torch.Tensor | None = None  # [B, nkb, bk] padding keys False (per call)
     seed: int | None = None  # dropout's seed, or None
     p_drop: float = 0.0
+    softcap: float | None = None  # the call's cap * tanh(s / cap), or None
 
     def passes(self) -> list:
         """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
@@ -358,7 +371,7 @@ class _Item:
         if b is not None:
             s5.add_(b)
         tanh = None
-        cap = cp.bp.softcap
+        cap = self.ctx.softcap
         if cap is not None:
             tanh = s.div_(cap).tanh_()
             s = torch.mul(tanh, cap, out=sc("sc", *s.shape))
@@ -582,8 +595,9 @@ class _Attention(torch.autograd.Function):
         HKV = k.shape[1]
         plan = cp.plan
         qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
-        kb = _to_blocks(k, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
-        vb = _to_blocks(v, cp.ktok, plan.korder.identity, HKV, cdt, cp.kused).squeeze(2)
+        kid = plan.korder.identity and not cp.compact
+        kb = _to_blocks(k, cp.kpos, kid, HKV, cdt).squeeze(2)
+        vb = _to_blocks(v, cp.kpos, kid, HKV, cdt).squeeze(2)
         # one pass per query head: per-head tables, or a bias that may read h
         head_mode = len(plan.tables) > 1 or any(
             hr is not None or owner.heads is not None
@@ -591,13 +605,21 @@ class _Attention(torch.autograd.Function):
         crun = None if content is None else cp.run.with_content(content)
         kvalid = None
         if extra.key_valid is not None:  # into the plan's key order and blocks
-            kvalid = extra.key_valid[:, cp.ktok.reshape(-1)].view(B, *cp.ktok.shape)
+            kvalid = extra.key_valid[:, cp.kpos.reshape(-1)].view(B, *cp.ktok.shape)
             kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
         ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
-                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p)
-        o, lse = _forward(ctx)
+                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p, extra.softcap)
+        raw = None
+        if extra.softcap is None and fused.eligible(
+                cp, dv=v.shape[-1], d=q.shape[-1], dropout=extra.seed is not None,
+                padding=kvalid is not None, content=crun is not None):
+            active = None if extra.gates is None else fused.active_blocks(cp, extra.gates, HKV)
+            o, raw, lse = fused.forward(ctx, active)
+        else:
+            active = None
+            o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
-        fctx.state = (ctx, o, lse, q.dtype, q.shape, k.shape)
+        fctx.state = (ctx, o, lse, raw, active, q.dtype, q.shape, k.shape)
         out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
         if need_lse:
             lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
@@ -610,7 +632,7 @@ class _Attention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
         fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
-        ctx, o, lse, dtype, qshape, kshape = fctx.state
+        ctx, o, lse, raw, active, dtype, qshape, kshape = fctx.state
         cp = ctx.cp
         plan = cp.plan
         B, _, Nq, _ = qshape
@@ -626,8 +648,17 @@ class _Attention(torch.autograd.Function):
             do.mul_(valid)
             if dl is not None:
                 dl.mul_(valid)
-        dq, dk, dv = _backward(ctx, o, lse, do, dl)
+        if raw is not None and dl is None:
+            dq, dk, dv = fused.backward(ctx, o, raw, do, active)
+        else:
+            dq, dk, dv = _backward(ctx, o, lse, do, dl)
         dq = _from_blocks(dq, cp.qinv, Nq, B, ctx.HKV, dtype)
-        dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
-        dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+        if cp.compact:
+            dk = _scatter_blocks(dk.unsqueeze(2), cp.kpos, cp.kvalid, kshape[2], B, ctx.HKV,
+                                 dtype)
+            dv = _scatter_blocks(dv.unsqueeze(2), cp.kpos, cp.kvalid, kshape[2], B, ctx.HKV,
+                                 dtype)
+        else:
+            dk = _from_blocks(dk.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
+            dv = _from_blocks(dv.unsqueeze(2), cp.kinv, kshape[2], B, ctx.HKV, dtype)
         return dq, dk, dv, None, None, None, None, None, None, None

@@ -4,6 +4,7 @@ Derived once per plan (caches.CPU_PLANS); kernels.py runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,15 +54,17 @@ class CpuPlan:
     qtok: torch.Tensor  # [nqb, bq] row-major token of each position (pads: 0)
     qpos: torch.Tensor  # [nqb, bq] the row of q each position reads (pads: 0)
     ktok: torch.Tensor  # [nkb, bk]
+    kpos: torch.Tensor  # [nkb, bk] the row of k each position reads (pads: 0)
     qvalid: torch.Tensor  # [nqb, bq] bool
     kvalid: torch.Tensor
     qinv: torch.Tensor | None  # token -> position (None: identity order)
     kinv: torch.Tensor | None
     keyless: list  # per table: query blocks with no key block
     cache_masks: bool = True
-    # the key blocks some table lists, when at most half of them (decoding: one row's keys);
-    # only these are copied into block layout, so a step costs what its row attends
-    kused: torch.Tensor | None = None
+    # keys held in a compact layout of only the blocks some table lists (when at most half
+    # of them: decoding, chunked prefill): ktok/kvalid and the groups' kidx index that
+    # layout, so a step costs what its rows attend, never the cache's length
+    compact: bool = False
 
     @property
     def bq(self) -> int:
@@ -121,26 +124,49 @@ def cpu_plan(plan: Plan) -> CpuPlan:
     return caches.CPU_PLANS.get_or_create(plan, lambda: _derive(plan.bound, plan, plan.run))
 
 
-def _positions(order, block):
+def _positions(order, block, used=None):
+    """Each position's row-major token (padding: a real token), the row of the call's
+    tensor it reads, validity, and the inverse (None: identity); with `used`, the rows of
+    those blocks only (a row-major range never reads a perm)."""
+    nb = -(-order.length // block)
+    if order.identity:
+        ids = (torch.arange(nb, dtype=torch.int64) if used is None
+               else torch.from_numpy(used))
+        tok = order.start + ids.view(-1, 1) * block + torch.arange(block).view(1, -1)
+        valid = tok < order.start + order.length
+        tok = tok.clamp_(max=max(order.start, order.start + order.length - 1))
+        return tok, tok - order.start, valid, None
     perm = padded_perm(order, block)
+    src = np.full(perm.size, -1, dtype=np.int64)
+    src[:order.length] = order.source_rows()
+    src = src.reshape(perm.shape)
+    if used is not None:
+        perm, src = perm[used], src[used]
     tok = torch.from_numpy(np.maximum(perm, 0))
     valid = torch.from_numpy(perm >= 0)
-    inv = None if order.identity else torch.from_numpy(order.inverse())
-    return tok, valid, inv
+    pos = torch.from_numpy(np.maximum(src, 0))
+    return tok, pos, valid, torch.from_numpy(order.inverse())
 
 
 def _derive(bp: BoundPattern, plan: Plan, run: RunInputs) -> CpuPlan:
-    qtok, qvalid, qinv = _positions(plan.qorder, plan.block_q)
-    qpos = (qtok - plan.qorder.start).clamp(min=0)  # q holds the rows from `start` on
-    ktok, kvalid, kinv = _positions(plan.korder, plan.block_k)
-    groups = [_groups(t, plan.nqb) for t in plan.tables]
-    keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
-               for t in plan.tables]
-    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, qvalid, kvalid, qinv, kinv, keyless)
+    qtok, qpos, qvalid, qinv = _positions(plan.qorder, plan.block_q)
     used = np.unique(np.concatenate([np.asarray(x, dtype=np.int64) for t in plan.tables
                                      for x in (t.full_idx, t.part_idx)]))
-    if 2 * len(used) <= plan.nkb:
-        cp.kused = torch.from_numpy(used)
+    tables = plan.tables
+    if 2 * len(used) <= plan.nkb:  # keys in a compact layout of the listed blocks only
+        where = np.full(plan.nkb, -1, dtype=np.int64)
+        where[used] = np.arange(len(used))
+        tables = [dataclasses.replace(t, full_idx=where[t.full_idx], part_idx=where[t.part_idx])
+                  for t in tables]
+    else:
+        used = None
+    ktok, kpos, kvalid, kinv = _positions(plan.korder, plan.block_k, used)
+    groups = [_groups(t, plan.nqb) for t in tables]
+    keyless = [torch.from_numpy(np.nonzero((np.diff(t.full_off) + np.diff(t.part_off)) == 0)[0])
+               for t in plan.tables]
+    cp = CpuPlan(bp, plan, run, groups, qtok, qpos, ktok, kpos, qvalid, kvalid, qinv, kinv,
+                 keyless)
+    cp.compact = used is not None
     total = sum(len(g.rows) * (s1 - s0) for gs in groups for g in gs for s0, s1 in g.runs)
     cp.cache_masks = (not bp.content_dependent
                       and total * plan.block_q * plan.block_k <= MASK_CACHE)

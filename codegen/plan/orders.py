@@ -8,6 +8,7 @@ the backends gather into it and scatter back.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -21,39 +22,75 @@ from attndsl.semantics.evaluate import Evaluator
 
 @dataclass(frozen=True, eq=False)
 class TokenOrder:
-    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding."""
+    """A permutation of a space's tokens: perm[position] = row-major index, -1 = padding.
+
+    A row-major range keeps `tokens` None and only its `count`: decoding one token against
+    a million keys never builds (nor compares) a million-entry permutation; `perm` is made
+    on first use by the backends that gather with it.
+
+    The call's tensor holds the space's tokens in row-major order (row = token - start), or,
+    for a `compact` order, exactly the order's tokens in position order, padding skipped:
+    a subset of the space, such as one rank's blocks under context parallelism."""
 
     shape: tuple[int, ...]
     tile: tuple[int, ...]
     dilation: tuple[int, ...]
-    perm: np.ndarray
+    tokens: np.ndarray | None
     identity: bool = False  # perm is start + arange(len): the kernels skip the gathers
     tile_block: int = 0  # tokens per block this order was made for
     start: int = 0  # the first token of a range of queries (decoding, chunked prefill)
+    count: int = -1  # the length of a row-major range (tokens None)
+    compact: bool = False  # the tensor holds the order's tokens in position order
 
     def __post_init__(self):
-        object.__setattr__(self, "identity", bool(
-            (self.perm == self.start + np.arange(len(self.perm))).all()))
+        if self.tokens is None:
+            object.__setattr__(self, "identity", True)
+        else:
+            object.__setattr__(self, "count", len(self.tokens))
+            object.__setattr__(self, "identity", bool(
+                (self.tokens == self.start + np.arange(len(self.tokens))).all()))
 
     @staticmethod
     def rows(shape: tuple[int, ...], block: int, start: int = 0, count: int | None = None
              ) -> TokenOrder:
         """Row-major tokens start .. start + count - 1 (all by default)."""
         count = math.prod(shape) - start if count is None else count
-        return TokenOrder(tuple(shape), (block,), (1,) * len(shape),
-                          np.arange(start, start + count, dtype=np.int64), tile_block=block,
-                          start=start)
+        return TokenOrder(tuple(shape), (block,), (1,) * len(shape), None, tile_block=block,
+                          start=start, count=count)
+
+    @functools.cached_property
+    def perm(self) -> np.ndarray:
+        if self.tokens is not None:
+            return self.tokens
+        return np.arange(self.start, self.start + self.count, dtype=np.int64)
 
     @property
     def length(self) -> int:
-        return len(self.perm)
+        return self.count
 
     def inverse(self) -> np.ndarray:
-        """position of every row-major token in this order (the scatter back)."""
-        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
+        """position of every row of the call's tensor in this order (the scatter back): of
+        every row-major token, or of every token a compact order holds."""
         pos = np.nonzero(self.perm >= 0)[0]
+        if self.compact:
+            return pos
+        inv = np.zeros(math.prod(self.shape), dtype=np.int64)
         inv[self.perm[pos]] = pos
         return inv
+
+    def source_rows(self) -> np.ndarray:
+        """The row of the call's tensor each position reads (the gather), -1 for padding."""
+        valid = self.perm >= 0
+        if self.compact:
+            return np.where(valid, np.cumsum(valid) - 1, -1)
+        return np.where(valid, self.perm - self.start, -1)
+
+    def held_tokens(self) -> np.ndarray:
+        """The row-major token each row of the call's tensor holds."""
+        if self.compact:
+            return self.perm[self.perm >= 0]
+        n = self.count if self.identity else int((self.perm >= 0).sum())
+        return np.arange(self.start, self.start + n)
 
     def describe(self) -> str:
         if self.identity:
@@ -63,7 +100,9 @@ class TokenOrder:
         t = "x".join(map(str, self.tile))
         d = "" if all(x == 1 for x in self.dilation) else (
             ", dilation groups " + "x".join(map(str, self.dilation)))
-        return f"tiles {t}{d}"
+        held = f", {int((self.perm >= 0).sum())} tokens held" if self.compact else ""
+        kind = "row-major blocks" if len(self.shape) == 1 else f"tiles {t}"
+        return f"{kind}{d}{held}"
 
 
 def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:

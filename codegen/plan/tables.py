@@ -58,6 +58,7 @@ class BlockTable:
     part_idx: np.ndarray
     needed: int  # attended entries (the mask's nnz over valid tokens), except `uncounted`
     uncounted: np.ndarray | None = None  # [U, 2] PARTIAL pairs proven so, not yet counted
+    row_needed: np.ndarray | None = None  # [rows] `needed` per row (None: not kept)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +72,7 @@ class SummaryPlan:
     tables: tuple  # BlockTable per head table; columns are summary blocks
     transposed: tuple
     needed: int
+    row_needed: np.ndarray | None = None  # [tables, query blocks] attended entries
 
     @property
     def nr(self) -> int:
@@ -116,18 +118,61 @@ class Plan:
         return sum(self.table_needed(h) for h in range(len(self.tables)))
 
     def table_needed(self, h: int) -> int:
-        return caches.NEEDED.get_or_create((self, h), lambda: self._count(h))
-
-    def _count(self, h: int) -> int:
         t = self.tables[h]
-        total = t.needed
-        if t.uncounted is not None and len(t.uncounted):
-            head = h if len(self.tables) > 1 else None
-            _, _, cnt = _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
-                                      self.block_k, t.uncounted[:, 0], t.uncounted[:, 1],
-                                      head, self.run)
-            total += int(cnt.sum())
-        return total
+        if t.row_needed is None and (t.uncounted is None or not len(t.uncounted)):
+            return t.needed  # an exported table: its total was counted when it was written
+        return int(self.row_needed(h).sum())
+
+    def row_needed(self, h: int) -> np.ndarray:
+        """[query blocks] the attended entries of each query block in head table h: what
+        context parallelism balances (proven-PARTIAL pairs counted on demand)."""
+        return caches.NEEDED.get_or_create((self, h), lambda: self._count_rows(h))
+
+    def row_estimate(self, h: int, budget: int) -> tuple[np.ndarray, bool]:
+        """(row_needed(h), True) when counting it evaluates at most `budget` mask entries;
+        else (an estimate, False): FULL pairs exact, and PARTIAL pairs counted on an evenly
+        spread sample of `budget` entries, the others taking the sample's mean. Dense
+        counting of a dilated pattern at 1M tokens takes minutes; its balance does not
+        need it."""
+        rows, todo = self._rows_todo(h)
+        if todo is None or len(todo) * self.block_q * self.block_k <= budget:
+            return self.row_needed(h), True
+        return caches.NEEDED.get_or_create((self, h, budget),
+                                           lambda: (self._sampled(h, rows, todo, budget),
+                                                    False))
+
+    def _rows_todo(self, h: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(counted entries per query block, [U, 2] PARTIAL pairs still to count)."""
+        t = self.tables[h]
+        if t.row_needed is not None:
+            return t.row_needed.astype(np.int64), t.uncounted
+        # FULL pairs from the blocks' token counts; every PARTIAL pair to evaluate
+        qn = (padded_perm(self.qorder, self.block_q) >= 0).sum(1)
+        kn = (padded_perm(self.korder, self.block_k) >= 0).sum(1)
+        r = np.repeat(np.arange(self.nqb), np.diff(t.full_off))
+        rows = _bincount(r, qn[r] * kn[t.full_idx], self.nqb)
+        r = np.repeat(np.arange(self.nqb), np.diff(t.part_off))
+        return rows, np.stack([r, t.part_idx.astype(np.int64)], axis=1)
+
+    def _counts(self, h: int, pairs: np.ndarray) -> np.ndarray:
+        head = h if len(self.tables) > 1 else None
+        return _dense_leaves(self.bound, self.qorder, self.korder, self.block_q,
+                             self.block_k, pairs[:, 0], pairs[:, 1], head, self.run)[2]
+
+    def _count_rows(self, h: int) -> np.ndarray:
+        rows, todo = self._rows_todo(h)
+        if todo is not None and len(todo):
+            rows = rows + _bincount(todo[:, 0], self._counts(h, todo), self.nqb)
+        return rows
+
+    def _sampled(self, h: int, rows: np.ndarray, todo: np.ndarray, budget: int) -> np.ndarray:
+        m = max(1, budget // (self.block_q * self.block_k))
+        pick = np.unique(np.linspace(0, len(todo) - 1, m).astype(np.int64))
+        cnt = self._counts(h, todo[pick]).astype(np.float64)
+        est = np.full(len(todo), cnt.mean())
+        est[pick] = cnt
+        return rows + np.rint(np.bincount(todo[:, 0], weights=est, minlength=self.nqb)
+                              ).astype(np.int64)
 
     def table_bytes(self) -> int:
         """Bytes of every CSR array a launch reads (tables, transposed, summary tables): the
@@ -163,6 +208,13 @@ class Plan:
 
 def plan_stats(plan: Plan) -> dict:
     return plan.stats()
+
+
+def _bincount(rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    """int64 sums of `weights` per row (exact: counts stay far below 2^53)."""
+    if not len(rows):
+        return np.zeros(n, dtype=np.int64)
+    return np.bincount(rows, weights=weights, minlength=n).astype(np.int64)
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
@@ -275,6 +327,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     uncounted = []
     needed = 0
     listed = 0
+    count_rows, counts = [], []  # attended entries per counted pair, by query block
     for lq, lk, gi, gj in r.full:
         # expand to leaf blocks; a key block with padding needs the mask: PARTIAL
         si, sj = 1 << lq, 1 << lk
@@ -287,7 +340,9 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         ok = (qb0.count[ii] > 0) & (kb0.count[jj] > 0)
         ii, jj = ii[ok], jj[ok]
         clean = kb0.count[jj] == kb0.size[jj]
-        needed += int((qb0.count[ii] * kb0.count[jj]).sum())
+        count_rows.append(ii)
+        counts.append(qb0.count[ii] * kb0.count[jj])
+        needed += int(counts[-1].sum())
         full_i.append(ii[clean])
         full_j.append(jj[clean])
         part_i.append(ii[~clean])
@@ -298,10 +353,12 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
                                  "block pairs at this size; use larger blocks",
                                  bp.checked.span)
     # diagonal leaves (1D, leaf level): PARTIAL, and counted in closed form
-    needed += int(r.diag.pairs().sum())
-    for _, _, gi, gj in r.diag_at:
+    counts.append(r.diag.pairs())
+    needed += int(counts[-1].sum())
+    for _, _, gi, gj in r.diag_at:  # the same order as the leaves of r.diag
         part_i.append(gi)
         part_j.append(gj)
+        count_rows.append(gi)
     gi, gj = r.undecided
     if bp.content_dependent:
         # the content decides at run time: every undecided leaf may be attended
@@ -325,6 +382,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
             rows = gi if qsel is None else np.asarray(qsel)[gi]
             anyv, allv, cnt = _dense_leaves(bp, qorder, korder, bq, bk, rows, gj, head, run)
         needed += int(cnt.sum())
+        count_rows.append(gi)
+        counts.append(cnt)
         full_i.append(gi[allv])
         full_j.append(gj[allv])
         keep = anyv & ~allv
@@ -338,7 +397,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     if qsel is not None:
         return len(fi) + len(pi)
     unc = np.concatenate(uncounted) if uncounted else None
-    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc)
+    per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
+    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc, per_row)
     return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
 
 
@@ -419,19 +479,19 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         t, tt = _table(bp, qorder, korder, bq, bk, h, run)
         tables.append(t)
         transposed.append(tt)
-    summary = summary_plan(bp, qorder, bq, bk, run) if bp.summaries else None
+    summary = summary_plan(bp, qorder, bq, bk, run) if bp.core_summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, bp, run, summary, tuple(tried.items()))
 
 
 def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs
                  ) -> SummaryPlan:
-    """Regions and attend tables of every summary (dense over queries x regions: summary
-    tokens are few, and the reference's own evaluation defines them)."""
+    """Regions and attend tables of every summary a core computes (dense over queries x
+    regions: summary tokens are few, and the reference's own evaluation defines them)."""
     heads = bp.heads if bp.head_dependent else None
     members, rows, offsets, atts = [], [], [], []
     base = 0
-    for bs in bp.summaries:
+    for bs in bp.core_summaries:
         member, att, kept = summary_masks(bp, bs, run, torch.device("cpu"), heads,
                                           rows=True)
         size = math.prod(bs.sizes)
@@ -460,8 +520,9 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: Ru
         fi, fj, pi, pj = f[:, 0], f[:, 1], p[:, 0], p[:, 1]
         tables.append(BlockTable(*_csr(fi, fj, nqb, nsb), *_csr(pi, pj, nqb, nsb), 0))
         transposed.append(BlockTable(*_csr(fj, fi, nsb, nqb), *_csr(pj, pi, nsb, nqb), 0))
+    per_row = a.view(att.shape[0], nqb, -1).sum(-1).numpy().astype(np.int64)
     return SummaryPlan(tuple(members), rows, tuple(offsets), tuple(tables),
-                       tuple(transposed), int(a.sum()))
+                       tuple(transposed), int(a.sum()), per_row)
 
 
 def choose_order(bp: BoundPattern, block: int, run: RunInputs, tried: dict,
@@ -492,3 +553,80 @@ def choose_order(bp: BoundPattern, block: int, run: RunInputs, tried: dict,
     return best
 
 
+
+
+# ------------------------------------------------------------------ restriction
+
+
+def restrict(plan: Plan, qblocks, kblocks) -> Plan:
+    """The plan of the queries of blocks `qblocks` against the keys of blocks `kblocks`
+    (block ids of `plan`, in the order given): the share of the work one rank does under
+    context parallelism. The call's q and k hold exactly those blocks' tokens (compact
+    orders); pairs whose key block is not in `kblocks` are left out, to be computed
+    elsewhere and merged through the log-sum-exp. Summary tables keep their columns."""
+    t0 = time.perf_counter()
+    qb = np.asarray(qblocks, dtype=np.int64).reshape(-1)
+    kb = np.asarray(kblocks, dtype=np.int64).reshape(-1)
+    for name, b, n in (("query", qb, plan.nqb), ("key", kb, plan.nkb)):
+        if len(b) and (b.min() < 0 or b.max() >= n or len(np.unique(b)) != len(b)):
+            raise ParameterError(f"{name} blocks must be distinct block ids below {n}")
+    qorder = _sub_order(plan.qorder, plan.block_q, qb, queries=True)
+    korder = _sub_order(plan.korder, plan.block_k, kb, queries=False)
+    col = np.full(plan.nkb, -1, dtype=np.int64)
+    col[kb] = np.arange(len(kb))
+    qn = (padded_perm(plan.qorder, plan.block_q) >= 0).sum(1)[qb]
+    kn = (padded_perm(plan.korder, plan.block_k) >= 0).sum(1)[kb]
+    nq, nk = len(qb), len(kb)
+    tables, transposed = [], []
+    for t in plan.tables:
+        fi, fj = _csr_rows(t.full_off, t.full_idx, qb)
+        pi, pj = _csr_rows(t.part_off, t.part_idx, qb)
+        fj, pj = col[fj], col[pj]
+        fi, fj, pi, pj = fi[fj >= 0], fj[fj >= 0], pi[pj >= 0], pj[pj >= 0]
+        per_row = _bincount(fi, (qn[fi] * kn[fj]).astype(np.float64), nq)
+        unc = np.stack([pi, pj], axis=1)  # PARTIAL pairs: counted on demand
+        needed = int(per_row.sum())
+        tables.append(BlockTable(*_csr(fi, fj, nq, nk), *_csr(pi, pj, nq, nk), needed, unc,
+                                 per_row))
+        transposed.append(BlockTable(*_csr(fj, fi, nk, nq), *_csr(pj, pi, nk, nq), needed))
+    summary = plan.summary
+    if summary is not None:
+        stabs, strans = [], []
+        nsb = plan.nsb
+        for t in summary.tables:
+            fi, fj = _csr_rows(t.full_off, t.full_idx, qb)
+            pi, pj = _csr_rows(t.part_off, t.part_idx, qb)
+            stabs.append(BlockTable(*_csr(fi, fj, nq, nsb), *_csr(pi, pj, nq, nsb), 0))
+            strans.append(BlockTable(*_csr(fj, fi, nsb, nq), *_csr(pj, pi, nsb, nq), 0))
+        rows = None if summary.row_needed is None else summary.row_needed[:, qb]
+        summary = SummaryPlan(summary.members, summary.rows, summary.offsets, tuple(stabs),
+                              tuple(strans), 0 if rows is None else int(rows.sum()), rows)
+    return Plan(qorder, korder, plan.block_q, plan.block_k, tuple(tables), tuple(transposed),
+                time.perf_counter() - t0, plan.bound, plan.run, summary)
+
+
+def _csr_rows(off: np.ndarray, idx: np.ndarray, rows: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(new row, column) of every entry of the given CSR rows, the rows renumbered 0.."""
+    off = off.astype(np.int64)
+    start, cnt = off[rows], off[rows + 1] - off[rows]
+    r = np.repeat(np.arange(len(rows)), cnt)
+    first = np.cumsum(cnt) - cnt  # where each row's entries begin in the output
+    pos = np.arange(int(cnt.sum())) - np.repeat(first - start, cnt)
+    return r, idx[pos].astype(np.int64)
+
+
+def _sub_order(order: TokenOrder, block: int, blocks: np.ndarray, queries: bool
+               ) -> TokenOrder:
+    """The positions of `blocks` (padding kept, so blocks stay whole). Queries that are one
+    run of row-major tokens keep the plain `start` form (the kernels' fast paths); any other
+    subset is compact."""
+    perm = padded_perm(order, block)[blocks].reshape(-1)
+    valid = perm[perm >= 0]
+    run = len(valid) > 0 and bool((np.diff(valid) == 1).all()) and bool(
+        (perm[:len(valid)] == valid).all())
+    if queries and run and order.identity and order.start == 0:
+        return TokenOrder(order.shape, order.tile, order.dilation, valid,
+                          tile_block=order.tile_block, start=int(valid[0]))
+    return TokenOrder(order.shape, order.tile, order.dilation, perm,
+                      tile_block=order.tile_block, compact=True)

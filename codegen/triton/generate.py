@@ -54,7 +54,7 @@ def summary_offsets(bp: BoundPattern) -> list[tuple[int, int]]:
     """(first global region index, regions) of each summary: summary rows are numbered
     summary by summary, region by region (row-major over the summary's axes)."""
     out, base = [], 0
-    for bs in bp.summaries:
+    for bs in bp.core_summaries:
         size = math.prod(bs.sizes)
         out.append((base, size))
         base += size
@@ -65,14 +65,14 @@ def _smask(bp: BoundPattern, sizes: tuple = ()) -> str:
     """Does query q_idx attend summary row r_idx? Each summary's own `attend` rule, on its
     region's coordinates; False for a pattern without summaries."""
     em = Emitter(bp, TritonDialect(), input_layout(bp, sizes), sizes)
-    if not bp.summaries:
+    if not bp.core_summaries:
         tail = "    return (q_idx < 0) & (r_idx < 0)"
         return _function("_smask", SMASK_ARGS, em, tail)
     q = em.token("q_idx", em.space_shape(bp.checked.qspace), bp.checked.qspace.axes)
     r = em.fresh("tl.load(SROW + r_idx)", "int").text
     terms = []
     off = 0  # summary rows are numbered summary by summary, region by region
-    for bs in bp.summaries:
+    for bs in bp.core_summaries:
         axis_sizes = em.summary_sizes(bs) if sizes else bs.sizes
         size = axis_sizes[0]
         for n in axis_sizes[1:]:

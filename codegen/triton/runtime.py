@@ -34,7 +34,7 @@ from attndsl.codegen.triton.generate import dynamic_config, module_source
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import threshold as dropout_threshold
-from attndsl.semantics.dynamic import keep_chunks
+from attndsl.semantics.dynamic import Selection, select
 from attndsl.semantics.inputs import RunInputs
 
 LN2 = math.log(2.0)
@@ -186,7 +186,6 @@ class Kernel:
     module: object
     layout: dict  # run-time input -> Arr (its slot in the packed inputs)
     has_bias: bool
-    softcap: float | None
     dynamic: dict | None  # chunk_topk's configuration (content-dependent patterns)
     sizes: tuple = ()  # size parameters the module reads at run time (one module, every size)
 
@@ -204,7 +203,7 @@ def kernel_for(bp: BoundPattern, module=None) -> Kernel:
             text = f.read()
         sizes = tuple(getattr(mod, "KERNEL_SIZES", ()))
         return Kernel(text, mod.__file__, mod, input_layout(bp, sizes), bool(bp.biases),
-                      bp.softcap, dynamic_config(bp), sizes)
+                      dynamic_config(bp), sizes)
     return caches.KERNELS.get_or_create(path, build)
 
 
@@ -243,6 +242,9 @@ def device_tables(plan: Plan, device) -> dict:
         t["qperm"] = torch.from_numpy(plan.qorder.perm.astype(np.int32))
         t["kperm"] = torch.from_numpy(plan.korder.perm.astype(np.int32))
         t["qinv"] = torch.from_numpy(plan.qorder.inverse())
+        # the rows of q and k each position reads (the tokens themselves, or a compact subset)
+        t["qsrc"] = torch.from_numpy(np.maximum(plan.qorder.source_rows(), 0))
+        t["ksrc"] = torch.from_numpy(np.maximum(plan.korder.source_rows(), 0))
         if plan.content_dependent:
             m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
             tab = plan.tables[0]
@@ -395,6 +397,7 @@ class Triton:
     """The core of backend='triton' (the Core protocol of semantics/attention.py)."""
 
     name = "triton"
+    runs_plans = True  # runs call.plan when given (semantics/attention.Call)
 
     def __init__(self, module=None, plan: Plan | None = None):
         self.module = module  # an exported module's kernels, or None to generate
@@ -442,6 +445,8 @@ class Triton:
 
     def _plan(self, call) -> Plan:
         bp = call.bp
+        if call.plan is not None:
+            return call.plan
         run = call.run if bp.route is None else call.run.without(bp.route[0])
         if (self.fixed is not None and not call.partial
                 and self.fixed.run.fingerprint == run.fingerprint):
@@ -467,11 +472,10 @@ class Triton:
         ini, inf = pack_inputs(kern, call.run, dev, bp.values)
         perm_q, perm_k = not plan.qorder.identity, not plan.korder.identity
         if perm_q:
-            q = q.index_select(2, t["qperm"].clamp(min=0).long())
+            q = q.index_select(2, t["qsrc"])
         route = torch.zeros(1, dtype=torch.int8, device=dev)
         if call.gates is not None:  # [B, H, N] gates -> per (batch x head, query block)
-            g = call.gates if not perm_q else call.gates.index_select(
-                2, t["qperm"].clamp(min=0).long())
+            g = call.gates if not perm_q else call.gates.index_select(2, t["qsrc"])
             g = torch.nn.functional.pad(g, (0, plan.nqb * plan.block_q - g.shape[2]))
             route = (g.reshape(-1, plan.nqb, plan.block_q) != 0).any(-1).to(torch.int8)
         dyn_keep = dyn_chunk = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -485,12 +489,12 @@ class Triton:
             if H != k.shape[1]:  # summary rows may depend on the query head
                 rep = H // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            pad = nkb * plan.block_k - k.shape[2]
-            k = torch.nn.functional.pad(k.to(q.dtype), (0, 0, 0, pad))
-            v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, pad))
+            fill = nkb * plan.block_k - k.shape[2]
+            k = torch.nn.functional.pad(k.to(q.dtype), (0, 0, 0, fill))
+            v = torch.nn.functional.pad(v.to(q.dtype), (0, 0, 0, fill))
             tables = (t["spart"], t["sfull"], t["tspart"], t["tsfull"])
             srow = t["srow"]
-            if pad:  # regions left without a real key (the driver dropped them from att)
+            if pad or fill:  # regions left without a real key (the driver dropped them from att)
                 rows_valid = att.expand(B, *att.shape[1:]).any(1).any(1)  # [B, R]
                 kvalid = torch.nn.functional.pad(rows_valid.to(torch.int8),
                                                  (0, k.shape[2] - rows_valid.shape[1]))
@@ -500,14 +504,13 @@ class Triton:
         else:
             nk, nkb = plan.korder.length, plan.nkb
             if perm_k:
-                idx = t["kperm"].clamp(min=0).long()
-                k, v = k.index_select(2, idx), v.index_select(2, idx)
+                k, v = k.index_select(2, t["ksrc"]), v.index_select(2, t["ksrc"])
             tables = (t["part"], t["full"], t["tpart"], t["tfull"])
             srow = torch.zeros(1, dtype=torch.int64, device=dev)
             if pad:  # padding keys in the kernels' key order; per-batch tables
                 kv = call.key_valid
                 if perm_k:
-                    kv = kv.index_select(1, t["kperm"].clamp(min=0).long())
+                    kv = kv.index_select(1, t["ksrc"])
                 kvalid = kv.to(torch.int8).contiguous()
             if kern.dynamic is not None:
                 tables, dyn_keep, dyn_chunk, nb, nc = _dynamic_tables(kern, plan, t, call,
@@ -524,9 +527,9 @@ class Triton:
                 inf, dyn_keep, dyn_chunk, route.reshape(-1).contiguous(), srow, kvalid, meta]
         ints = [sb, sh, nk, plan.nqb, nkb, nb, nc, plan.block_q, plan.block_k, int(perm_q),
                 int(perm_k and not summary), int(kern.has_bias and not summary),
-                int(kern.softcap is not None), int(call.gates is not None), int(summary),
+                int(call.softcap is not None), int(call.gates is not None), int(summary),
                 int(pad), int(drop)]
-        floats = [float(call.scale), float(kern.softcap or 1.0),
+        floats = [float(call.scale), float(call.softcap or 1.0),
                   1.0 / (1.0 - call.dropout_p) if drop else 1.0]
         o, lse = _fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), tabs, ints, floats,
                          kern.path)
@@ -567,7 +570,7 @@ def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
     (the kernels' mask reads KVALID there)."""
     B, nt = kvalid.shape[0], len(plan.tables)
     blocks = torch.nn.functional.pad(kvalid != 0, (0, nkb * plan.block_k
-                                                   - kvalid.shape[1])).view(B, nkb, -1)
+                                                   - kvalid.shape[1])).view(B, nkb, plan.block_k)
     state = blocks.any(-1).long() + blocks.all(-1).long()  # 0: no real key, 2: no padding
     out = []
     for names, rows, by_row in ((("part", "full"), plan.nqb, False),
@@ -586,29 +589,36 @@ def _padded_tables(plan: Plan, t: dict, kvalid: torch.Tensor, nkb: int):
                         dst[1].append(r[keep])
                         dst[2].append(c[keep])
         for dst in (part, full):
-            out.append(_csr(*(torch.cat(x) for x in dst), B * nt, rows))
+            out.append(_csr(*(torch.cat(x) if x else torch.zeros(
+                0, dtype=torch.int64, device=kvalid.device) for x in dst), B * nt, rows))
     return tuple(out)
 
 
 def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
-    """DHSA on the device: the chunk selection (semantics/dynamic.py), then per (batch, head)
-    block tables: the static superset's pairs whose query rows meet a DHSA block that kept a
-    chunk overlapping the key block."""
-    conf = kern.dynamic
+    """DHSA on the device: the selection (semantics/dynamic.py), then per (batch, head)
+    block tables: the static superset's pairs whose query rows meet a selection row that
+    kept a key of the key block. The kernels read keep[b, h, row, key] and each query's row
+    (the tail's queries: a last row that keeps nothing)."""
+    conf = dict(kern.dynamic)
     q, k = call.run.content
     dev = q.device
-    starts = call.run.values.get(conf["starts"]) if conf["starts"] else None
+    starts = call.run.values.get(conf.pop("starts")) if conf.get("starts") else None
+    conf.pop("starts", None)
     with torch.no_grad():
-        keep, chunk_of = keep_chunks(q.detach(), k.detach(), conf["block"], conf["chunk"],
-                                     conf["topk"], starts, None)
+        keep, first = select(q.detach(), k.detach(), Selection(**conf), starts, None)
         n = q.shape[2]
-        B, H, nb, nc = keep.shape
+        B, H = q.shape[0], q.shape[1]
+        keep = torch.cat([keep.expand(B, H, *keep.shape[2:]),
+                          torch.zeros(B, H, 1, n, dtype=torch.bool, device=dev)], 2)
+        nb = keep.shape[2]
+        toks = torch.arange(n, device=dev)
+        row_of = torch.where(toks < first, toks // conf["block"], nb - 1)
         rows = torch.arange(plan.nqb * plan.block_q, device=dev).clamp(max=n - 1)
         qmap = torch.zeros(plan.nqb, nb, device=dev)
-        qmap[rows // plan.block_q, rows // conf["block"]] = 1.0
+        qmap[rows // plan.block_q, row_of[rows]] = 1.0
         cols = torch.arange(plan.nkb * plan.block_k, device=dev).clamp(max=n - 1)
-        cmap = torch.zeros(nc, plan.nkb, device=dev)
-        cmap[chunk_of[cols], cols // plan.block_k] = 1.0
+        cmap = torch.zeros(n, plan.nkb, device=dev)
+        cmap[cols, cols // plan.block_k] = 1.0
         sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
         sel &= t["dense"]
         if kvalid is not None:  # key blocks without a real key are dropped
@@ -621,7 +631,7 @@ def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
         empty_k = torch.zeros(g * (plan.nkb + 1), dtype=torch.int32, device=dev)
         none = torch.zeros(1, dtype=torch.int32, device=dev)
     return ((part, (empty_q, none), tpart, (empty_k, none)),
-            keep.to(torch.int8).contiguous(), chunk_of.to(torch.int32).contiguous(), nb, nc)
+            keep.to(torch.int8).contiguous(), row_of.to(torch.int32).contiguous(), nb, n)
 
 
 def _csr_rows(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ indices of the query space (50,) and key space (50,).
 """
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
 
 NQ, NK = 50, 50
 HEADS = 4
@@ -37,7 +36,7 @@ def mask_mod(b, h, q_idx, kv_idx):
     return t10 & (q_idx == q_idx)
 
 
-def score_mod(score, b, h, q_idx, kv_idx):
+def bias(b, h, q_idx, kv_idx):
     t1 = (q_idx) - (kv_idx)
     t2 = torch.abs(_t(t1))
     t3 = _t(t2).to(torch.float32)
@@ -46,12 +45,10 @@ def score_mod(score, b, h, q_idx, kv_idx):
     t6 = (0.5) * (t5)
     t7 = (t4) + (t6)
     t8 = _t(t7).to(torch.float32)
-    return 5.0 * torch.tanh((score + t8) / 5.0)
+    return t8
+
+
+def score_mod(score, b, h, q_idx, kv_idx):
+    return 5.0 * torch.tanh((score + bias(b, h, q_idx, kv_idx)) / 5.0)
 
 SCALE = None  # pass as flex_attention(..., scale=SCALE); None means 1/sqrt(D)
-
-
-def block_mask(device='cpu', BLOCK_SIZE=128, B=None, H=HEADS):
-    """A BlockMask for flex_attention (per head when the pattern uses h)."""
-    return create_block_mask(mask_mod, B, H, NQ, NK, device=device,
-                             BLOCK_SIZE=BLOCK_SIZE)

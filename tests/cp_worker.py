@@ -1,0 +1,216 @@
+"""Worker processes for tests/test_distributed.py: each runs every case on a gloo group of
+CPU processes and reports errors against independent definitions (tests/independent.py
+and the per-head rule written below), the bytes handed to the collectives, and cp.stats().
+Kept out of the test module so spawned children import only this."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import tempfile
+import time
+
+import independent as ind
+import numpy as np
+import torch
+
+BLOCK = 16
+PER_HEAD = """
+pattern per_head(N: int) {
+    space seq(N)
+    heads 4
+    on heads 0..2 { attend sliding(24) }
+    on heads 2..4 {
+        attend causal() and (k % 8 == 0 or q - k < 6)
+        bias -0.25 * (h - 1) * log(1 + abs(q - k))
+    }
+}
+"""
+DOCS = [37, 81, 50, 32]  # document lengths (N = 200): they cross the ranks' boundaries
+
+
+def _per_head_reference(q, k, v):
+    N = q.shape[2]
+    qq, kk = np.arange(N)[:, None], np.arange(N)[None, :]
+    mask = np.zeros((4, N, N), dtype=bool)
+    mask[0:2] = (qq - kk >= 0) & (qq - kk < 24)
+    mask[2:4] = (kk <= qq) & ((kk % 8 == 0) | (qq - kk < 6))
+    bias = torch.zeros(4, N, N, dtype=torch.float64)
+    d = torch.from_numpy(np.abs(qq - kk)).double()
+    for h in (2, 3):
+        bias[h] = -0.25 * (h - 1) * torch.log(1 + d)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
+    s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _doc():
+    return torch.repeat_interleave(torch.arange(len(DOCS)), torch.tensor(DOCS))
+
+
+# name: (file or source, pattern, parameters, inputs, heads, kv heads, dtype, reference,
+#        mask for the exchange check or None)
+def cases():
+    doc = _doc()
+    return {
+        "sliding_window": ("sliding.attn", "sliding_window", dict(N=160, window=24), {}, 2, 1,
+                           torch.float64, None, ind.sliding_window(160, 24)),
+        "power_attention": ("power.attn", "power_attention",
+                            dict(N=256, block=16, window=2, sink=1), {}, 2, 2, torch.float64,
+                            None, ind.power_attention(256, 16, 2, 1)),
+        "na2d": ("neighborhood.attn", "na2d", dict(H=10, W=13, kernel=5), {}, 2, 2,
+                 torch.float64, None, ind.na2d(10, 13, 5)),
+        "document_causal": ("document.attn", "document_causal", dict(N=200), {"doc": doc}, 2,
+                            2, torch.float64, None, ind.document_causal(200, doc.tolist())),
+        "per_head": (PER_HEAD, "per_head", dict(N=144), {}, 4, 2, torch.float64,
+                     _per_head_reference, None),
+        "combiner_fixed": ("combiner.attn", "combiner_fixed", dict(N=128, span=16), {}, 2, 2,
+                           torch.float64, lambda q, k, v: ind.combiner_fixed(q, k, v, 16),
+                           None),
+        "aggregated": ("transnext.attn", "aggregated", dict(H=12, W=12), {}, 2, 2,
+                       torch.float64,
+                       lambda q, k, v: ind.transnext_aggregated(q, k, v, 12, 12, 3, 4), None),
+        "fp32": ("power.attn", "power_attention", dict(N=256, block=16, window=2, sink=1), {},
+                 2, 2, torch.float32, None, ind.power_attention(256, 16, 2, 1)),
+        "bf16": ("sliding.attn", "sliding_window", dict(N=160, window=24), {}, 2, 1,
+                 torch.bfloat16, None, ind.sliding_window(160, 24)),
+    }
+
+
+def _count_collectives(log: list, phase: list):
+    """Record the bytes every all_to_all_single sends to other ranks: (phase, kind, bytes)."""
+    import torch.distributed as dist
+    real = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                 async_op=False):
+        rank, ranks = dist.get_rank(group), dist.get_world_size(group)
+        row = input[0].numel() * input.element_size() if input.shape[0] else 0
+        if input_split_sizes is None:  # equal splits: the summaries' gathers, backward
+            sent = input.numel() * input.element_size() * (ranks - 1) // ranks
+            kind = "gather"
+        else:
+            sent = sum(s for j, s in enumerate(input_split_sizes) if j != rank) * row
+            kind = "exchange"
+        log.append((phase[0], kind, sent))
+        return real(output, input, output_split_sizes, input_split_sizes, group=group,
+                    async_op=async_op)
+    dist.all_to_all_single = counting
+
+
+def _run_case(name, spec, rank, ranks, log, phase):
+    import attndsl
+    from attndsl.distributed import ContextParallel
+    src, pattern, params, inputs, heads, kv_heads, dtype, reference, mask = spec
+    op = attndsl.compile(src, pattern=pattern, **params).options(block_q=BLOCK, block_k=BLOCK)
+    n = op.bound.nq
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, heads, n, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, n, 8, generator=g, dtype=torch.float64) for _ in "kv")
+    go = torch.randn(2, heads, n, 8, generator=g, dtype=torch.float64)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    if reference is None:
+        ref = ind.masked_attention(qr, kr, vr, torch.from_numpy(mask))
+    else:
+        ref = reference(qr, kr, vr)
+    (ref * go).sum().backward()
+    cp = ContextParallel(op)
+    ql, kl, vl = (cp.shard(t, **inputs).to(dtype).requires_grad_() for t in (q, k, v))
+    del log[:]
+    phase[0] = "forward"
+    t0 = time.perf_counter()
+    out = cp(ql, kl, vl, **inputs)
+    phase[0] = "backward"
+    (out.double() * cp.shard(go, **inputs)).sum().backward()
+    seconds = time.perf_counter() - t0
+    phase[0] = None
+
+    def err(a, b):
+        return float((a.detach().double() - cp.shard(b.detach(), **inputs)).abs().max())
+    res = {"out": err(out, ref), "dq": err(ql.grad, qr.grad), "dk": err(kl.grad, kr.grad),
+           "dv": err(vl.grad, vr.grad), "seconds": seconds, "stats": cp.stats(),
+           "sent": {f"{p}/{kd}": sum(b for pp, kk, b in log if (pp, kk) == (p, kd))
+                    for p in ("forward", "backward") for kd in ("exchange", "gather")}}
+    res["unshard"] = float((cp.unshard(out.detach(), **inputs).double() - ref.detach())
+                           .abs().max())
+    mine = cp.tokens(**inputs).numpy()
+    got = np.sort(cp.received(**inputs).numpy())
+    res["received"] = got.tolist()
+    res["tokens"], res["n"] = mine.tolist(), n
+    if mask is not None:  # the remote keys my queries attend, and their blocks (1D)
+        need = np.nonzero(mask[mine].any(0))[0]
+        need = need[~np.isin(need, mine)]
+        res["attended"] = need.tolist()
+        if op.bound.qshape == (n,):
+            blocks = np.unique(need // BLOCK)
+            toks = np.concatenate([np.arange(b * BLOCK, min(n, b * BLOCK + BLOCK))
+                                   for b in blocks]) if len(blocks) else np.zeros(0, int)
+            res["attended_blocks"] = toks[~np.isin(toks, mine)].tolist()
+    return res
+
+
+def _window_bound(rank, ranks):
+    """Received K/V tokens of a non-causal sliding window at two lengths (stats only)."""
+    import attndsl
+    from attndsl.distributed import ContextParallel
+    out = {}
+    for n in (512, 1024):
+        op = attndsl.compile("sliding.attn", pattern="sliding_window", N=n, window=24,
+                             causal=False).options(block_q=BLOCK, block_k=BLOCK)
+        cp = ContextParallel(op)
+        x = torch.randn(1, 1, n, 4)
+        cp(cp.shard(x), cp.shard(x), cp.shard(x))
+        out[n] = cp.stats()["kv_tokens_received"]
+    return out
+
+
+def worker(rank, ranks, store_path, out_dir, names):
+    import torch.distributed as dist
+    store = dist.FileStore(store_path, ranks)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=ranks,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    # The first float64 torch.exp of a process was seen off by up to 3e-9 (1 run in 12,
+    # reference and backends alike); warm it up so that comparisons can be tight.
+    torch.exp(torch.randn(1 << 16, dtype=torch.float64))
+    log, phase = [], [None]
+    _count_collectives(log, phase)
+    spec = cases()
+    res = {}
+    for name in names:
+        if name == "window_bound":
+            res[name] = _window_bound(rank, ranks)
+        else:
+            res[name] = _run_case(name, spec[name], rank, ranks, log, phase)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(ranks: int, names: list[str], timeout: float = 240.0) -> dict:
+    """Run `names` on `ranks` spawned gloo processes; {name: [rank 0's result, ...]}. A
+    deadlock or a crash fails within `timeout` seconds (the processes are killed)."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(worker, args=(ranks, os.path.join(tmp, "store"), tmp, names),
+                                 nprocs=ranks, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{ranks} gloo processes did not finish in {timeout} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        out = {}
+        for r in range(ranks):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                for name, val in json.load(f).items():
+                    out.setdefault(name, []).append(val)
+        return out
