@@ -42,7 +42,7 @@ def test_every_verb_has_a_description():
     parser = build_parser()
     (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(verbs.choices) == {"check", "list", "mask", "show", "analyze", "compare",
-                                  "compile", "bench"}
+                                  "compile", "bench", "cp-plan", "eval"}
     for name, sub in verbs.choices.items():
         assert sub.description and len(sub.description) > 40, name
 
