@@ -34,6 +34,9 @@ from attndsl.semantics.inputs import check_tensors, content_of, declared, valida
 from attndsl.semantics.masks import dense_mask, summary_masks
 
 BACKENDS = ("reference", "triton", "cpu", "flex", "auto")
+# the keywords of op(q, k, v, ...) besides run-time inputs and sizes (suggested for typos)
+CALL_OPTIONS = ("backend", "scale", "q_start", "key_padding_mask", "lengths", "dropout_p",
+                "generator", "queries", "softcap")
 
 
 def load(source: str | os.PathLike, /, *, import_roots: Iterable[str | os.PathLike] = ()
@@ -409,8 +412,7 @@ class Op:
         `softcap`: cap * tanh(score / cap) on the scaled scores, with any pattern (Gemma 2;
         it replaces the pattern's own `softcap` statement for this call)."""
         if backend not in BACKENDS:
-            raise UnsupportedError(f"unknown backend '{backend}'" + did_you_mean(
-                backend, BACKENDS))
+            raise UnsupportedError(_unknown_backend(backend))
         if scale is not None and (not isinstance(scale, int | float) or not scale > 0
                                   or isinstance(scale, bool) or not math.isfinite(scale)):
             raise ParameterError(f"scale must be a positive number, not {scale!r}")
@@ -446,6 +448,10 @@ class Op:
                     f"tensors {list(getattr(k, 'shape', []))}, pass "
                     + ", ".join(f"{n}=..." for n in missing))
         bp = self.bind(**sizes)
+        known = _input_names(bp)
+        for name in inputs:
+            if name not in known:
+                raise bp.unknown_input(name, CALL_OPTIONS + self.family.sizes)
         axes = len(bp.qshape)
         grid_out = isinstance(q, torch.Tensor) and axes > 1 and q.dim() == 3 + axes
         qf, kf, vf = flat(q, len(bp.qshape)), flat(k, len(bp.kshape)), flat(v, len(bp.kshape))
@@ -456,6 +462,22 @@ class Op:
         core = _core(backend, bp, qf, self.compiled)
         out = driver.attention(core, bp, qf, kf, vf, inputs, opts)
         return out.reshape(*q.shape[:-1], out.shape[-1]) if grid_out else out
+
+
+def _unknown_backend(backend) -> str:
+    text = f"unknown backend {backend!r}"
+    if isinstance(backend, str) and backend.lower().split(":")[0] in ("cuda", "gpu"):
+        return (text + ": a device, not a backend; move q, k and v to the GPU and keep "
+                "backend='auto' (or pass 'triton'); the backends are " + ", ".join(BACKENDS))
+    return text + did_you_mean(backend, BACKENDS) + "; the backends are " + ", ".join(BACKENDS)
+
+
+def _input_names(bp: BoundPattern) -> set:
+    """Every run-time input a call may pass: the pattern's and its averaged parts'."""
+    out = set(bp.inputs)
+    for sub in bp.average:
+        out |= _input_names(sub)
+    return out
 
 
 def _key_valid(mask, lengths, k) -> torch.Tensor | None:

@@ -131,9 +131,12 @@ CP_LAYOUTS = LRU("cp_layouts", 16, "context parallelism: the attended pairs per 
                  "ranks, dispatch) (distributed/plan.py)")
 CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans and exchange "
                "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
+NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
+                 "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
 
 CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS,
-          KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS)
+          KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
+          NATTEN_OPS)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

@@ -33,13 +33,21 @@ def parse_value(text: str):
                              "true/false, or a comma-separated tuple") from None
 
 
+def _value(option: str, name: str, text: str):
+    """parse_value, with the option and the name in the error."""
+    try:
+        return parse_value(text)
+    except ParameterError as e:
+        raise ParameterError(f"{option} {name}={text}: {e.message}") from None
+
+
 def _sets(pairs) -> dict:
     out = {}
     for p in pairs or ():
         if "=" not in p:
             raise ParameterError(f"--set takes NAME=VALUE, not '{p}'")
         k, v = p.split("=", 1)
-        out[k.strip()] = parse_value(v)
+        out[k.strip()] = _value("--set", k.strip(), v)
     return out
 
 
@@ -58,7 +66,7 @@ def _inputs(pairs) -> dict:
                 raise ParameterError(f"cannot load input '{k}' from '{v[1:]}': {e}") from None
             out[k] = torch.as_tensor(arr)
         else:
-            val = parse_value(v)
+            val = _value("--input", k, v)
             out[k] = torch.tensor(val if isinstance(val, tuple) else val)
     return out
 
@@ -100,6 +108,9 @@ def cmd_check(args) -> int:
     for f in args.files:
         try:
             module = _load(f, args)
+            if not module.items:
+                raise AttnError(f"'{f}' defines nothing: no pattern, fn, const or import "
+                                "(an empty file?)")
             checked = check_module(module)
             defaults_ok = 0
             for cp in checked.values():
@@ -151,7 +162,8 @@ def cmd_mask(args) -> int:
     import numpy as np
     op = _compile(args)
     m = op.mask(**_content(op, args), **_inputs(args.input))
-    np.save(args.output, m.cpu().numpy())
+    with open(args.output, "wb") as out:  # np.save(path) would append '.npy' to other names
+        np.save(out, m.cpu().numpy())
     print(f"wrote {args.output}: bool {list(m.shape)}, {int(m.sum()):,} attended pairs "
           f"({float(m.float().mean()):.4%} dense)")
     return 0
@@ -166,7 +178,8 @@ def cmd_show(args) -> int:
     m = op.mask(**_content(op, args), **inputs)
     query = parse_value(args.query) if args.query is not None else None
     if args.output:
-        render.plot(op, m, args.output, query)
+        reach = op.reach(**_content(op, args), **inputs) if op.summaries(**inputs) else None
+        render.plot(op, m, args.output, query, reach)
         print(f"wrote {args.output}")
     else:
         print(render.text(op, m, query, width=args.width))
@@ -207,36 +220,47 @@ def cmd_analyze(args) -> int:
 
 def cmd_compare(args) -> int:
     from attndsl.api import compile as compile_op
+    from attndsl.errors import AttnNameError, did_you_mean
     sets = _sets(args.set)
-    used = set()
+    inputs = _inputs(args.input)
+    used, used_inputs = set(), set()
     results = []
     for spec in args.patterns:
         file, _, name = spec.partition(":")
         probe = _load(file, args)
-        names = [name] if name else [p.name for p in probe.patterns()]
+        own = [p.name for p in probe.patterns()]
+        names = [name] if name else list(args.pattern) if args.pattern else own
         for n in names:
             pdef = probe.scope.get(n)
-            if pdef is None:
-                from attndsl.errors import AttnNameError
-                raise AttnNameError(f"'{file}' has no pattern '{n}'")
+            if not isinstance(pdef, ir.PatternDef):
+                raise AttnNameError(f"'{file}' has no pattern '{n}'" + did_you_mean(n, own))
             mine = {k: v for k, v in sets.items() if k in {p.name for p in pdef.params}}
             used |= set(mine)
             op = compile_op(Path(file), pattern=n, import_roots=_roots(args), **mine)
-            results.append((op, op.analyze(args.layers)))
-    unused = set(sets) - used
-    if unused:
-        raise ParameterError("no compared pattern has parameter"
-                             f"{'s' if len(unused) > 1 else ''} "
-                             + ", ".join(sorted(unused)))
+            run = {k: v for k, v in inputs.items() if k in op.inputs}
+            used_inputs |= set(run)
+            content = _content(op, args)
+            results.append((op, op.analyze(args.layers, q=content.get("q"), k=content.get("k"),
+                                           **run)))
+    for what, given, taken in (("parameter", sets, used), ("run-time input", inputs,
+                                                           used_inputs)):
+        unused = set(given) - taken
+        if unused:
+            raise ParameterError(f"no compared pattern has {what}"
+                                 f"{'s' if len(unused) > 1 else ''} "
+                                 + ", ".join(sorted(unused)))
+    from attndsl.report import COVERAGE_NOTE, coverage_text
     head = f"{'pattern':<28}" + "".join(f"{'L' + str(i):>8}" for i in range(1, args.layers + 1))
-    print("fraction of the full-attention receptive field reached per layer")
-    print(head + f"{'coverage':>10}")
-    for _op, a in results:
-        label = f"{a.pattern}"
-        cov = "never" if a.full_coverage_layers is None and a.complete is False else (
-            str(a.full_coverage_layers) if a.full_coverage_layers else "-")
-        print(f"{label:<28}" + "".join(f"{s.reach_fraction:>8.1%}" for s in a.layers)
-              + f"{cov:>10}")
+    print("fraction of the full-attention receptive field reached per layer by the followed "
+          "query\n(the last token, or the grid centre); coverage: layers until every query "
+          "reaches its whole field")
+    print(head + f"{'coverage':>11}")
+    covs = [coverage_text(a) for _, a in results]
+    for (_op, a), cov in zip(results, covs):
+        print(f"{a.pattern:<28}" + "".join(f"{s.reach_fraction:>8.1%}" for s in a.layers)
+              + f"{cov:>11}")
+    if "never*" in covs:
+        print(COVERAGE_NOTE)
     if args.plot:
         from attndsl import render
         render.plot_compare([(op, a) for op, a in results], args.plot)
@@ -257,6 +281,24 @@ at 65,536 tokens. Summary tokens add edges to every key of their region; content
 patterns (dhsa) are analysed on seeded random q, k (--seed, --dim); per-head patterns use the
 union over heads. The report's 'method' line says how many rectangles and tiles were used.
 """
+
+
+CHECK_HELP = """\
+Parse and type-check .attn files (paths or standard library names) and everything they
+import; bind the patterns whose parameters all have defaults, which checks their `require`s.
+Every error is printed with its location; the exit status is 1 if any file has one. A file
+that defines nothing (an empty file) is an error.
+"""
+
+
+def _version() -> str:
+    import platform
+
+    import torch
+
+    import attndsl
+    return (f"attndsl {attndsl.__version__} (torch {torch.__version__}, Python "
+            f"{platform.python_version()})")
 
 
 COMPILE_HELP = """\
@@ -513,17 +555,22 @@ def _eval_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attndsl", description="Compile and inspect attention "
                                  "patterns written in .attn files.")
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="cmd", required=True)
     def import_root(c):
         c.add_argument("--import-root", action="append", metavar="DIR",
                        help="a folder imports may read besides the file's own folder and "
                        "the standard library (repeatable)")
 
-    c = sub.add_parser("check", help="parse, type-check and check default constraints")
+    c = sub.add_parser("check", help="parse, type-check and check default constraints",
+                       description=CHECK_HELP)
     c.add_argument("files", nargs="+")
     import_root(c)
     c.set_defaults(func=cmd_check)
-    c = sub.add_parser("list", help="patterns, parameters, defaults and doc comments")
+    c = sub.add_parser("list", help="patterns, parameters, defaults and doc comments",
+                       description="List the patterns of an .attn file (a path or a standard "
+                       "library name such as sliding.attn): signature with defaults, run-time "
+                       "inputs and doc comment.")
     c.add_argument("file")
     import_root(c)
     c.set_defaults(func=cmd_list)
@@ -540,11 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the random q, k for content-dependent patterns")
         c.add_argument("--dim", type=int, default=16,
                        help="head dim of the random q, k for content-dependent patterns")
-    c = sub.add_parser("mask", help="write the dense boolean mask as .npy")
+    c = sub.add_parser("mask", help="write the dense boolean mask as .npy",
+                       description="Compile a pattern with --set values and write its dense "
+                       "bool mask [queries, keys] ([heads, ...] when per head) to -o in NumPy's "
+                       ".npy format, under exactly the name given.")
     common(c)
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=cmd_mask)
-    c = sub.add_parser("show", help="draw the mask (text, or PNG with -o)")
+    c = sub.add_parser("show", help="draw the mask (text, or PNG with -o)",
+                       description="Draw a pattern's mask: text in the terminal (averaged "
+                       "cells when it is larger than --width), or a PNG with -o; for grids also "
+                       "the keys of one query on the key grid (--query), for sequences the "
+                       "keys of --query when given.")
     common(c)
     c.add_argument("-o", "--output", help="PNG file; without it, text in the terminal")
     c.add_argument("--query", help="query to highlight: flat index or coordinates like 3,4")
@@ -560,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--head-dim", type=int, default=64, help="D for the FLOP counts")
     c.add_argument("--path", nargs=2, metavar=("FROM", "TO"),
                    help="also list the shortest hop path from query FROM to token TO")
-    c.add_argument("--json", action="store_true", help="print the JSON schema instead")
+    c.add_argument("--json", action="store_true",
+                   help="print the report as JSON instead (its schema: docs/analysis.md)")
     c.add_argument("--plot", help="PNG of the reached tokens per layer")
     c.set_defaults(func=cmd_analyze)
     c = sub.add_parser("compile", help="generate the Triton kernels; export them with -o",
@@ -577,7 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
     # -- bench: the same flags as bench/cpu_bench.py (tests/test_bench.py keeps them equal)
     c = sub.add_parser("bench", help="CPU benchmark: ours vs FlexAttention, SDPA and NATTEN "
-                       "(needs a source checkout)")
+                       "(needs a source checkout)",
+                       description="Time the CPU backend's forward (and backward) against "
+                       "compiled FlexAttention, SDPA with a dense mask and NATTEN on the "
+                       "standard cases; writes bench/results/ (bench/cpu_bench.py).")
     c.add_argument("--quick", action="store_true",
                    help="small sizes for smoke testing (N=2048, grids 32x32 and 8x16x16)")
     c.add_argument("--cases", help="comma-separated cases or patterns (default all)")
@@ -613,12 +671,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row per (pattern, scheme): scheme, max_pairs, mean_pairs, "
                    "max_kv_bytes, mean_kv_bytes, ...")
     c.set_defaults(func=cmd_cp_plan)
-    c = sub.add_parser("compare", help="receptive-field growth of several patterns")
+    c = sub.add_parser("compare", help="receptive-field growth of several patterns",
+                       description="Analyse several patterns stacked --layers deep and print "
+                       "the fraction of the full-attention receptive field each reaches per "
+                       "layer, and the layers to full coverage (--plot: one line each).")
     c.add_argument("patterns", nargs="+", metavar="FILE[:PATTERN]",
-                   help="a file (all its patterns) or FILE:PATTERN")
+                   help="a file (all its patterns, or those named by -p) or FILE:PATTERN")
+    c.add_argument("-p", "--pattern", action="append", metavar="NAME",
+                   help="compare this pattern of each FILE given without :PATTERN "
+                   "(repeatable)")
     c.add_argument("--set", action="append", metavar="NAME=VALUE",
                    help="parameter value, given to every pattern that has the parameter")
-    c.add_argument("--layers", type=int, default=6)
+    c.add_argument("--input", action="append", metavar="NAME=VALUE",
+                   help="run-time input, given to every pattern that declares it: a value, "
+                   "a comma list, or @file.npy")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the random q, k for content-dependent patterns")
+    c.add_argument("--dim", type=int, default=16,
+                   help="head dim of the random q, k for content-dependent patterns")
+    c.add_argument("--layers", type=int, default=6, help="stacked layers (default 6)")
     c.add_argument("--plot", help="PNG: reached fraction per layer, one line per pattern")
     import_root(c)
     c.set_defaults(func=cmd_compare)

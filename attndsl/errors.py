@@ -134,9 +134,18 @@ class AttnErrors(AttnError):
 
 
 def did_you_mean(name: str, candidates) -> str:
-    """A ' (did you mean 'x'?)' suffix, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(name), sorted(set(candidates)), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """A ' (did you mean 'x'?)' suffix, or '' when nothing is close. Case is ignored first
+    ('W' for 'w'), then the closest spelling is looked for, also ignoring case."""
+    name = str(name)
+    cands = sorted({str(c) for c in candidates} - {name})
+    same = [c for c in cands if c.lower() == name.lower()]
+    if same:
+        return f" (did you mean '{same[0]}'?)"
+    lowered: dict[str, str] = {}
+    for c in cands:
+        lowered.setdefault(c.lower(), c)
+    close = difflib.get_close_matches(name.lower(), sorted(lowered), n=1, cutoff=0.6)
+    return f" (did you mean '{lowered[close[0]]}'?)" if close else ""
 
 
 class ErrorSink:

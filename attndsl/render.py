@@ -30,6 +30,18 @@ def _query_index(op, query) -> int:
     return idx
 
 
+def _runs(xs: list[int], most: int = 12) -> str:
+    """Sorted indices as runs: '0, 3..5, 9' (the first `most` runs, then '...')."""
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    text = ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:most])
+    return (text + (", ..." if len(runs) > most else "")) or "none"
+
+
 def _flat(m: torch.Tensor) -> torch.Tensor:
     """Per-head/batch masks are shown as their union, labelled as such."""
     while m.dim() > 2:
@@ -54,6 +66,10 @@ def text(op, m: torch.Tensor, query=None, width: int = 64) -> str:
             _SHADES[0] if v == 0 else _SHADES[min(4, 1 + int(v * 3.999))] for v in f[r].tolist())
             + "|")
     shape = op.key_shape
+    if len(shape) == 1 and query is not None:  # a sequence: the keys of that query, as runs
+        qi = _query_index(op, query)
+        keys = m2[qi].nonzero().view(-1).tolist()
+        lines.append(f"keys of query {qi}: {_runs(keys)} ({len(keys):,} of {nk:,})")
     if len(shape) >= 2:
         qi = _query_index(op, query)
         keys = m2[qi]
@@ -81,18 +97,32 @@ def text(op, m: torch.Tensor, query=None, width: int = 64) -> str:
     return "\n".join(lines)
 
 
-def plot(op, m: torch.Tensor, path: str, query=None) -> None:
+def plot(op, m: torch.Tensor, path: str, query=None, reach: torch.Tensor | None = None
+         ) -> None:
+    """The mask (black) as a PNG; with `reach` (op.reach()) also the keys a query sees only
+    through summary tokens (light blue); for grids, the keys of one query on the key grid."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
     m2 = _flat(m)
     shape = op.key_shape
     extra = len(shape) >= 2
     ncols = 2 if extra else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 5), squeeze=False)
     ax = axes[0][0]
-    ax.imshow(m2.cpu().numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
-    ax.set_title(f"{op.name}: {int(m2.sum()):,} pairs ({float(m2.float().mean()):.2%})")
+    title = f"{op.name}: {int(m2.sum()):,} pairs ({float(m2.float().mean()):.2%})"
+    if reach is not None:
+        r2 = _flat(reach) | m2
+        img = m2.to(torch.uint8) * 2 + (r2 & ~m2).to(torch.uint8)
+        ax.imshow(img.cpu().numpy(), cmap=ListedColormap(["white", "#9ecae1", "black"]),
+                  vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+        title += "\nblack: direct keys; blue: through summary tokens"
+    else:
+        ax.imshow(m2.cpu().numpy(), cmap="Greys", interpolation="nearest", aspect="auto")
+    if not extra and query is not None:
+        ax.axhline(_query_index(op, query), color="r", linewidth=0.8)
+    ax.set_title(title)
     ax.set_xlabel("key")
     ax.set_ylabel("query")
     if extra:

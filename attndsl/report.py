@@ -9,6 +9,27 @@ def _fmt_flops(x: float) -> str:
     return f"{x:.3g}"
 
 
+def layers_text(n: int) -> str:
+    return f"{n} layer{'s' if n != 1 else ''}"
+
+
+def coverage_text(a) -> str:
+    """The layers to full coverage in a table cell: 'N layers', 'never' (the reach stopped
+    growing short of it), 'never*' (likewise, though the followed query reaches its whole
+    field: other queries do not; see COVERAGE_NOTE) or '> N' (still growing when the search
+    stopped)."""
+    if a.full_coverage_layers is not None:
+        return layers_text(a.full_coverage_layers)
+    if a.diameter is None:  # the reach was still growing
+        return f"> {a.coverage_checked_layers}"
+    return "never" if a.never_reached_count or a.layers[-1].reach_fraction < 1 else "never*"
+
+
+COVERAGE_NOTE = ("never*: the followed query reaches every token full attention would give "
+                 "it, but some other queries never do (prefix_lm: the prefix tokens never "
+                 "see past the prefix)")
+
+
 def analysis_table(a) -> str:
     """The human-readable report of `attndsl analyze`."""
     params = ", ".join(f"{k}={v}" for k, v in a.params.items())
@@ -19,24 +40,37 @@ def analysis_table(a) -> str:
                  f"{len(a.layers)} "
                  f"layer{'s' if len(a.layers) != 1 else ''} (statistics over {a.queries} "
                  "queries):")
-    lines.append(f"  {'layer':>5} {'reach':>12} {'of full':>8} {'interval':>8} "
+    one_axis = len(a.key_shape) == 1
+    lines.append(f"  {'layer':>5} {'reach':>12} {'% of full':>9} {'contiguous':>10} "
                  f"{'min reach':>10} {'mean reach':>11} {'max reach':>10} {'covered q':>10}")
     for s in a.layers:
-        lines.append(f"  {s.layer:>5} {s.reach:>12,} {s.reach_fraction:>8.2%} "
-                     f"{'yes' if s.continuous else 'no':>8} {s.min_reach:>10,} "
+        contiguous = ("yes" if s.continuous else "no") if one_axis else "-"
+        lines.append(f"  {s.layer:>5} {s.reach:>12,} {s.reach_fraction:>9.2%} "
+                     f"{contiguous:>10} {s.min_reach:>10,} "
                      f"{s.mean_reach:>11,.1f} {s.max_reach:>10,} {s.covered_queries:>10,}")
-    if a.full_coverage_layers is not None:
+    lines.append(f"  reach: tokens reached from query {a.query}; % of full: of the tokens full "
+                 f"attention would give it ({'every earlier token' if a.causal else 'every key'})"
+                 + ("; contiguous: they form one interval" if one_axis else ""))
+    lines.append("  min / mean / max reach: over the queries above; covered q: how many of them "
+                 "reach every token full attention would")
+    n = a.full_coverage_layers
+    if n is not None:
         lines.append(f"full coverage: every query reaches every token full attention would "
-                     f"after {a.full_coverage_layers} layer"
-                     f"{'s' if a.full_coverage_layers != 1 else ''}")
-    elif a.complete is False and a.never_reached_count:
+                     f"after {layers_text(n)}")
+    elif a.diameter is None:
+        lines.append(f"full coverage: not within {a.coverage_checked_layers} layers (the reach "
+                     "was still growing)")
+    elif a.never_reached_count:
         shown = ", ".join(map(str, a.never_reached[:16]))
         lines.append(f"full coverage: never; {a.never_reached_count:,} tokens stay unreachable "
                      f"from query {a.query} (first: {shown})")
     else:
-        lines.append(f"full coverage: not within {a.coverage_checked_layers} layers")
+        lines.append(f"full coverage: never; query {a.query} reaches every token full "
+                     f"attention would, but other queries stop short of theirs: the reach "
+                     f"stops growing after {layers_text(a.diameter)}")
     if a.diameter is not None:
-        lines.append(f"diameter (longest shortest path): {a.diameter} hops")
+        lines.append(f"diameter (longest shortest path): {a.diameter} "
+                     f"hop{'s' if a.diameter != 1 else ''}")
     lines.append(f"attended pairs: {a.nnz:,} ({a.density:.4%} dense)")
     lines.append(f"FLOPs: forward {_fmt_flops(a.flops_forward)}, backward "
                  f"{_fmt_flops(a.flops_backward)} (4*nnz*D per head, D={a.head_dim}, "

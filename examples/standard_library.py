@@ -8,6 +8,7 @@ block tables) and writes a picture of each mask to out/standard_library/.
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 import attndsl
 from attndsl import render
+from attndsl.report import COVERAGE_NOTE, coverage_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "standard_library"
@@ -50,7 +52,15 @@ CASES = [
     ("document.attn", "document_causal", dict(N=1024),
      {"doc": torch.repeat_interleave(torch.arange(4), torch.tensor([300, 200, 400, 124]))}),
     ("document.attn", "prefix_lm", dict(N=1024), {"prefix": 256}),
+    ("llm.attn", "chunked_causal", dict(N=1024, chunk=128), {}),
+    ("llm.attn", "alibi", dict(N=1024, heads=8), {}),
+    ("longdoc.attn", "longformer", dict(N=1024, window=64, globals=2), {}),
+    ("longdoc.attn", "bigbird", dict(N=1024, block=32), {}),
+    ("sta.attn", "sliding_tile", dict(H=24, W=24, tile=4, window=3), {}),
+    ("sta.attn", "sliding_tile3d", dict(T=4, H=12, W=12, tile=(2, 4, 4), window=(1, 3, 3)),
+     {}),
 ]
+PARAM_WIDTH = 44  # longer parameter lists continue on the next line
 
 
 def main() -> int:
@@ -65,6 +75,7 @@ def main() -> int:
     print("-" * len(head))
     g = torch.Generator().manual_seed(0)
     analyses = []
+    seen: dict[str, int] = {}
     for file, name, params, inputs in CASES:
         t0 = time.perf_counter()
         op = attndsl.compile(ROOT / "patterns" / file, pattern=name, **params)
@@ -82,30 +93,36 @@ def main() -> int:
         ms = (time.perf_counter() - t0) * 1e3
         per = m.sum(1)
         nsum = sum(s["member"].shape[0] for s in op.summaries(**inputs))
-        ptxt = ", ".join(f"{k}={v}" for k, v in params.items())
+        ptxt = textwrap.wrap(", ".join(f"{k}={v}" for k, v in params.items()), PARAM_WIDTH,
+                             break_long_words=False) or [""]
         shape = f"{op.bound.nq}x{op.bound.nk}"
-        print(f"{name:<20} {ptxt[:44]:<44} {shape:>15} {int(m.sum()):>11,} "
+        print(f"{name:<20} {ptxt[0]:<{PARAM_WIDTH}} {shape:>15} {int(m.sum()):>11,} "
               f"{float(m.float().mean()):>8.2%} "
               f"{int(per.min()):>8}/{float(per.float().mean()):>7.1f}/{int(per.max()):<7} "
               f"{nsum:>9} {ms:>6.0f}")
+        for more in ptxt[1:]:
+            print(f"{'':<20} {more}")
         if nsum:
             print(f"{'':<20} with summary tokens, every query reaches "
                   f"{float(reach.sum(1).float().mean()):.1f} keys on average")
-        render.plot(op, mask, str(OUT / f"{name}.png"))
+        seen[name] = seen.get(name, 0) + 1  # a second case of a pattern: name_2.png
+        picture = f"{name}.png" if seen[name] == 1 else f"{name}_{seen[name]}.png"
+        render.plot(op, mask, str(OUT / picture), reach=reach if nsum else None)
         analyses.append((name, op.analyze(layers=2, **inputs, q=content.get("q"),
                                        k=content.get("k"))))
     print("\nstacked (attndsl analyze): receptive field of the last token (or the grid "
-          "centre)")
+          "centre) after 1 and 2 layers;\nfull coverage: layers until every query reaches all "
+          "that full attention would give it")
     head = (f"{'pattern':<20} {'after 1 layer':>14} {'after 2 layers':>15} "
             f"{'full coverage':>14}  growth of the pair count")
     print(head)
     print("-" * (len(head) + 20))
-    for name, a in analyses:
-        cov = ("never" if a.complete is False and a.full_coverage_layers is None
-               else f"{a.full_coverage_layers} layers" if a.full_coverage_layers
-               else f"> {a.coverage_checked_layers}")
+    covs = [coverage_text(a) for _, a in analyses]
+    for (name, a), cov in zip(analyses, covs):
         print(f"{name:<20} {a.layers[0].reach_fraction:>14.1%} {a.layers[1].reach_fraction:>15.1%}"
               f" {cov:>14}  {a.asymptotic.split(' (')[0]}")
+    if "never*" in covs:
+        print(COVERAGE_NOTE)
     print("\ncompiled kernels (attndsl compile --stats): token order, 64 x 64 blocks, score "
           "elements the kernels compute per attended one, and against FlexAttention's "
           "row-major block mask at the same block size")
@@ -127,7 +144,9 @@ def main() -> int:
         waste = "at run time" if s["content_dependent"] else f"{s['waste']:.2f}"
         print(f"{name:<20} {s['order_q'][:34]:<34} {s['full_blocks']:>7,} "
               f"{s['partial_blocks']:>8,} {waste:>16} {vs:>8} {s['build_seconds'] * 1e3:>9.0f}")
-    print(f"\npictures of every mask: {OUT.relative_to(ROOT)}/")
+    shown = OUT.relative_to(ROOT) if OUT.is_relative_to(ROOT) else OUT
+    print(f"\npictures of every mask: {shown}/ (direct keys black, keys "
+          "reached through summary tokens blue)")
     print("a text picture, for example `attndsl show patterns/neighborhood.attn -p na2d "
           "--set H=9 --set W=9 --set kernel=3 --set dilation=2`:")
     op = attndsl.compile(ROOT / "patterns" / "neighborhood.attn", pattern="na2d", H=9, W=9,

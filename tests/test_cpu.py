@@ -105,6 +105,12 @@ STD = [
     ("document.attn", "prefix_lm", dict(N=70)),
     ("moh.attn", "moh", dict(N=40, heads=4, shared=1, topk=2)),
     ("davit.attn", "channel_group", dict(C=64, groups=2)),
+    ("llm.attn", "chunked_causal", dict(N=70, chunk=16)),
+    ("llm.attn", "alibi", dict(N=50, heads=3)),
+    ("longdoc.attn", "longformer", dict(N=70, window=8, globals=3)),
+    ("longdoc.attn", "bigbird", dict(N=72, block=8, random=2, seed=5)),
+    ("sta.attn", "sliding_tile", dict(H=8, W=9, tile=(2, 3), window=3)),
+    ("sta.attn", "sliding_tile3d", dict(T=2, H=8, W=4, tile=(1, 2, 2), window=(1, 3, 1))),
     # summary tokens (merged with the direct keys through log-sum-exps), rules reading q, k
     ("combiner.attn", "combiner_axial_pooled", dict(H=7, W=9)),
     ("transnext.attn", "aggregated_pooled", dict(H=9, W=11, kernel=3, pool=4)),

@@ -743,11 +743,25 @@ RUNTIME_CASES = [
         "              ^~~~~",
     ], id="tensor-declared-heads"),
     pytest.param(lambda: _window()(Q, Q, Q, backend="refrence"), attndsl.UnsupportedError, [
-        "error: unknown backend 'refrence' (did you mean 'reference'?)",
+        "error: unknown backend 'refrence' (did you mean 'reference'?); the backends are "
+        "reference, triton, cpu, flex, auto",
     ], id="backend-unknown"),
     pytest.param(lambda: _window()(Q, Q, Q, backend="gpu"), attndsl.UnsupportedError, [
-        "error: unknown backend 'gpu' (did you mean 'cpu'?)",
+        "error: unknown backend 'gpu': a device, not a backend; move q, k and v to the GPU and "
+        "keep backend='auto' (or pass 'triton'); the backends are reference, triton, cpu, "
+        "flex, auto",
     ], id="backend-not-available"),
+    pytest.param(lambda: _window()(Q, Q, Q, backend="cuda"), attndsl.UnsupportedError, [
+        "error: unknown backend 'cuda': a device, not a backend; move q, k and v to the GPU "
+        "and keep backend='auto' (or pass 'triton'); the backends are reference, triton, cpu, "
+        "flex, auto",
+    ], id="backend-device-name"),
+    pytest.param(lambda: _window()(Q, Q, Q, scal=0.5), attndsl.AttnNameError, [
+        std(SLIDING, "pattern sliding_window(") + ":9: error: pattern 'sliding_window' has no "
+        "run-time input 'scal' (did you mean 'scale'?)",
+        "    pattern sliding_window(N: int, window: int, causal: bool = true) {",
+        "            ^~~~~~~~~~~~~~",
+    ], id="call-option-misspelt"),
     pytest.param(lambda: _window()(Q, Q, Q, scale=-1.0), attndsl.ParameterError, [
         "error: scale must be a positive number, not -1.0",
     ], id="call-negative-scale"),
@@ -1015,8 +1029,8 @@ def test_cli_check_good_and_bad_files(in_tmp, capsys):
 
 @pytest.mark.parametrize(("args", "report"), [
     pytest.param(["mask", NB, "-p", "na1d", "--set", "N=abc", "--set", "kernel=3"],
-                 "error: cannot read value 'abc': expected an integer, a number, true/false, "
-                 "or a comma-separated tuple\n", id="set-not-a-value"),
+                 "error: --set N=abc: cannot read value 'abc': expected an integer, a number, "
+                 "true/false, or a comma-separated tuple\n", id="set-not-a-value"),
     pytest.param(["mask", NB, "-p", "na1d", "--set", "N"],
                  "error: --set takes NAME=VALUE, not 'N'\n", id="set-without-equals"),
     pytest.param(["show", NB, "-p", "na1d", "--set", "N=8", "--set", "kernel=3,3"],

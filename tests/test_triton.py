@@ -114,6 +114,12 @@ STD = [
     ("dhsa.attn", "dhsa_chunks", dict(N=90, block=20, chunk=7, topk=3)),
     ("dhsa.attn", "dhsa", dict(N=60, block=16, chunk=7, budget=24, local=4, sinks=2,
                                instruction=8)),
+    ("llm.attn", "chunked_causal", dict(N=70, chunk=16)),
+    ("llm.attn", "alibi", dict(N=50, heads=3)),
+    ("longdoc.attn", "longformer", dict(N=70, window=8, globals=3)),
+    ("longdoc.attn", "bigbird", dict(N=72, block=8, random=2, seed=5)),
+    ("sta.attn", "sliding_tile", dict(H=8, W=9, tile=(2, 3), window=3)),
+    ("sta.attn", "sliding_tile3d", dict(T=2, H=8, W=4, tile=(1, 2, 2), window=(1, 3, 1))),
 ]
 
 

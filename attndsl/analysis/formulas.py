@@ -226,17 +226,23 @@ def growth_class(bp: BoundPattern, max_tokens: int = 1 << 18) -> str:
                and not isinstance(x, bool)]
     # start well past the other parameters (windows, blocks) so borders matter little
     m = max(others, default=1)
-    per = 1.0 / len(size_params)
-    base = max(16, math.ceil((64 * m) ** per), {1: 2, 2: 16}.get(len(size_params), 4) * m)
+    d = len(size_params)
+    base = max(16, math.ceil((64 * m) ** (1.0 / d)), {1: 2, 2: 16}.get(d, 4) * m)
     counts, ns, subs = [], [], []
     for j in range(4):
         values = dict(bp.values)
-        for name in size_params:
-            values[name] = round(max(base, bp.values[name]) * 2 ** (j * per))
+        for i, name in enumerate(size_params):
+            # a multiple of the given size, so that requires such as `H % tile == 0` that
+            # hold for it hold here too; one axis doubles per step, so N doubles exactly
+            given = max(1, bp.values[name])
+            start = given * math.ceil(max(base, given) / given)
+            values[name] = start * 2 ** ((j + d - 1 - i) // d)
         try:
             sub = bind(bp.checked, values)
-        except AttnError:  # a size the constraints reject: no fit
-            return "unknown (the pattern's constraints reject larger sizes)"
+        except AttnError as e:  # a size the constraints reject: no fit
+            tried = ", ".join(f"{n}={values[n]}" for n in size_params)
+            return f"unknown (the pattern's constraints reject the larger sizes {tried}: " \
+                   f"{e.message})"
         if sub.nq > max_tokens:  # decided before any counting
             return "unknown (sizes too large to count)"
         subs.append(sub)

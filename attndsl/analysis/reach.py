@@ -462,9 +462,11 @@ def analyze(bp: BoundPattern, layers: int = 4, query=None, head_dim: int = 64,
     flops = 4.0 * (per_head + nsum * heads) * head_dim
     formula, formula_density, verified = _formula(bp, nnz_union)
     asym = growth_class(bp)
-    method = (f"exact decomposition: {sum(len(p.full) for p in parts):,} FULL rectangles "
-              f"proved by interval reasoning, {sum(len(p.tiles) for p in parts):,} dense "
-              f"{parts[0].tile}x{parts[0].tile} tiles where reasoning could not decide")
+    nfull, ntiles = sum(len(p.full) for p in parts), sum(len(p.tiles) for p in parts)
+    method = (f"exact decomposition: {nfull:,} FULL rectangle{'s' if nfull != 1 else ''} "
+              f"proved by interval reasoning, {ntiles:,} dense {parts[0].tile}x"
+              f"{parts[0].tile} tile{'s' if ntiles != 1 else ''} where reasoning could not "
+              "decide")
     return Analysis(
         bp.name, dict(bp.values), tuple(bp.qshape), tuple(bp.kshape), query, causal,
         tuple(stats), coverage, checked,

@@ -483,8 +483,12 @@ class Checker:
         callable_ = isinstance(g, ir.FnDef | ir.PatternDef) or e.func in BUILTINS or (
             e.func in DYNAMIC)
         if not callable_ and (scope.get(e.func) is not None or e.func in CONTEXT):
+            first = (e.args[0].span if e.args else e.kwargs[0].span if e.kwargs else e.span)
+            glued = (f" (the '(' on line {first.line} starts a new line, yet continues the "
+                     "expression before it: newlines do not end expressions)"
+                     if first.line > e.span.line else "")
             return dataclasses.replace(out, ty=self.err(
-                AttnTypeError, f"'{e.func}' is a value, not a function", e.span))
+                AttnTypeError, f"'{e.func}' is a value, not a function{glued}", e.span))
         if isinstance(g, ir.FnDef):
             return self.call_fn(out, g)
         if isinstance(g, ir.PatternDef):

@@ -451,6 +451,11 @@ def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSynt
         span = Span(file, line, col, line, col + 1, text)
         return AttnSyntaxError(msg, span)
     unclosed = _unclosed(lines, line, col)
+    glued = _glued_let(lines, line, unclosed) if tok is not None and str(tok) == "}" else None
+    if glued is not None:
+        return AttnSyntaxError(glued[0], Span(file, glued[1], glued[2], glued[1],
+                                              len(lines[glued[1] - 1].rstrip()) + 1,
+                                              lines[glued[1] - 1]))
     if tok is not None and tok.type != "$END":
         msg = f"unexpected {_describe(tok)}" + _expected(getattr(err, "expected", ()) or ())
         if unclosed and unclosed[0] in "([" and unclosed[1] < line:
@@ -463,6 +468,34 @@ def _syntax_error(err: UnexpectedInput, file: str, lines: list[str]) -> AttnSynt
                                Span(file, bline, bcol, bline, bcol + 1, lines[bline - 1]))
     msg = "unexpected end of file" + _expected(getattr(err, "expected", ()) or ())
     return AttnSyntaxError(msg, Span(file, line, col, line, col + 1, text))
+
+
+def _glued_let(lines: list[str], line: int, unclosed) -> tuple[str, int, int] | None:
+    """A fn block whose result line starts with '(' or '-' right after a `let`: newlines do
+    not end expressions, so that line became part of the let's value (a call, a
+    subtraction) and the body ends without a result. (message, line, column) of that line,
+    or None when the '}' at `line` closes something else."""
+    if unclosed is None or unclosed[0] != "{" or "->" not in lines[unclosed[1] - 1]:
+        return None  # not the body of a fn (`fn f(...) -> T {`)
+    last_let, glued = None, None
+    for ln in range(unclosed[1] + 1, line + 1):
+        text = lines[ln - 1].split("#", 1)[0].strip()
+        if ln == line:
+            text = text.split("}", 1)[0].strip()
+        if text.startswith("let ") or text == "let":
+            last_let, glued = ln, None
+        elif last_let is not None and glued is None and text[:1] in ("(", "-"):
+            glued = ln
+    if glued is None:
+        return None
+    text = lines[glued - 1]
+    first = text[len(text) - len(text.lstrip())] if text.strip() else "("
+    col = len(text) - len(text.lstrip()) + 1
+    what = "a call of the value before it" if first == "(" else "a subtraction from it"
+    return (f"this line continues the 'let' on line {last_let}: a line starting with "
+            f"'{first}' is read as part of the expression above ({what}), so the function "
+            f"body has no result expression; give the result a 'let' of its own and end "
+            f"with its name, or start the line differently", glued, col)
 
 
 def _char(ch: str) -> str:

@@ -198,10 +198,12 @@ class BoundPattern:
                 f" the reference limit of {MASK_LIMIT:,} (2^28); the reference backend is "
                 "dense by design, use smaller sizes to inspect masks", self.checked.span)
 
-    def unknown_input(self, name: str):
+    def unknown_input(self, name: str, options=()):
+        """The error for an unknown keyword; `options`: the other keywords the call takes,
+        also suggested (a misspelt `scale=` is no run-time input either)."""
         from attndsl.errors import AttnNameError
         return AttnNameError(f"pattern '{self.name}' has no run-time input '{name}'"
-                             + did_you_mean(name, self.inputs), self.checked.span)
+                             + did_you_mean(name, (*self.inputs, *options)), self.checked.span)
 
 
 # ---------------------------------------------------------------- parameter values
@@ -235,6 +237,8 @@ def convert(name: str, value, t: ir.Type, span):
 
     if t.n is None:
         if isinstance(value, tuple | list):
+            if len(value) == 1:  # a 1-tuple is one axis' value (NATTEN's `kernel_size=(7,)`)
+                return scalar(value[0])
             raise ParameterError(f"parameter '{name}' must be {t}, not a sequence", span)
         return scalar(value)
     if isinstance(value, tuple | list):
