@@ -6,7 +6,9 @@ steps is the same whether a run stops at k or goes on."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +111,28 @@ class Progress:
             sys.stderr.flush()
 
 
+class _Stop:
+    """Ctrl-C during training: the first one asks the loop to stop after its step (an
+    interrupt raised inside a step could leave a lock of torch or attndsl held, and the
+    scoring after it would wait forever); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            self.old = None
+
+
 def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: int,
           test: Batch, *, stops: tuple[int, ...] = (), seconds: float | None = None,
           progress: Progress | None = None) -> Run:
@@ -138,8 +162,10 @@ def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: 
     def checkpoint():
         run.checkpoints.append(Checkpoint(step, spent, recent(), predict(model, test)))
 
+    stop = _Stop()
     try:
-        while (last is None or step < last) and (seconds is None or cpu < seconds):
+        while ((last is None or step < last) and (seconds is None or cpu < seconds)
+               and not stop.requested):
             t0, c0 = time.perf_counter(), time.process_time()
             for group in opt.param_groups:
                 group["lr"] = hyper.lr * min(1.0, (step + 1) / max(1, hyper.warmup))
@@ -160,6 +186,9 @@ def train(build: Callable[[], torch.nn.Module], task: Task, hyper: Hyper, seed: 
                 checkpoint()
     except KeyboardInterrupt:
         run.interrupted = True
+    finally:
+        stop.restore()
+    run.interrupted = run.interrupted or stop.requested
     if progress is not None:
         progress.update(step, recent(), spent, force=True, used=cpu)
         progress.close()

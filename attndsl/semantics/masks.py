@@ -159,14 +159,15 @@ def dense_mask(bp: BoundPattern, run: RunInputs, device=None, rows: tuple | None
     first, count = rows if rows is not None else (0, bp.nq)
     device = device or torch.device("cpu")
     if tokens is not None:
+        count = len(tokens[0])
+    bp.check_size(math.prod(lead) if lead else 1, count)  # before anything of size Nk
+    if tokens is not None:
         qtok, kidx = (t.to(device) for t in tokens)
-        count = len(qtok)
         kidx = kidx.view(1, -1)
     else:
         qtok = None
         kidx = torch.arange(bp.nk, device=device).view(1, -1)
     nk = kidx.shape[1]
-    bp.check_size(math.prod(lead) if lead else 1, count)
     out = torch.empty(lead + [count, nk], dtype=torch.bool, device=device)
     h = torch.arange(heads, device=device).view(-1, 1, 1) if heads is not None else None
     for q0, q1 in chunks(count, nk * max(1, math.prod(lead))):
