@@ -134,11 +134,16 @@ def _to_blocks(x, tok, order_identity, groups, cdt):
     return out.view(B * groups, nb, Hx // groups, block, D)
 
 
+def _positions_of_blocks(x, B, groups):
+    """[B * groups, nb, r, block, D] -> [B, groups * r, nb * block, D], in position order."""
+    _, nb, r, block, D = x.shape
+    return x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
+        B, groups * r, nb * block, D)
+
+
 def _from_blocks(x, inv, n_tokens, B, groups, dtype):
     """[B * groups, nb, r, block, D] -> [B, groups * r, N, D] in row-major token order."""
-    _, nb, r, block, D = x.shape
-    y = x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
-        B, groups * r, nb * block, D)
+    y = _positions_of_blocks(x, B, groups)
     y = y[:, :, :n_tokens] if inv is None else y.index_select(2, inv)
     return y.to(dtype)
 
@@ -146,11 +151,9 @@ def _from_blocks(x, inv, n_tokens, B, groups, dtype):
 def _scatter_blocks(x, tok, valid, n_tokens, B, groups, dtype):
     """Gradients of a compact key layout (some blocks only) -> [B, groups * r, N, D], zero
     at the keys no block holds."""
-    _, nb, r, block, D = x.shape
-    y = x.view(B, groups, nb, r, block, D).permute(0, 1, 3, 2, 4, 5).reshape(
-        B, groups * r, nb * block, D)
+    y = _positions_of_blocks(x, B, groups)
     sel = valid.reshape(-1).nonzero().squeeze(1)
-    out = y.new_zeros(B, groups * r, n_tokens, D)
+    out = y.new_zeros(*y.shape[:2], n_tokens, y.shape[3])
     out.index_copy_(2, tok.reshape(-1)[sel], y.index_select(2, sel))
     return out.to(dtype)
 
