@@ -9,6 +9,7 @@ planner (codegen/plan/tables.py: block tables over any token order).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -306,6 +307,11 @@ class Bounds:
     def __len__(self) -> int:
         return len(self.count)
 
+    @staticmethod
+    def concat(parts) -> Bounds:
+        return Bounds(*(np.concatenate([getattr(p, n) for p in parts])
+                        for n in ("lo", "hi", "flo", "fhi", "count", "size")))
+
     def take(self, idx) -> Bounds:
         return Bounds(self.lo[idx], self.hi[idx], self.flo[idx], self.fhi[idx],
                       self.count[idx], self.size[idx])
@@ -352,27 +358,56 @@ def bounds(perm: np.ndarray, shape: tuple[int, ...]) -> Bounds:
     return Bounds(lo, hi, flo, fhi, valid.sum(axis=1), size)
 
 
+class RowMajorLevel:
+    """Level `level` of the pyramid of row-major tokens start .. start + n - 1 in blocks of
+    `block` (the last block padded), in closed form: group g holds the 2**level consecutive
+    blocks from g * 2**level on, one flat range. `take` computes only the groups asked for
+    (a refinement touches few of a long sequence's groups); the whole level, as Bounds
+    attributes, is built the first time one is read."""
+
+    def __init__(self, shape: tuple[int, ...], block: int, start: int, n: int, level: int):
+        self.shape, self.block, self.start, self.n, self.span = shape, block, start, n, 1 << level
+        self.nb = -(-n // block)
+
+    def __len__(self) -> int:
+        return -(-self.nb // self.span)
+
+    def take(self, g) -> Bounds:
+        g = (np.arange(len(self), dtype=np.int64)[g] if isinstance(g, slice)
+             else np.asarray(g, dtype=np.int64))
+        span, block = self.span, self.block
+        flo = self.start + g * span * block
+        fhi = np.minimum(flo + span * block, self.start + self.n) - 1
+        size = (np.minimum((g + 1) * span, self.nb) - g * span) * block
+        if len(self.shape) == 1:
+            lo, hi = flo[:, None], fhi[:, None]
+        else:
+            box = token_box(flo, fhi, self.shape, tuple(range(len(self.shape))))
+            lo = np.stack([np.broadcast_to(p.lo, flo.shape) for p in box.pos], axis=1)
+            hi = np.stack([np.broadcast_to(p.hi, flo.shape) for p in box.pos], axis=1)
+        return Bounds(lo, hi, flo, fhi, fhi - flo + 1, size)
+
+    @functools.cached_property
+    def _all(self) -> Bounds:
+        return self.take(slice(None))
+
+    lo = property(lambda self: self._all.lo)
+    hi = property(lambda self: self._all.hi)
+    flo = property(lambda self: self._all.flo)
+    fhi = property(lambda self: self._all.fhi)
+    count = property(lambda self: self._all.count)
+    size = property(lambda self: self._all.size)
+
+
 def row_major(shape: tuple[int, ...], block: int, start: int = 0,
-              count: int | None = None) -> list[Bounds]:
+              count: int | None = None) -> list[RowMajorLevel]:
     """The pyramid of row-major tokens start .. start + count - 1 (all by default) in blocks
-    of `block` (the last block padded), in closed form: a group of level l holds 2**l
-    consecutive blocks, one flat range."""
+    of `block`, up to the first level of at most TOP_GROUPS groups."""
     n = math.prod(shape) - start if count is None else count
-    nb = -(-n // block)
-    levels = []
-    span = 1
-    while True:
-        g = np.arange(-(-nb // span), dtype=np.int64)
-        flo = start + g * span * block
-        fhi = np.minimum(flo + span * block, start + n) - 1
-        size = (np.minimum((g + 1) * span, nb) - g * span) * block
-        box = token_box(flo, fhi, shape, tuple(range(len(shape))))
-        lo = np.stack([np.broadcast_to(p.lo, flo.shape) for p in box.pos], axis=1)
-        hi = np.stack([np.broadcast_to(p.hi, flo.shape) for p in box.pos], axis=1)
-        levels.append(Bounds(lo, hi, flo, fhi, fhi - flo + 1, size))
-        if len(g) <= TOP_GROUPS:
-            return levels
-        span *= 2
+    levels = [RowMajorLevel(tuple(shape), block, start, n, 0)]
+    while len(levels[-1]) > TOP_GROUPS:
+        levels.append(RowMajorLevel(tuple(shape), block, start, n, len(levels)))
+    return levels
 
 
 # ------------------------------------------------------------------ the refinement
@@ -404,7 +439,9 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     query side is split next, and the other way round. (A row's hashed random blocks make
     every pair PARTIAL until its query group is one block; splitting only the queries gets
     there without splitting every key group on the way: 3x fewer pairs on the BigBird-style
-    pattern of bench/cpu_bench.py at 262,144 tokens.)"""
+    pattern of bench/cpu_bench.py at 262,144 tokens.) The frontier then mixes levels; each
+    step classifies all of it in one call of the abstract interpreter, whose cost is far
+    more per call than per box."""
     lq0, lk0 = len(qlev) - 1, len(klev) - 1
     gi, gj = np.meshgrid(np.arange(len(qlev[lq0])), np.arange(len(klev[lk0])), indexing="ij")
     n0 = gi.size
@@ -413,57 +450,91 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
              np.full(n0, -1))
     nq_at = np.array([len(x) for x in qlev])
     nk_at = np.array([len(x) for x in klev])
+    qgather, kgather = _Gather(qlev), _Gather(klev)
     qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
     full, diags, diag_at, und_i, und_j = [], [], [], [], []
     evaluated = next_id = 0
     while len(front[0]):
-        nxt = []
-        lqs, lks, gis, gjs, pars = front
-        for lq, lk in sorted(set(zip(lqs.tolist(), lks.tolist())), reverse=True):
-            at = (lqs == lq) & (lks == lk)
-            gi, gj, par = gis[at], gjs[at], pars[at]
-            qb, kb = qlev[lq].take(gi), klev[lk].take(gj)
-            live = (qb.count > 0) & (kb.count > 0)
-            gi, gj, par, qb, kb = gi[live], gj[live], par[live], qb.take(live), kb.take(live)
-            evaluated += len(gi)
-            if max_boxes is not None and evaluated > max_boxes:
-                raise SizeLimitError(f"pattern '{bp.name}' needs more than {max_boxes:,} boxes "
-                                     "to decompose exactly at this size", bp.checked.span)
-            cls = classify_token_boxes(bp, qb.box(bp.qshape, qaxes, "q"),
-                                       kb.box(bp.kshape, kaxes, "k"),
-                                       qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
-            f = cls == FULL
-            if f.any():
-                full.append((lq, lk, gi[f], gj[f]))
-            p = cls == PARTIAL
-            probe = _unpruned(par, p)
-            gi, gj, probe, qb, kb = gi[p], gj[p], probe[p], qb.take(p), kb.take(p)
-            if len(gi) and (diag == "all" or (diag == "leaf" and lq == lk == 0)):
-                c, lower, upper = diagonal_split(bp, qb.flo, qb.fhi, kb.flo, kb.fhi, head,
-                                                 run)
-                g = c > -(1 << 62)
-                if g.any():
-                    diags.append(DiagLeaves(qb.flo[g], qb.fhi[g], kb.flo[g], kb.fhi[g], c[g],
-                                            lower[g], upper[g]))
-                    diag_at.append((lq, lk, gi[g], gj[g]))
-                    gi, gj, probe, qb, kb = gi[~g], gj[~g], probe[~g], qb.take(~g), kb.take(~g)
-            if not len(gi):
-                continue
-            if lq == 0 and lk == 0:
-                und_i.append(gi)
-                und_j.append(gj)
-                continue
-            side = np.full(len(gi), 3 if lq and lk else (1 if lq else 2), dtype=np.int8)
-            if lq and lk and probe.any():
-                side[probe] = _probe(bp, qb.take(probe), kb.take(probe), head, run)
-            nxt.append(_children(nq_at, nk_at, lq, lk, gi, gj, side, next_id))
-            next_id += len(gi)
-        front = tuple(np.concatenate([x[i] for x in nxt]) for i in range(5)) if nxt else (
-            np.zeros(0, dtype=np.int64),) * 5
+        lq, lk, gi, gj, par = front
+        qb, kb = qgather(lq, gi), kgather(lk, gj)
+        live = (qb.count > 0) & (kb.count > 0)
+        if not live.all():
+            lq, lk, gi, gj, par = lq[live], lk[live], gi[live], gj[live], par[live]
+            qb, kb = qb.take(live), kb.take(live)
+        evaluated += len(gi)
+        if max_boxes is not None and evaluated > max_boxes:
+            raise SizeLimitError(f"pattern '{bp.name}' needs more than {max_boxes:,} boxes "
+                                 "to decompose exactly at this size", bp.checked.span)
+        if not len(gi):
+            break
+        cls = classify_token_boxes(bp, qb.box(bp.qshape, qaxes, "q"),
+                                   kb.box(bp.kshape, kaxes, "k"),
+                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
+        f = np.nonzero(cls == FULL)[0]
+        for l1, l2, at in _by_level(lq[f], lk[f]):
+            full.append((l1, l2, gi[f[at]], gj[f[at]]))
+        p = cls == PARTIAL
+        probe = _unpruned(par, p)
+        keep = np.nonzero(p)[0]  # positions in qb, kb of the pairs still open
+        if diag != "none":
+            t = keep if diag == "all" else keep[(lq[keep] == 0) & (lk[keep] == 0)]
+            if len(t):
+                c, lower, upper = diagonal_split(bp, qb.flo[t], qb.fhi[t], kb.flo[t],
+                                                 kb.fhi[t], head, run)
+                ok = c > -(1 << 62)
+                g, c, lower, upper = t[ok], c[ok], lower[ok], upper[ok]
+                for l1, l2, at in _by_level(lq[g], lk[g]):
+                    a = g[at]
+                    diags.append(DiagLeaves(qb.flo[a], qb.fhi[a], kb.flo[a], kb.fhi[a],
+                                            c[at], lower[at], upper[at]))
+                    diag_at.append((l1, l2, gi[a], gj[a]))
+                if len(g):
+                    keep = np.setdiff1d(keep, g, assume_unique=True)
+        leaf = (lq[keep] == 0) & (lk[keep] == 0)
+        und_i.append(gi[keep[leaf]])
+        und_j.append(gj[keep[leaf]])
+        s = keep[~leaf]
+        lq, lk, gi, gj, probe = lq[s], lk[s], gi[s], gj[s], probe[s]
+        side = np.where((lq > 0) & (lk > 0), 3, np.where(lq > 0, 1, 2)).astype(np.int8)
+        probe &= side == 3
+        if probe.any():
+            b = s[probe]
+            side[probe] = _probe(bp, qb.take(b), kb.take(b), head, run)
+        front = _children(nq_at, nk_at, lq, lk, gi, gj, side, next_id)
+        next_id += len(gi)
     z = np.zeros(0, dtype=np.int64)
     return Refinement(tuple(full), DiagLeaves.concat(diags), tuple(diag_at),
                       (np.concatenate(und_i) if und_i else z,
                        np.concatenate(und_j) if und_j else z), evaluated)
+
+
+class _Gather:
+    """Group g[i] of level lev[i] for every i, as one Bounds. A frontier of one level takes
+    from it; one of mixed levels from every level stacked (built the first time)."""
+
+    def __init__(self, levels: list[Bounds]):
+        self.levels = levels
+        self.stacked = None
+
+    def __call__(self, lev: np.ndarray, g: np.ndarray) -> Bounds:
+        if not len(lev) or (lev == lev[0]).all():
+            return self.levels[int(lev[0]) if len(lev) else 0].take(g)
+        if self.stacked is None:
+            self.stacked = (Bounds.concat(self.levels),
+                            np.cumsum([0] + [len(x) for x in self.levels])[:-1])
+        every, start = self.stacked
+        return every.take(start[lev] + g)
+
+
+def _by_level(lq: np.ndarray, lk: np.ndarray):
+    """(level q, level k, positions) for each pair of levels present, coarsest first."""
+    if not len(lq):
+        return []
+    if (lq == lq[0]).all() and (lk == lk[0]).all():
+        return [(int(lq[0]), int(lk[0]), np.arange(len(lq)))]
+    key = lq.astype(np.int64) * 4096 + lk
+    return [(u // 4096, u % 4096, np.nonzero(key == u)[0])
+            for u in np.unique(key)[::-1].tolist()]
 
 
 def _unpruned(parent: np.ndarray, partial: np.ndarray) -> np.ndarray:
@@ -472,24 +543,36 @@ def _unpruned(parent: np.ndarray, partial: np.ndarray) -> np.ndarray:
     two = parent >= 0
     if not two.any():
         return out
-    ids, inv = np.unique(parent[two], return_inverse=True)
-    n = np.bincount(inv, minlength=len(ids))
-    k = np.bincount(inv, weights=partial[two], minlength=len(ids))
-    out[two] = ((n == k) & (n > 1))[inv]
+    ids = parent[two]
+    ids = ids - ids.min()  # split ids are consecutive within a step: no sort needed
+    n = np.bincount(ids)
+    k = np.bincount(ids, weights=partial[two], minlength=len(n))
+    out[two] = ((n == k) & (n > 1))[ids]
     return out
 
 
 def _probe(bp, qb: Bounds, kb: Bounds, head, run) -> np.ndarray:
-    """Which side of each PARTIAL pair to split: 1 the query side (its first query alone is
-    decided, its first key alone is not), 2 the key side (the other way round), 3 both."""
-    qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
-    q1 = token_box(qb.flo, qb.flo, bp.qshape, qaxes, "q")
-    k1 = token_box(kb.flo, kb.flo, bp.kshape, kaxes, "k")
-    by_q = classify_token_boxes(bp, q1, kb.box(bp.kshape, kaxes, "k"), qb.flo - kb.fhi,
-                                qb.flo - kb.flo, head, run) != PARTIAL
-    by_k = classify_token_boxes(bp, qb.box(bp.qshape, qaxes, "q"), k1, qb.flo - kb.flo,
-                                qb.fhi - kb.flo, head, run) != PARTIAL
+    """Which side of each PARTIAL pair to split: 1 the query side (its first and its last
+    query alone are each decided, its first or its last key alone is not), 2 the key side
+    (the other way round), 3 both. (Both ends: a diagonal edge through a box leaves one of
+    its end rows whole and cuts an end column; such a box is best split on both sides.)
+    The four probes of every pair go to the abstract interpreter in one call."""
+    n = len(qb)
+    qs = Bounds.concat([_point(qb.flo, bp.qshape), _point(qb.fhi, bp.qshape), qb, qb])
+    ks = Bounds.concat([kb, kb, _point(kb.flo, bp.kshape), _point(kb.fhi, bp.kshape)])
+    cls = classify_token_boxes(bp, qs.box(bp.qshape, bp.checked.qspace.axes, "q"),
+                               ks.box(bp.kshape, bp.checked.kspace.axes, "k"),
+                               qs.flo - ks.fhi, qs.fhi - ks.flo, head, run)
+    decided = (cls != PARTIAL).reshape(4, n)
+    by_q, by_k = decided[0] & decided[1], decided[2] & decided[3]
     return np.where(by_q & ~by_k, 1, np.where(by_k & ~by_q, 2, 3)).astype(np.int8)
+
+
+def _point(flat: np.ndarray, shape) -> Bounds:
+    """One token per group: the group of each flat index alone."""
+    c = np.stack(unravel(flat, shape), axis=1)
+    one = np.ones(len(flat), dtype=np.int64)
+    return Bounds(c, c, flat, flat, one, one)
 
 
 def _children(nq_at, nk_at, lq, lk, gi, gj, side, first_id: int):
@@ -497,18 +580,23 @@ def _children(nq_at, nk_at, lq, lk, gi, gj, side, first_id: int):
     2 the key side, 3 both): (levels q, levels k, gi, gj, the split each came from, an id
     from first_id on)."""
     sq, sk = (side & 1) > 0, (side & 2) > 0
-    both = first_id + np.arange(len(gi))
-    parts = []
+    nq, nk = lq - sq, lk - sk
+    i0, j0 = np.where(sq, gi * 2, gi), np.where(sk, gj * 2, gj)
+    ilim, jlim = nq_at[nq], nk_at[nk]
+    at, da, db = [], [], []
     for a in (0, 1):
         for b in (0, 1):
-            take = (sq | (a == 0)) & (sk | (b == 0))
-            i = np.where(sq, gi * 2 + a, gi)[take]
-            j = np.where(sk, gj * 2 + b, gj)[take]
-            nq = np.where(sq, lq - 1, lq)[take]
-            nk = np.where(sk, lk - 1, lk)[take]
-            ok = (i < nq_at[nq]) & (j < nk_at[nk])
-            parts.append((nq[ok], nk[ok], i[ok], j[ok], both[take][ok]))
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(5))
+            ok = (i0 + a < ilim) & (j0 + b < jlim)
+            if a:
+                ok &= sq
+            if b:
+                ok &= sk
+            at.append(np.nonzero(ok)[0])
+            da.append(np.full(len(at[-1]), a))
+            db.append(np.full(len(at[-1]), b))
+    at = np.concatenate(at)
+    return (nq[at], nk[at], i0[at] + np.concatenate(da), j0[at] + np.concatenate(db),
+            first_id + at)
 
 
 # ------------------------------------------------------------------ decomposition
@@ -567,13 +655,16 @@ def decompose(bp: BoundPattern, tile: int = 16, head=None, run: RunInputs = NONE
     qb, kb = qlev[0], klev[0]
     one_d = bp.nq == bp.nk and len(bp.qshape) == 1
     r = refine(bp, qlev, klev, head, run, "all" if one_d else "none", max_boxes)
-    rects = [np.stack([qlev[lq].flo[gi], qlev[lq].fhi[gi], klev[lk].flo[gj],
-                       klev[lk].fhi[gj]], axis=1) for lq, lk, gi, gj in r.full]
+    rects = []
+    for lq, lk, gi, gj in r.full:
+        a, b = qlev[lq].take(gi), klev[lk].take(gj)
+        rects.append(np.stack([a.flo, a.fhi, b.flo, b.fhi], axis=1))
     gi, gj = r.undecided
-    tm = dense_tiles(bp, qb.flo[gi], kb.flo[gj], tile, tile, head, run)
+    q0, k0 = qb.take(gi).flo, kb.take(gj).flo
+    tm = dense_tiles(bp, q0, k0, tile, tile, head, run)
     keep = tm.any(axis=(1, 2))
     return Decomposition(
         bp.nq, bp.nk,
         np.concatenate(rects) if rects else np.zeros((0, 4), dtype=np.int64),
-        np.stack([qb.flo[gi][keep], kb.flo[gj][keep]], axis=1).astype(np.int64),
+        np.stack([q0[keep], k0[keep]], axis=1).astype(np.int64),
         tm[keep], tile, r.evaluated, r.diag)
