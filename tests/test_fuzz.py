@@ -39,3 +39,9 @@ def test_a_seeded_fuzz_run_has_no_failures():
     assert res["counts"]["located"] > CASES // 2 and res["counts"]["ok"] > CASES // 20
     assert not res["failures"], runner.summary(res)
     assert res["located_share"] == 1.0
+
+
+def test_a_sequence_replays_those_cases_in_that_order_in_one_worker():
+    res = runner.run(0, seed=SEED, workers=1, sequence=[7, 3, 7])
+    assert res["cases"] == 3 and sum(res["counts"].values()) == 3
+    assert not res["failures"], runner.summary(res)

@@ -290,6 +290,8 @@ class DiagLeaves:
 
 BIG = np.int64(1 << 62)
 TOP_GROUPS = 64  # groups per side where the quadtree starts
+PROBE_SAMPLE = 1024  # pairs probed first when more are eligible ...
+PROBE_WORTH = 1 / 16  # ... and the share of one-sided splits in them that makes the rest worth it
 
 
 @dataclass(frozen=True, eq=False)
@@ -434,14 +436,14 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     level) are first tried as diagonal leaves (1D row-major spaces only).
 
     A PARTIAL pair is split on both sides, except where that does not prune: when every
-    child of a split is PARTIAL again, each is probed with its first query alone and with
-    its first key alone; if the query alone is decided and the key alone is not, only its
-    query side is split next, and the other way round. (A row's hashed random blocks make
-    every pair PARTIAL until its query group is one block; splitting only the queries gets
-    there without splitting every key group on the way: 3x fewer pairs on the BigBird-style
-    pattern of bench/cpu_bench.py at 262,144 tokens.) The frontier then mixes levels; each
-    step classifies all of it in one call of the abstract interpreter, whose cost is far
-    more per call than per box."""
+    child of a split is PARTIAL again, each is probed (_probe) and may be split on one side
+    only. (A row's hashed random blocks make every pair PARTIAL until its query group is one
+    block; splitting only the queries gets there without splitting every key group on the
+    way: 3x fewer pairs on the BigBird-style pattern of bench/cpu_bench.py at 262,144
+    tokens.) A large step probes a spread sample first, and the rest only if the sample
+    splits one side often enough: longnet's probes all answer "both" and then cost little.
+    The frontier mixes levels; each step classifies all of it in one call of the abstract
+    interpreter, whose cost is far more per call than per box."""
     lq0, lk0 = len(qlev) - 1, len(klev) - 1
     gi, gj = np.meshgrid(np.arange(len(qlev[lq0])), np.arange(len(klev[lk0])), indexing="ij")
     n0 = gi.size
@@ -498,8 +500,15 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
         side = np.where((lq > 0) & (lk > 0), 3, np.where(lq > 0, 1, 2)).astype(np.int8)
         probe &= side == 3
         if probe.any():
-            b = s[probe]
-            side[probe] = _probe(bp, qb.take(b), kb.take(b), head, run)
+            at = np.nonzero(probe)[0]
+            if len(at) > PROBE_SAMPLE:  # worth probing every pair? ask a spread sample first
+                few = at[np.linspace(0, len(at) - 1, PROBE_SAMPLE).astype(np.int64)]
+                got = _probe(bp, qb.take(s[few]), kb.take(s[few]), head, run)
+                side[few] = got
+                at = at[np.isin(at, few, invert=True)] if (got != 3).mean() >= PROBE_WORTH \
+                    else at[:0]
+            if len(at):
+                side[at] = _probe(bp, qb.take(s[at]), kb.take(s[at]), head, run)
         front = _children(nq_at, nk_at, lq, lk, gi, gj, side, next_id)
         next_id += len(gi)
     z = np.zeros(0, dtype=np.int64)

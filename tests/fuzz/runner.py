@@ -16,6 +16,7 @@ scripts/fuzz.py (`--cases 100000` for the long run).
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import multiprocessing as mp
 import os
@@ -39,6 +40,7 @@ SECRETS = (CANARY, "root:x:0:0")
 WALL_FACTOR = 6  # a case blocked (not computing) is stopped after this many budgets of wall time
 SMALL = 1 << 16  # masks and attention run below this many (query, key, head) entries ...
 HUGE = 1 << 40  # ... or above this, where only the size checks may answer (fast)
+HISTORY = 200  # cases a worker names when a backend disagrees (state left by earlier cases)
 
 
 class Mismatch(Exception):
@@ -276,6 +278,7 @@ def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
     outside = home / "outside"
     outside.mkdir()
     (outside / "secret.attn").write_text(f"{CANARY} = 1\n")
+    history: collections.deque = collections.deque(maxlen=HISTORY)
     while True:
         case = inq.get()
         if case is None:
@@ -287,6 +290,11 @@ def _worker(inq, outq, budget: float, memory: int, scratch: str) -> None:
         except BaseException:  # noqa: BLE001 - the harness itself must report, not die
             outcome, why = "failure", "harness:\n" + traceback.format_exc(limit=-6)
         os.chdir(home)
+        if outcome == "failure" and why.startswith("mismatch"):
+            # a result that may depend on what this process ran before: name it, so that
+            # `--sequence` can replay exactly that in one worker
+            why += "\n  cases this worker ran before: " + ",".join(map(str, history))
+        history.append(case["index"])
         outq.put((case["index"], outcome, why, time.perf_counter() - t0))
         if why.startswith("timeout"):
             return  # interrupted anywhere, even in an import: the next case gets a new worker
@@ -303,13 +311,15 @@ class _Slot:
 
 
 def run(cases: int, seed: int = 0, workers: int = 2, budget: float = 10.0,
-        memory: int = 3 << 30, start: int = 0, progress=None) -> dict:
-    """Run cases start .. start + cases - 1 of `seed`; return counts, failures and times."""
+        memory: int = 3 << 30, start: int = 0, progress=None, sequence=None) -> dict:
+    """Run cases start .. start + cases - 1 of `seed` (or the case indices in `sequence`, in
+    that order); return counts, failures and times."""
     ctx = mp.get_context("spawn")
     outq = ctx.Queue()
     scratch = tempfile.mkdtemp(prefix="attndsl-fuzz-")
     slots = [_Slot(ctx, outq, budget, memory, scratch) for _ in range(workers)]
-    todo = list(range(start, start + cases))[::-1]
+    todo = (list(range(start, start + cases)) if sequence is None else list(sequence))[::-1]
+    cases = len(todo)
     counts = {"ok": 0, "located": 0, "failure": 0}
     failures, slowest = [], []
     t0 = time.perf_counter()
@@ -400,7 +410,15 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", type=float, default=3.0, help="GiB of address space per "
                     "worker")
     ap.add_argument("--show", action="store_true", help="print the cases' sources")
+    ap.add_argument("--sequence", help="comma-separated case indices to run in this order "
+                    "(with --workers 1: replays what one worker ran before a failure)")
     args = ap.parse_args(argv)
+    sequence = None
+    if args.sequence:
+        try:
+            sequence = [int(x) for x in args.sequence.split(",") if x.strip()]
+        except ValueError:
+            ap.error("--sequence takes comma-separated case indices")
     if args.show:
         for i in range(args.start, args.start + args.cases):
             c = make_case(args.seed, i)
@@ -412,7 +430,7 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
 
     res = run(args.cases, args.seed, args.workers, args.timeout, int(args.memory * 2**30),
-              args.start, progress)
+              args.start, progress, sequence)
     print(summary(res))
     return 1 if res["failures"] else 0
 
