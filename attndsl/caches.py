@@ -116,8 +116,8 @@ CPU_FUSED = LRU("cpu_fused", 16, "the CPU backend's fused-path work units and ad
                 "per (plan, table, head, dtype) (codegen/cpu/fused.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
                      "token orders) (codegen/triton/generate.py)")
-KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (bound "
-              "pattern, exported module or None) (codegen/triton/runtime.py)")
+KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (module "
+              "file, bound pattern) (codegen/triton/runtime.py)")
 KERNEL_MODULES = LRU("kernel_modules", 32, "imported generated Triton modules per source "
                      "digest (codegen/triton/runtime.py)")
 DEVICE_TABLES = LRU("device_tables", 16, "block tables copied to a device, per (plan, "

@@ -240,6 +240,27 @@ def test_dhsa_with_boundaries_and_gqa():
     compare(op, heads=2, batch=2, seed=3)
 
 
+DHSA_OR = """
+pattern p(N: int = 40) {
+    space seq(N)
+    attend causal() and (q >= N - 4 or chunk_topk(4, 3, 0, shared = true, budget = 8,
+                                                  local = 2, sinks = 1, tail = TAIL))
+}
+"""
+
+
+def test_a_selection_in_an_or_keeps_the_pairs_attended_without_it():
+    # the last 4 rows attend every earlier key whatever chunk_topk keeps; the per-call
+    # tables once listed only the pairs the selection kept (the fuzzer's case 314). Two
+    # patterns whose modules are the same text and whose tails differ each get their own
+    # selection (the Kernel was cached by module file alone, and kept the first tail).
+    for tail in (8, 4, 20):
+        op = attndsl.compile(DHSA_OR.replace("TAIL", str(tail)))
+        compare(op, heads=2, batch=2)
+        q = torch.randn(1, 2, 40, 8)
+        assert op.mask(q=q, k=q)[0, 0, 36:].equal(torch.ones(4, 40, dtype=torch.bool).tril(36))
+
+
 def test_runtime_inputs_change_the_tables():
     op = attndsl.compile("patterns/document.attn", "document_causal", N=48)
     a = torch.tensor([0] * 16 + [1] * 32)

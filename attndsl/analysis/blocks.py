@@ -32,7 +32,7 @@ from attndsl.errors import SizeLimitError
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
 from attndsl.semantics.evaluate import unravel
-from attndsl.semantics.inputs import NONE, RunInputs
+from attndsl.semantics.inputs import NONE, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, token_mask
 
 
@@ -50,6 +50,10 @@ class _AbsHooks:
             return int(np.asarray(v.lo).reshape(-1)[0])
         sub = bind_cached(call.callee, call_values(call.callee, call, value))
         return abstract_predicate(sub, ev.ctx, self.run, ev.diff)
+
+    def dynamic(self, call) -> BV:
+        """A content selection: false everywhere when the run says it keeps nothing."""
+        return BV(np.asarray(self.run.content is not UNSELECTED), np.asarray(True))
 
 
 class _BoxDomain:
@@ -169,6 +173,9 @@ def diagonal_split(bp: BoundPattern, q0, q1, k0, k1, head=None, run: RunInputs =
     return c, lower, upper
 
 
+TILE_ELEMS = 1 << 21  # mask elements per evaluation in dense_tiles (as before the redesign)
+
+
 def dense_tiles(bp: BoundPattern, q0, k0, bq: int, bk: int, head=None,
                 run: RunInputs = NONE):
     """Exact masks of tiles starting at (q0[i], k0[i]): bool [T, bq, bk] (out of range False).
@@ -178,7 +185,7 @@ def dense_tiles(bp: BoundPattern, q0, k0, bq: int, bk: int, head=None,
     k0 = torch.as_tensor(np.asarray(k0), dtype=torch.int64).view(-1, 1, 1)
     out = np.zeros((q0.shape[0], bq, bk), dtype=bool)
     h = None if head is None else torch.tensor(head)
-    for t0, t1 in chunks(q0.shape[0], bq * bk):
+    for t0, t1 in chunks(q0.shape[0], bq * bk, TILE_ELEMS):
         qi = q0[t0:t1] + torch.arange(bq).view(1, -1, 1)
         ki = k0[t0:t1] + torch.arange(bk).view(1, 1, -1)
         valid = (qi < bp.nq) & (ki < bp.nk)

@@ -211,8 +211,11 @@ class AbstractEvaluator:
         if e.ref == "pattern" and self.hooks is not None:
             return self.hooks.pattern(self, e, local)
         if e.ref == "dynamic" and e.ty is not None and e.ty.kind == "bool":
-            # content-dependent selection: may be true or false anywhere, so the rest of
-            # the predicate still prunes (a causal DHSA box above the diagonal is EMPTY)
+            # content-dependent selection: may be true or false anywhere (unless the hooks
+            # know better), so the rest of the predicate still prunes (a causal DHSA box
+            # above the diagonal is EMPTY)
+            if self.hooks is not None and hasattr(self.hooks, "dynamic"):
+                return self.hooks.dynamic(e)
             return BV(np.asarray(True), np.asarray(True))
         raise Unknown(e.func)
 

@@ -76,6 +76,10 @@ class RunInputs:
 
 
 NONE = RunInputs()
+# `content` for the pairs a content-dependent mask attends whatever q and k are: every
+# content selection (chunk_topk) keeps nothing. The Triton backend's per-call tables add
+# these pairs to the ones the call's selection keeps (codegen/plan/tables.py: unselected).
+UNSELECTED = ("every content selection keeps nothing",)
 
 
 def declared(bp: BoundPattern, given: dict) -> dict:

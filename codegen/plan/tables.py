@@ -32,7 +32,7 @@ from attndsl.codegen.plan.orders import (
 )
 from attndsl.errors import ParameterError, SizeLimitError
 from attndsl.semantics.bind import BoundPattern
-from attndsl.semantics.inputs import NONE, RunInputs
+from attndsl.semantics.inputs import NONE, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, summary_masks, token_mask
 
 PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
@@ -95,6 +95,10 @@ class Plan:
     run: RunInputs = NONE  # the mask's run-time inputs the tables were built for
     summary: SummaryPlan | None = None
     orders_tried: tuple = ()  # (order, measured cost) of the orders the planner compared
+    # content-dependent patterns: per head table, the pairs attended whatever the content
+    # selects (every chunk_topk false); a call's tables are these and the static pairs its
+    # selection keeps a key of
+    unselected: tuple[BlockTable, ...] = ()
 
     @property
     def content_dependent(self) -> bool:
@@ -360,7 +364,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         part_j.append(gj)
         count_rows.append(gi)
     gi, gj = r.undecided
-    if bp.content_dependent:
+    if bp.content_dependent and run.content is not UNSELECTED:
         # the content decides at run time: every undecided leaf may be attended
         part_i.append(gi)
         part_j.append(gj)
@@ -479,9 +483,11 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         t, tt = _table(bp, qorder, korder, bq, bk, h, run)
         tables.append(t)
         transposed.append(tt)
+    unselected = tuple(_table(bp, qorder, korder, bq, bk, h, run.with_content(UNSELECTED))[0]
+                       for h in heads) if bp.content_dependent else ()
     summary = summary_plan(bp, qorder, bq, bk, run) if bp.core_summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
-                time.perf_counter() - t0, bp, run, summary, tuple(tried.items()))
+                time.perf_counter() - t0, bp, run, summary, tuple(tried.items()), unselected)
 
 
 def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs

@@ -193,7 +193,9 @@ class Kernel:
 def kernel_for(bp: BoundPattern, module=None) -> Kernel:
     """The kernels of a bound pattern: generated and imported through the cache, or an
     exported module's own. A module that reads its sizes at run time (KERNEL_SIZES) serves
-    every size of a pattern: the cache keys it by its file."""
+    every size of a pattern (KERNEL_MODULES keys it by its file); the launch facts are the
+    bound pattern's own (two patterns can share a module and differ in what the host side
+    computes: chunk_topk's tail, for one), so the Kernel is keyed by both."""
     source = module_source(bp) if module is None else None
     path = source_path(source) if module is None else module.__file__
 
@@ -204,7 +206,7 @@ def kernel_for(bp: BoundPattern, module=None) -> Kernel:
         sizes = tuple(getattr(mod, "KERNEL_SIZES", ()))
         return Kernel(text, mod.__file__, mod, input_layout(bp, sizes), bool(bp.biases),
                       dynamic_config(bp), sizes)
-    return caches.KERNELS.get_or_create(path, build)
+    return caches.KERNELS.get_or_create((path, bp), build)
 
 
 # ------------------------------------------------------------------ tables on the device
@@ -246,12 +248,12 @@ def device_tables(plan: Plan, device) -> dict:
         t["qsrc"] = torch.from_numpy(np.maximum(plan.qorder.source_rows(), 0))
         t["ksrc"] = torch.from_numpy(np.maximum(plan.korder.source_rows(), 0))
         if plan.content_dependent:
-            m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
-            tab = plan.tables[0]
-            for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
-                r = np.repeat(np.arange(plan.nqb), np.diff(off))
-                m[torch.from_numpy(r), torch.from_numpy(idx.astype(np.int64))] = True
-            t["dense"] = m
+            for name, tab in (("dense", plan.tables[0]), ("unselected", plan.unselected[0])):
+                m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
+                for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
+                    r = np.repeat(np.arange(plan.nqb), np.diff(off))
+                    m[torch.from_numpy(r), torch.from_numpy(idx.astype(np.int64))] = True
+                t[name] = m
         return {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
                 for k, v in t.items()}
     return caches.DEVICE_TABLES.get_or_create((plan, str(device)), build)
@@ -620,7 +622,9 @@ def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
         cmap = torch.zeros(n, plan.nkb, device=dev)
         cmap[cols, cols // plan.block_k] = 1.0
         sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
-        sel &= t["dense"]
+        # the static pairs the selection keeps a key of, and those attended whatever it
+        # keeps (`q >= N - 4 or chunk_topk(...)`: the last rows attend without it)
+        sel = (sel & t["dense"]) | t["unselected"]
         if kvalid is not None:  # key blocks without a real key are dropped
             pad = torch.nn.functional.pad(kvalid, (0, plan.nkb * plan.block_k - n)) != 0
             sel &= pad.view(B, 1, 1, plan.nkb, plan.block_k).any(-1)
