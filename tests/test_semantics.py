@@ -124,3 +124,26 @@ def test_tensor_products_that_overflow_are_errors():
     src = "pattern p(N: int) {\n space seq(N)\n attend (q + (1 << 61)) * 4 > 0\n}\n"
     with pytest.raises(attndsl.EvaluationError, match="overflow"):
         attndsl.compile(src, N=2).mask()
+
+
+@pytest.mark.parametrize("regions,tokens", [(5, 40), (7, 33), (1, 8)])
+def test_max_pooling_over_disjoint_regions_matches_its_definition(regions, tokens):
+    # the one-pass scatter (Combiner spans) against max over each region's members, written
+    # here; ties (half-integer values) must split the gradient the same way
+    import math
+
+    from attndsl.semantics.attention import _pool
+    gen = torch.Generator().manual_seed(regions * tokens)
+    reg = torch.randint(-1, regions, (tokens,), generator=gen)  # -1: in no region
+    member = torch.stack([reg == r for r in range(regions)])
+    x = torch.randn(2, 3, tokens, 4, generator=gen, dtype=torch.float64)
+    for data in (x, torch.round(x * 2) / 2):
+        data = data.clone().requires_grad_()
+        got = _pool(data, member, "max")
+        want = torch.where(member.view(1, 1, regions, tokens, 1), data.unsqueeze(2),
+                           torch.tensor(-math.inf, dtype=data.dtype)).amax(3)
+        want = torch.where(member.any(-1).view(1, 1, -1, 1), want, torch.zeros_like(want))
+        w = torch.arange(got.numel(), dtype=got.dtype).view(got.shape)
+        assert torch.equal(got, want)
+        assert torch.equal(torch.autograd.grad((got * w).sum(), data)[0],
+                           torch.autograd.grad((want * w).sum(), data)[0])

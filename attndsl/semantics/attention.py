@@ -269,6 +269,8 @@ def _pool(x, member, how):
         w = member.to(x.dtype)
         n = w.sum(dim=-1, keepdim=True)
         return (w @ x) / torch.where(n > 0, n, torch.ones_like(n))
+    if member.dim() == 2 and bool((member.sum(0) <= 1).all()):
+        return _pool_disjoint(x, member)
     outs = []
     lead = (1, 1) if member.dim() == 2 else member.shape[:2]
     step = max(1, (1 << 24) // max(1, x.numel()))
@@ -279,6 +281,22 @@ def _pool(x, member, how):
         outs.append(xm.amax(dim=3))
     out = torch.cat(outs, dim=2)
     some = member.any(-1).unsqueeze(-1)  # [.., R, 1]: the region has a member
+    return torch.where(some, out, torch.zeros_like(out))
+
+
+def _pool_disjoint(x, member):
+    """Max pooling over regions that share no token (Combiner's spans, TransNeXt's
+    windows): one pass over the tokens (a scatter), not one per region; the same values,
+    and gradients split among tied maxima as amax's are."""
+    B, H, _, D = x.shape
+    R = member.shape[0]
+    tok = torch.nonzero(member.any(0)).view(-1)  # tokens in some region
+    reg = member[:, tok].to(torch.uint8).argmax(0)  # the region of each
+    src = x.index_select(2, tok.to(x.device))
+    out = torch.full((B, H, R, D), -math.inf, dtype=x.dtype, device=x.device)
+    out = out.scatter_reduce(2, reg.to(x.device).view(1, 1, -1, 1).expand_as(src), src,
+                             "amax", include_self=True)
+    some = member.any(-1).to(x.device).view(1, 1, R, 1)
     return torch.where(some, out, torch.zeros_like(out))
 
 

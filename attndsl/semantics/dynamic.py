@@ -74,6 +74,12 @@ def chunk_topk(bp, ctx: dict, args: dict, run, span):
     if keep.shape[2] == 0:  # every query is in the tail
         return torch.zeros(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool,
                            device=keep.device)
+    if (q.dim() >= 2 and q.shape[-1] == 1 and q.shape[-2] > 1 and k.dim() >= 2
+            and k.shape[-2] == 1 and bool((qb == qb[..., :1, :]).all())):
+        # rows of a tile in one selection block (the CPU backend's [items, rows, 1] x
+        # [items, 1, keys]): gather each tile's keys once, not once per row
+        got = keep[:, :, qb[..., :1, :], k]
+        return got if bool((q < first).all()) else got & (q < first)
     return keep[:, :, qb, k] & (q < first)
 
 

@@ -102,7 +102,8 @@ class CpuPlan:
                      hsl: slice):
         """~mask of a content-dependent pattern (it reads q and k): rows i0:i1 of a group over
         one run of its slots, for (batch, kv head) pairs gsl and query heads hsl of each GQA
-        group: [Gc, n, rq, bq, w]."""
+        group: [Gc, n, rq, bq, w] (or [1, n, 1, bq, w], broadcast, when every batch and head
+        has the same mask)."""
         bp = self.bp
         s0, s1 = grp.runs[run]
         h = torch.tensor(t) if len(self.plan.tables) > 1 else None
@@ -112,9 +113,19 @@ class CpuPlan:
         qi = self.qtok[rows].unsqueeze(2)  # [n, bq, 1]
         ki = self.ktok[kb].reshape(n, 1, -1)  # [n, 1, w]
         val = predicate(bp, context(bp, qi, ki, h), crun)
+        qv, kv = self.qvalid[rows], self.kvalid[kb]
+        if not bool(qv.all()):  # padding rows or keys (past the end): a pass each, if any
+            val = val & qv.unsqueeze(2)
+        if not bool(kv.all()):
+            val = val & kv.reshape(n, 1, -1)
+        while val.dim() < 5:
+            val = val.unsqueeze(0)
+        if val.shape[0] == 1 and val.shape[1] == 1:
+            # one mask for every batch and head (a selection shared by the heads): returned
+            # broadcastable, [1, n, 1, bq, w], never copied per head
+            return ~val[0, 0].unsqueeze(1).unsqueeze(0)
         B, H = crun.content[0].shape[:2]
         val = val.expand(B, H, n, self.bq, ki.shape[-1])
-        val = val & self.qvalid[rows].unsqueeze(2) & self.kvalid[kb].reshape(n, 1, -1)
         val = val.reshape(B * hkv, H // hkv, *val.shape[2:])[gsl, hsl]
         return ~val.transpose(1, 2)
 
