@@ -269,6 +269,8 @@ def _pool(x, member, how):
         w = member.to(x.dtype)
         n = w.sum(dim=-1, keepdim=True)
         return (w @ x) / torch.where(n > 0, n, torch.ones_like(n))
+    if member.shape[-2] == 0:  # no region
+        return x.new_zeros(*x.shape[:2], 0, x.shape[3])
     if member.dim() == 2 and bool((member.sum(0) <= 1).all()):
         return _pool_disjoint(x, member)
     outs = []

@@ -123,7 +123,7 @@ class CpuPlan:
         if val.shape[0] == 1 and val.shape[1] == 1:
             # one mask for every batch and head (a selection shared by the heads): returned
             # broadcastable, [1, n, 1, bq, w], never copied per head
-            return ~val[0, 0].unsqueeze(1).unsqueeze(0)
+            return ~val[0, 0].expand(n, self.bq, ki.shape[-1]).unsqueeze(1).unsqueeze(0)
         B, H = crun.content[0].shape[:2]
         val = val.expand(B, H, n, self.bq, ki.shape[-1])
         val = val.reshape(B * hkv, H // hkv, *val.shape[2:])[gsl, hsl]

@@ -248,7 +248,10 @@ def device_tables(plan: Plan, device) -> dict:
         t["qsrc"] = torch.from_numpy(np.maximum(plan.qorder.source_rows(), 0))
         t["ksrc"] = torch.from_numpy(np.maximum(plan.korder.source_rows(), 0))
         if plan.content_dependent:
-            for name, tab in (("dense", plan.tables[0]), ("unselected", plan.unselected[0])):
+            # a plan without unselected tables (exported, or restricted) takes every static
+            # pair as attended without the selection: correct, only less sparse
+            free = plan.unselected[0] if plan.unselected else plan.tables[0]
+            for name, tab in (("dense", plan.tables[0]), ("unselected", free)):
                 m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
                 for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
                     r = np.repeat(np.arange(plan.nqb), np.diff(off))
