@@ -624,3 +624,14 @@ def test_compiled_kernels_take_literals_past_int32():
     x = torch.randn(1, 1, 16, 16)
     assert torch.allclose(op(x, x, x, backend="triton"), op(x, x, x, backend="reference"),
                           atol=1e-5)
+
+
+def test_a_chunk_longer_than_the_sequence_is_one_chunk():
+    # chunk = 2^63 - 1 made torch.arange's length overflow into no chunk at all, and the
+    # selection an IndexError (the long fuzz run, seed 2026, cases 16109 and 95228)
+    q = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    huge = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=8, block=8,
+                           chunk=(1 << 63) - 1)
+    whole = attndsl.compile("patterns/dhsa.attn", "dhsa_chunks", N=8, block=8, chunk=8)
+    for backend in ("reference", "cpu"):
+        assert torch.equal(huge(q, q, q, backend=backend), whole(q, q, q, backend=backend))

@@ -108,7 +108,9 @@ def select(q, k, sel: Selection, starts, span):
 def _starts(starts, n, chunk, batch, dev, span):
     """Chunk starts as [B or 1, L]: the run-time input's rows, or every `chunk` tokens."""
     if starts is None:
-        return torch.arange(0, n, chunk, device=dev).view(1, -1)
+        # a chunk longer than the sequence is one chunk (torch.arange's length overflows
+        # for steps near 2^63 and comes back empty)
+        return torch.arange(0, n, min(chunk, max(n, 1)), device=dev).view(1, -1)
     starts = starts.to(dev).long()
     if starts.dim() == 1:
         starts = starts.view(1, -1)

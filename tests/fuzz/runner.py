@@ -78,7 +78,8 @@ def _tensors(op, rng, torch):
     heads = op.heads or rng.choice([1, 2])
     kv_heads = heads if heads % 2 or rng.random() < 0.7 else heads // 2
     d = rng.choice([4, 8])
-    big = bp.nq * bp.nk > SMALL
+    # expanded (free) tensors whenever real ones would be large: 2^31 heads of 64 tokens too
+    big = heads * bp.nq * bp.nk > SMALL or heads * max(bp.nq, bp.nk) * d > SMALL
     if heads * max(bp.nq, bp.nk, d) * max(d, bp.nq, bp.nk) >= 1 << 62:
         return None, None, None, _inputs(op, rng, torch)
 
