@@ -4,6 +4,8 @@ token order and cut into blocks, must give exactly the same FULL and PARTIAL blo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,33 @@ def test_neighborhood_orders_beat_flex_block_masks():
     assert flex["computed_elements"] / flex["needed_elements"] > 9.5  # ~9.8x, as published
     assert ours["computed_elements"] <= 0.35 * flex["computed_elements"]
     assert ours["needed_elements"] == 128 * 128 * 169
+
+
+@pytest.mark.parametrize("shape,block,start,count", [((100,), 16, 0, None),
+                                                     ((7, 9), 16, 0, None),
+                                                     ((1000,), 16, 37, 200)])
+def test_row_major_levels_match_their_tokens(shape, block, start, count):
+    # each group of level l holds blocks g * 2^l .. (g + 1) * 2^l - 1 of row-major tokens
+    # start .. start + count - 1: its flat range, per-axis coordinate ranges, token count and
+    # positions, counted here token by token
+    from attndsl.analysis.blocks import row_major
+    n = (math.prod(shape) - start) if count is None else count
+    nb = -(-n // block)
+    levels = row_major(shape, block, start, count)
+    assert len(levels[-1]) <= 64
+    for lev, level in enumerate(levels):
+        span = 1 << lev
+        assert len(level) == -(-nb // span)
+        got = level.take(np.arange(len(level)))
+        for g in range(len(level)):
+            toks = [start + t for t in range(g * span * block, min((g + 1) * span * block, n))]
+            coords = [np.unravel_index(t, shape) for t in toks]
+            assert got.flo[g] == toks[0] and got.fhi[g] == toks[-1]
+            assert got.count[g] == len(toks)
+            assert got.size[g] == (min((g + 1) * span, nb) - g * span) * block
+            assert list(got.lo[g]) == [min(c[a] for c in coords) for a in range(len(shape))]
+            assert list(got.hi[g]) == [max(c[a] for c in coords) for a in range(len(shape))]
+        mask = np.arange(len(level)) % 2 == 0
+        assert np.array_equal(level.take(mask).flo, got.flo[mask])
+        assert np.array_equal(level.take(slice(None)).fhi, got.fhi)
+        assert np.array_equal(level.flo, got.flo)

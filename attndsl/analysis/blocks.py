@@ -382,8 +382,10 @@ class RowMajorLevel:
         return -(-self.nb // self.span)
 
     def take(self, g) -> Bounds:
-        g = (np.arange(len(self), dtype=np.int64)[g] if isinstance(g, slice)
-             else np.asarray(g, dtype=np.int64))
+        if isinstance(g, slice):
+            g = np.arange(len(self), dtype=np.int64)[g]
+        g = np.asarray(g)
+        g = np.nonzero(g)[0] if g.dtype == bool else g.astype(np.int64, copy=False)
         span, block = self.span, self.block
         flo = self.start + g * span * block
         fhi = np.minimum(flo + span * block, self.start + self.n) - 1
