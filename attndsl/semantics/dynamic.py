@@ -79,7 +79,8 @@ def chunk_topk(bp, ctx: dict, args: dict, run, span):
         # rows of a tile in one selection block (the CPU backend's [items, rows, 1] x
         # [items, 1, keys]): gather each tile's keys once, not once per row
         got = keep[:, :, qb[..., :1, :], k]
-        return got if bool((q < first).all()) else got & (q < first)
+        before = q < first
+        return got if bool(before.all()) else got & before
     return keep[:, :, qb, k] & (q < first)
 
 
