@@ -308,8 +308,11 @@ class Op:
         self.block_q, self.block_k = block_q, block_k
         return self
 
-    def plan(self, /, **inputs):
-        """The token orders and exact block tables both compiled backends use (cached)."""
+    def plan(self, /, backend: str = "auto", **inputs):
+        """The token orders and exact block tables a compiled backend ("cpu", "triton";
+        "auto": triton where CUDA is available) computes with (cached). Unless
+        `options` set block sizes, each backend's planner chooses them (on 2D / 3D spaces
+        the CPU's may differ from 64 x 64: docs/kernels.md)."""
         from attndsl.codegen.plan.tables import plan_for
         bp, inputs = self._split(inputs)
         _lowerable(bp)
@@ -319,7 +322,7 @@ class Op:
             router = () if bp.route is None else (bp.route[0],)
             if plan.run.fingerprint == run.without(*router).fingerprint:
                 return plan
-        return plan_for(bp, self.block_q, self.block_k, run)
+        return plan_for(bp, self.block_q, self.block_k, run, target=_target(backend))
 
     def kernel(self, /, **inputs):
         """The compiled Triton kernels of this pattern (generated once; the module of an
@@ -334,13 +337,14 @@ class Op:
         """The generated Triton source (what ATTNDSL_DEBUG=1 prints)."""
         return self.kernel(**inputs).source
 
-    def stats(self, /, **inputs) -> dict:
+    def stats(self, /, backend: str = "auto", **inputs) -> dict:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
-        of the compiled kernels (docs/kernels.md). Averaged patterns: the parts' sums, and
-        each part's own figures under "parts"."""
+        of a compiled backend's kernels (docs/kernels.md; `backend` as for `plan`). Averaged
+        patterns: the parts' sums, and each part's own figures under "parts"."""
         bp, inputs = self._split(inputs)
         if bp.average:
-            parts = [self._part(sub).stats(**declared(sub, inputs)) for sub in bp.average]
+            parts = [self._part(sub).stats(backend, **declared(sub, inputs))
+                     for sub in bp.average]
             out = dict(parts[0])
             for key in ("full_blocks", "partial_blocks", "empty_blocks", "computed_elements",
                         "needed_elements", "block_table_bytes", "build_seconds"):
@@ -353,7 +357,8 @@ class Op:
             return out
         from attndsl.codegen.plan.tables import plan_stats
         from attndsl.codegen.triton.generate import kernel_sizes
-        return {**plan_stats(self._part(bp).plan(**inputs)), "kernel_sizes": kernel_sizes(bp)}
+        return {**plan_stats(self._part(bp).plan(backend, **inputs)),
+                "kernel_sizes": kernel_sizes(bp)}
 
     # -- FlexAttention (codegen/flex.py; docs/integrations.md)
     def block_mask(self, /, order: str = "row-major", block_size: int = 128, *, device=None,
@@ -645,3 +650,12 @@ def _lowerable(bp: BoundPattern) -> None:
         raise UnsupportedError(f"pattern '{bp.name}' averages several patterns: compile each "
                                "part (its kernels run one after another in op(...))",
                                bp.checked.span)
+
+
+def _target(backend: str) -> str:
+    """The compiled backend whose planner a plan is for."""
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "cpu"
+    if backend not in ("cpu", "triton"):
+        raise ParameterError(f"backend must be 'auto', 'cpu' or 'triton', not {backend!r}")
+    return backend

@@ -108,6 +108,10 @@ BIND = LRU("bind", 512, "patterns called from expressions, included or averaged,
            "parameter values (semantics/bind.py)")
 PLANS = LRU("plans", 16, "token orders and block tables per (bound pattern, block sizes, "
             "order, run-time inputs) (codegen/plan/tables.py)")
+BLOCKS = LRU("blocks", 64, "the block sizes a target's planner chose per (bound pattern, "
+             "target, run-time inputs) (codegen/plan/tables.py)")
+ORDERS = LRU("orders", 64, "the token orders the planner chose per (bound pattern, block "
+             "sizes, run-time inputs) (codegen/plan/tables.py)")
 NEEDED = LRU("needed", 256, "attended entries per query block, proven-PARTIAL pairs counted "
              "on demand, per (plan, table) (codegen/plan/tables.py)")
 CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-block masks per "
@@ -134,8 +138,8 @@ CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans
 NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
                  "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
 
-CACHES = (PARSER, BIND, PLANS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES, KERNELS,
-          KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
+CACHES = (PARSER, BIND, PLANS, BLOCKS, ORDERS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES,
+          KERNELS, KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
           NATTEN_OPS)
 
 

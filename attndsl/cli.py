@@ -319,7 +319,7 @@ def cmd_compile(args) -> int:
     op.options(block_q=args.block_q, block_k=args.block_k)
     inputs = _inputs(args.input)
     if args.output is None and args.emit != "flex":
-        stats = op.stats(**inputs)
+        stats = op.stats("triton", **inputs)  # what `compile` writes: Triton's plan
         paths = {}
     elif args.output is None:
         raise ParameterError("--emit flex needs -o DIR")
@@ -515,7 +515,7 @@ def _eval_parser(sub) -> None:
     how = c.add_mutually_exclusive_group()
     how.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                      help="CPU time of the first run's training steps; its step count is "
-                     "every run's (default 120)")
+                     "every run's (default 300)")
     how.add_argument("--steps", type=int, default=None, metavar="K", help="training steps")
     c.add_argument("--seeds", type=int, default=2, help="seeds 0..S-1 (default 2)")
     c.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default "

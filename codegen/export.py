@@ -48,7 +48,7 @@ def export(op, out_dir: str | os.PathLike, /, name: str | None = None, flex: boo
                              f"imported as `import NAME` and written to DIR/NAME.py), not "
                              f"{name!r}")
     kern = op.kernel(**inputs)
-    plan = op.plan(**inputs)
+    plan = op.plan("triton", **inputs)  # the module's kernels are Triton's
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"qperm": plan.qorder.perm, "kperm": plan.korder.perm}
@@ -66,10 +66,8 @@ def export(op, out_dir: str | os.PathLike, /, name: str | None = None, flex: boo
         if os.path.exists(bp.checked.file) else bp.checked.file,
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in bp.values.items()},
         "block_q": plan.block_q, "block_k": plan.block_k,
-        "qorder": {"shape": list(plan.qorder.shape), "tile": list(plan.qorder.tile),
-                   "dilation": list(plan.qorder.dilation)},
-        "korder": {"shape": list(plan.korder.shape), "tile": list(plan.korder.tile),
-                   "dilation": list(plan.korder.dilation)},
+        "qorder": _order_meta(plan.qorder),
+        "korder": _order_meta(plan.korder),
         "heads_tables": len(plan.tables),
         "stats": plan.stats(),
         "attndsl": _version(),
@@ -165,3 +163,12 @@ def load_exported(module, meta: dict, source: str, tables_path: str):
 
 
 __all__ = ["export", "load_exported", "sys"]
+
+
+def _order_meta(o) -> dict:
+    """A token order's shape, tiles and dilation groups (and the tiles' offset, when they
+    do not start at 0): the permutation itself is in the .npz."""
+    out = {"shape": list(o.shape), "tile": list(o.tile), "dilation": list(o.dilation)}
+    if any(o.phase):
+        out["phase"] = list(o.phase)
+    return out

@@ -3,12 +3,12 @@
 Tiny 2-layer transformers (d_model 64, 4 heads) built from `attndsl.nn.Attention` layers are
 trained on the CPU, one per pattern and seed, beside a dense-attention control, on MQAR at
 N = 128 with a vocabulary of 256 and 8 key-value pairs (batch 64, AdamW lr 3e-3). The
-control's first run trains for `--budget` seconds (default 120); its step count becomes
+control's first run trains for `--budget` seconds (default 300); its step count becomes
 every run's, and each pattern is also scored at the step where its FLOPs equal the
 control's. The report splits accuracy by query-to-value distance and marks, for every band,
 whether each pattern's analysed 2-layer reach covers it (docs/eval.md).
 
-    python examples/eval_patterns.py                      # the full size: ~30 min on 2 cores
+    python examples/eval_patterns.py                      # the full size: ~70 min (1 thread)
     python examples/eval_patterns.py --out bench/results  # also writes .json, .txt and .png
     python examples/eval_patterns.py --quick              # seconds: a smoke run
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     how = ap.add_mutually_exclusive_group()
     how.add_argument("--budget", type=float, default=None,
-                     help="seconds of the control's first run (default 120)")
+                     help="seconds of the control's first run (default 300)")
     how.add_argument("--steps", type=int, default=None, help="training steps of every run")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         size = dict(seq_len=64, vocab=64, items=4, test_sequences=128)
         steps, budget, seeds = steps or 10, None, 1
     elif steps is None and budget is None:
-        budget = 120.0
+        budget = 300.0
     chosen = PATTERNS[:3] if args.quick else PATTERNS
     ops = [attndsl.compile(f, p, **params) for f, p, params in chosen]
     res = evaluate(*ops, task="mqar", layers=2, steps=steps, budget=budget, seeds=seeds,

@@ -388,3 +388,46 @@ def test_hypothesis_random_patterns(pat, block, dim, kv_heads):
     expr, n = pat
     op = attndsl.compile(f"pattern r(N: int) {{ space seq(N) attend {expr} }}", N=n)
     compare(op, block=block, dim=dim, heads=2, kv_heads=kv_heads)
+
+
+def test_dhsa_computes_only_the_blocks_its_selection_keeps(monkeypatch):
+    """A call's plan lists the static pairs some batch element's selection keeps a key of
+    (one table per head, or one when the heads select alike), and the result stays the
+    reference's, batch by batch and head by head, with and without whole kept blocks."""
+    from attndsl.codegen.cpu import plan as cpu_plan_mod
+    seen = []
+    real = cpu_plan_mod._derive
+    monkeypatch.setattr(cpu_plan_mod, "_derive",
+                        lambda bp, plan, run: seen.append(plan) or real(bp, plan, run))
+    for name, kw in (("dhsa_chunks", dict(N=512, block=64, chunk=64, topk=1)),
+                     ("dhsa", dict(N=512, block=64, chunk=64, budget=192, local=64,
+                                   sinks=64, instruction=16))):
+        op = attndsl.compile("patterns/dhsa.attn", name, **kw)
+        seen.clear()
+        compare(op, dtype=torch.float64, batch=2, heads=4, seed=5)
+        static = op.plan(backend="cpu")
+        calls = [p for p in seen if p.bound is not None and p.bound.name == name
+                 and p is not static]
+        assert calls
+        pairs = [sum(len(t.full_idx) + len(t.part_idx) for t in p.tables) / len(p.tables)
+                 for p in calls]
+        every = len(static.tables[0].full_idx) + len(static.tables[0].part_idx)
+        assert max(pairs) < 0.75 * every, (pairs, every)
+        # chunks of one key block each: kept chunks of earlier blocks are FULL pairs
+        assert any(len(t.full_idx) for p in calls for t in p.tables)
+
+
+@pytest.mark.parametrize("blocks", [(64, 16), (16, 16), None])
+def test_shifted_key_tiles_match_the_reference(blocks):
+    """Key tiles that start half a tile early (padding before the first row and column),
+    on both the fused path (fp32) and the generic one (fp64), forward and backward; None:
+    the CPU planner's own block sizes."""
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=33, W=40, kernel=5)
+    op.options(block_q=blocks and blocks[0], block_k=blocks and blocks[1])
+    if blocks is not None:
+        assert op.plan(backend="cpu").korder.phase == (2, 2)
+    for dtype in (torch.float32, torch.float64):
+        compare(op, dtype=dtype, batch=2, heads=4, kv_heads=2, block=None)
+    op3 = attndsl.compile("patterns/neighborhood.attn", "na3d", T=6, H=9, W=10, kernel=3)
+    op3.options(block_q=blocks and blocks[0], block_k=blocks and blocks[1])
+    compare(op3, dtype=torch.float32, block=None)

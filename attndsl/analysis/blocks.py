@@ -32,7 +32,7 @@ from attndsl.errors import SizeLimitError
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
 from attndsl.semantics.evaluate import unravel
-from attndsl.semantics.inputs import NONE, UNSELECTED, RunInputs
+from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, token_mask
 
 
@@ -52,8 +52,10 @@ class _AbsHooks:
         return abstract_predicate(sub, ev.ctx, self.run, ev.diff)
 
     def dynamic(self, call) -> BV:
-        """A content selection: false everywhere when the run says it keeps nothing."""
-        return BV(np.asarray(self.run.content is not UNSELECTED), np.asarray(True))
+        """A content selection: false everywhere when the run says it keeps nothing, true
+        when it says it keeps everything."""
+        c = self.run.content
+        return BV(np.asarray(c is not UNSELECTED), np.asarray(c is not SELECTED))
 
 
 class _BoxDomain:

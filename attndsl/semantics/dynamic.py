@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from attndsl.errors import EvaluationError, InputError
-from attndsl.semantics.inputs import UNSELECTED
+from attndsl.semantics.inputs import SELECTED, UNSELECTED
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class Selection:
 def chunk_topk(bp, ctx: dict, args: dict, run, span):
     """DHSA's kept keys per query block, at the query and key indices of this context."""
     content = run.content
-    if content is UNSELECTED:
+    if content is UNSELECTED or content is SELECTED:
         shape = torch.broadcast_shapes(ctx["q"].index.shape, ctx["k"].index.shape)
-        return torch.zeros(shape, dtype=torch.bool)
+        return torch.full(shape, content is SELECTED, dtype=torch.bool)
     if content is None:
         raise InputError(f"pattern '{bp.name}' depends on q and k: call mask(q=..., k=...)",
                          span)

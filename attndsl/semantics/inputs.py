@@ -80,6 +80,9 @@ NONE = RunInputs()
 # content selection (chunk_topk) keeps nothing. The Triton backend's per-call tables add
 # these pairs to the ones the call's selection keeps (codegen/plan/tables.py: unselected).
 UNSELECTED = ("every content selection keeps nothing",)
+# ... and every selection keeps every key: the pairs FULL wherever a call's selection keeps
+# whole blocks (codegen/plan/dynamic.py).
+SELECTED = ("every content selection keeps every key",)
 
 
 def declared(bp: BoundPattern, given: dict) -> dict:

@@ -16,7 +16,8 @@ rowsum(dO O)) (times 1 - tanh^2 under a softcap), dQ = dS K scale, dK = dS^T Q s
 gradients scattered into their key blocks.
 
 Patterns whose masks read q and k (DHSA's chunk_topk) evaluate their PARTIAL blocks' masks
-per call, per (batch, head), from the plan's static superset of blocks. The rows'
+per call, per (batch, head), on the blocks the call's selection keeps for some batch or
+head (codegen/plan/dynamic.py), out of the plan's static superset. The rows'
 log-sum-exps are an output when the driver merges summary tokens through them, and the
 backward differentiates them too (delta - dlse).
 """
@@ -30,7 +31,9 @@ import torch
 
 from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
+from attndsl.codegen.plan.dynamic import selected_plan
 from attndsl.codegen.plan.tables import plan_for
+from attndsl.codegen.triton.generate import dynamic_config
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.reference import Reference
 from attndsl.semantics.bind import BoundPattern
@@ -77,11 +80,18 @@ class Cpu:
         bq = call.block_q
         if bq is None and call.partial and call.rows[1] <= 16:
             bq = 16  # decoding: a block of a few rows, not 64 rows of which one is real
-        plan = call.plan or plan_for(bp, bq, call.block_k, mask_run, rows=call.rows)
+        plan = call.plan or plan_for(bp, bq, call.block_k, mask_run, rows=call.rows,
+                                     target="cpu")
         cp = cpu_plan(plan)
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
             content = tuple(x.detach() for x in call.run.content)
+            conf = dynamic_config(bp)
+            if (call.plan is None and not call.partial and plan.unselected
+                    and len(plan.tables) == 1 and conf is not None):
+                # only the blocks the call's selection keeps (for some batch or head)
+                starts = call.run.values.get(conf["starts"]) if conf.get("starts") else None
+                cp = cpu_plan(selected_plan(plan, conf, *content, starts), cache=False)
         extra = _Extra(call.key_valid, call.seed if call.dropout_p else None, call.dropout_p,
                        call.softcap, call.gates)
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,

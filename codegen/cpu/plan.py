@@ -130,8 +130,11 @@ class CpuPlan:
         return ~val.transpose(1, 2)
 
 
-def cpu_plan(plan: Plan) -> CpuPlan:
-    """What the CPU backend derives from a plan, built once per plan."""
+def cpu_plan(plan: Plan, cache: bool = True) -> CpuPlan:
+    """What the CPU backend derives from a plan, built once per plan (or, for a call's own
+    plan, which no other call shares, every time)."""
+    if not cache:
+        return _derive(plan.bound, plan, plan.run)
     return caches.CPU_PLANS.get_or_create(plan, lambda: _derive(plan.bound, plan, plan.run))
 
 

@@ -41,6 +41,7 @@ class TokenOrder:
     start: int = 0  # the first token of a range of queries (decoding, chunked prefill)
     count: int = -1  # the length of a row-major range (tokens None)
     compact: bool = False  # the tensor holds the order's tokens in position order
+    phase: tuple[int, ...] = ()  # tiles start at -phase[a] on axis a (() or 0s: at 0)
 
     def __post_init__(self):
         if self.tokens is None:
@@ -102,6 +103,8 @@ class TokenOrder:
             ", dilation groups " + "x".join(map(str, self.dilation)))
         held = f", {int((self.perm >= 0).sum())} tokens held" if self.compact else ""
         kind = "row-major blocks" if len(self.shape) == 1 else f"tiles {t}"
+        if any(self.phase):
+            kind += " from " + "x".join(str(-p) for p in self.phase)
         return f"{kind}{d}{held}"
 
 
@@ -119,9 +122,15 @@ def tile_shape(shape: tuple[int, ...], block: int) -> tuple[int, ...]:
 
 
 def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | None = None,
-               tile: tuple[int, ...] | None = None) -> TokenOrder:
+               tile: tuple[int, ...] | None = None, phase: tuple[int, ...] | None = None
+               ) -> TokenOrder:
     """Row-major for 1D; for 2D/3D, dilation groups one after another, each cut into tiles
-    of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside."""
+    of `block` tokens (padded to whole tiles), tiles row-major, tokens row-major inside.
+
+    `phase` shifts the tile grid: on axis a the first tile holds tile[a] - phase[a] tokens
+    (the rest is padding), so that key tiles can line up with the edges of the windows of
+    query tiles (a 13-wide window of an 8-wide tile spans 20 tokens from 6 before it:
+    exactly five 4-wide tiles from -2, six from 0)."""
     n = len(shape)
     if n == 1:
         return TokenOrder(tuple(shape), (block,), (1,), np.arange(shape[0], dtype=np.int64),
@@ -129,11 +138,12 @@ def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | N
     dil = tuple(dilation or (1,) * n)
     sub = tuple(-(-s // d) for s, d in zip(shape, dil))  # largest dilation-group extent
     tile = tile or tile_shape(sub, block)
+    ph = tuple(phase or (0,) * n)
     parts = []
     strides = np.cumprod((1,) + tuple(reversed(shape)))[:-1][::-1]
     for g in np.ndindex(*dil):
         ext = [len(range(gi, s, d)) for gi, s, d in zip(g, shape, dil)]
-        padded = [-(-e // t) * t for e, t in zip(ext, tile)]
+        padded = [-(-(e + p) // t) * t for e, t, p in zip(ext, tile, ph)]
         # coordinates of the padded group grid in tile order
         grids = np.meshgrid(*[np.arange(p) for p in padded], indexing="ij")
         c = [x.reshape(-1) for x in grids]
@@ -143,14 +153,15 @@ def make_order(shape: tuple[int, ...], block: int, dilation: tuple[int, ...] | N
             tid = tid * (padded[a] // tile[a]) + c[a] // tile[a]
             inner = inner * tile[a] + c[a] % tile[a]
         order = np.lexsort((inner, tid))
-        c = [x[order] for x in c]
+        c = [x[order] - p for x, p in zip(c, ph)]
         ok = np.ones(len(order), dtype=bool)
         flat = np.zeros(len(order), dtype=np.int64)
         for a in range(n):
-            ok &= c[a] < ext[a]
+            ok &= (c[a] >= 0) & (c[a] < ext[a])
             flat += (g[a] + c[a] * dil[a]) * int(strides[a])
         parts.append(np.where(ok, flat, -1))
-    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts), tile_block=block)
+    return TokenOrder(tuple(shape), tile, dil, np.concatenate(parts), tile_block=block,
+                      phase=ph if any(ph) else ())
 
 
 def padded_perm(order: TokenOrder, block: int) -> np.ndarray:
@@ -179,8 +190,8 @@ def tilings(shape, block):
     return out or [tile_shape(shape, block)]
 
 
-def order_with_tile(shape, tile, dilation):
-    return make_order(shape, math.prod(tile), dilation, tile=tile)
+def order_with_tile(shape, tile, dilation, phase=None):
+    return make_order(shape, math.prod(tile), dilation, tile=tile, phase=phase)
 
 
 def neighborhood_dilation(bp: BoundPattern) -> tuple[int, ...] | None:

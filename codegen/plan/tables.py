@@ -13,6 +13,7 @@ dilation group stay together); the kernels see the permuted order, users never d
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from attndsl.codegen.plan.orders import (
     neighborhood_dilation,
     order_with_tile,
     padded_perm,
+    tile_shape,
     tilings,
 )
-from attndsl.errors import ParameterError, SizeLimitError
+from attndsl.errors import EvaluationError, ParameterError, SizeLimitError
 from attndsl.semantics.bind import BoundPattern
-from attndsl.semantics.inputs import NONE, UNSELECTED, RunInputs
+from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, summary_masks, token_mask
 
 PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
@@ -99,6 +101,7 @@ class Plan:
     # selects (every chunk_topk false); a call's tables are these and the static pairs its
     # selection keeps a key of
     unselected: tuple[BlockTable, ...] = ()
+    selected: tuple[BlockTable, ...] = ()  # ... and with every selection keeping every key
 
     @property
     def content_dependent(self) -> bool:
@@ -221,7 +224,7 @@ def _bincount(rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(rows, weights=weights, minlength=n).astype(np.int64)
 
 
-def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
+def csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
          ) -> tuple[np.ndarray, np.ndarray]:
     """CSR: idx[off[r]:off[r + 1]] are row r's columns, increasing."""
     key = np.sort(rows * ncols + cols)
@@ -364,7 +367,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         part_j.append(gj)
         count_rows.append(gi)
     gi, gj = r.undecided
-    if bp.content_dependent and run.content is not UNSELECTED:
+    if bp.content_dependent and not (run.content is UNSELECTED or run.content is SELECTED):
         # the content decides at run time: every undecided leaf may be attended
         part_i.append(gi)
         part_j.append(gj)
@@ -402,8 +405,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         return len(fi) + len(pi)
     unc = np.concatenate(uncounted) if uncounted else None
     per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
-    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc, per_row)
-    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
+    t = BlockTable(*csr(fi, fj, nqb, nkb), *csr(pi, pj, nqb, nkb), needed, unc, per_row)
+    return t, BlockTable(*csr(fj, fi, nkb, nqb), *csr(pj, pi, nkb, nqb), needed, unc)
 
 
 def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
@@ -441,13 +444,55 @@ def default_blocks(bp: BoundPattern) -> tuple[int, int]:
     return 64, 64
 
 
-def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
-             run: RunInputs = NONE, order: str = "auto", rows: tuple | None = None) -> Plan:
-    """build_plan through the declared cache, keyed by the bound pattern, the block sizes,
-    the order, the query rows and the fingerprint of the mask's run-time inputs (the router
-    of `route` and the content are not part of the mask's tables)."""
+# Per target, the block sizes its planner may choose on 2D / 3D spaces and the relative
+# speed of each per computed element (query block, key block): a smaller block computes
+# fewer needless elements around a window but costs more per element (more key gathers,
+# shorter matrix products). CPU: the fused path's forward + backward on na2d / na3d with
+# 16-token key blocks ran at about 0.85x the per-element rate of 64-token ones, and
+# 16- or 32-query blocks, gather-bound, at 0.36x and 0.62x (ATen's flash kernel on
+# gathered keys, 4 heads, D = 64, a 2-core AVX2 EPYC), so those never pay. Triton keeps
+# 64 x 64 until a GPU measures it.
+BLOCK_CHOICES = {
+    "cpu": (((64, 64), 1.0), ((64, 16), 0.85)),
+}
+
+
+def blocks_for(bp: BoundPattern, target: str | None, run: RunInputs = NONE
+               ) -> tuple[int, int]:
+    """The block sizes a target computes `bp` with when the caller names none: on 2D / 3D
+    spaces whose token order the planner chooses, the candidates of BLOCK_CHOICES with the
+    least estimated time (computed elements, measured as choose_orders measures them, over
+    the candidate's relative speed); otherwise default_blocks."""
+    choices = BLOCK_CHOICES.get(target)
+    if choices is None or len(bp.qshape) == 1 or bp.qshape != bp.kshape:
+        return default_blocks(bp)
+    run = RunInputs(run.values).cpu()
     if bp.route is not None:
         run = run.without(bp.route[0])
+    return caches.BLOCKS.get_or_create((bp, target, run.fingerprint),
+                                       lambda: _fastest_blocks(bp, run, choices))
+
+
+def _fastest_blocks(bp: BoundPattern, run: RunInputs, choices) -> tuple[int, int]:
+    best, best_cost = default_blocks(bp), None
+    for (bq, bk), speed in choices:
+        cost = choose_orders(bp, bq, bk, run)[2] / speed
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (bq, bk), cost
+    return best
+
+
+def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
+             run: RunInputs = NONE, order: str = "auto", rows: tuple | None = None,
+             target: str | None = None) -> Plan:
+    """build_plan through the declared cache, keyed by the bound pattern, the block sizes,
+    the order, the query rows and the fingerprint of the mask's run-time inputs (the router
+    of `route` and the content are not part of the mask's tables). Without block sizes,
+    `target`'s planner chooses them (blocks_for)."""
+    if bp.route is not None:
+        run = run.without(bp.route[0])
+    if block_q is None and block_k is None and order == "auto" and rows is None:
+        block_q, block_k = blocks_for(bp, target, run)
     dq, dk = default_blocks(bp)
     bq, bk = block_q or dq, block_k or dk
     if rows is not None and tuple(rows) == (0, bp.nq):
@@ -473,8 +518,7 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
     korder = TokenOrder.rows(bp.kshape, bk)
     tried = {}
     if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape and rows is None:
-        korder = choose_order(bp, bk, run, tried)
-        qorder = korder if bq == bk else choose_order(bp, bq, run, tried, korder)
+        qorder, korder, _ = choose_orders(bp, bq, bk, run, tried)
     elif order not in ("auto", "row-major"):
         raise ParameterError(f"order must be 'auto' or 'row-major', not {order!r}")
     heads = range(bp.heads) if bp.head_dependent else [None]
@@ -485,9 +529,20 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
         transposed.append(tt)
     unselected = tuple(_table(bp, qorder, korder, bq, bk, h, run.with_content(UNSELECTED))[0]
                        for h in heads) if bp.content_dependent else ()
+    selected = ()
+    if bp.content_dependent:
+        try:
+            selected = tuple(_table(bp, qorder, korder, bq, bk, h,
+                                    run.with_content(SELECTED))[0] for h in heads)
+        except EvaluationError:
+            # the selection's arguments need run-time inputs these tables were planned
+            # without (a plan for statistics only): per-call plans then keep every
+            # selected pair PARTIAL, exact but slower
+            selected = ()
     summary = summary_plan(bp, qorder, bq, bk, run) if bp.core_summaries else None
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
-                time.perf_counter() - t0, bp, run, summary, tuple(tried.items()), unselected)
+                time.perf_counter() - t0, bp, run, summary, tuple(tried.items()), unselected,
+                selected)
 
 
 def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs
@@ -524,39 +579,105 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: Ru
         f = torch.nonzero(anyb[g] & allb[g]).numpy()
         p = torch.nonzero(anyb[g] & ~allb[g]).numpy()
         fi, fj, pi, pj = f[:, 0], f[:, 1], p[:, 0], p[:, 1]
-        tables.append(BlockTable(*_csr(fi, fj, nqb, nsb), *_csr(pi, pj, nqb, nsb), 0))
-        transposed.append(BlockTable(*_csr(fj, fi, nsb, nqb), *_csr(pj, pi, nsb, nqb), 0))
+        tables.append(BlockTable(*csr(fi, fj, nqb, nsb), *csr(pi, pj, nqb, nsb), 0))
+        transposed.append(BlockTable(*csr(fj, fi, nsb, nqb), *csr(pj, pi, nsb, nqb), 0))
     per_row = a.view(att.shape[0], nqb, -1).sum(-1).numpy().astype(np.int64)
     return SummaryPlan(tuple(members), rows, tuple(offsets), tuple(tables),
                        tuple(transposed), int(a.sum()), per_row)
 
 
-def choose_order(bp: BoundPattern, block: int, run: RunInputs, tried: dict,
-                 korder: TokenOrder | None = None, samples: int = 24) -> TokenOrder:
-    """The token order (row-major, or tiles of any shape, with or without dilation groups)
-    whose blocks list the fewest pairs, measured exactly on evenly spaced query blocks;
-    keys in the same order, or in `korder` (blocks of its own size) when given."""
+def choose_orders(bp: BoundPattern, bq: int, bk: int, run: RunInputs, tried: dict | None = None
+                  ) -> tuple[TokenOrder, TokenOrder, float]:
+    """The query and key token orders (row-major, or tiles of any shape, with or without
+    dilation groups; key tiles may start half a tile early on an axis, so that their edges
+    meet the edges of the query tiles' windows) whose blocks list the fewest computed
+    elements, measured exactly on evenly spaced query blocks; and that estimate.
+
+    Queries: each candidate with keys in its own tiles, from 0 and from half a tile early.
+    Keys of another block size: each tiling from 0, then every shift of the two best."""
+    ranked = caches.ORDERS.get_or_create((bp, bq, bk if bk < bq else bq, run.fingerprint),
+                                         lambda: _query_orders(bp, bq, bk, run))
+    if bk == bq:
+        qorder, korder, cost = ranked[0]
+    else:
+        qorder, korder, cost = caches.ORDERS.get_or_create(
+            (bp, bq, bk, "keys", run.fingerprint),
+            lambda: min((_key_order(bp, q, k, c, bk, run) for q, k, c in ranked[:2]
+                         if c <= 1.1 * ranked[0][2]), key=lambda x: x[2]))
+    if tried is not None:
+        tried.update({f"queries {qorder.describe()}": int(round(cost))})
+        tried.update({f"keys {korder.describe()}": int(round(cost))})
+    return qorder, korder, cost
+
+
+def _candidates(bp: BoundPattern, block: int) -> list[TokenOrder]:
     dil = neighborhood_dilation(bp)
     cands = [TokenOrder(bp.qshape, (block,), (1,) * len(bp.qshape), np.arange(bp.nq),
                         tile_block=block)]
     for d in {None, dil} if dil and any(x > 1 for x in dil) else {None}:
         sub = bp.qshape if d is None else tuple(-(-s // x) for s, x in zip(bp.qshape, d))
-        for t in tilings(sub, block):
-            cands.append(order_with_tile(bp.qshape, t, d))
-    best, best_cost = None, None
-    for o in cands:
-        nqb = -(-o.length // block)
-        sel = np.unique(np.linspace(0, nqb - 1, min(samples, nqb)).astype(np.int64))
-        ko = korder or o
-        bk = block if korder is None else korder.tile_block
-        pairs = _table(bp, o, ko, block, bk, None if not bp.head_dependent else 0, run,
-                       qsel=sel)
-        # computed elements, scaled to the order's block count (padding costs)
-        cost = pairs / len(sel) * nqb * block * bk
-        tried[("queries " if korder is not None else "") + o.describe()] = int(round(cost))
-        if best_cost is None or cost < best_cost:
-            best, best_cost = o, cost
-    return best
+        cands += [order_with_tile(bp.qshape, t, d) for t in tilings(sub, block)]
+    return cands
+
+
+def _shifted(o: TokenOrder, axes) -> TokenOrder:
+    """`o` with its tiles starting half a tile early on `axes`."""
+    return order_with_tile(o.shape, o.tile, None if all(x == 1 for x in o.dilation)
+                           else o.dilation, tuple(t // 2 if a in axes else 0
+                                                  for a, t in enumerate(o.tile)))
+
+
+def _cost(bp, qo: TokenOrder, ko: TokenOrder, bq: int, bk: int, run, samples: int = 12
+          ) -> float:
+    """Computed elements of queries in `qo` against keys in `ko`, from evenly spaced query
+    blocks, scaled to the query order's block count (padding costs)."""
+    nqb = -(-qo.length // bq)
+    sel = np.unique(np.linspace(0, nqb - 1, min(samples, nqb)).astype(np.int64))
+    pairs = _table(bp, qo, ko, bq, bk, None if not bp.head_dependent else 0, run, qsel=sel)
+    return pairs / len(sel) * nqb * bq * bk
+
+
+def _query_orders(bp, bq, bk, run) -> list:
+    """(query order, key order, cost) per candidate, cheapest first: keys in the
+    candidate's own tiles, or, for smaller key blocks, in roughly cubic tiles of that size
+    (a cheap stand-in for the key order chosen after), from 0 or from half a tile early."""
+    out = []
+    for i, o in enumerate(_candidates(bp, bq)):
+        keys = [o]
+        tiled = len(o.tile) == len(o.shape) > 1
+        if tiled and bk < bq:
+            sub = tuple(-(-s // x) for s, x in zip(o.shape, o.dilation))
+            keys = [order_with_tile(o.shape, tile_shape(sub, bk), None if all(
+                x == 1 for x in o.dilation) else o.dilation)]
+        if tiled and any(t > 1 for t in keys[0].tile):
+            keys.append(_shifted(keys[0], range(len(o.tile))))
+        out.append(min(((_cost(bp, o, ko, bq, ko.tile_block, run), i, j, o, ko)
+                        for j, ko in enumerate(keys)), key=lambda x: x[:3]))
+    out.sort(key=lambda x: x[:3])
+    return [(o, ko, c) for c, _, _, o, ko in out]
+
+
+def _key_order(bp, qorder, seed, seed_cost, bk, run):
+    """The key order for `qorder` (from `seed`, the stand-in the query ranking measured):
+    each tiling from 0, then every shift of the two best."""
+    bq = qorder.tile_block
+    first = sorted(((_cost(bp, qorder, o, bq, bk, run), i, o)
+                    for i, o in enumerate(_candidates(bp, bk))), key=lambda x: x[:2])
+    best_cost, _, best = first[0]
+    if seed.tile_block == bk and seed_cost < best_cost:
+        best, best_cost = seed, seed_cost
+    queries = qorder
+    for _, _, o in first[:2]:
+        if len(o.tile) != len(o.shape) or len(o.shape) == 1:
+            continue
+        axes = [a for a, t in enumerate(o.tile) if t > 1]
+        for r in range(1, len(axes) + 1):
+            for sub in itertools.combinations(axes, r):
+                ko = _shifted(o, sub)
+                c = _cost(bp, qorder, ko, bq, bk, run)
+                if c < best_cost:
+                    best, best_cost = ko, c
+    return queries, best, best_cost
 
 
 
@@ -592,9 +713,9 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
         per_row = _bincount(fi, (qn[fi] * kn[fj]).astype(np.float64), nq)
         unc = np.stack([pi, pj], axis=1)  # PARTIAL pairs: counted on demand
         needed = int(per_row.sum())
-        tables.append(BlockTable(*_csr(fi, fj, nq, nk), *_csr(pi, pj, nq, nk), needed, unc,
+        tables.append(BlockTable(*csr(fi, fj, nq, nk), *csr(pi, pj, nq, nk), needed, unc,
                                  per_row))
-        transposed.append(BlockTable(*_csr(fj, fi, nk, nq), *_csr(pj, pi, nk, nq), needed))
+        transposed.append(BlockTable(*csr(fj, fi, nk, nq), *csr(pj, pi, nk, nq), needed))
     summary = plan.summary
     if summary is not None:
         stabs, strans = [], []
@@ -602,8 +723,8 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
         for t in summary.tables:
             fi, fj = _csr_rows(t.full_off, t.full_idx, qb)
             pi, pj = _csr_rows(t.part_off, t.part_idx, qb)
-            stabs.append(BlockTable(*_csr(fi, fj, nq, nsb), *_csr(pi, pj, nq, nsb), 0))
-            strans.append(BlockTable(*_csr(fj, fi, nsb, nq), *_csr(pj, pi, nsb, nq), 0))
+            stabs.append(BlockTable(*csr(fi, fj, nq, nsb), *csr(pi, pj, nq, nsb), 0))
+            strans.append(BlockTable(*csr(fj, fi, nsb, nq), *csr(pj, pi, nsb, nq), 0))
         rows = None if summary.row_needed is None else summary.row_needed[:, qb]
         summary = SummaryPlan(summary.members, summary.rows, summary.offsets, tuple(stabs),
                               tuple(strans), 0 if rows is None else int(rows.sum()), rows)
@@ -635,4 +756,4 @@ def _sub_order(order: TokenOrder, block: int, blocks: np.ndarray, queries: bool
         return TokenOrder(order.shape, order.tile, order.dilation, valid,
                           tile_block=order.tile_block, start=int(valid[0]))
     return TokenOrder(order.shape, order.tile, order.dilation, perm,
-                      tile_block=order.tile_block, compact=True)
+                      tile_block=order.tile_block, compact=True, phase=order.phase)

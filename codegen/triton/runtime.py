@@ -29,12 +29,12 @@ import torch
 from attndsl import caches
 from attndsl.codegen.cpu.kernels import CPU_LIMIT, TOKEN_LIMIT, cpu_elements
 from attndsl.codegen.emit import input_layout
+from attndsl.codegen.plan.dynamic import pair_matrix, selection
 from attndsl.codegen.plan.tables import Plan, plan_for
 from attndsl.codegen.triton.generate import dynamic_config, module_source
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import threshold as dropout_threshold
-from attndsl.semantics.dynamic import Selection, select
 from attndsl.semantics.inputs import RunInputs
 
 LN2 = math.log(2.0)
@@ -252,11 +252,7 @@ def device_tables(plan: Plan, device) -> dict:
             # pair as attended without the selection: correct, only less sparse
             free = plan.unselected[0] if plan.unselected else plan.tables[0]
             for name, tab in (("dense", plan.tables[0]), ("unselected", free)):
-                m = torch.zeros(plan.nqb, plan.nkb, dtype=torch.bool)
-                for off, idx in ((tab.part_off, tab.part_idx), (tab.full_off, tab.full_idx)):
-                    r = np.repeat(np.arange(plan.nqb), np.diff(off))
-                    m[torch.from_numpy(r), torch.from_numpy(idx.astype(np.int64))] = True
-                t[name] = m
+                t[name] = pair_matrix(tab, plan.nqb, plan.nkb)
         return {k: tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device)
                 for k, v in t.items()}
     return caches.DEVICE_TABLES.get_or_create((plan, str(device)), build)
@@ -456,7 +452,8 @@ class Triton:
         if (self.fixed is not None and not call.partial
                 and self.fixed.run.fingerprint == run.fingerprint):
             return self.fixed
-        return plan_for(bp, call.block_q, call.block_k, run, rows=call.rows)
+        return plan_for(bp, call.block_q, call.block_k, run, rows=call.rows,
+                        target="triton")
 
     def direct(self, call):
         return self._launch(call, call.k, call.v, summary=False)
@@ -607,24 +604,10 @@ def _dynamic_tables(kern: Kernel, plan: Plan, t: dict, call, kvalid=None):
     conf = dict(kern.dynamic)
     q, k = call.run.content
     dev = q.device
-    starts = call.run.values.get(conf.pop("starts")) if conf.get("starts") else None
-    conf.pop("starts", None)
+    B, H = q.shape[0], q.shape[1]
+    starts = call.run.values.get(conf["starts"]) if conf.get("starts") else None
+    keep, row_of, nb, n, sel = selection(plan, conf, q, k, starts)  # sel [B, H, nqb, nkb]
     with torch.no_grad():
-        keep, first = select(q.detach(), k.detach(), Selection(**conf), starts, None)
-        n = q.shape[2]
-        B, H = q.shape[0], q.shape[1]
-        keep = torch.cat([keep.expand(B, H, *keep.shape[2:]),
-                          torch.zeros(B, H, 1, n, dtype=torch.bool, device=dev)], 2)
-        nb = keep.shape[2]
-        toks = torch.arange(n, device=dev)
-        row_of = torch.where(toks < first, toks // conf["block"], nb - 1)
-        rows = torch.arange(plan.nqb * plan.block_q, device=dev).clamp(max=n - 1)
-        qmap = torch.zeros(plan.nqb, nb, device=dev)
-        qmap[rows // plan.block_q, row_of[rows]] = 1.0
-        cols = torch.arange(plan.nkb * plan.block_k, device=dev).clamp(max=n - 1)
-        cmap = torch.zeros(n, plan.nkb, device=dev)
-        cmap[cols, cols // plan.block_k] = 1.0
-        sel = (qmap @ keep.float() @ cmap) > 0  # [B, H, nqb, nkb]
         # the static pairs the selection keeps a key of, and those attended whatever it
         # keeps (`q >= N - 4 or chunk_topk(...)`: the last rows attend without it)
         sel = (sel & t["dense"]) | t["unselected"]
