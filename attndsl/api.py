@@ -280,7 +280,8 @@ class Op:
         With keep_sets, `result.reach_sets[l]` is the bool [Nk] set reached after l+1 layers."""
         from attndsl.analysis.reach import analyze
         bp, run_inputs = self._split(inputs, q, k)
-        table_bytes = self._part(bp).stats(**run_inputs)["block_table_bytes"]
+        # the compiled kernels' tables, as `attndsl compile --stats` reports them
+        table_bytes = self._part(bp).stats("triton", **run_inputs)["block_table_bytes"]
         return analyze(bp, layers, query, head_dim=head_dim, inputs=run_inputs, q=q, k=k,
                        progress=progress, keep_sets=keep_sets, table_bytes=table_bytes)
 
