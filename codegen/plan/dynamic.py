@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attndsl.codegen.plan.tables import BlockTable, Plan, csr
+from attndsl.codegen.plan.tables import BlockTable, Plan, table_pair
 from attndsl.lang import ir
 from attndsl.lang.walk import walk
 from attndsl.semantics.dynamic import Selection, select
@@ -46,14 +46,20 @@ def selection(plan: Plan, conf: dict, q: torch.Tensor, k: torch.Tensor, starts):
         nb = keep.shape[2]
         toks = torch.arange(n, device=dev)
         row_of = torch.where(toks < first, toks // conf["block"], nb - 1)
-        rows = torch.arange(plan.nqb * plan.block_q, device=dev).clamp(max=n - 1)
-        qmap = torch.zeros(plan.nqb, nb, device=dev)
-        qmap[rows // plan.block_q, row_of[rows]] = 1.0
+        qmap = _row_map(plan, row_of, nb, n)
         cols = torch.arange(plan.nkb * plan.block_k, device=dev).clamp(max=n - 1)
         cmap = torch.zeros(n, plan.nkb, device=dev)
         cmap[cols, cols // plan.block_k] = 1.0
         sel = (qmap @ keep.float() @ cmap) > 0
     return keep, row_of, nb, n, sel
+
+
+def _row_map(plan: Plan, row_of: torch.Tensor, nb: int, n: int) -> torch.Tensor:
+    """float [nqb, nb]: 1 where a query block holds a query of that selection row."""
+    rows = torch.arange(plan.nqb * plan.block_q, device=row_of.device).clamp(max=n - 1)
+    qmap = torch.zeros(plan.nqb, nb, device=row_of.device)
+    qmap[rows // plan.block_q, row_of[rows]] = 1.0
+    return qmap
 
 
 def _call_span(bp):
@@ -73,10 +79,7 @@ def whole_blocks(plan: Plan, keep: torch.Tensor, row_of: torch.Tensor, n: int
     pad = plan.nkb * plan.block_k - n
     kk = torch.nn.functional.pad(keep, (0, pad), value=True)
     kfull = kk.view(B, H, nb, plan.nkb, plan.block_k).all(-1).float()  # [B, H, nb, nkb]
-    rows = torch.arange(plan.nqb * plan.block_q, device=keep.device).clamp(max=n - 1)
-    qmap = torch.zeros(plan.nqb, nb, device=keep.device)
-    qmap[rows // plan.block_q, row_of[rows]] = 1.0
-    return (qmap @ (1.0 - kfull)) == 0
+    return (_row_map(plan, row_of, nb, n) @ (1.0 - kfull)) == 0
 
 
 def selected_plan(plan: Plan, conf: dict, q: torch.Tensor, k: torch.Tensor, starts) -> Plan:
@@ -103,10 +106,9 @@ def selected_plan(plan: Plan, conf: dict, q: torch.Tensor, k: torch.Tensor, star
         part = ((sel[h] & dense) | free_any) & ~full
         fi, fj = (x.numpy() for x in torch.nonzero(full, as_tuple=True))
         pi, pj = (x.numpy() for x in torch.nonzero(part, as_tuple=True))
-        needed = plan.tables[0].needed
-        tables.append(BlockTable(*csr(fi, fj, nqb, nkb), *csr(pi, pj, nqb, nkb), needed))
-        transposed.append(BlockTable(*csr(fj, fi, nkb, nqb), *csr(pj, pi, nkb, nqb),
-                                     needed))
+        t, tt = table_pair(fi, fj, pi, pj, nqb, nkb, plan.tables[0].needed)
+        tables.append(t)
+        transposed.append(tt)
     return Plan(plan.qorder, plan.korder, plan.block_q, plan.block_k, tuple(tables),
                 tuple(transposed), plan.build_seconds, plan.bound, plan.run, plan.summary,
                 plan.orders_tried, plan.unselected, plan.selected)

@@ -224,7 +224,7 @@ def _bincount(rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(rows, weights=weights, minlength=n).astype(np.int64)
 
 
-def csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
+def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
          ) -> tuple[np.ndarray, np.ndarray]:
     """CSR: idx[off[r]:off[r + 1]] are row r's columns, increasing."""
     key = np.sort(rows * ncols + cols)
@@ -233,6 +233,13 @@ def csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
     np.cumsum(cnt, out=off[1:])
     return off.astype(np.int32 if off[-1] < 2**31 else np.int64), (key % ncols).astype(
         np.int32)
+
+
+def table_pair(fi, fj, pi, pj, nrows: int, ncols: int, needed: int = 0
+               ) -> tuple[BlockTable, BlockTable]:
+    """A table of FULL pairs (fi, fj) and PARTIAL pairs (pi, pj), and its transpose."""
+    return (BlockTable(*_csr(fi, fj, nrows, ncols), *_csr(pi, pj, nrows, ncols), needed),
+            BlockTable(*_csr(fj, fi, ncols, nrows), *_csr(pj, pi, ncols, nrows), needed))
 
 
 def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, run):
@@ -405,8 +412,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         return len(fi) + len(pi)
     unc = np.concatenate(uncounted) if uncounted else None
     per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
-    t = BlockTable(*csr(fi, fj, nqb, nkb), *csr(pi, pj, nqb, nkb), needed, unc, per_row)
-    return t, BlockTable(*csr(fj, fi, nkb, nqb), *csr(pj, pi, nkb, nqb), needed, unc)
+    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc, per_row)
+    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
 
 
 def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
@@ -578,9 +585,9 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: Ru
     for g in range(att.shape[0]):
         f = torch.nonzero(anyb[g] & allb[g]).numpy()
         p = torch.nonzero(anyb[g] & ~allb[g]).numpy()
-        fi, fj, pi, pj = f[:, 0], f[:, 1], p[:, 0], p[:, 1]
-        tables.append(BlockTable(*csr(fi, fj, nqb, nsb), *csr(pi, pj, nqb, nsb), 0))
-        transposed.append(BlockTable(*csr(fj, fi, nsb, nqb), *csr(pj, pi, nsb, nqb), 0))
+        t, tt = table_pair(f[:, 0], f[:, 1], p[:, 0], p[:, 1], nqb, nsb)
+        tables.append(t)
+        transposed.append(tt)
     per_row = a.view(att.shape[0], nqb, -1).sum(-1).numpy().astype(np.int64)
     return SummaryPlan(tuple(members), rows, tuple(offsets), tuple(tables),
                        tuple(transposed), int(a.sum()), per_row)
@@ -604,9 +611,9 @@ def choose_orders(bp: BoundPattern, bq: int, bk: int, run: RunInputs, tried: dic
             (bp, bq, bk, "keys", run.fingerprint),
             lambda: min((_key_order(bp, q, k, c, bk, run) for q, k, c in ranked[:2]
                          if c <= 1.1 * ranked[0][2]), key=lambda x: x[2]))
-    if tried is not None:
-        tried.update({f"queries {qorder.describe()}": int(round(cost))})
-        tried.update({f"keys {korder.describe()}": int(round(cost))})
+    if tried is not None:  # every query candidate's estimate, and the pair chosen
+        tried.update({f"queries {q.describe()}": int(round(c)) for q, _, c in ranked})
+        tried[f"keys {korder.describe()}"] = int(round(cost))
     return qorder, korder, cost
 
 
@@ -666,7 +673,6 @@ def _key_order(bp, qorder, seed, seed_cost, bk, run):
     best_cost, _, best = first[0]
     if seed.tile_block == bk and seed_cost < best_cost:
         best, best_cost = seed, seed_cost
-    queries = qorder
     for _, _, o in first[:2]:
         if len(o.tile) != len(o.shape) or len(o.shape) == 1:
             continue
@@ -677,7 +683,7 @@ def _key_order(bp, qorder, seed, seed_cost, bk, run):
                 c = _cost(bp, qorder, ko, bq, bk, run)
                 if c < best_cost:
                     best, best_cost = ko, c
-    return queries, best, best_cost
+    return qorder, best, best_cost
 
 
 
@@ -713,9 +719,9 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
         per_row = _bincount(fi, (qn[fi] * kn[fj]).astype(np.float64), nq)
         unc = np.stack([pi, pj], axis=1)  # PARTIAL pairs: counted on demand
         needed = int(per_row.sum())
-        tables.append(BlockTable(*csr(fi, fj, nq, nk), *csr(pi, pj, nq, nk), needed, unc,
+        tables.append(BlockTable(*_csr(fi, fj, nq, nk), *_csr(pi, pj, nq, nk), needed, unc,
                                  per_row))
-        transposed.append(BlockTable(*csr(fj, fi, nk, nq), *csr(pj, pi, nk, nq), needed))
+        transposed.append(BlockTable(*_csr(fj, fi, nk, nq), *_csr(pj, pi, nk, nq), needed))
     summary = plan.summary
     if summary is not None:
         stabs, strans = [], []
@@ -723,8 +729,9 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
         for t in summary.tables:
             fi, fj = _csr_rows(t.full_off, t.full_idx, qb)
             pi, pj = _csr_rows(t.part_off, t.part_idx, qb)
-            stabs.append(BlockTable(*csr(fi, fj, nq, nsb), *csr(pi, pj, nq, nsb), 0))
-            strans.append(BlockTable(*csr(fj, fi, nsb, nq), *csr(pj, pi, nsb, nq), 0))
+            st, stt = table_pair(fi, fj, pi, pj, nq, nsb)
+            stabs.append(st)
+            strans.append(stt)
         rows = None if summary.row_needed is None else summary.row_needed[:, qb]
         summary = SummaryPlan(summary.members, summary.rows, summary.offsets, tuple(stabs),
                               tuple(strans), 0 if rows is None else int(rows.sum()), rows)
