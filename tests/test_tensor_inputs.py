@@ -23,6 +23,7 @@ PATTERNS = {
     "channel": ("patterns/davit.attn", "channel_group", {"C": 8, "groups": 2}),
 }
 BACKENDS = ("reference", "cpu", "triton")
+GAIN = {"moh": 2}  # the largest factor on a head's output: MoH's routed gates sum to topk
 DTYPES = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16,
           torch.int64]
 _OPS: dict = {}
@@ -138,6 +139,18 @@ def _tolerance(dtype) -> float:
     return {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}.get(dtype, 1e-9)
 
 
+def _ill_conditioned(q, k, scale) -> bool:
+    """Whether a logit's rounding error (scale * max|q| * max|k| * terms * eps of the compute
+    type) can pass 0.05."""
+    if not q.numel() or not k.numel():
+        return False
+    scale = 1 / math.sqrt(max(q.shape[-1], 1)) if scale is None else scale
+    terms = max(q.shape[-1], q.shape[-2])  # channel patterns sum over the token axis
+    size = float(q.double().abs().max()) * float(k.double().abs().max()) * terms
+    eps = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).eps
+    return scale * size * eps > 0.05  # fp16 and bf16 are computed in fp32
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.data_too_large])
 @given(calls())
@@ -159,6 +172,18 @@ def test_every_backend_answers_an_attn_error_or_the_references_result(call):
         if not finite:
             continue  # NaN and Inf inputs: no traceback and the right shape (see item 10)
         fine = torch.isfinite(ref)
+        if _ill_conditioned(q, k, kwargs.get("scale")):
+            # a logit's rounding error exceeds ~0.05: the order in which a backend sums a dot
+            # product decides near-ties (at scale 1e30 every tie), so only the softmax's
+            # invariant holds: each output is a convex combination of values (times MoH's
+            # gate), or 0
+            gain = GAIN.get(name, 1)
+            lo = gain * min(0.0, float(v.double().min()))
+            hi = gain * max(0.0, float(v.double().max()))
+            tol = 1e-6 + 2 * torch.finfo(ref.dtype).eps * max(abs(lo), abs(hi))
+            assert bool((out[fine].double() >= lo - tol).all()), backend
+            assert bool((out[fine].double() <= hi + tol).all()), backend
+            continue
         tol = _tolerance(ref.dtype) if backend == "cpu" else max(1e-3, _tolerance(ref.dtype))
         assert torch.allclose(out[fine].double(), ref[fine].double(), rtol=tol, atol=tol), (
             backend, (out[fine].double() - ref[fine].double()).abs().max())
