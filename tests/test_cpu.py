@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from attndsl.codegen.cpu import kernels as cpu
 from attndsl.codegen.cpu import plan as cpu_plan_module
 from attndsl.codegen.cpu.plan import cpu_plan
 from attndsl.errors import AttnError, InputError
+
+sys.path.insert(0, os.path.dirname(__file__))
+import independent  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -325,6 +329,24 @@ def test_realistic_size_default_blocks_strided_windows():
     compare(op, heads=2, dim=32, block=None)
     groups = cpu_plan(op.plan()).groups[0]
     assert any(g.step == 1 and len(g.rows) > 1 for g in groups)  # read through views
+
+
+def test_sequences_get_larger_blocks_where_key_gathers_dominate():
+    # power_attention's query blocks read scattered key blocks (copied per query block):
+    # the CPU planner takes 128-token blocks, a sliding window (read through views) keeps 64
+    op = attndsl.compile("patterns/power.attn", "power_attention", N=1100, block=128, window=3)
+    plan = op.plan(backend="cpu")
+    assert (plan.block_q, plan.block_k) == (128, 128)
+    out = compare(op, heads=2, dim=32, block=None)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 1100, 32, generator=gen, dtype=torch.float64) for _ in "qkv")
+    mask = independent.power_attention(1100, block=128, window=3)
+    ref = independent.masked_attention(q, k, v, mask)
+    assert torch.allclose(op(q, k, v, backend="cpu"), ref, atol=1e-12)
+    assert out.shape == (1, 2, 1100, 32)
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=1100, window=200)
+    assert op.plan(backend="cpu").block_q == 64
+    assert op.plan(backend="triton").block_q == 64  # the CPU's model only
 
 
 def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):

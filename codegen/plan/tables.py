@@ -462,6 +462,18 @@ def default_blocks(bp: BoundPattern) -> tuple[int, int]:
 BLOCK_CHOICES = {
     "cpu": (((64, 64), 1.0), ((64, 16), 0.85)),
 }
+# On sequences (1D): square blocks, the relative speed of each per computed element, and
+# what one gathered key costs in computed elements. ATen's CPU flash kernel slices a call's
+# queries 32 at a time below 192 of them and 64 at a time from there, so 256-query blocks
+# ran 1.10x the per-element rate of 64-query ones (128: 1.02x; sliding_window, strided
+# views, no gathers), while a query block whose key blocks are not one consecutive run has
+# them copied (its k and v rows, once per query block): 19.5 elements' time per key, fitted
+# to power_attention at N = 16K, whose forward ran 352 / 319 / 289 ms at 64 / 128 / 256
+# (one thread, 2 heads, D = 64, a 2-core AVX2 EPYC; the model gives 1 : 0.88 : 0.79)
+LINE_BLOCK_CHOICES = {
+    "cpu": (((64, 64), 1.0), ((128, 128), 1.02), ((256, 256), 1.10)),
+}
+GATHER_COST = {"cpu": 19.5}
 
 
 def blocks_for(bp: BoundPattern, target: str | None, run: RunInputs = NONE
@@ -470,12 +482,20 @@ def blocks_for(bp: BoundPattern, target: str | None, run: RunInputs = NONE
     spaces whose token order the planner chooses, the candidates of BLOCK_CHOICES with the
     least estimated time (computed elements, measured as choose_orders measures them, over
     the candidate's relative speed); otherwise default_blocks."""
-    choices = BLOCK_CHOICES.get(target)
-    if choices is None or len(bp.qshape) == 1 or bp.qshape != bp.kshape:
+    line = len(bp.qshape) == 1
+    choices = (LINE_BLOCK_CHOICES if line else BLOCK_CHOICES).get(target)
+    if choices is None or bp.qshape != bp.kshape:
+        return default_blocks(bp)
+    if line and (bp.content_dependent or bp.route is not None or bp.summaries or bp.average):
+        # per-call tables (chunk_topk), gates per query block (MoH), summary rows: 64 x 64
         return default_blocks(bp)
     run = RunInputs(run.values).cpu()
     if bp.route is not None:
         run = run.without(bp.route[0])
+    if line:
+        return caches.BLOCKS.get_or_create(
+            (bp, target, run.fingerprint),
+            lambda: _fastest_line_blocks(bp, run, choices, GATHER_COST[target]))
     return caches.BLOCKS.get_or_create((bp, target, run.fingerprint),
                                        lambda: _fastest_blocks(bp, run, choices))
 
@@ -487,6 +507,37 @@ def _fastest_blocks(bp: BoundPattern, run: RunInputs, choices) -> tuple[int, int
         if best_cost is None or cost < best_cost:
             best, best_cost = (bq, bk), cost
     return best
+
+
+def _fastest_line_blocks(bp: BoundPattern, run: RunInputs, choices, gather: float
+                         ) -> tuple[int, int]:
+    """The candidate with the least estimated time over its exact tables: computed elements
+    over the candidate's speed, plus `gather` per key of the query blocks whose key blocks
+    are not one consecutive run (the others read keys through a view)."""
+    best, best_cost = default_blocks(bp), None
+    for (bq, bk), speed in choices:
+        plan = plan_for(bp, bq, bk, run)
+        cost = 0.0
+        for tab in plan.tables:
+            deg, consecutive = _row_runs(tab)
+            cost += deg.sum() * bq * bk / speed + deg[~consecutive].sum() * bk * gather
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (bq, bk), cost
+    return best
+
+
+def _row_runs(tab: BlockTable) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: its key blocks, and whether they are one consecutive run."""
+    nf, npart = np.diff(tab.full_off), np.diff(tab.part_off)
+    deg = (nf + npart).astype(np.int64)
+    rows = len(deg)
+    lo = np.full(rows, np.iinfo(np.int64).max)
+    hi = np.full(rows, -1)
+    for idx, n in ((tab.full_idx, nf), (tab.part_idx, npart)):
+        r = np.repeat(np.arange(rows), n)
+        np.minimum.at(lo, r, idx.astype(np.int64))
+        np.maximum.at(hi, r, idx.astype(np.int64))
+    return deg, (deg == 0) | (hi - lo + 1 == deg)
 
 
 def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
