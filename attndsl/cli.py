@@ -359,7 +359,8 @@ def cmd_cp_plan(args) -> int:
         def progress(name, s):
             if not args.json:
                 print(f"planned {name} in {s:.1f} s", file=sys.stderr, flush=True)
-        out = report.library_rows(args.tokens, args.ranks, geo, progress=progress)
+        out = report.library_rows(args.tokens, args.ranks, geo, progress=progress,
+                                  block=args.block)
     else:
         if args.file is None:
             raise ParameterError("cp-plan needs a FILE (with -p PATTERN) or --library")
@@ -662,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--library", action="store_true", help="every standard pattern")
     c.add_argument("--tokens", type=int, default=1 << 20,
                    help="sequence length for --library (default 1,048,576)")
-    c.add_argument("--block", type=int, default=None, help="block size (default 64)")
+    c.add_argument("--block", type=int, default=None,
+                   help="block size (default 64; --library: 64, or 4x larger blocks until a "
+                   "pattern's pairs fit the planner's limit)")
     c.add_argument("--heads", type=int, default=32, help="query heads (for bytes)")
     c.add_argument("--kv-heads", type=int, default=8, help="key/value heads (for bytes)")
     c.add_argument("--head-dim", type=int, default=128, help="head dim (for bytes)")

@@ -272,3 +272,29 @@ def test_cp_plan_text_and_errors(capsys):
     assert "4 blocks cannot be shared by 8 ranks" in capsys.readouterr().err
     assert main(["cp-plan", "--ranks", "4"]) == 1
     assert "cp-plan needs a FILE" in capsys.readouterr().err
+
+
+def test_context_parallelism_plans_one_token_order_for_queries_and_keys():
+    # na2d's CPU/auto planner starts key tiles half a tile early (an order of its own);
+    # sharding needs one order, so context parallelism plans with order="same"
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=96, W=96, kernel=7)
+    auto = plan_for(op.bound, 64, 64, validate(op.bound, {}, for_mask=True))
+    assert not np.array_equal(auto.qorder.perm, auto.korder.perm)
+    prob = problem(op.bound, 64, 64, validate(op.bound, {}, for_mask=True))
+    plan = prob.parts[0][1]
+    assert np.array_equal(plan.qorder.perm, plan.korder.perm) and len(plan.qorder.tile) == 2
+    assert plan.needed() == int(ind.na2d(96, 96, 7).sum())
+    with pytest.raises(ParameterError, match="order 'same' needs one block size"):
+        plan_for(op.bound, 64, 16, validate(op.bound, {}, for_mask=True), order="same")
+
+
+def test_cp_plan_library_takes_larger_blocks_past_the_pair_limit(monkeypatch):
+    from attndsl.codegen.plan import tables
+    from attndsl.distributed import report
+    monkeypatch.setattr(tables, "PAIR_LIMIT", 2000)  # 64-token blocks of 4,096: 2,080 pairs
+    monkeypatch.setattr(report, "PAIR_LIMIT", 2000)
+    rows = report.library_rows(4096, 4, report.geometry(), only={"moh"})
+    assert rows[0]["scheme"] == "balanced" and rows[0]["block"] == 256
+    assert "64-token blocks would list more than 2,000 block pairs" in report.table(rows)
+    rows = report.library_rows(4096, 4, report.geometry(), only={"moh"}, block=64)
+    assert rows[0]["scheme"] == "error" and "use larger blocks" in rows[0]["error"]

@@ -769,8 +769,9 @@ RUNTIME_CASES = [
                                              "summary r(i: 1 << 40) {\n    member k == r.i\n"
                                              "    attend r.i < q\n}"), N=4).summaries(),
                  attndsl.SizeLimitError, [
-        "<string>:4:13: error: summary 'r' has 1,099,511,627,776 tokens; too many for the "
-        "reference backend",
+        "<string>:4:13: error: summary 'r' has 1,099,511,627,776 tokens; too many: its "
+        "member and attend masks (1,099,511,627,776 x 4 entries) are built whole, up to "
+        "268,435,456",
         "        summary r(i: 1 << 40) {",
         "                ^",
     ], id="size-summary-tokens"),

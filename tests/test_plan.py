@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl.analysis.difference import difference_only
+from attndsl.codegen.plan import tables
 from attndsl.codegen.plan.orders import make_order, tilings
 from attndsl.codegen.plan.tables import build_plan
 from attndsl.semantics.inputs import validate
@@ -123,11 +125,77 @@ def test_tables_with_array_inputs_and_heads():
 @given(st.integers(1, 90), st.integers(0, 40), st.integers(1, 9), st.integers(0, 8),
        st.sampled_from(["and", "or"]), st.booleans(), st.sampled_from([16, 32]))
 def test_random_1d_patterns(n, a, b, c, op_, negate, block):
-    expr = f"(abs(q - k) < {a} {op_} (q // {b} + k) % {b} == {c % b}) or k == {c}"
+    _check_rule(f"(abs(q - k) < {a} {op_} (q // {b} + k) % {b} == {c % b}) or k == {c}",
+                negate, n, block)
+
+
+def _check_rule(expr: str, negate: bool, n: int, block: int):
     if negate:
         expr = f"not ({expr})"
     op = attndsl.compile(f"pattern r(N: int) {{ space seq(N) attend {expr} }}", N=n)
     check(op, block, block)
+    return op
+
+
+DIFFERENCE = [
+    ("sliding.attn", "sliding_window", dict(N=320, window=37), True),
+    ("sliding.attn", "sliding_window", dict(N=128, window=20, causal=False), True),
+    ("sliding.attn", "dilated_window", dict(N=192, window=9, dilation=5), True),
+    ("power.attn", "power_strides", dict(N=256, window=8), True),
+    ("sparse_transformer.attn", "strided", dict(N=224, stride=12), True),
+    ("power.attn", "power_attention", dict(N=320, block=16, window=3, sink=2), False),
+    ("sparse_transformer.attn", "fixed", dict(N=224, stride=16, c=3), False),
+    ("neighborhood.attn", "na1d", dict(N=192, kernel=9, causal=True), False),
+    ("llm.attn", "chunked_causal", dict(N=128, chunk=16), False),
+    ("document.attn", "prefix_lm", dict(N=128), False),
+]
+
+
+@pytest.mark.parametrize("file,pattern,params,expected", DIFFERENCE,
+                         ids=[p for _, p, _, _ in DIFFERENCE])
+def test_rules_on_q_minus_k_get_tables_from_the_differences(file, pattern, params, expected,
+                                                             monkeypatch):
+    op = attndsl.compile(f"patterns/{file}", pattern, **params)
+    assert difference_only(op.bound) is expected
+    inputs = {"prefix": 23} if pattern == "prefix_lm" else {}
+    calls = []
+    real = tables._difference_table
+    monkeypatch.setattr(tables, "_difference_table",
+                        lambda *a: calls.append(1) or real(*a))
+    for bq in (16, 32):
+        check(op, bq, bq, **inputs)  # brute force over the whole mask
+    run = validate(op.bound, inputs, for_mask=True)
+    plan = build_plan(op.bound, 16, 16, run)
+    fast = real(op.bound, plan.qorder, plan.korder, 16, 16, None, run)
+    assert bool(calls) and (fast is not None) is expected
+
+
+@pytest.mark.parametrize("expr,expected", [
+    ("q - k < 5 and k <= q", True),
+    ("let d = q - k in d % 3 == 0 and d >= 0", True),
+    ("q + 2 - k == 7 or k - 1 > q + 3", True),
+    ("abs(k - q) <= 2 * 3 or (q - k) & 4 == 4", True),
+    ("if q - k > 8 then (q - k) % 8 == 0 else true", True),
+    ("q - q + k - k == 0", True),  # constant
+    ("q - q + k < 3", False),  # q - q is constant, but + k leaves a k
+    ("q * 2 - k < 4", False),
+    ("k < N and q - k < 4", False),
+    ("q // 4 == k // 4", False),
+    ("k == 3 or q - k < 2", False),
+])
+def test_the_difference_classifier(expr, expected):
+    op = attndsl.compile(f"pattern r(N: int) {{ space seq(N) attend {expr} }}", N=64)
+    assert difference_only(op.bound) is expected
+    check(op, 16, 16)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 40), st.integers(1, 9), st.integers(0, 8),
+       st.sampled_from(["and", "or"]), st.booleans(), st.sampled_from([16, 32]))
+def test_random_difference_patterns(blocks, a, b, c, op_, negate, block):
+    op = _check_rule(f"(abs(q - k) < {a} {op_} (q - k + {c}) % {b} == {c % b}) or "
+                     f"k - q == {c}", negate, blocks * block, block)
+    assert difference_only(op.bound)
 
 
 @settings(max_examples=25, deadline=None)

@@ -113,7 +113,8 @@ def problem(bp: BoundPattern, block_q: int | None, block_k: int | None, run: Run
                 f"context parallelism shards one sequence of queries and keys; pattern "
                 f"'{sub.name}' has query space {sub.qshape} and key space {sub.kshape}",
                 sub.checked.span)
-        plan = plan_for(sub, block_q, block_k, run.part(sub) if bp.average else run)
+        plan = plan_for(sub, block_q, block_k, run.part(sub) if bp.average else run,
+                        order="same")
         if plan.block_q != plan.block_k:
             raise UnsupportedError(f"context parallelism needs one block size for queries and "
                                    f"keys, not {plan.block_q} and {plan.block_k}",

@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
+from attndsl.codegen.plan.tables import PAIR_LIMIT
 from attndsl.distributed.dispatch import DISPATCHES
 from attndsl.distributed.plan import problem
-from attndsl.errors import AttnError, ParameterError
+from attndsl.errors import AttnError, ParameterError, SizeLimitError
 from attndsl.semantics.inputs import validate
 
 SCHEMES = DISPATCHES + ("ring", "allgather", "ulysses")
@@ -148,9 +149,13 @@ def library(n: int) -> list[tuple]:
     ]
 
 
-def library_rows(n: int, ranks: int, geo: dict, only=None, progress=None) -> list[dict]:
+def library_rows(n: int, ranks: int, geo: dict, only=None, progress=None,
+                 block: int | None = None) -> list[dict]:
     """Rows for every standard pattern (a pattern the planner or context parallelism
-    cannot take gets one row with scheme 'error' and the message)."""
+    cannot take gets one row with scheme 'error' and the message). Without `block`, a
+    pattern whose 64-token blocks would list more block pairs than the planner holds
+    (dense and causal-dense patterns at a million tokens) is planned with 4x larger blocks,
+    up to 1,024, and its rows say so."""
     import attndsl
     out = []
     for file, name, params, inputs in library(n):
@@ -161,7 +166,7 @@ def library_rows(n: int, ranks: int, geo: dict, only=None, progress=None) -> lis
         t0 = time.perf_counter()
         try:
             op = attndsl.compile(file, pattern=name, **params)
-            got = rows(op, inputs, ranks, geo, label)
+            got = _rows_that_fit(op, inputs, ranks, geo, label, block)
         except AttnError as e:
             got = [{"pattern": label, "params": params, "ranks": ranks, "scheme": "error",
                     "error": e.message if hasattr(e, "message") else str(e)}]
@@ -169,6 +174,25 @@ def library_rows(n: int, ranks: int, geo: dict, only=None, progress=None) -> lis
         if progress is not None:
             progress(label, time.perf_counter() - t0)
     return out
+
+
+def _rows_that_fit(op, inputs: dict, ranks: int, geo: dict, label: str,
+                   block: int | None) -> list[dict]:
+    b = block or 64
+    while True:
+        op.options(block_q=b, block_k=b)
+        try:
+            got = rows(op, inputs, ranks, geo, label)
+        except SizeLimitError as e:
+            if block is not None or b >= 1024 or "block pairs" not in str(e):
+                raise
+            b *= 4
+            continue
+        if b != (block or 64):
+            for r in got:
+                r["block_note"] = (f"64-token blocks would list more than {PAIR_LIMIT:,} "
+                                   "block pairs")
+        return got
 
 
 def _mb(x) -> str:
@@ -192,7 +216,8 @@ def table(rows_: list[dict]) -> str:
                      f"{r0['block']} (tables {r0['plan_seconds']:.2f} s, layouts "
                      f"{r0['layout_seconds']:.2f} s)"
                      + ("" if r0.get("pairs_exact", True) else
-                        "; pairs of PARTIAL blocks estimated from a sample"))
+                        "; pairs of PARTIAL blocks estimated from a sample")
+                     + (f"; {r0['block_note']}" if r0.get("block_note") else ""))
         lines.append(f"  {'scheme':<11}{'max/mean pairs':>15}{'max pairs':>16}"
                      f"{'max KV MiB':>12}{'mean KV MiB':>13}{'vs ring':>9}  tokens/rank")
         for r in rs:

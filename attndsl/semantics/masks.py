@@ -186,8 +186,9 @@ def summary_masks(bp: BoundPattern, bs: BoundSummary, run: RunInputs, device, he
     owner = bs.owner
     r = math.prod(bs.sizes)
     if r * bp.nk > SUMMARY_LIMIT or r * bp.nq > SUMMARY_LIMIT:
-        raise SizeLimitError(f"summary '{s.name}' has {r:,} tokens; too many for the "
-                             "reference backend", s.span)
+        raise SizeLimitError(f"summary '{s.name}' has {r:,} tokens; too many: its member "
+                             f"and attend masks ({r:,} x {max(bp.nq, bp.nk):,} entries) are "
+                             f"built whole, up to {SUMMARY_LIMIT:,}", s.span)
     coords = summary_coords(bs, device)
     member = summary_member(bp, bs, run, device)
     keep = member.any(dim=1) if s.keys_from is None else torch.ones(

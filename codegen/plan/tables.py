@@ -23,6 +23,7 @@ import torch
 
 from attndsl import caches
 from attndsl.analysis.blocks import bounds, classify_token_boxes, refine, row_major
+from attndsl.analysis.difference import difference_only
 from attndsl.analysis.intervals import FULL, IV, PARTIAL, TokIV
 from attndsl.codegen.plan.orders import (
     TokenOrder,
@@ -325,6 +326,10 @@ def _eval_boxes(bp, q0, k0, sub, head, run) -> np.ndarray:
 def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
     listed for those query blocks (to compare token orders cheaply)."""
+    if qsel is None:
+        fast = _difference_table(bp, qorder, korder, bq, bk, head, run)
+        if fast is not None:
+            return fast
     qlev = (row_major(bp.qshape, bq, qorder.start, qorder.length) if qorder.identity
             else bounds(padded_perm(qorder, bq), bp.qshape).pyramid())
     klev = (row_major(bp.kshape, bk) if korder.identity
@@ -414,6 +419,50 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
     t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc, per_row)
     return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
+
+
+def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run):
+    """Exact tables of a row-major sequence whose rules read q and k only through q - k
+    (analysis/difference.py), from the mask on the 2N - 1 differences: block pair (i, j)
+    holds count(i - j) = sum over a, b < bq of g(bq (i - j) + a - b) attended entries, two
+    running sums of g. None where that does not apply (then _table refines as usual)."""
+    n = bp.nq
+    if not (len(bp.qshape) == 1 and bp.qshape == bp.kshape and bq == bk and n % bq == 0
+            and qorder.identity and korder.identity and qorder.start == 0
+            and qorder.length == n and korder.length == n and difference_only(bp)):
+        return None
+    nb = n // bq
+    d = np.arange(-(n - 1), n, dtype=np.int64)
+    h = None if head is None else torch.tensor(head)
+    g = np.zeros(len(d), dtype=np.int64)
+    for a, b in chunks(len(d), 1):
+        dd = torch.from_numpy(d[a:b])
+        m = token_mask(bp, run, dd.clamp(min=0), (-dd).clamp(min=0), h, dims=1)
+        g[a:b] = m.expand(b - a).numpy()
+    c1 = np.concatenate([[0], np.cumsum(g)])
+    t = np.arange(len(g))
+    box = c1[t + 1] - c1[np.maximum(t + 1 - bq, 0)]  # g[t - bq + 1 .. t]
+    c2 = np.concatenate([[0], np.cumsum(box)])
+    delta = np.arange(-(nb - 1), nb, dtype=np.int64)
+    s = bq * delta + n - 1
+    cnt = c2[s + bq] - c2[s]  # box[s .. s + bq - 1]
+    nz = cnt > 0
+    ds, cs, full = delta[nz], cnt[nz], cnt[nz] == bq * bq
+    lens = nb - np.abs(ds)
+    total = int(lens.sum())
+    if total > PAIR_LIMIT:
+        raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} block "
+                             "pairs at this size; use larger blocks", bp.checked.span)
+    first = np.cumsum(lens) - lens
+    ii = np.repeat(np.maximum(ds, 0), lens) + np.arange(total) - np.repeat(first, lens)
+    jj = ii - np.repeat(ds, lens)
+    c = np.repeat(cs, lens)
+    f = np.repeat(full, lens)
+    needed = int(c.sum())
+    per_row = _bincount(ii, c.astype(np.float64), nb)
+    t = BlockTable(*_csr(ii[f], jj[f], nb, nb), *_csr(ii[~f], jj[~f], nb, nb), needed, None,
+                   per_row)
+    return t, BlockTable(*_csr(jj[f], ii[f], nb, nb), *_csr(jj[~f], ii[~f], nb, nb), needed)
 
 
 def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
@@ -575,10 +624,16 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
     qorder = TokenOrder.rows(bp.qshape, bq, *(rows or (0, None)))
     korder = TokenOrder.rows(bp.kshape, bk)
     tried = {}
-    if order == "auto" and len(bp.qshape) > 1 and bp.qshape == bp.kshape and rows is None:
-        qorder, korder, _ = choose_orders(bp, bq, bk, run, tried)
-    elif order not in ("auto", "row-major"):
-        raise ParameterError(f"order must be 'auto' or 'row-major', not {order!r}")
+    if order not in ("auto", "row-major", "same"):
+        raise ParameterError(f"order must be 'auto', 'same' or 'row-major', not {order!r}")
+    if order == "same" and bq != bk:
+        raise ParameterError(f"order 'same' needs one block size, not {bq} and {bk}")
+    if order != "row-major" and len(bp.qshape) > 1 and bp.qshape == bp.kshape and rows is None:
+        if order == "auto":
+            qorder, korder, _ = choose_orders(bp, bq, bk, run, tried)
+        else:  # one order for queries and keys (context parallelism shards tokens once)
+            qorder = korder = caches.ORDERS.get_or_create(
+                (bp, bq, "same", run.fingerprint), lambda: _same_order(bp, bq, run))
     heads = range(bp.heads) if bp.head_dependent else [None]
     tables, transposed = [], []
     for h in heads:
@@ -713,6 +768,12 @@ def _query_orders(bp, bq, bk, run) -> list:
                         for j, ko in enumerate(keys)), key=lambda x: x[:3]))
     out.sort(key=lambda x: x[:3])
     return [(o, ko, c) for c, _, _, o, ko in out]
+
+
+def _same_order(bp, block: int, run) -> TokenOrder:
+    """The candidate order with the fewest computed elements when keys share it."""
+    return min(((_cost(bp, o, o, block, block, run), i, o)
+                for i, o in enumerate(_candidates(bp, block))), key=lambda x: x[:2])[2]
 
 
 def _key_order(bp, qorder, seed, seed_cost, bk, run):
