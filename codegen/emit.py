@@ -99,6 +99,21 @@ def size_dependent(bp: BoundPattern, sizes) -> set[str]:
     return out
 
 
+def dynamic_config(bp: BoundPattern) -> dict | None:
+    """chunk_topk's (block, chunk, topk, starts input) of a content-dependent pattern, as
+    the emitter folds its arguments: what every backend's per-call selection reads."""
+    if not bp.content_dependent:
+        return None
+    em = Emitter(bp, TritonDialect(), input_layout(bp))
+    em.dynamic = {}
+    em.predicate({"q": em.token("q_idx", em.space_shape(bp.checked.qspace),
+                                bp.checked.qspace.axes),
+                  "k": em.token("k_idx", em.space_shape(bp.checked.kspace),
+                                bp.checked.kspace.axes),
+                  "h": Code("h", "int")})
+    return em.dynamic
+
+
 @contextlib.contextmanager
 def _located(span):
     """An AttnError raised without a location gets `span`: the innermost expression (or

@@ -31,9 +31,9 @@ import torch
 
 from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
+from attndsl.codegen.emit import dynamic_config
 from attndsl.codegen.plan.dynamic import selected_plan
 from attndsl.codegen.plan.tables import plan_for
-from attndsl.codegen.triton.generate import dynamic_config
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.reference import Reference
 from attndsl.semantics.bind import BoundPattern

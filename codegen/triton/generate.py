@@ -41,15 +41,6 @@ def _function(name: str, args: str, em: Emitter, tail: str) -> str:
     return f"@triton.jit\ndef {name}({args}):\n{body}{tail}\n"
 
 
-def dynamic_config(bp: BoundPattern) -> dict | None:
-    """chunk_topk's (block, chunk, topk, starts input) of a content-dependent pattern."""
-    if not bp.content_dependent:
-        return None
-    em, ctx = _emitter(bp)
-    em.predicate(ctx)
-    return em.dynamic
-
-
 def summary_offsets(bp: BoundPattern) -> list[tuple[int, int]]:
     """(first global region index, regions) of each summary: summary rows are numbered
     summary by summary, region by region (row-major over the summary's axes)."""

@@ -28,10 +28,10 @@ import torch
 
 from attndsl import caches
 from attndsl.codegen.cpu.kernels import CPU_LIMIT, TOKEN_LIMIT, cpu_elements
-from attndsl.codegen.emit import input_layout
+from attndsl.codegen.emit import dynamic_config, input_layout
 from attndsl.codegen.plan.dynamic import pair_matrix, selection
 from attndsl.codegen.plan.tables import Plan, plan_for
-from attndsl.codegen.triton.generate import dynamic_config, module_source
+from attndsl.codegen.triton.generate import module_source
 from attndsl.errors import InputError, SizeLimitError, UnsupportedError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.dropout import threshold as dropout_threshold
