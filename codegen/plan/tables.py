@@ -236,11 +236,13 @@ def _csr(rows: np.ndarray, cols: np.ndarray, nrows: int, ncols: int
         np.int32)
 
 
-def table_pair(fi, fj, pi, pj, nrows: int, ncols: int, needed: int = 0
-               ) -> tuple[BlockTable, BlockTable]:
+def table_pair(fi, fj, pi, pj, nrows: int, ncols: int, needed: int = 0, uncounted=None,
+               row_needed=None) -> tuple[BlockTable, BlockTable]:
     """A table of FULL pairs (fi, fj) and PARTIAL pairs (pi, pj), and its transpose."""
-    return (BlockTable(*_csr(fi, fj, nrows, ncols), *_csr(pi, pj, nrows, ncols), needed),
-            BlockTable(*_csr(fj, fi, ncols, nrows), *_csr(pj, pi, ncols, nrows), needed))
+    return (BlockTable(*_csr(fi, fj, nrows, ncols), *_csr(pi, pj, nrows, ncols), needed,
+                       uncounted, row_needed),
+            BlockTable(*_csr(fj, fi, ncols, nrows), *_csr(pj, pi, ncols, nrows), needed,
+                       uncounted))
 
 
 def _dense_leaves(bp, qorder, korder, bq, bk, qi, kj, head, run):
@@ -417,8 +419,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         return len(fi) + len(pi)
     unc = np.concatenate(uncounted) if uncounted else None
     per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
-    t = BlockTable(*_csr(fi, fj, nqb, nkb), *_csr(pi, pj, nqb, nkb), needed, unc, per_row)
-    return t, BlockTable(*_csr(fj, fi, nkb, nqb), *_csr(pj, pi, nkb, nqb), needed, unc)
+    return table_pair(fi, fj, pi, pj, nqb, nkb, needed, unc, per_row)
 
 
 def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run):
@@ -460,9 +461,7 @@ def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run):
     f = np.repeat(full, lens)
     needed = int(c.sum())
     per_row = _bincount(ii, c.astype(np.float64), nb)
-    t = BlockTable(*_csr(ii[f], jj[f], nb, nb), *_csr(ii[~f], jj[~f], nb, nb), needed, None,
-                   per_row)
-    return t, BlockTable(*_csr(jj[f], ii[f], nb, nb), *_csr(jj[~f], ii[~f], nb, nb), needed)
+    return table_pair(ii[f], jj[f], ii[~f], jj[~f], nb, nb, needed, None, per_row)
 
 
 def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
@@ -831,9 +830,9 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
         per_row = _bincount(fi, (qn[fi] * kn[fj]).astype(np.float64), nq)
         unc = np.stack([pi, pj], axis=1)  # PARTIAL pairs: counted on demand
         needed = int(per_row.sum())
-        tables.append(BlockTable(*_csr(fi, fj, nq, nk), *_csr(pi, pj, nq, nk), needed, unc,
-                                 per_row))
-        transposed.append(BlockTable(*_csr(fj, fi, nk, nq), *_csr(pj, pi, nk, nq), needed))
+        t, tt = table_pair(fi, fj, pi, pj, nq, nk, needed, unc, per_row)
+        tables.append(t)
+        transposed.append(tt)
     summary = plan.summary
     if summary is not None:
         stabs, strans = [], []
