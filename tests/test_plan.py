@@ -166,7 +166,7 @@ def test_rules_on_q_minus_k_get_tables_from_the_differences(file, pattern, param
         check(op, bq, bq, **inputs)  # brute force over the whole mask
     run = validate(op.bound, inputs, for_mask=True)
     plan = build_plan(op.bound, 16, 16, run)
-    fast = real(op.bound, plan.qorder, plan.korder, 16, 16, None, run)
+    fast = real(op.bound, plan.qorder, plan.korder, 16, 16, None, run, [tables.PAIR_LIMIT])
     assert bool(calls) and (fast is not None) is expected
 
 
@@ -291,3 +291,26 @@ def test_the_cpu_planner_chooses_block_sizes_and_shifted_key_tiles():
     for bq, bk in ((64, 16), (16, 16)):
         assert build_plan(small.bound, bq, bk).korder.phase == (2, 2)
         check(small, bq, bk)
+
+
+def test_the_pair_limit_counts_every_table_of_a_plan(monkeypatch):
+    src = """
+    pattern ph(N: int) {
+        space seq(N)
+        heads 3
+        on heads 0..1 { attend k <= q }
+        on heads 1..3 { attend abs(q - k) < 2 * h + 1 or k % 5 == 0 }
+    }"""
+    op = attndsl.compile(src, N=300)
+    plan = build_plan(op.bound, 16, 16)
+    sizes = [len(t.full_idx) + len(t.part_idx) for t in plan.tables]  # 190, 361, 361
+    # each table, and the first refinement step (19 x 19 block pairs), fits; not all three
+    monkeypatch.setattr(tables, "PAIR_LIMIT", max(sizes + [plan.nqb * plan.nkb]) + 1)
+    assert sum(sizes) > tables.PAIR_LIMIT
+    with pytest.raises(attndsl.SizeLimitError, match=r"over all its tables\); use larger"):
+        build_plan(op.bound, 16, 16)
+    # a refinement step that would classify more boxes than the limit stops before it
+    monkeypatch.setattr(tables, "PAIR_LIMIT", 8)
+    with pytest.raises(attndsl.SizeLimitError, match="block pairs to classify at once"):
+        build_plan(attndsl.compile("pattern d(N: int) { space seq(N) attend k == q and "
+                                   "q % 3 != 1 }", N=1000).bound, 16, 16)

@@ -439,8 +439,8 @@ class Refinement:
 
 
 def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
-           run: RunInputs = NONE, diag: str = "none", max_boxes: int | None = None
-           ) -> Refinement:
+           run: RunInputs = NONE, diag: str = "none", max_boxes: int | None = None,
+           max_step: int | None = None) -> Refinement:
     """The one refinement engine: classify pairs of groups top-down (the coarsest levels of
     both pyramids first), keep FULL ones, split PARTIAL ones into their children, and stop
     at the leaf groups. With diag="all" ("leaf"), PARTIAL pairs of every level (of the leaf
@@ -454,10 +454,12 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     tokens.) A large step probes a spread sample first, and the rest only if the sample
     splits one side often enough: longnet's probes all answer "both" and then cost little.
     The frontier mixes levels; each step classifies all of it in one call of the abstract
-    interpreter, whose cost is far more per call than per box."""
+    interpreter, whose cost is far more per call than per box (`max_step` bounds that
+    call's boxes, and so its memory)."""
     lq0, lk0 = len(qlev) - 1, len(klev) - 1
     gi, gj = np.meshgrid(np.arange(len(qlev[lq0])), np.arange(len(klev[lk0])), indexing="ij")
     n0 = gi.size
+    _step_fits(bp, n0, max_step)
     # frontier: level q, level k, group q, group k, the split it came from (-1: none)
     front = (np.full(n0, lq0), np.full(n0, lk0), gi.reshape(-1), gj.reshape(-1),
              np.full(n0, -1))
@@ -520,12 +522,22 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
                     else at[:0]
             if len(at):
                 side[at] = _probe(bp, qb.take(s[at]), kb.take(s[at]), head, run)
+        _step_fits(bp, int(np.where(side == 3, 4, 2).sum()), max_step)
         front = _children(nq_at, nk_at, lq, lk, gi, gj, side, next_id)
         next_id += len(gi)
     z = np.zeros(0, dtype=np.int64)
     return Refinement(tuple(full), DiagLeaves.concat(diags), tuple(diag_at),
                       (np.concatenate(und_i) if und_i else z,
                        np.concatenate(und_j) if und_j else z), evaluated)
+
+
+def _step_fits(bp: BoundPattern, boxes: int, max_step: int | None) -> None:
+    """Refuse a step of more than max_step boxes before they (and their intervals) take
+    GBs."""
+    if max_step is not None and boxes > max_step:
+        raise SizeLimitError(f"pattern '{bp.name}' has more than {max_step:,} block pairs to "
+                             "classify at once at this size; use larger blocks",
+                             bp.checked.span)
 
 
 class _Gather:

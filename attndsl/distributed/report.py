@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from attndsl import caches
 from attndsl.codegen.plan.tables import PAIR_LIMIT
 from attndsl.distributed.dispatch import DISPATCHES
 from attndsl.distributed.plan import problem
@@ -171,6 +172,7 @@ def library_rows(n: int, ranks: int, geo: dict, only=None, progress=None,
             got = [{"pattern": label, "params": params, "ranks": ranks, "scheme": "error",
                     "error": e.message if hasattr(e, "message") else str(e)}]
         out.extend(got)
+        caches.clear_all()  # plans at a million tokens take GBs; the next pattern needs none
         if progress is not None:
             progress(label, time.perf_counter() - t0)
     return out

@@ -38,7 +38,8 @@ from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, summary_masks, token_mask
 
-PAIR_LIMIT = 1 << 27  # listed block pairs over all head tables
+PAIR_LIMIT = 1 << 26  # listed block pairs over all tables of one plan: ~70 bytes each
+# while built (4.7 GB at the limit), so that a plan fits a 24 GB machine beside a model
 
 
 # ------------------------------------------------------------------ token orders
@@ -325,11 +326,13 @@ def _eval_boxes(bp, q0, k0, sub, head, run) -> np.ndarray:
     return out
 
 
-def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
+def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None, budget=None):
     """Exact tables (and transposed tables); with `qsel`, only the number of block pairs
-    listed for those query blocks (to compare token orders cheaply)."""
+    listed for those query blocks (to compare token orders cheaply). `budget` ([pairs
+    left]) is shared by every table of one plan: past it, SizeLimitError."""
+    budget = [PAIR_LIMIT] if budget is None else budget
     if qsel is None:
-        fast = _difference_table(bp, qorder, korder, bq, bk, head, run)
+        fast = _difference_table(bp, qorder, korder, bq, bk, head, run, budget)
         if fast is not None:
             return fast
     qlev = (row_major(bp.qshape, bq, qorder.start, qorder.length) if qorder.identity
@@ -343,7 +346,8 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     rowmajor_1d = (len(bp.qshape) == 1 and len(bp.kshape) == 1 and qorder.identity
                    and korder.identity)
     r = refine(bp, qlev, klev, head, run,
-               "leaf" if rowmajor_1d and not bp.content_dependent else "none")
+               "leaf" if rowmajor_1d and not bp.content_dependent else "none",
+               max_step=PAIR_LIMIT)
     full_i, full_j, part_i, part_j = [], [], [], []
     uncounted = []
     needed = 0
@@ -369,10 +373,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
         part_i.append(ii[~clean])
         part_j.append(jj[~clean])
         listed += len(ii)
-        if listed > PAIR_LIMIT:
-            raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} "
-                                 "block pairs at this size; use larger blocks",
-                                 bp.checked.span)
+        _spend(bp, budget, listed, keep=True)
     # diagonal leaves (1D, leaf level): PARTIAL, and counted in closed form
     counts.append(r.diag.pairs())
     needed += int(counts[-1].sum())
@@ -417,12 +418,23 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None):
     fi, fj, pi, pj = cat(full_i), cat(full_j), cat(part_i), cat(part_j)
     if qsel is not None:
         return len(fi) + len(pi)
+    _spend(bp, budget, len(fi) + len(pi))
     unc = np.concatenate(uncounted) if uncounted else None
     per_row = _bincount(cat(count_rows), np.concatenate(counts).astype(np.float64), nqb)
     return table_pair(fi, fj, pi, pj, nqb, nkb, needed, unc, per_row)
 
 
-def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run):
+def _spend(bp: BoundPattern, budget: list, pairs: int, keep: bool = False) -> None:
+    """Take `pairs` listed block pairs from a plan's budget (keep: only check)."""
+    if pairs > budget[0]:
+        raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} block "
+                             "pairs at this size (over all its tables); use larger blocks",
+                             bp.checked.span)
+    if not keep:
+        budget[0] -= pairs
+
+
+def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run, budget):
     """Exact tables of a row-major sequence whose rules read q and k only through q - k
     (analysis/difference.py), from the mask on the 2N - 1 differences: block pair (i, j)
     holds count(i - j) = sum over a, b < bq of g(bq (i - j) + a - b) attended entries, two
@@ -451,9 +463,7 @@ def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run):
     ds, cs, full = delta[nz], cnt[nz], cnt[nz] == bq * bq
     lens = nb - np.abs(ds)
     total = int(lens.sum())
-    if total > PAIR_LIMIT:
-        raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} block "
-                             "pairs at this size; use larger blocks", bp.checked.span)
+    _spend(bp, budget, total)
     first = np.cumsum(lens) - lens
     ii = np.repeat(np.maximum(ds, 0), lens) + np.arange(total) - np.repeat(first, lens)
     jj = ii - np.repeat(ds, lens)
@@ -635,17 +645,19 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
                 (bp, bq, "same", run.fingerprint), lambda: _same_order(bp, bq, run))
     heads = range(bp.heads) if bp.head_dependent else [None]
     tables, transposed = [], []
+    budget = [PAIR_LIMIT]  # over every table of the plan (~70 bytes a pair while built)
     for h in heads:
-        t, tt = _table(bp, qorder, korder, bq, bk, h, run)
+        t, tt = _table(bp, qorder, korder, bq, bk, h, run, budget=budget)
         tables.append(t)
         transposed.append(tt)
-    unselected = tuple(_table(bp, qorder, korder, bq, bk, h, run.with_content(UNSELECTED))[0]
+    unselected = tuple(_table(bp, qorder, korder, bq, bk, h, run.with_content(UNSELECTED),
+                              budget=budget)[0]
                        for h in heads) if bp.content_dependent else ()
     selected = ()
     if bp.content_dependent:
         try:
-            selected = tuple(_table(bp, qorder, korder, bq, bk, h,
-                                    run.with_content(SELECTED))[0] for h in heads)
+            selected = tuple(_table(bp, qorder, korder, bq, bk, h, run.with_content(SELECTED),
+                                    budget=budget)[0] for h in heads)
         except EvaluationError:
             # the selection's arguments need run-time inputs these tables were planned
             # without (a plan for statistics only): per-call plans then keep every
