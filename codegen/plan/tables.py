@@ -476,11 +476,20 @@ def _difference_table(bp: BoundPattern, qorder, korder, bq, bk, head, run, budge
 
 def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
     """Block pairs whose first/last rows and columns already hold attended and unattended
-    valid entries (so the pair is PARTIAL), from 2 (bq + bk) evaluations instead of bq bk."""
+    valid entries (so the pair is PARTIAL), from at most 2 (bq + bk) evaluations instead of
+    bq bk: the first row alone first (it settles a column rule, as in strided or fixed),
+    then the other edges of the pairs it left open."""
     qp = torch.from_numpy(padded_perm(qorder, bq))
     kp = torch.from_numpy(padded_perm(korder, bk))
     out = np.zeros(len(qi), dtype=bool)
     h = None if head is None else torch.tensor(head)
+
+    def edge(val, qq, kk, seen_t, seen_f):
+        ok = (qq >= 0) & (kk >= 0)
+        val = val.expand(ok.shape)
+        seen_t |= (val & ok).flatten(1).any(1)
+        seen_f |= (~val & ok).flatten(1).any(1)
+
     for t0, t1 in chunks(len(qi), 4 * (bq + bk)):
         a = qp[torch.from_numpy(qi[t0:t1])]  # [T, bq]
         b = kp[torch.from_numpy(kj[t0:t1])]  # [T, bk]
@@ -488,19 +497,23 @@ def _edges_mixed(bp, qorder, korder, bq, bk, qi, kj, head, run) -> np.ndarray:
         qv = a >= 0
         first = torch.where(qv.any(1), qv.float().argmax(1), 0)
         last = bq - 1 - torch.where(qv.any(1), qv.flip(1).float().argmax(1), 0)
-        kv = b >= 0
-        kfirst = torch.where(kv.any(1), kv.float().argmax(1), 0)
-        klast = bk - 1 - torch.where(kv.any(1), kv.flip(1).float().argmax(1), 0)
-        rows = torch.stack([a.gather(1, first[:, None]), a.gather(1, last[:, None])], 1)
-        cols = torch.stack([b.gather(1, kfirst[:, None]), b.gather(1, klast[:, None])], 2)
         seen_t = torch.zeros(len(a), dtype=torch.bool)
         seen_f = torch.zeros(len(a), dtype=torch.bool)
-        for qq, kk in ((rows, b.unsqueeze(1)), (a.unsqueeze(2), cols)):
-            val = token_mask(bp, run, qq.clamp(min=0), kk.clamp(min=0), h)
-            ok = (qq >= 0) & (kk >= 0)
-            val = val.expand(ok.shape)
-            seen_t |= (val & ok).flatten(1).any(1)
-            seen_f |= (~val & ok).flatten(1).any(1)
+        row = a.gather(1, first[:, None]).unsqueeze(1)  # [T, 1, 1]
+        edge(token_mask(bp, run, row.clamp(min=0), b.unsqueeze(1).clamp(min=0), h), row,
+             b.unsqueeze(1), seen_t, seen_f)
+        rest = torch.nonzero(~(seen_t & seen_f)).view(-1)
+        if len(rest):
+            a, b, last = a[rest], b[rest], last[rest]
+            kv = b >= 0
+            kfirst = torch.where(kv.any(1), kv.float().argmax(1), 0)
+            klast = bk - 1 - torch.where(kv.any(1), kv.flip(1).float().argmax(1), 0)
+            row = a.gather(1, last[:, None]).unsqueeze(1)
+            cols = torch.stack([b.gather(1, kfirst[:, None]), b.gather(1, klast[:, None])], 2)
+            st, sf = seen_t[rest], seen_f[rest]
+            for qq, kk in ((row, b.unsqueeze(1)), (a.unsqueeze(2), cols)):
+                edge(token_mask(bp, run, qq.clamp(min=0), kk.clamp(min=0), h), qq, kk, st, sf)
+            seen_t[rest], seen_f[rest] = st, sf
         out[t0:t1] = (seen_t & seen_f).numpy()
     return out
 
