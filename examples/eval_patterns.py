@@ -8,7 +8,7 @@ every run's, and each pattern is also scored at the step where its FLOPs equal t
 control's. The report splits accuracy by query-to-value distance and marks, for every band,
 whether each pattern's analysed 2-layer reach covers it (docs/eval.md).
 
-    python examples/eval_patterns.py                      # the full size: ~70 min (1 thread)
+    python examples/eval_patterns.py                      # the full size: 70-85 min (1 thread)
     python examples/eval_patterns.py --out bench/results  # also writes .json, .txt and .png
     python examples/eval_patterns.py --quick              # seconds: a smoke run
 

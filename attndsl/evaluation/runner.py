@@ -283,6 +283,7 @@ def evaluate(*arms, task: str = "mqar", layers: int = 2, steps: int | None = Non
         torch.set_num_threads(threads)
     started = datetime.datetime.now(datetime.timezone.utc)
     where_run = machine()
+    ran_with = versions()  # the code at the start: a run can outlast commits
     t0 = time.perf_counter()
     runs: list[list] = [[] for _ in user]
     k_steps = steps
@@ -333,7 +334,7 @@ def evaluate(*arms, task: str = "mqar", layers: int = 2, steps: int | None = Non
         "answers": {"distance": dist.tolist()},
         "arms": [],
         "interrupted": interrupted,
-        "versions": versions(),
+        "versions": ran_with,
         "machine": {**where_run, "threads": threads if threads is not None else old_threads},
         "started": started.isoformat(timespec="seconds"),
         "seconds": seconds,
