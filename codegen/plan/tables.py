@@ -563,12 +563,10 @@ def blocks_for(bp: BoundPattern, target: str | None, run: RunInputs = NONE
     run = RunInputs(run.values).cpu()
     if bp.route is not None:
         run = run.without(bp.route[0])
-    if line:
-        return caches.BLOCKS.get_or_create(
-            (bp, target, run.fingerprint),
-            lambda: _fastest_line_blocks(bp, run, choices, GATHER_COST[target]))
-    return caches.BLOCKS.get_or_create((bp, target, run.fingerprint),
-                                       lambda: _fastest_blocks(bp, run, choices))
+    return caches.BLOCKS.get_or_create(
+        (bp, target, run.fingerprint),
+        lambda: _fastest_line_blocks(bp, run, choices, GATHER_COST[target]) if line
+        else _fastest_blocks(bp, run, choices))
 
 
 def _fastest_blocks(bp: BoundPattern, run: RunInputs, choices) -> tuple[int, int]:
@@ -601,13 +599,13 @@ def _row_runs(tab: BlockTable) -> tuple[np.ndarray, np.ndarray]:
     """Per row: its key blocks, and whether they are one consecutive run."""
     nf, npart = np.diff(tab.full_off), np.diff(tab.part_off)
     deg = (nf + npart).astype(np.int64)
-    rows = len(deg)
-    lo = np.full(rows, np.iinfo(np.int64).max)
-    hi = np.full(rows, -1)
-    for idx, n in ((tab.full_idx, nf), (tab.part_idx, npart)):
-        r = np.repeat(np.arange(rows), n)
-        np.minimum.at(lo, r, idx.astype(np.int64))
-        np.maximum.at(hi, r, idx.astype(np.int64))
+    lo = np.full(len(deg), np.iinfo(np.int64).max)
+    hi = np.full(len(deg), -1)
+    for off, idx in ((tab.full_off, tab.full_idx), (tab.part_off, tab.part_idx)):
+        off = off.astype(np.int64)
+        has = off[1:] > off[:-1]  # each row's columns are increasing: its ends are its extremes
+        lo[has] = np.minimum(lo[has], idx[off[:-1][has]])
+        hi[has] = np.maximum(hi[has], idx[off[1:][has] - 1])
     return deg, (deg == 0) | (hi - lo + 1 == deg)
 
 
