@@ -74,6 +74,11 @@ def cases():
         "aggregated": ("transnext.attn", "aggregated_pooled", dict(H=12, W=12), {}, 2, 2,
                        torch.float64,
                        lambda q, k, v: ind.transnext_aggregated(q, k, v, 12, 12, 3, 4), None),
+        "combiner_logsparse": ("combiner.attn", "combiner_logsparse", dict(N=128), {}, 2, 2,
+                               torch.float64, ind.combiner_logsparse, None),
+        "combiner_mixture": ("combiner.attn", "combiner_mixture", dict(N=96, span=16), {}, 2,
+                             2, torch.float64,
+                             lambda q, k, v: ind.combiner_mixture(q, k, v, 16), None),
         "fp32": ("power.attn", "power_attention", dict(N=256, block=16, window=2, sink=1), {},
                  2, 2, torch.float32, None, ind.power_attention(256, 16, 2, 1)),
         "bf16": ("sliding.attn", "sliding_window", dict(N=160, window=24), {}, 2, 1,
@@ -90,12 +95,12 @@ def _count_collectives(log: list, phase: list):
                  async_op=False):
         rank, ranks = dist.get_rank(group), dist.get_world_size(group)
         row = input[0].numel() * input.element_size() if input.shape[0] else 0
-        if input_split_sizes is None:  # equal splits: the summaries' gathers, backward
+        if input_split_sizes is None:  # equal splits: unshard's gather, backward
             sent = input.numel() * input.element_size() * (ranks - 1) // ranks
             kind = "gather"
-        else:
+        else:  # K/V travel as bytes, summary rows as floats
             sent = sum(s for j, s in enumerate(input_split_sizes) if j != rank) * row
-            kind = "exchange"
+            kind = "exchange" if input.dtype == torch.uint8 else "summary"
         log.append((phase[0], kind, sent))
         return real(output, input, output_split_sizes, input_split_sizes, group=group,
                     async_op=async_op)
@@ -134,10 +139,13 @@ def _run_case(name, spec, rank, ranks, log, phase):
     res = {"out": err(out, ref), "dq": err(ql.grad, qr.grad), "dk": err(kl.grad, kr.grad),
            "dv": err(vl.grad, vr.grad), "seconds": seconds, "stats": cp.stats(),
            "sent": {f"{p}/{kd}": sum(b for pp, kk, b in log if (pp, kk) == (p, kd))
-                    for p in ("forward", "backward") for kd in ("exchange", "gather")}}
+                    for p in ("forward", "backward")
+                    for kd in ("exchange", "gather", "summary")}}
     res["unshard"] = float((cp.unshard(out.detach(), **inputs).double() - ref.detach())
                            .abs().max())
     mine = cp.tokens(**inputs).numpy()
+    if name == "combiner_logsparse":
+        res["summary_expected"] = _logsparse_bytes(mine, rank, ranks, cp, n, heads, 8)
     got = np.sort(cp.received(**inputs).numpy())
     res["received"] = got.tolist()
     res["tokens"], res["n"] = mine.tolist(), n
@@ -151,6 +159,32 @@ def _run_case(name, spec, rank, ranks, log, phase):
                                    for b in blocks]) if len(blocks) else np.zeros(0, int)
             res["attended_blocks"] = toks[~np.isin(toks, mine)].tolist()
     return res
+
+
+def _logsparse_bytes(mine, rank, ranks, cp, n, heads, dim):
+    """Forward bytes this rank sends for Combiner-Logsparse's summary tokens, from the
+    paper's regions: to every other rank with a query attending a region this rank holds a
+    key of, that region's pooled key and its (output, log-sum-exp) share; to every other
+    rank holding a key of the same region, its pooled query. Batch 2, float64."""
+    import torch.distributed as dist
+    every = [None] * ranks
+    dist.all_gather_object(every, mine.tolist())
+    rank_of = np.empty(n, dtype=np.int64)
+    for r, toks in enumerate(every):
+        rank_of[toks] = r
+    owners, users = {}, {}
+    for i, (_, regions) in enumerate(ind.combiner_logsparse_structure(n)):
+        for reg in regions:
+            key = (reg[0], len(reg))
+            owners[key] = set(rank_of[reg].tolist())
+            users.setdefault(key, set()).add(int(rank_of[i]))
+    row = 2 * heads * 8  # batch x heads x float64
+    sent = 0
+    for key, own in owners.items():
+        if rank in own:
+            sent += row * (dim + dim + 1) * len(users[key] - {rank})
+            sent += row * dim * len(own - {rank})
+    return sent
 
 
 def _window_bound(rank, ranks):

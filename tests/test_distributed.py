@@ -30,7 +30,7 @@ import cp_worker  # noqa: E402
 import independent as ind  # noqa: E402
 
 FP64 = ["sliding_window", "power_attention", "na2d", "document_causal", "per_head",
-        "combiner_fixed", "aggregated"]
+        "combiner_fixed", "combiner_logsparse", "combiner_mixture", "aggregated"]
 TOL = {"fp32": 5e-6, "bf16": 6e-2}
 
 
@@ -94,11 +94,19 @@ def test_sliding_window_traffic_is_bounded_independently_of_n(two, four):
         assert 0 < res["512"] <= 2 * (w + block)
 
 
-def test_summary_tokens_gather_only_their_pools(two):
-    # combiner_fixed: every rank pools its own members; no K/V block moves for span 16
-    for res in two["combiner_fixed"]:
-        assert res["stats"]["summary_bytes"] > 0
-        assert res["sent"]["backward/gather"] > 0
+def test_summary_tokens_move_only_to_the_ranks_that_attend_them(two, four):
+    # the rows handed to the collectives are what stats() counts, and for Combiner-
+    # Logsparse what the paper's regions need: each owner's partial pools go to the
+    # region's users (and, for the pooled query, to its other owners) only
+    for res in two["combiner_fixed"] + four["combiner_fixed"] + four["combiner_mixture"]:
+        assert res["sent"]["forward/summary"] == res["stats"]["summary_bytes"]
+    for res in two["combiner_logsparse"] + four["combiner_logsparse"]:
+        assert res["sent"]["forward/summary"] == res["stats"]["summary_bytes"]
+        assert res["stats"]["summary_bytes"] == res["summary_expected"] > 0
+    # an all-gather of every region's partial pools would send (ranks - 1) x 127 regions
+    # x (key, query, output, log-sum-exp) rows
+    gathered = 3 * 127 * 2 * 2 * 8 * (8 + 8 + 8 + 1)
+    assert max(r["stats"]["summary_bytes"] for r in four["combiner_logsparse"]) < gathered / 4
 
 
 # -- single-process pieces ---------------------------------------------------------------

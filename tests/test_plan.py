@@ -314,3 +314,140 @@ def test_the_pair_limit_counts_every_table_of_a_plan(monkeypatch):
     with pytest.raises(attndsl.SizeLimitError, match="block pairs to classify at once"):
         build_plan(attndsl.compile("pattern d(N: int) { space seq(N) attend k == q and "
                                    "q % 3 != 1 }", N=1000).bound, 16, 16)
+
+
+# ------------------------------------------------------------------ summary tables
+# The rows of a plan's summary tokens are the tokens with a member key, in the order of the
+# summary's index space (row-major over its axes). The references below list each query's
+# regions from the papers' definitions (tests/independent.py), never from the pattern.
+
+
+def _summary_reference(N, structure, regions):
+    """attend [N, R]: which of `regions` (key ranges, in row order) each query attends."""
+    at = {r: i for i, r in enumerate(regions)}
+    m = np.zeros((N, len(regions)), dtype=bool)
+    for i, (_, rs) in enumerate(structure):
+        for r in rs:
+            m[i, at[(r[0], len(r))]] = True
+    return m
+
+
+def _logsparse_regions(N):
+    """Every region [m 2^(l+1), m 2^(l+1) + 2^l) with a key below N, by (l, m)."""
+    return [(lo, min(1 << lv, N - lo)) for lv in range(1, N.bit_length())
+            for lo in range(0, N, 1 << (lv + 1))]
+
+
+def _check_summary(plan, attend, h=0):
+    """The summary table of head table `h` against brute force over `attend` [N, R]."""
+    s = plan.summary
+    nr = attend.shape[1]
+    assert s.nr == nr
+    bq, bk = plan.block_q, plan.block_k
+    nqb, nsb = plan.nqb, max(1, -(-nr // bk))
+    qp = np.full(nqb * bq, -1)
+    qp[:plan.qorder.length] = plan.qorder.perm
+    m = np.zeros((nqb * bq, nsb * bk), dtype=bool)
+    m[:, :nr] = attend[np.clip(qp, 0, None)] & (qp >= 0)[:, None]
+    blocks = m.reshape(nqb, bq, nsb, bk).transpose(0, 2, 1, 3)
+    anyb = blocks.any(axis=(2, 3))
+    qvalid = (qp >= 0).reshape(nqb, bq)
+    clean = (np.arange(nsb * bk) < nr).reshape(nsb, bk).all(axis=1)
+    allb = (blocks | ~qvalid[:, None, :, None]).all(axis=(2, 3)) & clean[None, :]
+    full, part = listed(s.tables[h])
+    assert full == {tuple(x) for x in np.argwhere(anyb & allb)}
+    assert part == {tuple(x) for x in np.argwhere(anyb & ~allb)}
+    tf, tp = listed(s.transposed[h])
+    assert tf == {(j, i) for i, j in full} and tp == {(j, i) for i, j in part}
+    assert np.array_equal(s.row_needed[h], m.reshape(nqb, -1).sum(1))
+    return int(m.sum())
+
+
+@pytest.mark.parametrize("N", [64, 100, 257, 1000])
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 64), (256, 32)])
+def test_summary_tables_equal_the_papers_regions(N, blocks):
+    from independent import combiner_fixed_structure, combiner_logsparse_structure
+    op = attndsl.compile("patterns/combiner.attn", "combiner_logsparse", N=N)
+    plan = build_plan(op.bound, *blocks)
+    ref = _summary_reference(N, combiner_logsparse_structure(N), _logsparse_regions(N))
+    assert plan.summary.needed == _check_summary(plan, ref)
+    op = attndsl.compile("patterns/combiner.attn", "combiner_fixed", N=N, span=7)
+    spans = [(lo, min(7, N - lo)) for lo in range(0, N, 7)]
+    plan = build_plan(op.bound, *blocks)
+    ref = _summary_reference(N, combiner_fixed_structure(N, 7), spans)
+    assert plan.summary.needed == _check_summary(plan, ref)
+
+
+def test_summary_tables_of_decoding_rows():
+    from independent import combiner_logsparse_structure
+    op = attndsl.compile("patterns/combiner.attn", "combiner_logsparse", N=300)
+    plan = build_plan(op.bound, 16, 16, rows=(37, 5))
+    ref = _summary_reference(300, combiner_logsparse_structure(300), _logsparse_regions(300))
+    # the plan's queries are 37..41; its rows all of the summary's tokens
+    full = np.zeros_like(ref)
+    full[37:42] = ref[37:42]
+    s = plan.summary
+    assert s.nr == ref.shape[1] and plan.nqb == 1
+    assert s.needed == int(ref[37:42].sum())
+    cols = {c for _, c in listed(s.tables[0])[1]} | {c for _, c in listed(s.tables[0])[0]}
+    assert cols == set(np.nonzero(ref[37:42].any(0))[0] // 16)
+
+
+SUMMARY_HEADS = """
+pattern ph(N: int) {
+    space seq(N)
+    heads 3
+    attend k <= q
+    let w = 4 << h
+    summary r(i: cdiv(N, 5), j: 3) {
+        member k // 5 == r.i and k % 3 != r.j and r.j != 1
+        keys mean
+        values mean
+        attend r.i * 5 + 5 <= q - w and (r.i + h) % 2 == 0
+    }
+    summary s(a: 4) {
+        member k % 4 == s.a
+        keys max
+        values mean
+        attend q % 4 != s.a or h == 1
+    }
+}"""
+
+
+@pytest.mark.parametrize("N,blocks", [(50, (16, 16)), (123, (32, 16)), (123, (16, 32)),
+                                      (300, (128, 16))])
+def test_summary_tables_per_head_and_sparse_members(N, blocks):
+    """Two summaries, per-head attend rules, tokens without members (j == 1, and (i, j)
+    whose keys k % 3 == j alone), written out here by hand."""
+    op = attndsl.compile(SUMMARY_HEADS, N=N)
+    plan = build_plan(op.bound, *blocks)
+    toks = []  # (summary, index) of each token with a member, in index order
+    for i in range(-(-N // 5)):
+        for j in range(3):
+            keys = [k for k in range(N) if k // 5 == i and k % 3 != j and j != 1]
+            if keys:
+                toks.append(("r", i, j))
+    toks += [("s", a, 0) for a in range(4) if a < N]
+    assert plan.summary.nr == len(toks)
+    needed = 0
+    for h in range(3):
+        att = np.zeros((N, len(toks)), dtype=bool)
+        for c, (name, i, _) in enumerate(toks):
+            for q in range(N):
+                att[q, c] = (i * 5 + 5 <= q - (4 << h) and (i + h) % 2 == 0 if name == "r"
+                             else q % 4 != i or h == 1)
+        needed += _check_summary(plan, att, h)
+    assert plan.summary.needed == needed
+
+
+def test_a_million_token_summary_is_planned_from_its_rules():
+    """combiner_logsparse at 2^20 tokens declares 5.5M summary tokens; dense member and
+    attend masks would hold 5.8e12 entries. The plan lists what is attended: the 524,287
+    regions [m 2^(l+1), m 2^(l+1) + 2^l) below N, and per query one per set bit l >= 1."""
+    N = 1 << 20
+    op = attndsl.compile("patterns/combiner.attn", "combiner_logsparse", N=N)
+    plan = build_plan(op.bound, 1024, 1024)
+    assert plan.summary.nr == len(_logsparse_regions(N)) == 524_288
+    q = np.arange(N)
+    per_query = sum(((q >> lv) & 1) for lv in range(1, 21))
+    assert plan.summary.needed == int(per_query.sum())

@@ -85,6 +85,20 @@ class _BoxDomain:
         return BV(x.f, x.t)
 
 
+def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator) -> dict:
+    """The owner's lets that are not static values, on `ev`'s boxes (in order: each sees
+    the earlier ones; one the domain cannot model is an error only where a rule reads it)."""
+    local = {}
+    for let in owner.checked.lets:
+        if let.name in owner.env and let.value.ty.static:
+            continue
+        try:
+            local[let.name] = ev.eval(let.value, local)
+        except Unknown:
+            pass
+    return local
+
+
 def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None) -> BV:
     """The (may-true, may-false) of the direct mask over the boxes in ctx."""
     evaluators: dict = {}
@@ -93,15 +107,7 @@ def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=
         got = evaluators.get(id(owner))
         if got is None:
             ev = AbstractEvaluator({**owner.env, **run.env}, ctx, _AbsHooks(run), diff)
-            local = {}
-            for let in owner.checked.lets:  # in order: each let sees the earlier ones
-                if let.name in owner.env and let.value.ty.static:
-                    continue
-                try:
-                    local[let.name] = ev.eval(let.value, local)
-                except Unknown:
-                    pass  # only an error if a rule uses it
-            got = evaluators[id(owner)] = (ev, local)
+            got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev))
         ev, local = got
         return ev.eval(rule.expr, local)
 
@@ -438,9 +444,25 @@ class Refinement:
     evaluated: int
 
 
+class PatternJudge:
+    """Classifies pairs of groups (Bounds) of query and key tokens for a pattern's direct
+    mask: refine's default. Another judge (a summary's member or attend rule,
+    codegen/plan/summary.py) gives `qshape`, `kshape` and the same call."""
+
+    def __init__(self, bp: BoundPattern, head, run: RunInputs):
+        self.bp, self.head, self.run = bp, head, run
+        self.qshape, self.kshape = bp.qshape, bp.kshape
+
+    def __call__(self, qb: Bounds, kb: Bounds) -> np.ndarray:
+        bp = self.bp
+        return classify_token_boxes(bp, qb.box(bp.qshape, bp.checked.qspace.axes, "q"),
+                                    kb.box(bp.kshape, bp.checked.kspace.axes, "k"),
+                                    qb.flo - kb.fhi, qb.fhi - kb.flo, self.head, self.run)
+
+
 def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
            run: RunInputs = NONE, diag: str = "none", max_boxes: int | None = None,
-           max_step: int | None = None) -> Refinement:
+           max_step: int | None = None, judge=None) -> Refinement:
     """The one refinement engine: classify pairs of groups top-down (the coarsest levels of
     both pyramids first), keep FULL ones, split PARTIAL ones into their children, and stop
     at the leaf groups. With diag="all" ("leaf"), PARTIAL pairs of every level (of the leaf
@@ -455,7 +477,9 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     splits one side often enough: longnet's probes all answer "both" and then cost little.
     The frontier mixes levels; each step classifies all of it in one call of the abstract
     interpreter, whose cost is far more per call than per box (`max_step` bounds that
-    call's boxes, and so its memory)."""
+    call's boxes, and so its memory). `judge` classifies the pairs (PatternJudge by
+    default)."""
+    judge = PatternJudge(bp, head, run) if judge is None else judge
     lq0, lk0 = len(qlev) - 1, len(klev) - 1
     gi, gj = np.meshgrid(np.arange(len(qlev[lq0])), np.arange(len(klev[lk0])), indexing="ij")
     n0 = gi.size
@@ -466,7 +490,6 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     nq_at = np.array([len(x) for x in qlev])
     nk_at = np.array([len(x) for x in klev])
     qgather, kgather = _Gather(qlev), _Gather(klev)
-    qaxes, kaxes = bp.checked.qspace.axes, bp.checked.kspace.axes
     full, diags, diag_at, und_i, und_j = [], [], [], [], []
     evaluated = next_id = 0
     while len(front[0]):
@@ -482,9 +505,7 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
                                  "to decompose exactly at this size", bp.checked.span)
         if not len(gi):
             break
-        cls = classify_token_boxes(bp, qb.box(bp.qshape, qaxes, "q"),
-                                   kb.box(bp.kshape, kaxes, "k"),
-                                   qb.flo - kb.fhi, qb.fhi - kb.flo, head, run)
+        cls = judge(qb, kb)
         f = np.nonzero(cls == FULL)[0]
         for l1, l2, at in _by_level(lq[f], lk[f]):
             full.append((l1, l2, gi[f[at]], gj[f[at]]))
@@ -516,12 +537,12 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
             at = np.nonzero(probe)[0]
             if len(at) > PROBE_SAMPLE:  # worth probing every pair? ask a spread sample first
                 few = at[np.linspace(0, len(at) - 1, PROBE_SAMPLE).astype(np.int64)]
-                got = _probe(bp, qb.take(s[few]), kb.take(s[few]), head, run)
+                got = _probe(judge, qb.take(s[few]), kb.take(s[few]))
                 side[few] = got
                 at = at[np.isin(at, few, invert=True)] if (got != 3).mean() >= PROBE_WORTH \
                     else at[:0]
             if len(at):
-                side[at] = _probe(bp, qb.take(s[at]), kb.take(s[at]), head, run)
+                side[at] = _probe(judge, qb.take(s[at]), kb.take(s[at]))
         _step_fits(bp, int(np.where(side == 3, 4, 2).sum()), max_step)
         front = _children(nq_at, nk_at, lq, lk, gi, gj, side, next_id)
         next_id += len(gi)
@@ -541,21 +562,20 @@ def _step_fits(bp: BoundPattern, boxes: int, max_step: int | None) -> None:
 
 
 class _Gather:
-    """Group g[i] of level lev[i] for every i, as one Bounds. A frontier of one level takes
-    from it; one of mixed levels from every level stacked (built the first time)."""
+    """Group g[i] of level lev[i] for every i, as one Bounds: taken level by level (a
+    closed-form level computes only the groups asked for)."""
 
     def __init__(self, levels: list[Bounds]):
         self.levels = levels
-        self.stacked = None
 
     def __call__(self, lev: np.ndarray, g: np.ndarray) -> Bounds:
         if not len(lev) or (lev == lev[0]).all():
             return self.levels[int(lev[0]) if len(lev) else 0].take(g)
-        if self.stacked is None:
-            self.stacked = (Bounds.concat(self.levels),
-                            np.cumsum([0] + [len(x) for x in self.levels])[:-1])
-        every, start = self.stacked
-        return every.take(start[lev] + g)
+        at = [np.nonzero(lev == u)[0] for u in np.unique(lev).tolist()]
+        got = Bounds.concat([self.levels[int(lev[a[0]])].take(g[a]) for a in at])
+        where = np.empty(len(lev), dtype=np.int64)
+        where[np.concatenate(at)] = np.arange(len(lev))
+        return got.take(where)
 
 
 def _by_level(lq: np.ndarray, lk: np.ndarray):
@@ -583,19 +603,16 @@ def _unpruned(parent: np.ndarray, partial: np.ndarray) -> np.ndarray:
     return out
 
 
-def _probe(bp, qb: Bounds, kb: Bounds, head, run) -> np.ndarray:
+def _probe(judge, qb: Bounds, kb: Bounds) -> np.ndarray:
     """Which side of each PARTIAL pair to split: 1 the query side (its first and its last
     query alone are each decided, its first or its last key alone is not), 2 the key side
     (the other way round), 3 both. (Both ends: a diagonal edge through a box leaves one of
     its end rows whole and cuts an end column; such a box is best split on both sides.)
     The four probes of every pair go to the abstract interpreter in one call."""
     n = len(qb)
-    qs = Bounds.concat([_point(qb.flo, bp.qshape), _point(qb.fhi, bp.qshape), qb, qb])
-    ks = Bounds.concat([kb, kb, _point(kb.flo, bp.kshape), _point(kb.fhi, bp.kshape)])
-    cls = classify_token_boxes(bp, qs.box(bp.qshape, bp.checked.qspace.axes, "q"),
-                               ks.box(bp.kshape, bp.checked.kspace.axes, "k"),
-                               qs.flo - ks.fhi, qs.fhi - ks.flo, head, run)
-    decided = (cls != PARTIAL).reshape(4, n)
+    qs = Bounds.concat([_point(qb.flo, judge.qshape), _point(qb.fhi, judge.qshape), qb, qb])
+    ks = Bounds.concat([kb, kb, _point(kb.flo, judge.kshape), _point(kb.fhi, judge.kshape)])
+    decided = (judge(qs, ks) != PARTIAL).reshape(4, n)
     by_q, by_k = decided[0] & decided[1], decided[2] & decided[3]
     return np.where(by_q & ~by_k, 1, np.where(by_k & ~by_q, 2, 3)).astype(np.int8)
 

@@ -51,6 +51,13 @@ class TokIV:
     axes: tuple
 
 
+@dataclass(frozen=True, slots=True)
+class SummaryIV:
+    """A box of summary tokens: an interval per axis name (`r.l`, `r.m`)."""
+
+    fields: dict
+
+
 class Unknown(Exception):
     """The expression uses something the abstract domain does not model."""
 
@@ -60,7 +67,7 @@ def _i(x) -> np.ndarray:
 
 
 def lift(v):
-    if isinstance(v, IV | BV | FV | TokIV):
+    if isinstance(v, IV | BV | FV | TokIV | SummaryIV):
         return v
     if isinstance(v, tuple):
         return tuple(lift(x) for x in v)
@@ -137,7 +144,9 @@ class AbstractEvaluator:
                 raise Unknown(e.ref)
             return self.ctx[e.ref]
         if e.ref == "summary":
-            raise Unknown("summary")
+            if "summary" not in self.ctx:
+                raise Unknown("summary")
+            return self.ctx["summary"]
         if e.id in self.env:
             v = self.env[e.id]
             if v is None or hasattr(v, "shape") and not isinstance(v, np.ndarray | tuple):
@@ -198,6 +207,8 @@ class AbstractEvaluator:
 
     def e_Attr(self, e, local):
         base = self.eval(e.base, local)
+        if isinstance(base, SummaryIV):
+            return base.fields[e.name]
         if not isinstance(base, TokIV):
             raise Unknown("attr")
         return lift(token_field(base, e.name))

@@ -109,22 +109,73 @@ class _Land(torch.autograd.Function):
     """The received keys and values (forward); their gradients start back (backward)."""
 
     @staticmethod
-    def forward(ctx, k, v, ex: Exchange):
+    def forward(ctx, k, v, dep, ex: Exchange):
         ctx.ex = ex
-        return ex.finish()
+        return (*ex.finish(), dep.clone())
 
     @staticmethod
-    def backward(ctx, dk, dv):
+    def backward(ctx, dk, dv, ddep):
         ctx.ex.return_grads(dk, dv)
-        return None, None, None
+        return None, None, ddep, None
 
 
 def launch(k, v, ex: Exchange):
     return _Launch.apply(k, v, ex)
 
 
-def land(k, v, ex: Exchange):
-    return _Land.apply(k, v, ex)
+def land(k, v, ex: Exchange, dep: torch.Tensor):
+    """(received k, received v, dep after this collective): see `order`."""
+    return _Land.apply(k, v, dep, ex)
+
+
+def order(*tensors) -> torch.Tensor:
+    """The first link of a chain that orders the collectives of the backward.
+
+    Autograd runs a backward node once every node using its outputs has run; which of two
+    independent branches goes first depends on the graph, and ranks build different graphs
+    (one receives no key block, another pools no summary token). Collectives issued in a
+    different order on two ranks deadlock. So each collective takes the chain's last link
+    and returns the next; the last joins the output (times 0): backward then meets the
+    collectives in exactly the reverse of the forward's order on every rank."""
+    need = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.zeros((), dtype=torch.float64, requires_grad=need)
+
+
+class _Rows(torch.autograd.Function):
+    """Rows `send` of x [B, H, n, D] (grouped by destination, `send_splits` rows to each)
+    to their ranks; each rank gets [B, H, sum(recv_splits), D], by source. Backward sends
+    the gradients back and adds each at the row it came from."""
+
+    @staticmethod
+    def forward(ctx, x, dep, send, send_splits, recv_splits, group, counter):
+        buf = x.index_select(2, send).permute(2, 0, 1, 3).contiguous()
+        recv = buf.new_empty((sum(recv_splits),) + tuple(buf.shape[1:]))
+        dist.all_to_all_single(recv, buf, list(recv_splits), list(send_splits), group=group)
+        if counter is not None:
+            me = dist.get_rank(group)
+            row = buf[0].numel() * buf.element_size() if buf.shape[0] else 0
+            counter[0] += row * sum(n for r, n in enumerate(send_splits) if r != me)
+        ctx.save_for_backward(send)
+        ctx.meta = (x.shape, send_splits, recv_splits, group)
+        return recv.permute(1, 2, 0, 3), dep.clone()
+
+    @staticmethod
+    def backward(ctx, g, ddep):
+        (send,) = ctx.saved_tensors
+        shape, send_splits, recv_splits, group = ctx.meta
+        g = g.permute(2, 0, 1, 3).contiguous()
+        back = g.new_empty((sum(send_splits),) + tuple(g.shape[1:]))
+        dist.all_to_all_single(back, g, list(send_splits), list(recv_splits), group=group)
+        dx = g.new_zeros(shape).index_add(2, send, back.permute(1, 2, 0, 3))
+        return dx, ddep, None, None, None, None, None
+
+
+def send_rows(x: torch.Tensor, dep: torch.Tensor, send: torch.Tensor, send_splits,
+              recv_splits, group, counter: list | None = None):
+    """(x's rows `send` at their ranks, dep after this collective): differentiably, one
+    all-to-all with variable splits, self included; `counter[0]` grows by the bytes sent
+    to other ranks."""
+    return _Rows.apply(x, dep, send, tuple(send_splits), tuple(recv_splits), group, counter)
 
 
 class _Gather(torch.autograd.Function):

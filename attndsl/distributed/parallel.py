@@ -5,7 +5,8 @@ Per call: one all-to-all moves K/V blocks to the ranks whose query blocks list t
 (started first, so it overlaps the local blocks); each rank computes its queries against
 its own keys and against the received ones through its backend's core, on plans restricted
 to those blocks (codegen/plan/tables.restrict), and merges the two through their
-log-sum-exps; summary tokens are pooled from every rank's partial pools (summary.py).
+log-sum-exps; summary tokens are pooled from the partial pools of the ranks holding their
+members, sent only to the ranks whose queries attend them (summary.py).
 Backward returns dK/dV partial sums to the owners of the keys the same way.
 """
 
@@ -127,6 +128,7 @@ class ContextParallel:
         core.check(bp, q, k, v)
         scale = scale_of(bp, q, scale)
         ex = None
+        dep = comm.order(q, k, v)  # the backward's collectives in one order on every rank
         if rp.moves:
             ex = comm.Exchange(torch.from_numpy(rp.send_rows).to(k.device), rp.send_splits,
                                rp.recv_splits, self.group)
@@ -134,6 +136,8 @@ class ContextParallel:
         parts = rp.problem.parts
         tokens = torch.from_numpy(rp.tokens).to(q.device)
         summary_bytes = [0]
+        held = ([self._tokens_of(rp, r) for r in range(self.ranks)]
+                if any(sub.summaries for sub, _ in parts) else None)
         calls, outs = [], []
         for i, (sub, _) in enumerate(parts):
             sub_run = run.part(sub) if bp.average else run
@@ -148,7 +152,7 @@ class ContextParallel:
             calls.append(call)
             outs.append(core.direct(call))
         if ex is not None:
-            kr, vr = comm.land(k, v, ex)
+            kr, vr, dep = comm.land(k, v, ex, dep)
         results = []
         for i, (sub, _) in enumerate(parts):
             call = calls[i]
@@ -161,14 +165,16 @@ class ContextParallel:
             elif ex is not None:  # nothing received: still in the graph, for the backward
                 out = out + (kr.sum() + vr.sum()).to(out.dtype) * 0
             if sub.summaries:
-                toks = summary_tokens(sub, q, k, v, call.run, scale, tokens, self.group,
-                                      summary_bytes)
+                toks, dep = summary_tokens(sub, q, k, v, call.run, scale, tokens, held,
+                                           self.group, summary_bytes, dep)
                 if toks is not None:
                     out = merge(out, lse, *core.summary(call, *toks))
             if call.gates is not None:
                 out = out * call.gates.to(out.dtype).unsqueeze(-1)
             results.append(out)
         out = results[0] if len(results) == 1 else sum(results) / len(results)
+        if dep.requires_grad:
+            out = out + (dep * 0).to(out.dtype)
         self._last = (rp, {"ex": ex, "meta": meta, "summary": summary_bytes,
                            "row": (k.shape[0] * k.shape[1] * (k.shape[3] + v.shape[3])
                                    * k.element_size())})

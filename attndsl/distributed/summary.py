@@ -1,30 +1,69 @@
-"""Summary tokens under context parallelism. A summary's key and value pool a region of
-keys that may span every rank: each rank pools its own members (sums for a mean, a masked
-maximum for a max, and for Combiner's `expectation` the region's attention over its own
-keys with its log-sum-exp); the partial results are gathered (a few rows per region) and
-combined, differentiably, into the same tokens the single-process driver pools. Then every
-rank attends them from its own queries as the driver does (semantics/attention.py)."""
+"""Summary tokens under context parallelism. A summary token's key and value pool a region
+of keys that may span several ranks, and the queries that attend it may sit on others.
+Every rank derives, from the pattern alone, which ranks hold members of each token (its
+owners) and which hold queries attending it (its users); then only what is needed moves:
+
+- each owner pools its own members (sums for a mean, the maximum for a max) and sends
+  these partial pools to the token's users, which combine them;
+- for Combiner's `expectation`, the owners first exchange their partial pools of the
+  region's queries among themselves; each then attends the pooled query over its own
+  members and sends that output and its log-sum-exp to the users, which merge them into
+  one softmax over the whole region.
+
+Every exchange is one all-to-all with variable splits (comm.send_rows), differentiable;
+a rank only receives rows of tokens its queries attend. Then every rank attends them from
+its own queries as the single-process driver does (semantics/attention.py)."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from attndsl.distributed.comm import gather
+from attndsl.distributed.comm import send_rows
 from attndsl.errors import UnsupportedError
 from attndsl.semantics.attention import attend, stack_summaries
 from attndsl.semantics.masks import summary_masks
 
 
+@dataclass(frozen=True)
+class Route:
+    """One exchange of per-token rows: this rank's rows `send` (positions in its own rows,
+    grouped by destination), the splits, and the token of each received row."""
+
+    send: torch.Tensor
+    send_splits: tuple
+    recv_splits: tuple
+    recv_tokens: np.ndarray
+
+    def args(self) -> tuple:
+        return self.send, self.send_splits, self.recv_splits
+
+
+def route(have: np.ndarray, want: np.ndarray, me: int, device) -> Route:
+    """Rows from every rank r holding a token (have[r]) to every rank wanting it
+    (want[r]); this rank's own rows are its tokens have[me] in order."""
+    ranks = have.shape[0]
+    mine = np.nonzero(have[me])[0]
+    at = np.full(have.shape[1], -1, dtype=np.int64)
+    at[mine] = np.arange(len(mine))
+    send = [at[np.nonzero(have[me] & want[r])[0]] for r in range(ranks)]
+    recv = [np.nonzero(have[r] & want[me])[0] for r in range(ranks)]
+    return Route(torch.from_numpy(np.concatenate(send)).to(device),
+                 tuple(len(x) for x in send), tuple(len(x) for x in recv),
+                 np.concatenate(recv))
+
+
 def _partial(x, member, how):
-    """x [B, H, n, D] pooled over each region's local members (member [R, n]): sums for a
-    mean, the maximum (-inf without a local member) for a max."""
+    """x [B, H, n, D] pooled over each region's local members (member [R, n], every row
+    with one at least): sums for a mean, the maximum for a max."""
     if how == "mean":
         return member.to(x.dtype) @ x
     outs = []
     step = max(1, (1 << 24) // max(1, x.numel()))
-    neg = torch.tensor(-math.inf, dtype=x.dtype, device=x.device)
+    neg = torch.tensor(-torch.inf, dtype=x.dtype, device=x.device)
     for r0 in range(0, member.shape[0], step):
         m = member[r0:r0 + step]  # [r, n]
         outs.append(torch.where(m.view(1, 1, *m.shape, 1), x.unsqueeze(2), neg).amax(dim=3))
@@ -33,56 +72,85 @@ def _partial(x, member, how):
     return torch.cat(outs, dim=2)
 
 
-def _combine(part, how, count, group, counter):
-    """The pooled rows from every rank's partial pools; `count` [R] members per region."""
-    every = gather(part, group, counter)  # [ranks, B, H, R, D]
+def _combine(rows, tokens: np.ndarray, into: np.ndarray, how: str, count):
+    """Received partial pools rows [B, H, m, D] of `tokens` combined per token of `into`
+    (sorted; `count` [R] members of every token)."""
+    pos = torch.from_numpy(np.searchsorted(into, tokens)).to(rows.device)
+    shape = (*rows.shape[:2], len(into), rows.shape[3])
     if how == "mean":
-        return every.sum(0) / count.clamp(min=1).to(part.dtype).view(-1, 1)
-    return every.amax(0)
+        total = rows.new_zeros(shape).index_add(2, pos, rows)
+        n = count[torch.from_numpy(into).to(count.device)].clamp(min=1).to(rows.dtype)
+        return total / n.view(-1, 1)
+    idx = pos.view(1, 1, -1, 1).expand(rows.shape)
+    return rows.new_zeros(shape).scatter_reduce(2, idx, rows, "amax", include_self=False)
 
 
-def _merge(out, lse, group, counter):
-    """One softmax over every rank's share of a region's keys, from each share's output
-    [B, H, R, D] and log-sum-exp [B, H, R] (-inf: no key on that rank)."""
-    outs = gather(out, group, counter)
-    lses = gather(lse, group, counter).unsqueeze(-1)
-    m = lses.amax(0, keepdim=True).detach()
+def _merge(out, lse, tokens: np.ndarray, into: np.ndarray):
+    """One softmax over every owner's share of a region's keys, from each share's output
+    [B, H, m, D] and log-sum-exp [B, H, m] (received rows of `tokens`), per token of
+    `into`."""
+    pos = torch.from_numpy(np.searchsorted(into, tokens)).to(out.device)
+    shape = (*out.shape[:2], len(into))
+    m = lse.detach().new_full(shape, -torch.inf).scatter_reduce(
+        2, pos.view(1, 1, -1).expand(lse.shape), lse.detach(), "amax")
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lses - m)
-    den = w.sum(0)
-    return (w * outs).sum(0) / torch.where(den > 0, den, torch.ones_like(den))
+    w = torch.exp(lse - m.index_select(2, pos))
+    den = w.new_zeros(shape).index_add(2, pos, w)
+    num = out.new_zeros((*shape, out.shape[3])).index_add(2, pos, w.unsqueeze(-1) * out)
+    return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
 
 
-def summary_tokens(bp, q, k, v, run, scale, tokens, group, counter):
-    """(keys [B, H, R, D], values [B, H, R, Dv], attend [.., n, R]) of every summary's
-    non-empty regions for this rank's queries (the driver's summary_tokens), or None. q, k,
-    v hold this rank's tokens (`tokens`, a LongTensor of their indices)."""
+def summary_tokens(bp, q, k, v, run, scale, tokens, held, group, counter, dep):
+    """((keys [B, H, R', D], values [B, H, R', Dv], attend [.., n, R']) of the summary
+    tokens this rank's queries attend (the driver's summary_tokens restricted to them), or
+    None; and `dep` after its collectives (comm.order)). q, k, v hold this rank's tokens
+    (`tokens`, a LongTensor of their indices); `held[r]` the tokens rank r holds (numpy);
+    `counter[0]` grows by the bytes sent."""
     cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
     rep = q.shape[1] // k.shape[1]
     qc = q.to(cdt)
     kc = k.to(cdt).repeat_interleave(rep, dim=1)
     vc = v.to(cdt).repeat_interleave(rep, dim=1)
+    me = dist.get_rank(group)
     ks, vs, atts = [], [], []
     for bs in bp.summaries:
         s = bs.summary
         member, att = summary_masks(bp, bs, run, k.device, bp.heads)
         if member.shape[0] == 0:
             continue
-        mine = member[:, tokens]  # [R, n]
+        if s.values == "expectation" and bp.nq != bp.nk:
+            raise UnsupportedError("'values expectation' pools queries at the key positions; "
+                                   "it needs as many queries as keys", s.span)
+        att = att.expand(*att.shape[:-2], bp.nq, member.shape[0])
+        cpu_member, cpu_att = member.cpu(), att.cpu()
+        # owners: ranks holding a member key; users: ranks holding a query attending it
+        have = np.stack([cpu_member[:, torch.from_numpy(t)].any(1).numpy() for t in held])
+        want = np.stack([cpu_att[..., torch.from_numpy(t), :].flatten(0, -2).any(0).numpy()
+                         for t in held])
+        have &= want.any(0)  # a token no query attends is never pooled
         count = member.sum(-1)
-        key = _combine(_partial(kc, mine, s.keys), s.keys, count, group, counter)
+        mine = np.nonzero(have[me])[0]
+        used = np.nonzero(want[me])[0]
+        local = member[torch.from_numpy(mine).to(member.device)][:, tokens]  # [own, n]
+        out = route(have, want, me, k.device)
+        got, dep = send_rows(_partial(kc, local, s.keys), dep, *out.args(), group, counter)
+        key = _combine(got, out.recv_tokens, used, s.keys, count)
         if s.values == "expectation":
-            if bp.nq != bp.nk:
-                raise UnsupportedError("'values expectation' pools queries at the key "
-                                       "positions; it needs as many queries as keys", s.span)
-            qs = _combine(_partial(qc, mine, s.queries), s.queries, count, group, counter)
+            peers = route(have, have, me, k.device)  # owners to owners
+            got, dep = send_rows(_partial(qc, local, s.queries), dep, *peers.args(), group,
+                                 counter)
+            qs = _combine(got, peers.recv_tokens, mine, s.queries, count)
             inner = (qs @ kc.transpose(-1, -2)) * scale
-            o, lse = attend(inner, mine.expand(*inner.shape), vc)
-            val = _merge(o, lse, group, counter)
+            o, lse = attend(inner, local.expand(*inner.shape), vc)
+            got, dep = send_rows(torch.cat([o, lse.unsqueeze(-1)], -1), dep, *out.args(),
+                                 group, counter)
+            val = _merge(got[..., :-1], got[..., -1], out.recv_tokens, used)
         else:
-            val = _combine(_partial(vc, mine, s.values), s.values, count, group, counter)
-        att = att.expand(*att.shape[:-2], bp.nq, member.shape[0])[..., tokens, :]
+            got, dep = send_rows(_partial(vc, local, s.values), dep, *out.args(), group,
+                                 counter)
+            val = _combine(got, out.recv_tokens, used, s.values, count)
         ks.append(key)
         vs.append(val)
-        atts.append(att)
-    return stack_summaries(ks, vs, atts)
+        atts.append(att[..., tokens, :][..., torch.from_numpy(used).to(att.device)])
+    return stack_summaries(ks, vs, atts), dep
+

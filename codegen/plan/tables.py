@@ -14,7 +14,6 @@ dilation group stay together); the kernels see the permuted order, users never d
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import dataclass
 
@@ -33,10 +32,11 @@ from attndsl.codegen.plan.orders import (
     tile_shape,
     tilings,
 )
+from attndsl.codegen.plan.summary import attend_counts, kept_rows, query_leaves
 from attndsl.errors import EvaluationError, ParameterError, SizeLimitError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
-from attndsl.semantics.masks import chunks, summary_masks, token_mask
+from attndsl.semantics.masks import chunks, token_mask
 
 PAIR_LIMIT = 1 << 26  # listed block pairs over all tables of one plan: ~70 bytes each
 # while built (4.7 GB at the limit), so that a plan fits a 24 GB machine beside a model
@@ -67,10 +67,9 @@ class BlockTable:
 
 @dataclass(frozen=True, eq=False)
 class SummaryPlan:
-    """Summary tokens as extra key rows after the (padded) direct keys: which regions exist,
-    their members, and the block tables of the queries that attend them."""
+    """Summary tokens as extra key rows after the (padded) direct keys: which regions exist
+    and the block tables of the queries that attend them."""
 
-    members: tuple  # per summary: bool [R_s kept, Nk] (row-major keys)
     rows: np.ndarray  # [R] global region index (summary offset + region) of each kept row
     offsets: tuple  # per summary: (first global index, number of regions)
     tables: tuple  # BlockTable per head table; columns are summary blocks
@@ -674,51 +673,43 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
             # without (a plan for statistics only): per-call plans then keep every
             # selected pair PARTIAL, exact but slower
             selected = ()
-    summary = summary_plan(bp, qorder, bq, bk, run) if bp.core_summaries else None
+    summary = (summary_plan(bp, qorder, bq, bk, run, budget) if bp.core_summaries
+               else None)
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, bp, run, summary, tuple(tried.items()), unselected,
                 selected)
 
 
-def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs
-                 ) -> SummaryPlan:
-    """Regions and attend tables of every summary a core computes (dense over queries x
-    regions: summary tokens are few, and the reference's own evaluation defines them)."""
+def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs,
+                 budget: list | None = None) -> SummaryPlan:
+    """The rows and attend tables of every summary a core computes (codegen/plan/summary.py:
+    refined from the rules, never [queries x summary tokens] masks)."""
+    budget = [PAIR_LIMIT] if budget is None else budget
     heads = bp.heads if bp.head_dependent else None
-    members, rows, offsets, atts = [], [], [], []
-    base = 0
-    for bs in bp.core_summaries:
-        member, att, kept = summary_masks(bp, bs, run, torch.device("cpu"), heads,
-                                          rows=True)
-        size = math.prod(bs.sizes)
-        members.append(member)
-        rows.append(kept.numpy() + base)
-        offsets.append((base, size))
-        atts.append(att.expand(heads, bp.nq, att.shape[-1]) if heads else
-                    att.reshape(1, bp.nq, att.shape[-1]))
-        base += size
-    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    att = torch.cat(atts, dim=-1)  # [G, Nq, R]
-    nr = att.shape[-1]
-    nqb, nsb = -(-qorder.length // bq), max(1, -(-nr // bk))
-    qp = torch.from_numpy(padded_perm(qorder, bq).reshape(-1))
-    qvalid = (qp >= 0).view(1, nqb, bq, 1, 1)
-    a = torch.zeros(att.shape[0], nqb * bq, nsb * bk, dtype=torch.bool)
-    a[:, :, :nr] = att[:, qp.clamp(min=0)] & (qp >= 0).view(1, -1, 1)
-    blocks = a.view(att.shape[0], nqb, bq, nsb, bk).permute(0, 1, 3, 2, 4)
-    anyb = blocks.flatten(3).any(-1)
-    rvalid = (torch.arange(nsb * bk) < nr).view(nsb, bk).all(-1)
-    allb = (blocks | ~qvalid.permute(0, 1, 3, 2, 4)).flatten(3).all(-1) & rvalid.view(1, 1, -1)
-    tables, transposed = [], []
-    for g in range(att.shape[0]):
-        f = torch.nonzero(anyb[g] & allb[g]).numpy()
-        p = torch.nonzero(anyb[g] & ~allb[g]).numpy()
-        t, tt = table_pair(f[:, 0], f[:, 1], p[:, 0], p[:, 1], nqb, nsb)
+    sr = kept_rows(bp, bp.core_summaries, run)
+    nr = sr.nr
+    nsb = max(1, -(-nr // bk))
+    qperm, qlev, per = query_leaves(bp, qorder, bq)
+    nqb = len(qperm) // per
+    qcount = (qperm >= 0).sum(1).reshape(nqb, per).sum(1)
+    tables, transposed, per_row = [], [], []
+    for g in range(heads or 1):
+        got = [attend_counts(bp, bs, run, g if heads else None, qperm, qlev, per, bk, sr, i,
+                             budget) for i, bs in enumerate(bp.core_summaries)]
+        qi, si, cnt = (np.concatenate([x[n] for x in got]) for n in range(3))
+        u, inv = np.unique(qi * nsb + si, return_inverse=True)
+        c = np.bincount(inv.reshape(-1), weights=cnt.astype(np.float64),
+                        minlength=len(u)).astype(np.int64)
+        uq, us = u // nsb, u % nsb
+        full = (c == qcount[uq] * bk) & ((us + 1) * bk <= nr)
+        _spend(bp, budget, len(u))
+        t, tt = table_pair(uq[full], us[full], uq[~full], us[~full], nqb, nsb)
         tables.append(t)
         transposed.append(tt)
-    per_row = a.view(att.shape[0], nqb, -1).sum(-1).numpy().astype(np.int64)
-    return SummaryPlan(tuple(members), rows, tuple(offsets), tuple(tables),
-                       tuple(transposed), int(a.sum()), per_row)
+        per_row.append(_bincount(uq, c.astype(np.float64), nqb))
+    per_row = np.stack(per_row)
+    return SummaryPlan(sr.rows, sr.offsets, tuple(tables), tuple(transposed),
+                       int(per_row.sum()), per_row)
 
 
 def choose_orders(bp: BoundPattern, bq: int, bk: int, run: RunInputs, tried: dict | None = None
@@ -867,7 +858,7 @@ def restrict(plan: Plan, qblocks, kblocks) -> Plan:
             stabs.append(st)
             strans.append(stt)
         rows = None if summary.row_needed is None else summary.row_needed[:, qb]
-        summary = SummaryPlan(summary.members, summary.rows, summary.offsets, tuple(stabs),
+        summary = SummaryPlan(summary.rows, summary.offsets, tuple(stabs),
                               tuple(strans), 0 if rows is None else int(rows.sum()), rows)
     return Plan(qorder, korder, plan.block_q, plan.block_k, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, plan.bound, plan.run, summary)
