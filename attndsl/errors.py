@@ -111,6 +111,11 @@ class SizeLimitError(AttnError):
     """A size beyond what the chosen backend can hold; raised before allocating."""
 
 
+class PairLimitError(SizeLimitError):
+    """Block tables of more pairs than one plan holds: larger blocks may fit (cp-plan
+    --library retries with them)."""
+
+
 class UnsupportedError(AttnError):
     """A combination of constructs the chosen backend does not implement."""
 

@@ -98,11 +98,25 @@ def test_summary_tokens_move_only_to_the_ranks_that_attend_them(two, four):
     # the rows handed to the collectives are what stats() counts, and for Combiner-
     # Logsparse what the paper's regions need: each owner's partial pools go to the
     # region's users (and, for the pooled query, to its other owners) only
-    for res in two["combiner_fixed"] + four["combiner_fixed"] + four["combiner_mixture"]:
+    for res in (two["combiner_fixed"] + four["combiner_fixed"] + four["combiner_mixture"]
+                + two["aggregated"]):
         assert res["sent"]["forward/summary"] == res["stats"]["summary_bytes"]
     for res in two["combiner_logsparse"] + four["combiner_logsparse"]:
         assert res["sent"]["forward/summary"] == res["stats"]["summary_bytes"]
         assert res["stats"]["summary_bytes"] == res["summary_expected"] > 0
+    # cp-plan's count from the tables alone is the runtime's, rank by rank
+    from attndsl.distributed.plan import summary_traffic
+    for name in ("combiner_fixed", "combiner_logsparse", "combiner_mixture", "aggregated"):
+        src, pattern, params = cp_worker.cases()[name][:3]
+        op = attndsl.compile(f"patterns/{src}", pattern, **params)
+        prob = problem(op.bound, cp_worker.BLOCK, cp_worker.BLOCK, validate(op.bound, {}))
+        for results in (two[name], four[name]):
+            ranks = len(results)
+            sent, recv = summary_traffic(prob, prob.layout(ranks, "balanced").owner, ranks,
+                                         8, 8)
+            assert sent.sum() == recv.sum()
+            # batch 2 x 2 query heads x float64
+            assert [r["stats"]["summary_bytes"] for r in results] == (sent * 32).tolist()
     # an all-gather of every region's partial pools would send (ranks - 1) x 127 regions
     # x (key, query, output, log-sum-exp) rows
     gathered = 3 * 127 * 2 * 2 * 8 * (8 + 8 + 8 + 1)
@@ -245,6 +259,12 @@ def test_one_rank_group_in_process(tmp_path):
         dyn = attndsl.compile("dhsa.attn", pattern="dhsa", N=256)
         with pytest.raises(UnsupportedError, match="chooses its keys from q and k"):
             ContextParallel(dyn)
+        # Combiner-Axial's summary tokens take given keys and one query each: refused
+        # (it once ran and gave a wrong output), by cp-plan too
+        axial = attndsl.compile("combiner.attn", pattern="combiner_axial", H=8, W=8)
+        with pytest.raises(UnsupportedError, match="summary 'row' of pattern "
+                           "'combiner_axial' is computed by the driver"):
+            ContextParallel(axial)
     finally:
         dist.destroy_process_group()
 
@@ -280,6 +300,9 @@ def test_cp_plan_text_and_errors(capsys):
     assert "4 blocks cannot be shared by 8 ranks" in capsys.readouterr().err
     assert main(["cp-plan", "--ranks", "4"]) == 1
     assert "cp-plan needs a FILE" in capsys.readouterr().err
+    assert main(["cp-plan", "patterns/combiner.attn", "-p", "combiner_axial", "--set", "H=16",
+                 "--set", "W=16", "--ranks", "2"]) == 1
+    assert "context parallelism pools only summaries" in capsys.readouterr().err
 
 
 def test_context_parallelism_plans_one_token_order_for_queries_and_keys():

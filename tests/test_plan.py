@@ -338,6 +338,25 @@ def _logsparse_regions(N):
             for lo in range(0, N, 1 << (lv + 1))]
 
 
+def _check_blocks_of_rows(plan, member, attend_any):
+    """owners: per key block the rows with a member there; users: per query block the rows
+    some query of it attends (under any head); member [R, N], attend_any [N, R]."""
+    s = plan.summary
+
+    def csr_rows(off, idx, b):
+        return set(idx[off[b]:off[b + 1]].tolist())
+    for name, order, block, m in (("owners", plan.korder, plan.block_k, member.T),
+                                  ("users", plan.qorder, plan.block_q, attend_any)):
+        perm = np.full(-(-order.length // block) * block, -1)
+        perm[:order.length] = order.perm
+        off, idx = getattr(s, name)
+        assert len(off) == len(perm) // block + 1, name
+        for b in range(len(perm) // block):
+            toks = perm[b * block:(b + 1) * block]
+            want = set(np.nonzero(m[toks[toks >= 0]].any(0))[0].tolist())
+            assert csr_rows(off, idx, b) == want, (name, b)
+
+
 def _check_summary(plan, attend, h=0):
     """The summary table of head table `h` against brute force over `attend` [N, R]."""
     s = plan.summary
@@ -371,6 +390,10 @@ def test_summary_tables_equal_the_papers_regions(N, blocks):
     plan = build_plan(op.bound, *blocks)
     ref = _summary_reference(N, combiner_logsparse_structure(N), _logsparse_regions(N))
     assert plan.summary.needed == _check_summary(plan, ref)
+    member = np.zeros((ref.shape[1], N), dtype=bool)
+    for i, (lo, n) in enumerate(_logsparse_regions(N)):
+        member[i, lo:lo + n] = True
+    _check_blocks_of_rows(plan, member, ref)
     op = attndsl.compile("patterns/combiner.attn", "combiner_fixed", N=N, span=7)
     spans = [(lo, min(7, N - lo)) for lo in range(0, N, 7)]
     plan = build_plan(op.bound, *blocks)
@@ -430,6 +453,12 @@ def test_summary_tables_per_head_and_sparse_members(N, blocks):
     toks += [("s", a, 0) for a in range(4) if a < N]
     assert plan.summary.nr == len(toks)
     needed = 0
+    member = np.zeros((len(toks), N), dtype=bool)
+    for c, (name, i, j) in enumerate(toks):
+        for k in range(N):
+            member[c, k] = (k // 5 == i and k % 3 != j and j != 1 if name == "r"
+                            else k % 4 == i)
+    users = np.zeros((N, len(toks)), dtype=bool)
     for h in range(3):
         att = np.zeros((N, len(toks)), dtype=bool)
         for c, (name, i, _) in enumerate(toks):
@@ -437,7 +466,9 @@ def test_summary_tables_per_head_and_sparse_members(N, blocks):
                 att[q, c] = (i * 5 + 5 <= q - (4 << h) and (i + h) % 2 == 0 if name == "r"
                              else q % 4 != i or h == 1)
         needed += _check_summary(plan, att, h)
+        users |= att
     assert plan.summary.needed == needed
+    _check_blocks_of_rows(plan, member, users)
 
 
 def test_a_million_token_summary_is_planned_from_its_rules():

@@ -28,7 +28,7 @@ from attndsl.analysis.intervals import (
     exact,
     token_box,
 )
-from attndsl.errors import SizeLimitError
+from attndsl.errors import PairLimitError, SizeLimitError
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
 from attndsl.semantics.evaluate import unravel
@@ -36,7 +36,7 @@ from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, token_mask
 
 
-class _AbsHooks:
+class AbstractHooks:
     """Pattern calls inside a rule, interpreted on the same boxes."""
 
     def __init__(self, run: RunInputs):
@@ -106,7 +106,7 @@ def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=
     def value(owner, rule):
         got = evaluators.get(id(owner))
         if got is None:
-            ev = AbstractEvaluator({**owner.env, **run.env}, ctx, _AbsHooks(run), diff)
+            ev = AbstractEvaluator({**owner.env, **run.env}, ctx, AbstractHooks(run), diff)
             got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev))
         ev, local = got
         return ev.eval(rule.expr, local)
@@ -556,7 +556,7 @@ def _step_fits(bp: BoundPattern, boxes: int, max_step: int | None) -> None:
     """Refuse a step of more than max_step boxes before they (and their intervals) take
     GBs."""
     if max_step is not None and boxes > max_step:
-        raise SizeLimitError(f"pattern '{bp.name}' has more than {max_step:,} block pairs to "
+        raise PairLimitError(f"pattern '{bp.name}' has more than {max_step:,} block pairs to "
                              "classify at once at this size; use larger blocks",
                              bp.checked.span)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from attndsl.codegen.plan.orders import padded_perm
 from attndsl.distributed import comm
 from attndsl.distributed.dispatch import DISPATCHES
-from attndsl.distributed.plan import RankPlan, problem, rank_plan
+from attndsl.distributed.plan import RankPlan, problem, rank_plan, shardable
 from attndsl.distributed.summary import summary_tokens
 from attndsl.errors import InputError, ParameterError, UnsupportedError, did_you_mean
 from attndsl.semantics.attention import Call, merge, route_gates, scale_of
@@ -48,6 +48,7 @@ class ContextParallel:
                                  f"{dispatch!r}" + did_you_mean(str(dispatch), DISPATCHES))
         self.op = op
         self.bp = op.bound  # raises for a family op: the sizes must be known to shard
+        shardable(self.bp)
         if self.bp.content_dependent:
             raise UnsupportedError(f"pattern '{self.bp.name}' chooses its keys from q and k "
                                    "(content): its communication is not known in advance",

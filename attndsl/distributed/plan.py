@@ -99,20 +99,33 @@ class Problem:
             lambda: layout(self.tables(), self.costs(), self.block_tokens(), ranks, dispatch))
 
 
-def problem(bp: BoundPattern, block_q: int | None, block_k: int | None, run: RunInputs
-            ) -> Problem:
-    """The plans of `bp` (of each averaged part) for the mask's run-time inputs `run`."""
+def shardable(bp: BoundPattern) -> None:
+    """Refuse, with a located error, what context parallelism cannot shard."""
     if bp.channel:
         raise UnsupportedError(f"pattern '{bp.name}' attends across channels: its tokens are "
                                "channels, not a sequence to shard", bp.checked.span)
-    parts = bp.average or (bp,)
-    out = []
-    for sub in parts:
+    for sub in bp.average or (bp,):
+        for bs in sub.summaries:
+            if bs.extended:
+                raise UnsupportedError(
+                    f"summary '{bs.summary.name}' of pattern '{sub.name}' is computed by the "
+                    "driver (given keys or values, a bias, axes bound to the query, or "
+                    "'queries at'); context parallelism pools only summaries with member "
+                    "rules and pooled keys and values", bs.summary.span)
         if sub.qshape != sub.kshape:
             raise UnsupportedError(
                 f"context parallelism shards one sequence of queries and keys; pattern "
                 f"'{sub.name}' has query space {sub.qshape} and key space {sub.kshape}",
                 sub.checked.span)
+
+
+def problem(bp: BoundPattern, block_q: int | None, block_k: int | None, run: RunInputs
+            ) -> Problem:
+    """The plans of `bp` (of each averaged part) for the mask's run-time inputs `run`."""
+    shardable(bp)
+    parts = bp.average or (bp,)
+    out = []
+    for sub in parts:
         plan = plan_for(sub, block_q, block_k, run.part(sub) if bp.average else run,
                         order="same")
         if plan.block_q != plan.block_k:
@@ -178,3 +191,47 @@ def _rank_plan(prob: Problem, ranks: int, rank: int, dispatch: str) -> RankPlan:
     return RankPlan(prob, lay, rank, tokens, local, remote,
                     np.concatenate(rows).astype(np.int64), tuple(len(r) for r in rows),
                     recv_splits, recv[recv >= 0])
+
+
+def summary_traffic(prob: Problem, owner: np.ndarray, ranks: int, dim: int, vdim: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """([ranks] elements sent, [ranks] elements received) per batch row and query head for
+    the summary tokens (summary.py's exchanges), with blocks on ranks `owner` [blocks]: each
+    owner of a token sends its pooled key and its value share ((output, log-sum-exp) for
+    an `expectation`) to every other user, and for an expectation its pooled query to every
+    other owner. Exact: a rank holds whole blocks, and the plan lists per block the rows
+    it holds members of (owners) or attends (users)."""
+    sent = np.zeros(ranks, dtype=np.int64)
+    recv = np.zeros(ranks, dtype=np.int64)
+    for sub, plan in prob.parts:
+        s = plan.summary
+        if s is None or s.owners is None or s.nr == 0:
+            continue
+        nr = s.nr
+        which = np.searchsorted([o[0] for o in s.offsets], s.rows, side="right") - 1
+        expect = np.array([bs.summary.values == "expectation" for bs in sub.core_summaries])
+        w_out = np.where(expect[which], dim + dim + 1, dim + vdim)
+        w_peer = np.where(expect[which], dim, 0)
+        own = _rank_rows(s.owners, owner, nr)
+        use = _rank_rows(s.users, owner, nr)
+        own = own[np.isin(own % nr, use % nr)]  # a token no query attends is never pooled
+        nu = np.bincount(use % nr, minlength=nr)
+        no = np.bincount(own % nr, minlength=nr)
+        o_rank, o_row = own // nr, own % nr
+        u_rank, u_row = use // nr, use % nr
+        o_uses = np.isin(own, use)
+        u_owns = np.isin(use, own)
+        peer = (no[o_row] - 1) * w_peer[o_row]
+        sent += np.bincount(o_rank, weights=(nu[o_row] - o_uses) * w_out[o_row] + peer,
+                            minlength=ranks).astype(np.int64)
+        recv += np.bincount(o_rank, weights=peer, minlength=ranks).astype(np.int64)
+        recv += np.bincount(u_rank, weights=(no[u_row] - u_owns) * w_out[u_row],
+                            minlength=ranks).astype(np.int64)
+    return sent, recv
+
+
+def _rank_rows(table: tuple, owner: np.ndarray, nr: int) -> np.ndarray:
+    """rank * nr + row, each once, of a per-block CSR of rows."""
+    off, idx = table
+    blocks = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    return np.unique(owner[blocks].astype(np.int64) * nr + idx)

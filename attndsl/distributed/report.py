@@ -8,7 +8,9 @@ heads, head dim 128, bf16). Ring attention and the all-gather use zigzag shards 
 load balancing for causal masks) and skip no transfer: every rank receives every other
 rank's K/V. Ulysses shards heads: every rank attends the whole sequence for heads / ranks
 heads after an all-to-all of Q, K and V (and one of the output back); it needs the heads to
-divide evenly.
+divide evenly. Summary tokens (Combiner's regions, pooled tokens) add the partial pools
+their owners send to the ranks attending them (`summary MiB`, float32, per query head:
+distributed/summary.py); ring, all-gather and Ulysses hold every key and pool locally.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import torch
 from attndsl import caches
 from attndsl.codegen.plan.tables import PAIR_LIMIT
 from attndsl.distributed.dispatch import DISPATCHES
-from attndsl.distributed.plan import problem
-from attndsl.errors import AttnError, ParameterError, SizeLimitError
+from attndsl.distributed.plan import problem, summary_traffic
+from attndsl.errors import AttnError, PairLimitError, ParameterError
 from attndsl.semantics.inputs import validate
 
 SCHEMES = DISPATCHES + ("ring", "allgather", "ulysses")
@@ -66,12 +68,15 @@ def rows(op, inputs: dict, ranks: int, geo: dict, label: str | None = None) -> l
             "layout_seconds": round(t2 - t1, 3)}
     out = []
 
-    def row(scheme, pairs, kv, held, feasible=True, other=None, note=""):
+    def row(scheme, pairs, kv, held, feasible=True, other=None, note="", summary=None):
         pairs, kv = np.asarray(pairs, dtype=np.float64), np.asarray(kv, dtype=np.float64)
+        summary = np.zeros(1) if summary is None else np.asarray(summary, dtype=np.float64)
         r = {**base, "scheme": scheme, "max_pairs": int(pairs.max()),
              "mean_pairs": float(pairs.mean()),
              "balance": float(pairs.max() / pairs.mean()) if pairs.mean() > 0 else 1.0,
              "max_kv_bytes": int(kv.max()), "mean_kv_bytes": float(kv.mean()),
+             "max_summary_bytes": int(summary.max()),
+             "mean_summary_bytes": float(summary.mean()),
              "max_tokens": int(held.max()), "min_tokens": int(held.min()),
              "feasible": feasible}
         if other is not None:
@@ -80,9 +85,12 @@ def rows(op, inputs: dict, ranks: int, geo: dict, label: str | None = None) -> l
             r["note"] = note
         out.append(r)
 
+    # summary tokens: pooled in float32 (float64 inputs: float64), per query head
+    sb = geo["heads"] * (8 if geo["dtype"] == "fp64" else 4)
     for d in DISPATCHES:
         lay = lays[d]
-        row(d, lay.pairs(), lay.received() * kvb, lay.held())
+        _, got = summary_traffic(prob, lay.owner, ranks, geo["head_dim"], geo["head_dim"])
+        row(d, lay.pairs(), lay.received() * kvb, lay.held(), summary=got * sb)
     zz = lays["zigzag"]
     full = (n - zz.held()) * kvb
     row("ring", zz.pairs(), full, zz.held())
@@ -141,6 +149,7 @@ def library(n: int) -> list[tuple]:
         ("combiner.attn", "combiner_fixed", dict(N=n, span=span), {}),
         ("combiner.attn", "combiner_logsparse", dict(N=n), {}),
         ("combiner.attn", "combiner_axial", dict(H=side, W=side), {}),
+        ("combiner.attn", "combiner_axial_pooled", dict(H=side, W=side), {}),
         ("combiner.attn", "combiner_mixture", dict(N=n, span=span), {}),
         ("document.attn", "document_causal", dict(N=n), {"doc": doc}),
         ("document.attn", "prefix_lm", dict(N=n), {"prefix": n // 4}),
@@ -185,8 +194,8 @@ def _rows_that_fit(op, inputs: dict, ranks: int, geo: dict, label: str,
         op.options(block_q=b, block_k=b)
         try:
             got = rows(op, inputs, ranks, geo, label)
-        except SizeLimitError as e:
-            if block is not None or b >= 1024 or "block pairs" not in str(e):
+        except PairLimitError:
+            if block is not None or b >= 1024:
                 raise
             b *= 4
             continue
@@ -220,15 +229,20 @@ def table(rows_: list[dict]) -> str:
                      + ("" if r0.get("pairs_exact", True) else
                         "; pairs of PARTIAL blocks estimated from a sample")
                      + (f"; {r0['block_note']}" if r0.get("block_note") else ""))
+        summ = any(r.get("mean_summary_bytes") for r in rs)
         lines.append(f"  {'scheme':<11}{'max/mean pairs':>15}{'max pairs':>16}"
-                     f"{'max KV MiB':>12}{'mean KV MiB':>13}{'vs ring':>9}  tokens/rank")
+                     f"{'max KV MiB':>12}{'mean KV MiB':>13}"
+                     + (f"{'summary MiB':>13}" if summ else "")
+                     + f"{'vs ring':>9}  tokens/rank")
         for r in rs:
-            vs = r["mean_kv_bytes"] / ring["mean_kv_bytes"] if ring["mean_kv_bytes"] else 0
+            moved = r["mean_kv_bytes"] + r.get("mean_summary_bytes", 0)
+            vs = moved / ring["mean_kv_bytes"] if ring["mean_kv_bytes"] else 0
             extra = "" if r.get("feasible", True) else f"  ({r['note']})"
             if r["scheme"] == "ulysses" and r.get("mean_other_bytes"):
                 extra += f"  (+{_mb(r['mean_other_bytes'])} MiB of Q and output)"
             lines.append(f"  {r['scheme']:<11}{r['balance']:>15.3f}{r['max_pairs']:>16,}"
                          f"{_mb(r['max_kv_bytes']):>12}{_mb(r['mean_kv_bytes']):>13}"
-                         f"{vs:>8.1%}  {r['min_tokens']:,}..{r['max_tokens']:,}{extra}")
+                         + (f"{_mb(r.get('mean_summary_bytes', 0)):>13}" if summ else "")
+                         + f"{vs:>8.1%}  {r['min_tokens']:,}..{r['max_tokens']:,}{extra}")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

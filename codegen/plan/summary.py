@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from attndsl.analysis.blocks import (
+    AbstractHooks,
     Bounds,
-    _AbsHooks,
     abstract_lets,
     bounds,
     refine,
@@ -39,15 +39,14 @@ from attndsl.analysis.intervals import (
     classify,
 )
 from attndsl.codegen.plan.orders import padded_perm
-from attndsl.errors import SizeLimitError
+from attndsl.errors import PairLimitError
 from attndsl.semantics.bind import BoundPattern, BoundSummary
 from attndsl.semantics.evaluate import SummaryVal, token, unravel
 from attndsl.semantics.inputs import RunInputs
 from attndsl.semantics.masks import chunks, evaluator
 
 REGION_LEAF = 4  # summary tokens per leaf group of the refinement
-KEY_LEAF = 64  # keys per leaf group when deciding which summary tokens have members
-QUERY_LEAF = 64  # queries per leaf group of the attend refinement
+LEAF_TOKENS = 64  # queries or keys per leaf group (fewer: one block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,6 +59,7 @@ class SummaryRows:
     offsets: tuple
     before: tuple
     first: tuple  # per summary: its first row among `rows`
+    owners: tuple  # (offsets, rows): per key block, the kept rows with a member in it
 
     @property
     def nr(self) -> int:
@@ -91,7 +91,7 @@ class _Judge:
         try:
             with np.errstate(all="ignore"):
                 ev = AbstractEvaluator({**self.owner.env, **self.run.env}, ctx,
-                                       _AbsHooks(self.run))
+                                       AbstractHooks(self.run))
                 got = ev.eval(self.expr, abstract_lets(self.owner, ev))
                 return np.broadcast_to(classify(got), (len(qb),))
         except (Unknown, FloatingPointError, OverflowError, ValueError, ZeroDivisionError):
@@ -127,65 +127,104 @@ def _eval_rule(bp: BoundPattern, bs: BoundSummary, run: RunInputs, expr, tok, re
     return torch.as_tensor(evaluator(owner, ctx, run).eval(expr))
 
 
-def kept_rows(bp: BoundPattern, summaries, run: RunInputs) -> SummaryRows:
+def kept_rows(bp: BoundPattern, summaries, run: RunInputs, korder, bk: int, budget: list
+              ) -> SummaryRows:
     """Which tokens of each summary have a member key (every token, for keys the caller
-    gives): refine (summary tokens x keys) with the member rule, evaluate what it leaves."""
-    rows, offsets, before, first = [], [], [], []
+    gives), and which key blocks (of `korder`, `bk` keys each) hold members of which kept
+    token: refine (summary tokens x keys) with the member rule, evaluate what it leaves."""
+    rows, offsets, before, first, owned = [], [], [], [], []
     base = nkept = 0
+    kperm, klev, per = leaves(bp.kshape, korder, bk)
     for bs in summaries:
         s = bs.summary
         r = math.prod(bs.sizes)
         kept = np.zeros(r, dtype=bool)
+        pairs = (np.zeros(0, dtype=np.int64),) * 2
         if s.keys_from is not None:
             kept[:] = True
         elif s.member is not None:
-            _members(bp, bs, run, kept)
+            pairs = _members(bp, bs, run, kept, kperm, klev, per, budget)
         idx = np.nonzero(kept)[0]
         rows.append(idx + base)
         offsets.append((base, r))
         b = np.zeros(r + 1, dtype=np.int64)
         np.cumsum(kept, out=b[1:])
         before.append(b)
+        owned.append((pairs[0], b[pairs[1]] + nkept))
         first.append(nkept)
         base += r
         nkept += len(idx)
-    return SummaryRows(np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
-                       tuple(offsets), tuple(before), tuple(first))
+    z = np.zeros(0, dtype=np.int64)
+    kb = np.concatenate([o[0] for o in owned]) if owned else z
+    kr = np.concatenate([o[1] for o in owned]) if owned else z
+    return SummaryRows(np.concatenate(rows) if rows else z, tuple(offsets), tuple(before),
+                       tuple(first), summary_csr(kb, kr, len(kperm) // per))
 
 
-def _members(bp: BoundPattern, bs: BoundSummary, run: RunInputs, kept: np.ndarray) -> None:
+def _members(bp: BoundPattern, bs: BoundSummary, run: RunInputs, kept: np.ndarray, kperm,
+             klev, per: int, budget: list) -> tuple[np.ndarray, np.ndarray]:
+    """Marks the tokens with a member in `kept`; returns the (key block, token) pairs of
+    every member's block, each once."""
     r = len(kept)
     rlev = row_major(bs.sizes, REGION_LEAF)
-    klev = row_major(bp.kshape, KEY_LEAF)
-    ref = refine(bp, rlev, klev, None, run, judge=_Judge(bp, bs, run, None, False))
+    ref = refine(bp, rlev, klev, None, run, judge=_Judge(bp, bs, run, None, False),
+                 max_step=budget[0])
+    g0, g1, k0, k1 = _ranges(ref.full, 1, len(kperm), len(rlev[0]))
+    r0, r1 = np.minimum(g0 * REGION_LEAF, r), np.minimum(g1 * REGION_LEAF, r)
     mark = np.zeros(r + 1, dtype=np.int64)
-    q0, q1, _, _ = _ranges(ref.full, 1, 0, len(rlev[0]))
-    np.add.at(mark, np.minimum(q0 * REGION_LEAF, r), 1)
-    np.add.at(mark, np.minimum(q1 * REGION_LEAF, r), -1)
+    np.add.at(mark, r0, 1)
+    np.add.at(mark, r1, -1)
     kept |= np.cumsum(mark[:-1]) > 0
+    b0, b1 = k0 // per, (k1 - 1) // per + 1  # key blocks of each FULL box
+    nr, nb = r1 - r0, b1 - b0
+    if int((nr * nb).sum()) > budget[0]:
+        raise PairLimitError(f"pattern '{bp.name}': the members of summary "
+                             f"'{bs.summary.name}' span more than {budget[0]:,} (key block, "
+                             "token) pairs at this size; use larger blocks", bs.summary.span)
+    rep = np.repeat(np.arange(len(r0)), nr)
+    tok = r0[rep] + _within(nr)
+    rep2 = np.repeat(np.arange(len(rep)), nb[rep])
+    blocks, toks = [b0[rep][rep2] + _within(nb[rep])], [tok[rep2]]
     gi, gj = ref.undecided
-    for a, b in chunks(len(gi), REGION_LEAF * KEY_LEAF):
+    size = kperm.shape[1]
+    for a, b in chunks(len(gi), REGION_LEAF * size):
         reg = torch.from_numpy(gi[a:b, None] * REGION_LEAF + np.arange(REGION_LEAF))
-        key = torch.from_numpy(gj[a:b, None] * KEY_LEAF + np.arange(KEY_LEAF))
-        ok = (reg < r).view(-1, REGION_LEAF, 1) & (key < bp.nk).view(-1, 1, KEY_LEAF)
-        m = _eval_rule(bp, bs, run, bs.summary.member, key.clamp(max=bp.nk - 1).view(
-            -1, 1, KEY_LEAF), reg.clamp(max=r - 1).view(-1, REGION_LEAF, 1), None, False)
-        hit = (m.expand(ok.shape) & ok).any(-1)  # [L, REGION_LEAF]
-        kept[reg[hit].numpy()] = True
+        key = torch.from_numpy(kperm[gj[a:b]])  # [L, size]
+        ok = (reg < r).view(-1, REGION_LEAF, 1) & (key >= 0).view(-1, 1, size)
+        m = _eval_rule(bp, bs, run, bs.summary.member, key.clamp(min=0).view(-1, 1, size),
+                       reg.clamp(max=r - 1).view(-1, REGION_LEAF, 1), None, False)
+        hit = (m.expand(ok.shape) & ok).any(-1).numpy()  # [L, REGION_LEAF]
+        regn = reg.numpy()
+        kept[regn[hit]] = True
+        blocks.append(np.broadcast_to(gj[a:b, None] // per, hit.shape)[hit])
+        toks.append(regn[hit])
+    kb, kt = np.concatenate(blocks), np.concatenate(toks)
+    key = np.unique(kb * r + kt)  # a block met through several leaves counts once
+    return key // r, key % r
+
+
+def summary_csr(rows: np.ndarray, cols: np.ndarray, nrows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [nrows + 1], columns): each row's columns, increasing, each once."""
+    ncols = int(cols.max()) + 1 if len(cols) else 1
+    key = np.unique(rows * ncols + cols)
+    off = np.zeros(nrows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key // ncols, minlength=nrows), out=off[1:])
+    return off, key % ncols
 
 
 def attend_counts(bp: BoundPattern, bs: BoundSummary, run: RunInputs, head, qperm: np.ndarray,
                   qlev: list, per: int, block: int, sr: SummaryRows, at: int, budget: list):
     """(query block, summary block, attended entries) of one summary's attend rule for one
-    head, entries > 0 only. The refinement's query leaves are `qperm` [leaves, size] (-1:
-    padding; `per` leaves a query block: blocks of 1,024 queries are refined in leaves of
-    64, so that only 64 queries are evaluated against an undecided summary token). Summary
-    blocks hold `block` kept rows each (all summaries' rows in order)."""
+    head, entries > 0 only, and the (query block, kept row) pairs attended. The
+    refinement's query leaves are `qperm` [leaves, size] (-1: padding; `per` leaves a query
+    block: blocks of 1,024 queries are refined in leaves of 64, so that only 64 queries are
+    evaluated against an undecided summary token). Summary blocks hold `block` kept rows
+    each (all summaries' rows in order)."""
     r = math.prod(bs.sizes)
     before, first = sr.before[at], sr.first[at]
     z = np.zeros(0, dtype=np.int64)
     if before[-1] == 0:
-        return z, z, z
+        return z, z, z, (z, z)
     rlev = row_major(bs.sizes, REGION_LEAF)
     size = qperm.shape[1]
     qcount = (qperm >= 0).sum(1)
@@ -201,8 +240,9 @@ def attend_counts(bp: BoundPattern, bs: BoundSummary, run: RunInputs, head, qper
     s0, s1 = c0 // block, (c1 - 1) // block + 1  # summary blocks
     nq, ns = b1 - b0, s1 - s0
     pairs = int((nq * ns).sum())
-    if pairs > budget[0]:
-        raise SizeLimitError(f"pattern '{bp.name}': summary '{bs.summary.name}' is attended "
+    nrow = c1 - c0
+    if pairs > budget[0] or int((nq * nrow).sum()) > budget[0]:
+        raise PairLimitError(f"pattern '{bp.name}': summary '{bs.summary.name}' is attended "
                              f"by more than {budget[0]:,} block pairs at this size; use "
                              "larger blocks", bs.summary.span)
     rep = np.repeat(np.arange(len(q0)), ns)
@@ -214,6 +254,10 @@ def attend_counts(bp: BoundPattern, bs: BoundSummary, run: RunInputs, head, qper
     queries = (qbefore[np.minimum(q1[box], (qi + 1) * per)]
                - qbefore[np.maximum(q0[box], qi * per)])
     lq, ls, lc = [qi], [s[rep2]], [w[rep2] * queries]
+    rep = np.repeat(np.arange(len(q0)), nrow)  # (query block, row) of every FULL box
+    row = c0[rep] + _within(nrow)
+    rep2 = np.repeat(np.arange(len(rep)), nq[rep])
+    uq, ur = [b0[rep][rep2] + _within(nq[rep])], [row[rep2]]
     gi, gj = ref.undecided
     for a, b in chunks(len(gi), size * REGION_LEAF):
         qt = torch.from_numpy(qperm[gi[a:b]])  # [L, size]
@@ -225,9 +269,13 @@ def attend_counts(bp: BoundPattern, bs: BoundSummary, run: RunInputs, head, qper
         regn = np.minimum(reg.numpy(), r - 1)
         has = (got > 0) & (reg.numpy() < r) & (before[regn + 1] > before[regn])
         lq.append(np.broadcast_to(gi[a:b, None] // per, got.shape)[has])
-        ls.append((before[regn[has]] + first) // block)
+        rows = before[regn[has]] + first
+        ls.append(rows // block)
         lc.append(got[has])
-    return np.concatenate(lq), np.concatenate(ls), np.concatenate(lc).astype(np.int64)
+        uq.append(lq[-1])
+        ur.append(rows)
+    return (np.concatenate(lq), np.concatenate(ls), np.concatenate(lc).astype(np.int64),
+            (np.concatenate(uq), np.concatenate(ur)))
 
 
 def _within(n: np.ndarray) -> np.ndarray:
@@ -237,11 +285,12 @@ def _within(n: np.ndarray) -> np.ndarray:
     return np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
 
 
-def query_leaves(bp: BoundPattern, qorder, bq: int) -> tuple[np.ndarray, list, int]:
-    """(tokens [leaves, size] of the refinement's query leaves, their pyramid, leaves per
-    query block): QUERY_LEAF queries a leaf, or a whole block when smaller."""
-    size = min(bq, QUERY_LEAF)
-    qperm = padded_perm(qorder, bq).reshape(-1, size)
-    if qorder.identity:
-        return qperm, row_major(bp.qshape, size, qorder.start, qorder.length), bq // size
-    return qperm, bounds(qperm, bp.qshape).pyramid(), bq // size
+def leaves(shape: tuple, order, block: int) -> tuple[np.ndarray, list, int]:
+    """(tokens [leaves, size] of a refinement's leaf groups of `order` (-1: padding),
+    their pyramid, leaves per block): LEAF_TOKENS tokens a leaf, or a whole block when
+    smaller."""
+    size = min(block, LEAF_TOKENS)
+    perm = padded_perm(order, block).reshape(-1, size)
+    if order.identity:
+        return perm, row_major(shape, size, order.start, order.length), block // size
+    return perm, bounds(perm, shape).pyramid(), block // size

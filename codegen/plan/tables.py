@@ -32,8 +32,8 @@ from attndsl.codegen.plan.orders import (
     tile_shape,
     tilings,
 )
-from attndsl.codegen.plan.summary import attend_counts, kept_rows, query_leaves
-from attndsl.errors import EvaluationError, ParameterError, SizeLimitError
+from attndsl.codegen.plan.summary import attend_counts, kept_rows, leaves, summary_csr
+from attndsl.errors import EvaluationError, PairLimitError, ParameterError
 from attndsl.semantics.bind import BoundPattern
 from attndsl.semantics.inputs import NONE, SELECTED, UNSELECTED, RunInputs
 from attndsl.semantics.masks import chunks, token_mask
@@ -76,6 +76,10 @@ class SummaryPlan:
     transposed: tuple
     needed: int
     row_needed: np.ndarray | None = None  # [tables, query blocks] attended entries
+    # (offsets, kept rows): per key block the rows with a member key in it, per query block
+    # the rows a query of it attends under any head (None: a restricted plan's)
+    owners: tuple | None = None
+    users: tuple | None = None
 
     @property
     def nr(self) -> int:
@@ -426,7 +430,7 @@ def _table(bp: BoundPattern, qorder, korder, bq, bk, head, run, qsel=None, budge
 def _spend(bp: BoundPattern, budget: list, pairs: int, keep: bool = False) -> None:
     """Take `pairs` listed block pairs from a plan's budget (keep: only check)."""
     if pairs > budget[0]:
-        raise SizeLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} block "
+        raise PairLimitError(f"pattern '{bp.name}' visits more than {PAIR_LIMIT:,} block "
                              "pairs at this size (over all its tables); use larger blocks",
                              bp.checked.span)
     if not keep:
@@ -673,30 +677,32 @@ def build_plan(bp: BoundPattern, block_q: int | None = None, block_k: int | None
             # without (a plan for statistics only): per-call plans then keep every
             # selected pair PARTIAL, exact but slower
             selected = ()
-    summary = (summary_plan(bp, qorder, bq, bk, run, budget) if bp.core_summaries
+    summary = (summary_plan(bp, qorder, korder, bq, bk, run, budget) if bp.core_summaries
                else None)
     return Plan(qorder, korder, bq, bk, tuple(tables), tuple(transposed),
                 time.perf_counter() - t0, bp, run, summary, tuple(tried.items()), unselected,
                 selected)
 
 
-def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: RunInputs,
-                 budget: list | None = None) -> SummaryPlan:
+def summary_plan(bp: BoundPattern, qorder: TokenOrder, korder: TokenOrder, bq: int, bk: int,
+                 run: RunInputs, budget: list | None = None) -> SummaryPlan:
     """The rows and attend tables of every summary a core computes (codegen/plan/summary.py:
     refined from the rules, never [queries x summary tokens] masks)."""
     budget = [PAIR_LIMIT] if budget is None else budget
     heads = bp.heads if bp.head_dependent else None
-    sr = kept_rows(bp, bp.core_summaries, run)
+    sr = kept_rows(bp, bp.core_summaries, run, korder, bk, budget)
     nr = sr.nr
     nsb = max(1, -(-nr // bk))
-    qperm, qlev, per = query_leaves(bp, qorder, bq)
+    qperm, qlev, per = leaves(bp.qshape, qorder, bq)
     nqb = len(qperm) // per
     qcount = (qperm >= 0).sum(1).reshape(nqb, per).sum(1)
-    tables, transposed, per_row = [], [], []
+    tables, transposed, per_row, use_q, use_r = [], [], [], [], []
     for g in range(heads or 1):
         got = [attend_counts(bp, bs, run, g if heads else None, qperm, qlev, per, bk, sr, i,
                              budget) for i, bs in enumerate(bp.core_summaries)]
         qi, si, cnt = (np.concatenate([x[n] for x in got]) for n in range(3))
+        use_q += [x[3][0] for x in got]
+        use_r += [x[3][1] for x in got]
         u, inv = np.unique(qi * nsb + si, return_inverse=True)
         c = np.bincount(inv.reshape(-1), weights=cnt.astype(np.float64),
                         minlength=len(u)).astype(np.int64)
@@ -708,8 +714,10 @@ def summary_plan(bp: BoundPattern, qorder: TokenOrder, bq: int, bk: int, run: Ru
         transposed.append(tt)
         per_row.append(_bincount(uq, c.astype(np.float64), nqb))
     per_row = np.stack(per_row)
+    users = summary_csr(np.concatenate(use_q), np.concatenate(use_r), nqb)
+    _spend(bp, budget, len(users[1]) + len(sr.owners[1]))
     return SummaryPlan(sr.rows, sr.offsets, tuple(tables), tuple(transposed),
-                       int(per_row.sum()), per_row)
+                       int(per_row.sum()), per_row, sr.owners, users)
 
 
 def choose_orders(bp: BoundPattern, bq: int, bk: int, run: RunInputs, tried: dict | None = None
