@@ -48,6 +48,45 @@ def _per_head_reference(q, k, v):
     return torch.softmax(s, -1) @ v
 
 
+def _axial_reference(q, k, v, row_keys, H, W):
+    """Combiner-Axial as the official code computes it (`_SelfAttAxialRowmajor`): (y, x)
+    attends the earlier tokens of its row and, for every earlier row r, one token keyed by
+    row_keys at (r, x) whose value is the full-row attention output of the query at (r, x)
+    over row r."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    outs = []
+    for i in range(H * W):
+        y, x = divmod(i, W)
+        logits = [q[:, :, i:i + 1] @ k[:, :, y * W:i + 1].transpose(-1, -2) * scale]
+        vals = [v[:, :, y * W:i + 1]]
+        for r in range(y):
+            row = slice(r * W, (r + 1) * W)
+            p = torch.softmax(q[:, :, r * W + x:r * W + x + 1] @ k[:, :, row].transpose(-1, -2)
+                              * scale, -1)
+            logits.append(q[:, :, i:i + 1] @ row_keys[:, :, r * W + x:r * W + x + 1]
+                          .transpose(-1, -2) * scale)
+            vals.append(p @ v[:, :, row])
+        p = torch.softmax(torch.cat(logits, -1), -1)
+        outs.append(p @ torch.cat(vals, 2))
+    return torch.cat(outs, 2)
+
+
+def _transnext_reference(q, k, v, inp, H, W):
+    """TransNeXt's aggregated attention as its official code computes it, scale 1: the 3 x 3
+    window (clipped) with its learned bias, and the pooled tokens (given keys and values)
+    with theirs, in one softmax."""
+    N = H * W
+    y, x = np.divmod(np.arange(N), W)
+    dy, dx = y[None, :] - y[:, None], x[None, :] - x[:, None]  # k - q
+    near = torch.from_numpy((np.abs(dy) <= 1) & (np.abs(dx) <= 1))
+    idx = torch.from_numpy(np.clip(dy + 1, 0, 2) * 3 + np.clip(dx + 1, 0, 2))
+    local = inp["local_bias"][:, idx]  # [heads, N, N]
+    s1 = (q @ k.transpose(-1, -2) + local).masked_fill(~near, float("-inf"))
+    s2 = q @ inp["pool_keys"].transpose(-1, -2) + inp["pool_bias"]
+    p = torch.softmax(torch.cat([s1, s2], -1), -1)
+    return p[..., :N] @ v + p[..., N:] @ inp["pool_values"]
+
+
 def _doc():
     return torch.repeat_interleave(torch.arange(len(DOCS)), torch.tensor(DOCS))
 
@@ -56,6 +95,12 @@ def _doc():
 #        mask for the exchange check or None)
 def cases():
     doc = _doc()
+    g = torch.Generator().manual_seed(11)
+    row_keys = torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64)
+    tn = {"local_bias": torch.randn(2, 9, generator=g, dtype=torch.float64),
+          "pool_keys": torch.randn(2, 2, 4, 8, generator=g, dtype=torch.float64),
+          "pool_values": torch.randn(2, 2, 4, 8, generator=g, dtype=torch.float64),
+          "pool_bias": torch.randn(2, 64, 4, generator=g, dtype=torch.float64)}
     return {
         "sliding_window": ("sliding.attn", "sliding_window", dict(N=160, window=24), {}, 2, 1,
                            torch.float64, None, ind.sliding_window(160, 24)),
@@ -74,6 +119,12 @@ def cases():
         "aggregated": ("transnext.attn", "aggregated_pooled", dict(H=12, W=12), {}, 2, 2,
                        torch.float64,
                        lambda q, k, v: ind.transnext_aggregated(q, k, v, 12, 12, 3, 4), None),
+        "combiner_axial": ("combiner.attn", "combiner_axial", dict(H=8, W=8),
+                           {"row_keys": row_keys}, 2, 2, torch.float64,
+                           lambda q, k, v: _axial_reference(q, k, v, row_keys, 8, 8), None),
+        "transnext": ("transnext.attn", "aggregated", dict(H=8, W=8, heads=2), tn, 2, 2,
+                      torch.float64, lambda q, k, v: _transnext_reference(q, k, v, tn, 8, 8),
+                      None),
         "combiner_logsparse": ("combiner.attn", "combiner_logsparse", dict(N=128), {}, 2, 2,
                                torch.float64, ind.combiner_logsparse, None),
         "combiner_mixture": ("combiner.attn", "combiner_mixture", dict(N=96, span=16), {}, 2,
@@ -146,6 +197,8 @@ def _run_case(name, spec, rank, ranks, log, phase):
     mine = cp.tokens(**inputs).numpy()
     if name == "combiner_logsparse":
         res["summary_expected"] = _logsparse_bytes(mine, rank, ranks, cp, n, heads, 8)
+    if name == "combiner_axial":
+        res["summary_expected"] = _axial_bytes(mine, rank, ranks, 8, 8, heads, 8)
     got = np.sort(cp.received(**inputs).numpy())
     res["received"] = got.tolist()
     res["tokens"], res["n"] = mine.tolist(), n
@@ -184,6 +237,32 @@ def _logsparse_bytes(mine, rank, ranks, cp, n, heads, dim):
         if rank in own:
             sent += row * (dim + dim + 1) * len(users[key] - {rank})
             sent += row * dim * len(own - {rank})
+    return sent
+
+
+def _axial_bytes(mine, rank, ranks, H, W, heads, dim):
+    """Forward bytes this rank sends for Combiner-Axial's summary tokens (r, c), from the
+    official definition: the query at (r, c) goes to every other rank holding a key of row
+    r; each of those sends its (output, log-sum-exp) share to every other rank holding a
+    query (y, c) with y > r. Keys are given: they never move. Batch 2, float64."""
+    import torch.distributed as dist
+    every = [None] * ranks
+    dist.all_gather_object(every, mine.tolist())
+    rank_of = np.empty(H * W, dtype=np.int64)
+    for r, toks in enumerate(every):
+        rank_of[toks] = r
+    row = 2 * heads * 8
+    sent = 0
+    for r in range(H):
+        owners = set(rank_of[r * W:(r + 1) * W].tolist())
+        for c in range(W):
+            users = {int(rank_of[y * W + c]) for y in range(r + 1, H)}
+            if not users:
+                continue  # no query attends it: never computed
+            if rank_of[r * W + c] == rank:
+                sent += row * dim * len(owners - {rank})
+            if rank in owners:
+                sent += row * (dim + 1) * len(users - {rank})
     return sent
 
 

@@ -13,6 +13,7 @@ Backward returns dK/dV partial sums to the owners of the keys the same way.
 from __future__ import annotations
 
 import hashlib
+import math
 from types import MappingProxyType
 
 import numpy as np
@@ -23,9 +24,16 @@ from attndsl.codegen.plan.orders import padded_perm
 from attndsl.distributed import comm
 from attndsl.distributed.dispatch import DISPATCHES
 from attndsl.distributed.plan import RankPlan, problem, rank_plan, shardable
-from attndsl.distributed.summary import summary_tokens
+from attndsl.distributed.summary import extended_tokens, summary_tokens
 from attndsl.errors import InputError, ParameterError, UnsupportedError, did_you_mean
-from attndsl.semantics.attention import Call, merge, route_gates, scale_of
+from attndsl.semantics.attention import (
+    Call,
+    extended_attend,
+    merge,
+    merge_lse,
+    route_gates,
+    scale_of,
+)
 from attndsl.semantics.inputs import FLOAT_DTYPES, RunInputs, validate
 
 META_WORDS = 4  # int64 words each rank contributes to the per-call agreement check
@@ -169,7 +177,16 @@ class ContextParallel:
                 toks, dep = summary_tokens(sub, q, k, v, call.run, scale, tokens, held,
                                            self.group, summary_bytes, dep)
                 if toks is not None:
-                    out = merge(out, lse, *core.summary(call, *toks))
+                    out, lse = merge_lse(out, lse, *core.summary(call, *toks))
+                first = 0  # the driver's own summaries, as semantics/attention.py runs them
+                for bs in sub.summaries:
+                    if not bs.extended:
+                        continue
+                    *got, dep = extended_tokens(sub, bs, q, k, v, call.run, scale, tokens,
+                                                held, self.group, summary_bytes, dep)
+                    out, lse = merge_lse(out, lse, *extended_attend(call, bs, *got, first,
+                                                                    qidx=tokens))
+                    first += math.prod(bs.sizes)
             if call.gates is not None:
                 out = out * call.gates.to(out.dtype).unsqueeze(-1)
             results.append(out)

@@ -105,13 +105,6 @@ def shardable(bp: BoundPattern) -> None:
         raise UnsupportedError(f"pattern '{bp.name}' attends across channels: its tokens are "
                                "channels, not a sequence to shard", bp.checked.span)
     for sub in bp.average or (bp,):
-        for bs in sub.summaries:
-            if bs.extended:
-                raise UnsupportedError(
-                    f"summary '{bs.summary.name}' of pattern '{sub.name}' is computed by the "
-                    "driver (given keys or values, a bias, axes bound to the query, or "
-                    "'queries at'); context parallelism pools only summaries with member "
-                    "rules and pooled keys and values", bs.summary.span)
         if sub.qshape != sub.kshape:
             raise UnsupportedError(
                 f"context parallelism shards one sequence of queries and keys; pattern "

@@ -25,7 +25,7 @@ from attndsl import caches
 from attndsl.codegen.plan.tables import PAIR_LIMIT
 from attndsl.distributed.dispatch import DISPATCHES
 from attndsl.distributed.plan import problem, summary_traffic
-from attndsl.errors import AttnError, PairLimitError, ParameterError
+from attndsl.errors import AttnError, PairLimitError, ParameterError, UnsupportedError
 from attndsl.semantics.inputs import validate
 
 SCHEMES = DISPATCHES + ("ring", "allgather", "ulysses")
@@ -52,6 +52,14 @@ def rows(op, inputs: dict, ranks: int, geo: dict, label: str | None = None) -> l
     if not isinstance(ranks, int) or ranks < 1:
         raise ParameterError(f"--ranks must be a positive integer, not {ranks!r}")
     bp = op.bound
+    for sub in bp.average or (bp,):
+        for bs in sub.summaries:
+            if bs.extended:
+                raise UnsupportedError(
+                    f"summary '{bs.summary.name}' of pattern '{sub.name}' is computed by the "
+                    "driver (given keys or values, a bias, axes bound to the query, or "
+                    "'queries at'): ContextParallel shards it, but cp-plan does not count "
+                    "its traffic from the tables", bs.summary.span)
     run = validate(bp, inputs, for_mask=True)
     t0 = time.perf_counter()
     prob = problem(bp, op.block_q, op.block_k, run)

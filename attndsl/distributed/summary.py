@@ -16,6 +16,7 @@ its own queries as the single-process driver does (semantics/attention.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +25,16 @@ import torch.distributed as dist
 
 from attndsl.distributed.comm import send_rows
 from attndsl.errors import UnsupportedError
-from attndsl.semantics.attention import attend, stack_summaries
-from attndsl.semantics.masks import summary_masks
+from attndsl.semantics.attention import attend, given_rows, stack_summaries
+from attndsl.semantics.masks import (
+    bound_tokens,
+    chunks,
+    queries_at,
+    summary_coords,
+    summary_masks,
+    summary_member,
+    summary_rule,
+)
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ def summary_tokens(bp, q, k, v, run, scale, tokens, held, group, counter, dep):
     vc = v.to(cdt).repeat_interleave(rep, dim=1)
     me = dist.get_rank(group)
     ks, vs, atts = [], [], []
-    for bs in bp.summaries:
+    for bs in bp.core_summaries:
         s = bs.summary
         member, att = summary_masks(bp, bs, run, k.device, bp.heads)
         if member.shape[0] == 0:
@@ -153,4 +162,107 @@ def summary_tokens(bp, q, k, v, run, scale, tokens, held, group, counter, dep):
         vs.append(val)
         atts.append(att[..., tokens, :][..., torch.from_numpy(used).to(att.device)])
     return stack_summaries(ks, vs, atts), dep
+
+
+
+def extended_tokens(bp, bs, q, k, v, run, scale, tokens, held, group, counter, dep):
+    """(keys [B, H, R, D], values [B, H, R, Dv], exists [R] or None, dep) of a summary the
+    driver computes (semantics/attention.extended_tokens), exact at every token this rank's
+    queries may attend and 0 elsewhere: given keys and values are read from the inputs
+    (whole on every rank); pooled ones move from their owners as in summary_tokens; a
+    `queries at` query moves from the rank holding it to the token's owners."""
+    s = bs.summary
+    dev = k.device
+    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    rep = q.shape[1] // k.shape[1]
+    qc = q.to(cdt)
+    kc = k.to(cdt).repeat_interleave(rep, dim=1)
+    vc = v.to(cdt).repeat_interleave(rep, dim=1)
+    B, H = q.shape[:2]
+    r = math.prod(bs.sizes)
+    me = dist.get_rank(group)
+    member = None
+    if s.member is not None and (s.keys_from is None or s.values_from is None):
+        member = summary_member(bp, bs, run, dev)  # [R, N]
+    exists = None if s.keys_from is not None else member.any(-1)
+    want = np.stack([_may_attend(bp, bs, run, torch.from_numpy(t).to(dev), exists)
+                     for t in held])
+    used = np.nonzero(want[me])[0]
+    at = torch.from_numpy(used).to(dev)
+
+    def full(rows, width):
+        return rows.new_zeros(B, H, r, width).index_copy(2, at, rows)
+
+    if member is not None:
+        cpu = member.cpu()
+        have = np.stack([cpu[:, torch.from_numpy(t)].any(1).numpy() for t in held])
+        have &= want.any(0)
+        mine = np.nonzero(have[me])[0]
+        local = member[torch.from_numpy(mine).to(dev)][:, tokens]
+        count = member.sum(-1)
+        out = route(have, want, me, dev)
+    if s.keys_from is not None:
+        ks = given_rows(run, s.keys_from, H, cdt)
+    else:
+        got, dep = send_rows(_partial(kc, local, s.keys), dep, *out.args(), group, counter)
+        ks = full(_combine(got, out.recv_tokens, used, s.keys, count), kc.shape[3])
+    if s.values_from is not None:
+        vs = given_rows(run, s.values_from, H, cdt)
+    elif s.values == "expectation":
+        if s.queries_at is not None:  # one query per token, from the rank holding it
+            pos = queries_at(bp, bs, run, dev).cpu().numpy()
+            where = np.full(bp.nq, -1, dtype=np.int64)
+            for rank, t in enumerate(held):
+                where[t] = rank
+            qhave = np.zeros_like(have)
+            qhave[where[pos], np.arange(r)] = True
+            qhave &= have.any(0)
+            row = np.full(bp.nq, -1, dtype=np.int64)
+            row[tokens.cpu().numpy()] = np.arange(len(tokens))
+            own_q = torch.from_numpy(row[pos[np.nonzero(qhave[me])[0]]]).to(dev)
+            peers = route(qhave, have, me, dev)
+            got, dep = send_rows(qc.index_select(2, own_q), dep, *peers.args(), group,
+                                 counter)
+            qs = _combine(got, peers.recv_tokens, mine, "mean", torch.ones_like(count))
+        else:
+            peers = route(have, have, me, dev)
+            got, dep = send_rows(_partial(qc, local, s.queries), dep, *peers.args(), group,
+                                 counter)
+            qs = _combine(got, peers.recv_tokens, mine, s.queries, count)
+        inner = (qs @ kc.transpose(-1, -2)) * scale
+        o, lse = attend(inner, local.expand(*inner.shape), vc)
+        got, dep = send_rows(torch.cat([o, lse.unsqueeze(-1)], -1), dep, *out.args(), group,
+                             counter)
+        vs = full(_merge(got[..., :-1], got[..., -1], out.recv_tokens, used), vc.shape[3])
+    else:
+        got, dep = send_rows(_partial(vc, local, s.values), dep, *out.args(), group, counter)
+        vs = full(_combine(got, out.recv_tokens, used, s.values, count), vc.shape[3])
+    return ks, vs, exists, dep
+
+
+def _may_attend(bp, bs, run, qidx, exists) -> np.ndarray:
+    """[R] bool: the tokens some query of `qidx` attends under some head (the attend rule;
+    with bound axes, over the tokens the query's coordinates choose), with a member."""
+    r = math.prod(bs.sizes)
+    dev = qidx.device
+    out = torch.zeros(r, dtype=torch.bool, device=dev)
+    bound = any(ax.bound is not None for ax in bs.summary.axes)
+    heads = torch.arange(bp.heads, device=dev).view(-1, 1, 1) if bp.heads else None
+    coords = {a: c.view(1, -1) for a, c in summary_coords(bs, dev).items()}
+    for a, b in chunks(len(qidx), r):
+        rows = qidx[a:b]
+        if bound:
+            tok, valid = bound_tokens(bp, bs, run, rows)  # [m, R']
+            att = torch.as_tensor(summary_rule(bp, bs, run, bs.summary.attend,
+                                               rows.view(-1, 1), summary_coords(bs, dev, tok),
+                                               heads), device=dev)
+            att = att.expand(*att.shape[:-2], *tok.shape).reshape(-1, *tok.shape)
+            out[tok[att.any(0) & valid]] = True
+        else:
+            att = torch.as_tensor(summary_rule(bp, bs, run, bs.summary.attend,
+                                               rows.view(-1, 1), coords, heads), device=dev)
+            out |= att.expand(*att.shape[:-2], len(rows), r).reshape(-1, r).any(0)
+    if exists is not None:
+        out &= exists
+    return out.cpu().numpy()
 

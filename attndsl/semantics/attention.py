@@ -357,6 +357,12 @@ def extended_summary(call: Call, bs, first: int):
     the scale, before the softcap), the query's coordinates choosing its tokens (bound
     axes: only those tokens are scored), `queries at` one token. Dropout numbers its rows
     after the keys, `first` being the tokens of the driver's summaries before it."""
+    return extended_attend(call, bs, *extended_tokens(call, bs), first)
+
+
+def extended_tokens(call: Call, bs):
+    """(keys [B, H, R, D], values [B, H, R, Dv], exists: [.., R] tokens with a member, or
+    None for given keys) of a summary the driver computes."""
     bp, s = call.bp, bs.summary
     q, k, v = call.q, call.k, call.v
     B, H, M, _ = q.shape
@@ -370,10 +376,10 @@ def extended_summary(call: Call, bs, first: int):
         member = summary_member(bp, bs, call.run, dev)
         if call.key_valid is not None:  # padding keys are absent from every region too
             member = member.view(1, 1, *member.shape) & call.key_valid.view(B, 1, 1, -1)
-    ks = (_given(call, s.keys_from, H, cdt) if s.keys_from is not None
+    ks = (given_rows(call.run, s.keys_from, H, cdt) if s.keys_from is not None
           else _pool(kc, member, s.keys))
     if s.values_from is not None:
-        vs = _given(call, s.values_from, H, cdt)
+        vs = given_rows(call.run, s.values_from, H, cdt)
     elif s.values == "expectation":
         qsrc = q if not call.partial else call.queries
         if qsrc is None:
@@ -393,8 +399,21 @@ def extended_summary(call: Call, bs, first: int):
     else:
         vs = _pool(vc, member, s.values)
     exists = None if s.keys_from is not None else member.any(-1)  # [.., R]: pooled regions
-    first_q, count = call.rows
-    qidx = torch.arange(first_q, first_q + count, device=dev)
+    return ks, vs, exists
+
+
+def extended_attend(call: Call, bs, ks, vs, exists, first: int, qidx=None):
+    """(out, lse) of call.q's queries (the tokens `qidx`, by default the call's rows)
+    against a driver-computed summary's tokens (extended_tokens)."""
+    bp, s = call.bp, bs.summary
+    q = call.q
+    B, H, M, _ = q.shape
+    dev = q.device
+    cdt = ks.dtype
+    if qidx is None:
+        first_q, count = call.rows
+        qidx = torch.arange(first_q, first_q + count, device=dev)
+    count = len(qidx)
     heads = torch.arange(H, device=dev).view(-1, 1, 1) if bp.heads is not None else None
     qc = q.to(cdt)
     outs, lses = [], []
@@ -449,7 +468,7 @@ def extended_summary(call: Call, bs, first: int):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
-def _given(call: Call, name: str, heads: int, cdt):
+def given_rows(run: RunInputs, name: str, heads: int, cdt):
     """A given summary input [B, 1 | kv heads | H, R, D] as [B, H, R, D] in `cdt`."""
-    t = call.run.values[name]
+    t = run.values[name]
     return t.to(cdt).repeat_interleave(heads // t.shape[1], dim=1)
