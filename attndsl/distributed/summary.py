@@ -164,7 +164,6 @@ def summary_tokens(bp, q, k, v, run, scale, tokens, held, group, counter, dep):
     return stack_summaries(ks, vs, atts), dep
 
 
-
 def extended_tokens(bp, bs, q, k, v, run, scale, tokens, held, group, counter, dep):
     """(keys [B, H, R, D], values [B, H, R, Dv], exists [R] or None, dep) of a summary the
     driver computes (semantics/attention.extended_tokens), exact at every token this rank's
