@@ -482,3 +482,35 @@ def test_a_million_token_summary_is_planned_from_its_rules():
     q = np.arange(N)
     per_query = sum(((q >> lv) & 1) for lv in range(1, 21))
     assert plan.summary.needed == int(per_query.sum())
+
+
+MEMBER_RULES = ["k // {a} == r.i", "k % {b} == r.j", "(k >> r.j) & 1 == 0",
+                "k >= r.i * {a} and k < r.i * {a} + r.j + 1", "abs(k - r.i * {b}) <= r.j",
+                "k == r.i + r.j"]
+ATTEND_RULES = ["q >= (r.i + 1) * {a}", "q % {b} != r.j", "(q >> r.j) & 1 == 1",
+                "q // {a} == r.i + r.j", "r.i * {b} + r.j < q", "true"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 120), st.integers(1, 9), st.integers(1, 7), st.integers(1, 5),
+       st.integers(1, 4), st.sampled_from(MEMBER_RULES), st.sampled_from(MEMBER_RULES),
+       st.sampled_from(ATTEND_RULES), st.sampled_from(ATTEND_RULES),
+       st.sampled_from(["and", "or"]), st.sampled_from([(16, 16), (32, 16), (128, 32)]))
+def test_random_summary_rules_plan_as_their_masks(n, a, b, ni, nj, m1, m2, a1, a2, op_,
+                                                  blocks):
+    """The refined summary tables equal the concrete masks (summary_masks, the evaluator
+    every backend pools with) for random member and attend rules."""
+    from attndsl.semantics.masks import summary_masks
+    rule = f"({m1}) {op_} ({m2})".format(a=a, b=b)
+    att = f"({a1}) {op_} ({a2})".format(a=a, b=b)
+    src = (f"pattern p(N: int) {{\n space seq(N)\n attend k == q\n summary r(i: {ni}, j: {nj})"
+           f" {{\n member {rule}\n keys mean\n values mean\n attend {att}\n }}\n}}")
+    op = attndsl.compile(src, N=n)
+    plan = build_plan(op.bound, *blocks)
+    bs = op.bound.core_summaries[0]
+    member, attend, kept = summary_masks(op.bound, bs, validate(op.bound, {}), "cpu", None,
+                                         rows=True)
+    assert np.array_equal(plan.summary.rows, kept.numpy())
+    attend = attend.expand(n, member.shape[0]).numpy()
+    assert plan.summary.needed == _check_summary(plan, attend)
+    _check_blocks_of_rows(plan, member.numpy(), attend)
