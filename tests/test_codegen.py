@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from sources import MIXED
 
 import attndsl
 from attndsl.cli import main
@@ -17,15 +18,7 @@ from attndsl.codegen.triton.generate import KERNELS, functions
 
 pytest.importorskip("triton")
 
-PER_HEAD = """
-pattern mixed(N: int) {
-    space seq(N)
-    heads 4
-    on heads 0..2 { attend k <= q and q - k < 8 }
-    on heads 2..4 { attend abs(q - k) < 3 or k < 4 }
-    bias -0.25 * float(abs(q - k)) + 0.5 * float(h)
-    softcap 5.0
-}"""
+PER_HEAD = MIXED
 
 GOLDEN = [
     ("sliding_window", "patterns/sliding.attn", dict(N=100, window=20), 32),

@@ -23,6 +23,7 @@ from attndsl.errors import AttnError, InputError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import independent  # noqa: E402
+from sources import MIXED_SCALED  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -243,17 +244,7 @@ def test_nothing_attended():
 
 
 def test_per_head_rules_bias_softcap_and_scale():
-    src = """
-    pattern mixed(N: int) {
-        space seq(N)
-        heads 4
-        on heads 0..2 { attend k <= q and q - k < 8 }
-        on heads 2..4 { attend abs(q - k) < 3 or k < 4 }
-        bias -0.25 * float(abs(q - k)) + 0.5 * float(h)
-        softcap 5.0
-        scale 0.3
-    }"""
-    op = attndsl.compile(src, N=50)
+    op = attndsl.compile(MIXED_SCALED, N=50)
     compare(op, heads=4)
     compare(op, heads=4, kv_heads=2, batch=2)
     assert len(cpu_plan(op.plan()).plan.tables) == 4

@@ -17,20 +17,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import independent as ind  # noqa: E402
+from sources import MIXED  # noqa: E402
 
 import attndsl  # noqa: E402
 
 flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
 
-PER_HEAD = """
-pattern mixed(N: int) {
-    space seq(N)
-    heads 4
-    on heads 0..2 { attend k <= q and q - k < 8 }
-    on heads 2..4 { attend abs(q - k) < 3 or k < 4 }
-    bias -0.25 * float(abs(q - k)) + 0.5 * float(h)
-    softcap 5.0
-}"""
+PER_HEAD = MIXED
 
 DOC = np.array([0] * 20 + [1] * 17 + [2] * 13)
 CASES = [

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sources import MIXED_SCALED
 
 import attndsl
 from attndsl import caches
@@ -209,17 +210,7 @@ def test_nothing_attended():
 
 
 def test_per_head_rules_bias_softcap_and_scale():
-    src = """
-    pattern mixed(N: int) {
-        space seq(N)
-        heads 4
-        on heads 0..2 { attend k <= q and q - k < 8 }
-        on heads 2..4 { attend abs(q - k) < 3 or k < 4 }
-        bias -0.25 * float(abs(q - k)) + 0.5 * float(h)
-        softcap 5.0
-        scale 0.3
-    }"""
-    op = attndsl.compile(src, N=50)
+    op = attndsl.compile(MIXED_SCALED, N=50)
     compare(op, heads=4)
     stats = op.stats()
     assert stats["head_tables"] == 4
