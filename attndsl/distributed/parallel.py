@@ -21,10 +21,9 @@ import torch
 import torch.distributed as dist
 
 from attndsl.codegen.plan.orders import padded_perm
-from attndsl.distributed import comm
+from attndsl.distributed import comm, summary
 from attndsl.distributed.dispatch import DISPATCHES
 from attndsl.distributed.plan import RankPlan, problem, rank_plan, shardable
-from attndsl.distributed.summary import extended_tokens, summary_tokens
 from attndsl.errors import InputError, ParameterError, UnsupportedError, did_you_mean
 from attndsl.semantics.attention import (
     Call,
@@ -145,8 +144,10 @@ class ContextParallel:
         parts = rp.problem.parts
         tokens = torch.from_numpy(rp.tokens).to(q.device)
         summary_bytes = [0]
-        held = ([self._tokens_of(rp, r) for r in range(self.ranks)]
-                if any(sub.summaries for sub, _ in parts) else None)
+        loc = (summary.local(q, k, v, tokens, [self._tokens_of(rp, r)
+                                                for r in range(self.ranks)],
+                             self.group, summary_bytes)
+               if any(sub.summaries for sub, _ in parts) else None)
         calls, outs = [], []
         for i, (sub, _) in enumerate(parts):
             sub_run = run.part(sub) if bp.average else run
@@ -174,16 +175,14 @@ class ContextParallel:
             elif ex is not None:  # nothing received: still in the graph, for the backward
                 out = out + (kr.sum() + vr.sum()).to(out.dtype) * 0
             if sub.summaries:
-                toks, dep = summary_tokens(sub, q, k, v, call.run, scale, tokens, held,
-                                           self.group, summary_bytes, dep)
+                toks, dep = summary.summary_tokens(sub, loc, call.run, scale, dep)
                 if toks is not None:
                     out, lse = merge_lse(out, lse, *core.summary(call, *toks))
                 first = 0  # the driver's own summaries, as semantics/attention.py runs them
                 for bs in sub.summaries:
                     if not bs.extended:
                         continue
-                    *got, dep = extended_tokens(sub, bs, q, k, v, call.run, scale, tokens,
-                                                held, self.group, summary_bytes, dep)
+                    *got, dep = summary.extended_tokens(sub, bs, loc, call.run, scale, dep)
                     out, lse = merge_lse(out, lse, *extended_attend(call, bs, *got, first,
                                                                     qidx=tokens))
                     first += math.prod(bs.sizes)

@@ -109,133 +109,130 @@ def _merge(out, lse, tokens: np.ndarray, into: np.ndarray):
     return num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
 
 
-def summary_tokens(bp, q, k, v, run, scale, tokens, held, group, counter, dep):
-    """((keys [B, H, R', D], values [B, H, R', Dv], attend [.., n, R']) of the summary
-    tokens this rank's queries attend (the driver's summary_tokens restricted to them), or
-    None; and `dep` after its collectives (comm.order)). q, k, v hold this rank's tokens
-    (`tokens`, a LongTensor of their indices); `held[r]` the tokens rank r holds (numpy);
-    `counter[0]` grows by the bytes sent."""
+@dataclass(frozen=True)
+class Local:
+    """One call's float copies of this rank's q, k, v (k, v repeated to q's heads), its
+    token indices, every rank's tokens, its rank and the collectives' group and byte
+    counter: what every summary's exchange reads."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    tokens: torch.Tensor  # this rank's token indices (LongTensor)
+    held: list  # per rank, its token indices (numpy)
+    me: int
+    group: object
+    counter: list
+
+
+def local(q, k, v, tokens, held, group, counter) -> Local:
     cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
     rep = q.shape[1] // k.shape[1]
-    qc = q.to(cdt)
-    kc = k.to(cdt).repeat_interleave(rep, dim=1)
-    vc = v.to(cdt).repeat_interleave(rep, dim=1)
-    me = dist.get_rank(group)
+    return Local(q.to(cdt), k.to(cdt).repeat_interleave(rep, dim=1),
+                 v.to(cdt).repeat_interleave(rep, dim=1), tokens, held,
+                 dist.get_rank(group), group, counter)
+
+
+def _exchange(s, member, want: np.ndarray, loc: Local, scale, dep, query_at=None):
+    """(pooled keys [B, H, U, D] or None (given), values [B, H, U, Dv] or None (given), dep)
+    of one summary's tokens `used` = want[me] (in order): owners (ranks holding a member
+    key of a token some rank wants) send partial pools to the ranks wanting it; for an
+    `expectation`, the owners first share the pooled query (or, with `query_at` [R], the
+    query at that token, from the rank holding it), attend over their own members and send
+    (output, log-sum-exp) shares, merged into one softmax."""
+    me, dev = loc.me, loc.k.device
+    cpu = member.cpu()
+    have = np.stack([cpu[:, torch.from_numpy(t)].any(1).numpy() for t in loc.held])
+    have &= want.any(0)  # a token no query attends is never pooled
+    used, mine = np.nonzero(want[me])[0], np.nonzero(have[me])[0]
+    own = member[torch.from_numpy(mine).to(member.device)][:, loc.tokens]  # [mine, n]
+    count = member.sum(-1)
+    out = route(have, want, me, dev)
+    args = (loc.group, loc.counter)
+    key = val = None
+    if s.keys_from is None:
+        got, dep = send_rows(_partial(loc.k, own, s.keys), dep, *out.args(), *args)
+        key = _combine(got, out.recv_tokens, used, s.keys, count)
+    if s.values_from is not None:
+        return key, val, dep
+    if s.values != "expectation":
+        got, dep = send_rows(_partial(loc.v, own, s.values), dep, *out.args(), *args)
+        return key, _combine(got, out.recv_tokens, used, s.values, count), dep
+    if query_at is None:
+        peers = route(have, have, me, dev)  # owners to owners
+        got, dep = send_rows(_partial(loc.q, own, s.queries), dep, *peers.args(), *args)
+        qs = _combine(got, peers.recv_tokens, mine, s.queries, count)
+    else:  # one query per token, from the rank holding it to the token's owners
+        holder = np.full(sum(len(t) for t in loc.held), -1, dtype=np.int64)
+        for rank, t in enumerate(loc.held):
+            holder[t] = rank
+        qhave = np.zeros_like(have)
+        qhave[holder[query_at], np.arange(len(query_at))] = True
+        qhave &= have.any(0)
+        row = np.full(len(holder), -1, dtype=np.int64)
+        row[loc.tokens.cpu().numpy()] = np.arange(len(loc.tokens))
+        sel = torch.from_numpy(row[query_at[np.nonzero(qhave[me])[0]]]).to(dev)
+        peers = route(qhave, have, me, dev)
+        got, dep = send_rows(loc.q.index_select(2, sel), dep, *peers.args(), *args)
+        qs = _combine(got, peers.recv_tokens, mine, "mean", torch.ones_like(count))
+    inner = (qs @ loc.k.transpose(-1, -2)) * scale
+    o, lse = attend(inner, own.expand(*inner.shape), loc.v)
+    got, dep = send_rows(torch.cat([o, lse.unsqueeze(-1)], -1), dep, *out.args(), *args)
+    return key, _merge(got[..., :-1], got[..., -1], out.recv_tokens, used), dep
+
+
+def summary_tokens(bp, loc: Local, run, scale, dep):
+    """((keys [B, H, R', D], values [B, H, R', Dv], attend [.., n, R']) of the summary
+    tokens this rank's queries attend (the driver's summary_tokens restricted to them), or
+    None; and `dep` after its collectives (comm.order))."""
     ks, vs, atts = [], [], []
     for bs in bp.core_summaries:
         s = bs.summary
-        member, att = summary_masks(bp, bs, run, k.device, bp.heads)
+        member, att = summary_masks(bp, bs, run, loc.k.device, bp.heads)
         if member.shape[0] == 0:
             continue
         if s.values == "expectation" and bp.nq != bp.nk:
             raise UnsupportedError("'values expectation' pools queries at the key positions; "
                                    "it needs as many queries as keys", s.span)
         att = att.expand(*att.shape[:-2], bp.nq, member.shape[0])
-        cpu_member, cpu_att = member.cpu(), att.cpu()
-        # owners: ranks holding a member key; users: ranks holding a query attending it
-        have = np.stack([cpu_member[:, torch.from_numpy(t)].any(1).numpy() for t in held])
+        cpu_att = att.cpu()  # users: the ranks holding a query attending a token
         want = np.stack([cpu_att[..., torch.from_numpy(t), :].flatten(0, -2).any(0).numpy()
-                         for t in held])
-        have &= want.any(0)  # a token no query attends is never pooled
-        count = member.sum(-1)
-        mine = np.nonzero(have[me])[0]
-        used = np.nonzero(want[me])[0]
-        local = member[torch.from_numpy(mine).to(member.device)][:, tokens]  # [own, n]
-        out = route(have, want, me, k.device)
-        got, dep = send_rows(_partial(kc, local, s.keys), dep, *out.args(), group, counter)
-        key = _combine(got, out.recv_tokens, used, s.keys, count)
-        if s.values == "expectation":
-            peers = route(have, have, me, k.device)  # owners to owners
-            got, dep = send_rows(_partial(qc, local, s.queries), dep, *peers.args(), group,
-                                 counter)
-            qs = _combine(got, peers.recv_tokens, mine, s.queries, count)
-            inner = (qs @ kc.transpose(-1, -2)) * scale
-            o, lse = attend(inner, local.expand(*inner.shape), vc)
-            got, dep = send_rows(torch.cat([o, lse.unsqueeze(-1)], -1), dep, *out.args(),
-                                 group, counter)
-            val = _merge(got[..., :-1], got[..., -1], out.recv_tokens, used)
-        else:
-            got, dep = send_rows(_partial(vc, local, s.values), dep, *out.args(), group,
-                                 counter)
-            val = _combine(got, out.recv_tokens, used, s.values, count)
+                         for t in loc.held])
+        key, val, dep = _exchange(s, member, want, loc, scale, dep)
+        used = torch.from_numpy(np.nonzero(want[loc.me])[0]).to(att.device)
         ks.append(key)
         vs.append(val)
-        atts.append(att[..., tokens, :][..., torch.from_numpy(used).to(att.device)])
+        atts.append(att[..., loc.tokens, :][..., used])
     return stack_summaries(ks, vs, atts), dep
 
 
-def extended_tokens(bp, bs, q, k, v, run, scale, tokens, held, group, counter, dep):
+def extended_tokens(bp, bs, loc: Local, run, scale, dep):
     """(keys [B, H, R, D], values [B, H, R, Dv], exists [R] or None, dep) of a summary the
     driver computes (semantics/attention.extended_tokens), exact at every token this rank's
     queries may attend and 0 elsewhere: given keys and values are read from the inputs
-    (whole on every rank); pooled ones move from their owners as in summary_tokens; a
-    `queries at` query moves from the rank holding it to the token's owners."""
+    (whole on every rank); pooled ones move as in summary_tokens (_exchange)."""
     s = bs.summary
-    dev = k.device
-    cdt = torch.float64 if k.dtype == torch.float64 else torch.float32
-    rep = q.shape[1] // k.shape[1]
-    qc = q.to(cdt)
-    kc = k.to(cdt).repeat_interleave(rep, dim=1)
-    vc = v.to(cdt).repeat_interleave(rep, dim=1)
-    B, H = q.shape[:2]
+    dev = loc.k.device
+    B, H = loc.q.shape[:2]
     r = math.prod(bs.sizes)
-    me = dist.get_rank(group)
     member = None
     if s.member is not None and (s.keys_from is None or s.values_from is None):
         member = summary_member(bp, bs, run, dev)  # [R, N]
     exists = None if s.keys_from is not None else member.any(-1)
     want = np.stack([_may_attend(bp, bs, run, torch.from_numpy(t).to(dev), exists)
-                     for t in held])
-    used = np.nonzero(want[me])[0]
-    at = torch.from_numpy(used).to(dev)
-
-    def full(rows, width):
-        return rows.new_zeros(B, H, r, width).index_copy(2, at, rows)
-
+                     for t in loc.held])
+    key = val = None
     if member is not None:
-        cpu = member.cpu()
-        have = np.stack([cpu[:, torch.from_numpy(t)].any(1).numpy() for t in held])
-        have &= want.any(0)
-        mine = np.nonzero(have[me])[0]
-        local = member[torch.from_numpy(mine).to(dev)][:, tokens]
-        count = member.sum(-1)
-        out = route(have, want, me, dev)
-    if s.keys_from is not None:
-        ks = given_rows(run, s.keys_from, H, cdt)
-    else:
-        got, dep = send_rows(_partial(kc, local, s.keys), dep, *out.args(), group, counter)
-        ks = full(_combine(got, out.recv_tokens, used, s.keys, count), kc.shape[3])
-    if s.values_from is not None:
-        vs = given_rows(run, s.values_from, H, cdt)
-    elif s.values == "expectation":
-        if s.queries_at is not None:  # one query per token, from the rank holding it
-            pos = queries_at(bp, bs, run, dev).cpu().numpy()
-            where = np.full(bp.nq, -1, dtype=np.int64)
-            for rank, t in enumerate(held):
-                where[t] = rank
-            qhave = np.zeros_like(have)
-            qhave[where[pos], np.arange(r)] = True
-            qhave &= have.any(0)
-            row = np.full(bp.nq, -1, dtype=np.int64)
-            row[tokens.cpu().numpy()] = np.arange(len(tokens))
-            own_q = torch.from_numpy(row[pos[np.nonzero(qhave[me])[0]]]).to(dev)
-            peers = route(qhave, have, me, dev)
-            got, dep = send_rows(qc.index_select(2, own_q), dep, *peers.args(), group,
-                                 counter)
-            qs = _combine(got, peers.recv_tokens, mine, "mean", torch.ones_like(count))
-        else:
-            peers = route(have, have, me, dev)
-            got, dep = send_rows(_partial(qc, local, s.queries), dep, *peers.args(), group,
-                                 counter)
-            qs = _combine(got, peers.recv_tokens, mine, s.queries, count)
-        inner = (qs @ kc.transpose(-1, -2)) * scale
-        o, lse = attend(inner, local.expand(*inner.shape), vc)
-        got, dep = send_rows(torch.cat([o, lse.unsqueeze(-1)], -1), dep, *out.args(), group,
-                             counter)
-        vs = full(_merge(got[..., :-1], got[..., -1], out.recv_tokens, used), vc.shape[3])
-    else:
-        got, dep = send_rows(_partial(vc, local, s.values), dep, *out.args(), group, counter)
-        vs = full(_combine(got, out.recv_tokens, used, s.values, count), vc.shape[3])
+        at = None if s.queries_at is None else queries_at(bp, bs, run, dev).cpu().numpy()
+        key, val, dep = _exchange(s, member, want, loc, scale, dep, at)
+    used = torch.from_numpy(np.nonzero(want[loc.me])[0]).to(dev)
+
+    def full(rows):
+        return rows.new_zeros(B, H, r, rows.shape[3]).index_copy(2, used, rows)
+
+    cdt = loc.k.dtype
+    ks = given_rows(run, s.keys_from, H, cdt) if key is None else full(key)
+    vs = given_rows(run, s.values_from, H, cdt) if val is None else full(val)
     return ks, vs, exists, dep
 
 
