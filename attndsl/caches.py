@@ -8,12 +8,45 @@ all, so tests can check every bound and `clear_all()` can empty them.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
+
+from attndsl import errors
+
+
+def cache_dir() -> str:
+    """The kernel cache (generated Triton modules, the native CPU kernel): $ATTNDSL_CACHE, or
+    ~/.cache/attndsl. attndsl imports Python and loads machine code from it, so it is
+    created readable and writable by its owner only, and a directory that belongs to
+    another user or that others may write to is refused."""
+    d = os.environ.get("ATTNDSL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attndsl")
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.stat(d)
+    except OSError as e:
+        raise errors.UnsupportedError(f"cannot create the kernel cache directory '{d}': "
+                               f"{e.strerror or e}; set ATTNDSL_CACHE to another "
+                               "directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise errors.UnsupportedError(f"the kernel cache '{d}' is not a directory; set "
+                               "ATTNDSL_CACHE to another directory")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        raise errors.UnsupportedError(f"the kernel cache directory '{d}' belongs to another user; "
+                               "attndsl imports Python from it: set ATTNDSL_CACHE to a "
+                               "directory of your own")
+    if st.st_mode & 0o022:
+        raise errors.UnsupportedError(f"the kernel cache directory '{d}' can be written by other "
+                               f"users (mode {stat.S_IMODE(st.st_mode):o}); attndsl imports "
+                               "Python from it: make it writable by its owner only (chmod "
+                               "go-w) or set ATTNDSL_CACHE to another directory")
+    return d
 
 
 class LRU:
@@ -103,6 +136,57 @@ class LRU:
                 "misses": self.misses}
 
 
+class Workspace:
+    """Scratch tensors kept between calls, one set per thread (a fresh large tensor costs a
+    page fault per 4 KiB page, e.g. 10 ms for the 17 MiB of packed keys of one na2d call,
+    a sixth of its kernel). At most `maxsize` named buffers a thread, each kept only while
+    it is at most `max_bytes`; larger requests get a fresh tensor."""
+
+    def __init__(self, name: str, maxsize: int, max_bytes: int, doc: str):
+        self.name = name
+        self.maxsize = maxsize
+        self.max_bytes = max_bytes
+        self.doc = doc
+        self.hits = 0
+        self.misses = 0
+        self._local = threading.local()
+
+    def _bufs(self) -> dict:
+        if not hasattr(self._local, "bufs"):
+            self._local.bufs = {}
+        return self._local.bufs
+
+    def __len__(self) -> int:
+        return len(self._bufs())
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape`; the caller must not keep it past its call."""
+        n = 1
+        for x in shape:
+            n *= x
+        nbytes = n * dtype.itemsize
+        bufs = self._bufs()
+        if nbytes > self.max_bytes:
+            self.misses += 1
+            return torch.empty(shape, dtype=dtype)
+        b = bufs.get(name)
+        if b is None or b.numel() < nbytes:
+            if b is None and len(bufs) >= self.maxsize:
+                bufs.pop(next(iter(bufs)))
+            b = bufs[name] = torch.empty(nbytes, dtype=torch.uint8)
+            self.misses += 1
+        else:
+            self.hits += 1
+        return b[:nbytes].view(dtype).view(shape)
+
+    def clear(self) -> None:
+        self._bufs().clear()
+
+    def info(self) -> dict:
+        return {"size": len(self), "maxsize": self.maxsize, "hits": self.hits,
+                "misses": self.misses}
+
+
 PARSER = LRU("parser", 1, "the LALR parser built from grammar/attn.lark (lang/parser.py)")
 BIND = LRU("bind", 512, "patterns called from expressions, included or averaged, bound per "
            "parameter values (semantics/bind.py)")
@@ -137,10 +221,13 @@ CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans
                "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
 NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
                  "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
+WORKSPACE = Workspace("workspace", 8, 1 << 31, "the native CPU kernel's packed keys and "
+                      "values and its backward's key-gradient accumulators, per thread "
+                      "(codegen/cpu/fused.native_attention, native_backward)")
 
 CACHES = (PARSER, BIND, PLANS, BLOCKS, ORDERS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES,
           KERNELS, KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
-          NATTEN_OPS)
+          NATTEN_OPS, WORKSPACE)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

@@ -323,10 +323,12 @@ def test_realistic_size_default_blocks_strided_windows():
 
 
 def test_sequences_get_larger_blocks_where_key_gathers_dominate():
-    # power_attention's query blocks read scattered key blocks (copied per query block):
-    # the CPU planner takes 128-token blocks, a sliding window (read through views) keeps 64
+    # power_attention's query blocks read scattered key blocks (copied per query block for
+    # ATen's kernel, which a call that needs gradients runs): that planner takes 128-token
+    # blocks, a sliding window (read through views) keeps 64
+    from attndsl.codegen.plan.tables import plan_for
     op = attndsl.compile("patterns/power.attn", "power_attention", N=1100, block=128, window=3)
-    plan = op.plan(backend="cpu")
+    plan = plan_for(op.bound, None, None, target="cpu-aten")
     assert (plan.block_q, plan.block_k) == (128, 128)
     out = compare(op, heads=2, dim=32, block=None)
     gen = torch.Generator().manual_seed(3)
@@ -337,6 +339,7 @@ def test_sequences_get_larger_blocks_where_key_gathers_dominate():
     assert out.shape == (1, 2, 1100, 32)
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=1100, window=200)
     assert op.plan(backend="cpu").block_q == 64
+    assert plan_for(op.bound, None, None, target="cpu-aten").block_q == 64
     assert op.plan(backend="triton").block_q == 64  # the CPU's model only
 
 

@@ -30,6 +30,7 @@ def test_wheel_contents(wheel):
     std = {p.name for p in (ROOT / "patterns").glob("*.attn")}
     assert {f"attndsl/patterns/{n}" for n in std} <= names
     assert "attndsl/codegen/__init__.py" in names
+    assert "attndsl/codegen/cpu/flash.c" in names  # the native CPU kernel's source
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
 
 
@@ -45,8 +46,14 @@ def test_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
         "kernel=3)\n"
         "assert op.mask().sum(1).tolist() == [9] * 36\n"
         "print(sorted(attndsl.check('combiner.attn')))\n"
+        "from attndsl.codegen.cpu import native\n"
+        "assert native.SOURCE.is_file(), native.SOURCE\n"
+        "import torch\n"
+        "op = attndsl.compile('patterns/sliding.attn', 'sliding_window', N=40, window=8)\n"
+        "q = torch.randn(1, 2, 40, 16)\n"
+        "assert op(q, q, q, backend='cpu').shape == q.shape\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = dict(os.environ, PYTHONPATH=str(site), ATTNDSL_CACHE=str(tmp_path / "cache"))
     r = subprocess.run([sys.executable, "-c", code, str(site)], cwd=work, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

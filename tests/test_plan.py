@@ -274,18 +274,29 @@ def test_shifted_tiles_are_permutations_with_padding():
 
 
 def test_the_cpu_planner_chooses_block_sizes_and_shifted_key_tiles():
-    """na2d 128x128 kernel 13: 64-query x 16-key blocks whose 4x4 key tiles start at -2
-    meet the 20-wide windows of 8x8 query tiles exactly: 2.25x the needed elements, against
-    3.13x with 64 x 64 blocks; the Triton planner keeps 64 x 64. Exact tables either way."""
-    from attndsl.codegen.plan.tables import blocks_for
+    """na2d 128x128 kernel 13. Native forward ("cpu"): 16 x 16 blocks, 4x4 query tiles and
+    4x4 key tiles from -2, 1.51x the needed elements. ATen ("cpu-aten", calls that need
+    gradients): 64-query x 16-key blocks whose 4x4 key tiles start at -2 meet the 20-wide
+    windows of 8x8 query tiles exactly: 2.25x, against 3.13x with 64 x 64 blocks. na3d
+    kernel 5: 2x2x4 tiles whose keys start early on the last axis only, 2.30x. The Triton
+    planner keeps 64 x 64. Exact tables either way."""
+    from attndsl.codegen.plan.tables import blocks_for, plan_for
     op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=128, W=128, kernel=13)
-    assert blocks_for(op.bound, "cpu") == (64, 16)
+    assert blocks_for(op.bound, "cpu") == (16, 16)
+    assert blocks_for(op.bound, "cpu-aten") == (64, 16)
     assert blocks_for(op.bound, "triton") == (64, 64)
     s = op.stats("cpu")
-    assert (s["block_q"], s["block_k"]) == (64, 16)
+    assert (s["block_q"], s["block_k"]) == (16, 16)
+    assert s["order_k"] == "tiles 4x4 from -2x-2" and s["order_q"] == "tiles 4x4"
+    assert s["waste"] <= 1.52
+    s = plan_for(op.bound, None, None, target="cpu-aten").stats()
     assert s["order_k"] == "tiles 4x4 from -2x-2" and s["order_q"] == "tiles 8x8"
     assert s["waste"] <= 2.3
     assert op.stats("triton")["waste"] <= 3.14
+    op = attndsl.compile("patterns/neighborhood.attn", "na3d", T=16, H=32, W=32, kernel=5)
+    s = op.stats("cpu")
+    assert s["order_q"] == "tiles 2x2x4" and s["order_k"] == "tiles 2x2x4 from 0x0x-2"
+    assert s["waste"] <= 2.31
     # exact tables over shifted key tiles (padding before the first row and column)
     small = attndsl.compile("patterns/neighborhood.attn", "na2d", H=33, W=40, kernel=5)
     for bq, bk in ((64, 16), (16, 16)):

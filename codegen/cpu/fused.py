@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from attndsl import caches
+from attndsl.codegen.cpu import native
 from attndsl.codegen.cpu.plan import CpuPlan, Group
 from attndsl.semantics.masks import bias, chunks
 
@@ -53,17 +54,18 @@ class Unit:
     empty: torch.Tensor | None  # [1 or n, bq] rows without any key (their lse is -inf)
     group: Group | None = None  # for masks built per call
     lazy: bool = False
+    part: torch.Tensor | None = None  # [slots] uint8, 1 where the mask is not 0 (None: all)
+    bits: torch.Tensor | None = None  # the mask as bits (_bits), made on first native use
 
     @property
     def n(self) -> int:
         return len(self.rows)
 
 
-def eligible(cp: CpuPlan, *, dv: int, d: int, dropout: bool, padding: bool,
-             content: bool) -> bool:
+def eligible(bp, *, dv: int, d: int, dropout: bool, padding: bool, content: bool) -> bool:
     """Whether a call can take the fused path (what the generic path alone supports:
     dropout, softcap, padding keys, content-dependent masks, v's head dim unlike q's)."""
-    return not (dropout or padding or content or dv != d or cp.bp.softcap is not None)
+    return not (dropout or padding or content or dv != d or bp.softcap is not None)
 
 
 def units(cp: CpuPlan, t: int, head: int | None, dtype: torch.dtype) -> tuple:
@@ -80,7 +82,14 @@ def _units(cp: CpuPlan, t: int, head, dtype) -> tuple:
         if not grp.runs and not cp.bp.biases:
             out += _split(grp, np.arange(len(grp.rows)), None, None)
             continue
-        out += _masked(cp, grp, t, head, dtype, budget)
+        made = _masked(cp, grp, t, head, dtype, budget)
+        if not cp.bp.biases:  # the mask is 0 outside the PARTIAL slots
+            part = torch.zeros(grp.slots, dtype=torch.uint8)
+            for s0, s1 in grp.runs:
+                part[s0:s1] = 1
+            for u in made:
+                u.part = part
+        out += made
     return tuple(out)
 
 
@@ -438,3 +447,146 @@ def backward(ctx, o, raw, do, active=None):
         _add_keys(dk, gk, p)
         _add_keys(dv, gv, p)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------ native forward
+
+NATIVE_MASK = 1 << 22  # mask elements built per native call for units whose masks are lazy
+
+
+def native_ok(cp: CpuPlan, d: int, cdt: torch.dtype) -> bool:
+    """Whether flash.c runs a forward (it computes in fp32; its block and head sizes)."""
+    return native.usable(cp.bq, cp.bk, d, cdt) and native.kernel() is not None
+
+
+def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):
+    """The forward through flash.c, reading q, k, v [B, H(kv), N, D] (fp32) where they lie:
+    (out [B, H, Nq, D], lse [B, H, Nq], -inf for rows without a key). Key blocks are packed
+    once (k transposed per block; v only when its rows are not blocks already)."""
+    B, H, Nq, D = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    kt, _ = _key_blocks(cp, k, "kt", True)
+    vb, sv = _key_blocks(cp, v, "vb", False)
+    out = torch.zeros(B, H, Nq, D, dtype=torch.float32)
+    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32)
+    qvalid = cp.qvalid.to(torch.uint8)
+    for tasks, _alive in _task_batches(cp, B, k.shape[1], H // k.shape[1], active):
+        native.forward(_fwd_args(cp, q, out, lse, kt, vb, sv, tasks, scale, k.shape[1],
+                                 qvalid))
+    return out, lse
+
+
+def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=None):
+    """dq, dk, dv (fp32, q's and k's layouts) through flash.c, from the native forward's
+    out and lse; each thread adds key gradients into its own accumulators (at most
+    ACC_BYTES of them: fewer threads beyond), summed into dk and dv at the end."""
+    B, H, Nq, D = q.shape
+    HKV, Nk = k.shape[1], k.shape[2]
+    q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
+    kt, _ = _key_blocks(cp, k, "kt", True)
+    vt, _ = _key_blocks(cp, v, "vt", True)
+    kp, sk = _key_blocks(cp, k, "kp", False)
+    G, nkb, bk = B * HKV, cp.ktok.shape[0], cp.bk
+    per = max(1, 2 * G * nkb * bk * D * 4)
+    threads = max(1, min(torch.get_num_threads(), ACC_BYTES // per))
+    acc = caches.WORKSPACE.get("acc", (threads, 2, G, nkb, bk, D), torch.float32)
+    acc.zero_()
+    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32)
+    qvalid = cp.qvalid.to(torch.uint8)
+    for tasks, _alive in _task_batches(cp, B, HKV, H // HKV, active):
+        f = _fwd_args(cp, q, out, lse, kt, kt, (0, 0, 0, 0), tasks, scale, HKV, qvalid)
+        f.threads = threads
+        native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], kp.data_ptr(),
+                                       *sk, vt.data_ptr(), dq.data_ptr(), acc.data_ptr(), G))
+    kvalid = cp.kvalid.to(torch.uint8)
+    dk, dv = (torch.zeros(B, HKV, Nk, D, dtype=torch.float32) for _ in range(2))
+    native.unpack(acc[:, 0], cp.kpos, kvalid, dk)
+    native.unpack(acc[:, 1], cp.kpos, kvalid, dv)
+    return dq, dk, dv
+
+
+ACC_BYTES = 1 << 30  # the backward's per-thread key-gradient accumulators, all threads
+
+
+def _fwd_args(cp, q, out, lse, kt, vb, sv, tasks, scale, hkv, qvalid) -> native.FwdArgs:
+    B, H, Nq, D = q.shape
+    return native.FwdArgs(
+        q.data_ptr(), out.data_ptr(), lse.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
+        Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), kt.data_ptr(), vb.data_ptr(), *sv,
+        tasks.data_ptr(), tasks.shape[0], H, hkv, H // hkv, cp.plan.nqb, cp.bq, D,
+        cp.ktok.shape[0], cp.bk, scale, 0, int(not cp.bp.biases))
+
+
+def _key_blocks(cp: CpuPlan, x, name: str, transpose: bool):
+    """x's key blocks for flash.c: (tensor, (s_b, s_h, s_blk, s_n) strides of row j of
+    block kb) -- x itself when its rows are the blocks already (row-major keys, whole
+    blocks, not transposed), else packed into the workspace buffer `name`."""
+    B, HKV, N, D = x.shape
+    nkb, bk = cp.ktok.shape
+    if not transpose and cp.plan.korder.identity and not cp.compact and nkb * bk == N:
+        return x, (x.stride(0), x.stride(1), bk * x.stride(2), x.stride(2))
+    shape = (B * HKV, nkb, D, bk) if transpose else (B * HKV, nkb, bk, D)
+    out = caches.WORKSPACE.get(name, shape, torch.float32)
+    native.pack(x, cp.kpos, out, transpose=transpose)
+    return out, (HKV * nkb * bk * D, nkb * bk * D, bk * D, D)
+
+
+def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
+    """(tasks [T, 8] int64, the tensors their addresses point into) for flash.c: one batch
+    for every unit whose masks are kept, one per NATIVE_MASK elements of lazy masks."""
+    done: list = []
+    alive: list = []
+    for t, (g0, gs, gc), hsl, head in cp.passes(B, HKV, R):
+        heads = list(range(R)) if hsl.start is None else [hsl.start]
+        if gc == 0 or not heads:
+            continue
+        gl = torch.arange(g0, g0 + gs * gc, gs)[:gc]
+        mh = _mask_head(cp, head)
+        for u in units(cp, t, mh, torch.float32):
+            if not u.lazy:
+                if u.mask is not None and u.bits is None and not cp.bp.biases:
+                    u.bits = _bits(u.mask)
+                alive.append(u)
+                m = u.mask if u.bits is None else u.bits
+                done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads, active))
+                continue
+            w = u.kidx.shape[1] * cp.bk
+            step = max(1, NATIVE_MASK // (cp.bq * w))
+            for i0 in range(0, u.n, step):
+                i1 = min(u.n, i0 + step)
+                m = row_masks(cp, u.group, t, mh, i0, i1, torch.float32).unsqueeze(1)
+                m = m if cp.bp.biases else _bits(m)
+                yield _unit_tasks(cp, u, m, i0, i1, gl, heads, active), (u, m)
+    if done:
+        yield torch.cat(done), alive
+
+
+def _bits(mask: torch.Tensor) -> torch.Tensor:
+    """Additive 0 / -inf masks [..., w] -> one bit an entry, 1 where attended: [..., w / 8]
+    uint8 (entry j: bit j % 8 of byte j // 8), 32 times fewer bytes for flash.c to read."""
+    return torch.from_numpy(np.packbits((mask == 0).numpy(), axis=-1, bitorder="little"))
+
+
+def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads, active) -> torch.Tensor:
+    """flash.c's tasks for rows i0:i1 of a unit (mask: theirs, [1 or i1 - i0, 1, bq, w]
+    floats, or their bits), for (batch, kv head) pairs gl and query heads `heads`."""
+    n, slots = i1 - i0, u.kidx.shape[1]
+    w = slots * cp.bk
+    cols = torch.empty(n, 8, dtype=torch.int64)
+    cols[:, 1] = u.rows[i0:i1]
+    cols[:, 3] = u.kidx.data_ptr() + torch.arange(i0, i1) * (slots * 8)
+    cols[:, 4] = slots
+    if mask is None:
+        cols[:, 5] = 0
+    else:
+        per = 0 if mask.shape[0] == 1 else mask[0].numel() * mask.element_size()
+        cols[:, 5] = mask.data_ptr() + torch.arange(n) * per
+    cols[:, 6] = w
+    cols[:, 7] = 0 if u.part is None else u.part.data_ptr()
+    out = cols.view(1, 1, n, 8).repeat(len(gl), len(heads), 1, 1)
+    out[..., 0] = gl.view(-1, 1, 1)
+    out[..., 2] = torch.tensor(heads).view(1, -1, 1)
+    out = out.view(-1, 8)
+    if active is not None:
+        out = out[active[out[:, 0], out[:, 2], out[:, 1]]]
+    return out

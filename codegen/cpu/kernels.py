@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attndsl.codegen.cpu import fused
+from attndsl.codegen.cpu import fused, native
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.emit import dynamic_config
 from attndsl.codegen.plan.dynamic import selected_plan
@@ -81,7 +81,7 @@ class Cpu:
         if bq is None and call.partial and call.rows[1] <= 16:
             bq = 16  # decoding: a block of a few rows, not 64 rows of which one is real
         plan = call.plan or plan_for(bp, bq, call.block_k, mask_run, rows=call.rows,
-                                     target="cpu")
+                                     target=_target(call, cdt))
         cp = cpu_plan(plan)
         content = None
         if bp.content_dependent:  # the PARTIAL blocks' masks read q and k: per call
@@ -97,6 +97,19 @@ class Cpu:
         out, lse = _Attention.apply(call.q, call.k, call.v, cp, call.scale, cdt, content,
                                     call.need_lse, extra)
         return out, (lse if call.need_lse else None)
+
+
+def _target(call, cdt) -> str:
+    """The planner a call's blocks come from: "cpu" when flash.c runs it (forward and,
+    without a gradient of the lse, backward), else "cpu-aten" (tables.BLOCK_CHOICES)."""
+    d = call.q.shape[-1]
+    native_fwd = (cdt == torch.float32 and d % 16 == 0 and call.softcap is None
+                  and fused.eligible(call.bp, dv=call.v.shape[-1], d=d,
+                                     dropout=bool(call.dropout_p),
+                                     padding=call.key_valid is not None,
+                                     content=call.bp.content_dependent)
+                  and native.kernel() is not None)
+    return "cpu" if native_fwd else "cpu-aten"
 
 
 @dataclass(frozen=True)
@@ -196,7 +209,6 @@ class _Ctx:
     R: int
     scale: float
     cdt: torch.dtype
-    head_mode: bool
     scratch: _Scratch = None
     content: object = None  # RunInputs with (q, k) for content-dependent masks, one per call
     need_lse: bool = False  # every row's log-sum-exp (summary tokens merge through it)
@@ -206,14 +218,7 @@ class _Ctx:
     softcap: float | None = None  # the call's cap * tanh(s / cap), or None
 
     def passes(self) -> list:
-        """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
-        head or None): one pass, or one per query head (per-head tables or biases)."""
-        G, R = self.qs.shape[0], self.R
-        if not self.head_mode:
-            return [(0, (0, 1, G), slice(None), None)]
-        per_head = len(self.cp.plan.tables) > 1
-        return [((h if per_head else 0), (h // R, self.HKV, self.B), slice(h % R, h % R + 1),
-                 h) for h in range(self.HKV * R)]
+        return self.cp.passes(self.B, self.HKV, self.R)
 
     def items(self):
         """Every work item of the call, pass by pass, group by group."""
@@ -598,44 +603,57 @@ def _backward(ctx: _Ctx, o, lse, do, dlse=None):
     return dq, dk, dv
 
 
+def _block_ctx(cp: CpuPlan, q, k, v, scale, cdt, content, need_lse, extra: _Extra) -> _Ctx:
+    """q, k, v in the plan's block layout, and the call's per-call facts."""
+    B, H, _, _ = q.shape
+    HKV = k.shape[1]
+    plan = cp.plan
+    qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
+    kid = plan.korder.identity and not cp.compact
+    kb = _to_blocks(k, cp.kpos, kid, HKV, cdt).squeeze(2)
+    vb = _to_blocks(v, cp.kpos, kid, HKV, cdt).squeeze(2)
+    crun = None if content is None else cp.run.with_content(content)
+    kvalid = None
+    if extra.key_valid is not None:  # into the plan's key order and blocks
+        kvalid = extra.key_valid[:, cp.kpos.reshape(-1)].view(B, *cp.ktok.shape)
+        kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
+    return _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, _Scratch(cdt), crun, need_lse,
+                kvalid, extra.seed, extra.p, extra.softcap)
+
+
 class _Attention(torch.autograd.Function):
     """q, k, v [B, H, N, D] -> out [B, H, Nq, Dv] in the compute dtype."""
 
     @staticmethod
     def forward(fctx, q, k, v, cp: CpuPlan, scale: float, cdt, content, need_lse,
                 extra: _Extra):
-        B, H, _, _ = q.shape
+        B, H, Nq, D = q.shape
         HKV = k.shape[1]
-        plan = cp.plan
-        qs = _to_blocks(q, cp.qpos, plan.qorder.identity, HKV, cdt)
-        kid = plan.korder.identity and not cp.compact
-        kb = _to_blocks(k, cp.kpos, kid, HKV, cdt).squeeze(2)
-        vb = _to_blocks(v, cp.kpos, kid, HKV, cdt).squeeze(2)
-        # one pass per query head: per-head tables, or a bias that may read h
-        head_mode = len(plan.tables) > 1 or any(
-            hr is not None or owner.heads is not None
-            for owner, sc, hr in cp.bp.scores if sc.kind == "bias")
-        crun = None if content is None else cp.run.with_content(content)
-        kvalid = None
-        if extra.key_valid is not None:  # into the plan's key order and blocks
-            kvalid = extra.key_valid[:, cp.kpos.reshape(-1)].view(B, *cp.ktok.shape)
-            kvalid = kvalid & cp.kvalid.view(1, *cp.ktok.shape)
-        ctx = _Ctx(cp, qs, kb, vb, B, HKV, H // HKV, scale, cdt, head_mode,
-                   _Scratch(cdt), crun, need_lse, kvalid, extra.seed, extra.p, extra.softcap)
-        raw = None
-        if extra.softcap is None and fused.eligible(
-                cp, dv=v.shape[-1], d=q.shape[-1], dropout=extra.seed is not None,
-                padding=kvalid is not None, content=crun is not None):
-            active = None if extra.gates is None else fused.active_blocks(cp, extra.gates, HKV)
-            o, raw, lse = fused.forward(ctx, active)
-        else:
-            active = None
-            o, lse = _forward(ctx)
         fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
-        fctx.state = (ctx, o, lse, raw, active, q.dtype, q.shape, k.shape)
-        out = _from_blocks(o, cp.qinv, q.shape[2], B, HKV, cdt)
+        fctx.args = (cp, scale, cdt, content, need_lse, extra)
+        fast = extra.softcap is None and fused.eligible(
+            cp.bp, dv=v.shape[-1], d=D, dropout=extra.seed is not None,
+            padding=extra.key_valid is not None, content=content is not None)
+        active = None
+        if fast and extra.gates is not None:
+            active = fused.active_blocks(cp, extra.gates, HKV)
+        if fast and fused.native_ok(cp, D, cdt):
+            out, lse = fused.native_attention(cp, q.to(cdt), k.to(cdt), v.to(cdt), scale,
+                                              active)
+            fctx.state = (None, out, lse, None, active)
+        else:
+            ctx = _block_ctx(cp, q, k, v, scale, cdt, content, need_lse, extra)
+            raw = None
+            if fast:
+                o, raw, lse = fused.forward(ctx, active)
+            else:
+                active = None
+                o, lse = _forward(ctx)
+            fctx.state = (ctx, o, lse, raw, active)
+            out = _from_blocks(o, cp.qinv, Nq, B, HKV, cdt)
+            lse = _from_blocks(lse, cp.qinv, Nq, B, HKV, cdt).squeeze(-1) if need_lse else None
         if need_lse:
-            lse_out = _from_blocks(lse, cp.qinv, q.shape[2], B, HKV, cdt).squeeze(-1)
+            lse_out = lse.to(cdt)
         else:
             lse_out = torch.empty(0, dtype=cdt)
             fctx.mark_non_differentiable(lse_out)
@@ -644,10 +662,22 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
-        fctx.saved_tensors  # noqa: B018 (raises if q, k or v changed in place)
-        ctx, o, lse, raw, active, dtype, qshape, kshape = fctx.state
-        cp = ctx.cp
+        q, k, v = fctx.saved_tensors  # (raises if q, k or v changed in place)
+        ctx, o, lse, raw, active = fctx.state
+        cp, scale, cdt, content, need_lse, extra = fctx.args
         plan = cp.plan
+        no_dl = not (need_lse and dlse is not None and dlse.numel())
+        if ctx is None and no_dl:  # the native forward, and its backward
+            dq, dk, dv = fused.native_backward(cp, q.to(cdt), k.to(cdt), v.to(cdt), o, lse,
+                                               dout.to(cdt), scale, active)
+            return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None,
+                    None, None, None)
+        if ctx is None:  # the native forward: its output and lse into block layout
+            ctx = _block_ctx(cp, q, k, v, scale, cdt, content, need_lse, extra)
+            o = _to_blocks(o, cp.qpos, plan.qorder.identity, ctx.HKV, cdt)
+            lse = _to_blocks(lse.unsqueeze(-1), cp.qpos, plan.qorder.identity, ctx.HKV, cdt)
+            raw = lse.masked_fill(torch.isneginf(lse), 0.0)
+        dtype, qshape, kshape = q.dtype, q.shape, k.shape
         B, _, Nq, _ = qshape
         do = _to_blocks(dout, cp.qpos, plan.qorder.identity, ctx.HKV, ctx.cdt)
         dl = None

@@ -74,6 +74,22 @@ class CpuPlan:
     def bk(self) -> int:
         return self.plan.block_k
 
+    @property
+    def head_mode(self) -> bool:
+        """One pass per query head: per-head tables, or a bias that may read h."""
+        return len(self.plan.tables) > 1 or any(
+            hr is not None or owner.heads is not None
+            for owner, sc, hr in self.bp.scores if sc.kind == "bias")
+
+    def passes(self, B: int, HKV: int, R: int) -> list:
+        """(table, (first, stride, count) of the (batch, kv head) pairs, query-head slice,
+        head or None): one pass, or one per query head (head_mode)."""
+        if not self.head_mode:
+            return [(0, (0, 1, B * HKV), slice(None), None)]
+        per_head = len(self.plan.tables) > 1
+        return [((h if per_head else 0), (h // R, HKV, B), slice(h % R, h % R + 1), h)
+                for h in range(HKV * R)]
+
     def run_mask(self, grp: Group, t: int, run: int, i0: int, i1: int) -> torch.Tensor:
         """~mask of rows i0:i1 of a group over one run of its slots: [n, 1, bq, w]."""
         m = grp.masks[run] if run < len(grp.masks) else None

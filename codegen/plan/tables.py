@@ -527,27 +527,35 @@ def default_blocks(bp: BoundPattern) -> tuple[int, int]:
 
 # Per target, the block sizes its planner may choose on 2D / 3D spaces and the relative
 # speed of each per computed element (query block, key block): a smaller block computes
-# fewer needless elements around a window but costs more per element (more key gathers,
-# shorter matrix products). CPU: the fused path's forward + backward on na2d / na3d with
-# 16-token key blocks ran at about 0.85x the per-element rate of 64-token ones, and
-# 16- or 32-query blocks, gather-bound, at 0.36x and 0.62x (ATen's flash kernel on
-# gathered keys, 4 heads, D = 64, a 2-core AVX2 EPYC), so those never pay. Triton keeps
-# 64 x 64 until a GPU measures it.
+# fewer needless elements around a window but may cost more per element. Targets: "cpu",
+# the native kernels (codegen/cpu/flash.c: key blocks read in place, no gathers), and
+# "cpu-aten", ATen's flash kernel on gathered keys, for calls the native kernels do not
+# take (codegen/cpu/kernels._target). Fitted on a 2-core AVX2 EPYC, 4 heads, D = 64:
+# native forwards on na2d k13 / na3d k5 ran 64x16 and 16x16 blocks at about 0.95x and 0.85x
+# the per-element rate of 64x64 (16x16 then computes 1.51 / 2.30 elements per needed one,
+# against 3.13 / 4.10; forward + backward: 16x16 the fastest too, 221 / 248 ms against 271
+# / 401 at 64x16); ATen's forward + backward ran 64x16 at 0.85x and 16- or 32-query
+# blocks, gather-bound, at 0.36x and 0.62x, so those never pay there. Triton keeps 64 x 64
+# until a GPU measures it.
 BLOCK_CHOICES = {
-    "cpu": (((64, 64), 1.0), ((64, 16), 0.85)),
+    "cpu": (((64, 64), 1.0), ((64, 16), 0.95), ((16, 16), 0.85)),
+    "cpu-aten": (((64, 64), 1.0), ((64, 16), 0.85)),
 }
 # On sequences (1D): square blocks, the relative speed of each per computed element, and
-# what one gathered key costs in computed elements. ATen's CPU flash kernel slices a call's
-# queries 32 at a time below 192 of them and 64 at a time from there, so 256-query blocks
-# ran 1.10x the per-element rate of 64-query ones (128: 1.02x; sliding_window, strided
-# views, no gathers), while a query block whose key blocks are not one consecutive run has
-# them copied (its k and v rows, once per query block): 19.5 elements' time per key, fitted
-# to power_attention at N = 16K, whose forward ran 352 / 319 / 289 ms at 64 / 128 / 256
-# (one thread, 2 heads, D = 64, a 2-core AVX2 EPYC; the model gives 1 : 0.88 : 0.79)
+# what one gathered key costs in computed elements. Native forward: 32- to 256-query blocks
+# within 3% per element (sliding_window, power_attention at N = 16K), no gathers. ATen's
+# CPU flash kernel slices a call's queries 32 at a time below 192 of them and 64 at a time
+# from there, so 256-query blocks ran 1.10x the per-element rate of 64-query ones (128:
+# 1.02x; sliding_window, strided views, no gathers), while a query block whose key blocks
+# are not one consecutive run has them copied (its k and v rows, once per query block):
+# 19.5 elements' time per key, fitted to power_attention at N = 16K, whose forward ran 352
+# / 319 / 289 ms at 64 / 128 / 256 (one thread, 2 heads, D = 64; the model gives 1 : 0.88
+# : 0.79)
 LINE_BLOCK_CHOICES = {
-    "cpu": (((64, 64), 1.0), ((128, 128), 1.02), ((256, 256), 1.10)),
+    "cpu": (((64, 64), 1.0), ((128, 128), 1.02), ((256, 256), 1.03)),
+    "cpu-aten": (((64, 64), 1.0), ((128, 128), 1.02), ((256, 256), 1.10)),
 }
-GATHER_COST = {"cpu": 19.5}
+GATHER_COST = {"cpu": 0.0, "cpu-aten": 19.5}
 
 
 def blocks_for(bp: BoundPattern, target: str | None, run: RunInputs = NONE
@@ -621,12 +629,12 @@ def plan_for(bp: BoundPattern, block_q: int | None, block_k: int | None,
     `target`'s planner chooses them (blocks_for)."""
     if bp.route is not None:
         run = run.without(bp.route[0])
+    if rows is not None and tuple(rows) == (0, bp.nq):
+        rows = None  # every query: a whole call plans as one (and takes the chosen blocks)
     if block_q is None and block_k is None and order == "auto" and rows is None:
         block_q, block_k = blocks_for(bp, target, run)
     dq, dk = default_blocks(bp)
     bq, bk = block_q or dq, block_k or dk
-    if rows is not None and tuple(rows) == (0, bp.nq):
-        rows = None
     key = (bp, bq, bk, order, rows, run.fingerprint)
     return caches.PLANS.get_or_create(key, lambda: build_plan(bp, bq, bk, run, order, rows))
 
@@ -774,7 +782,9 @@ def _cost(bp, qo: TokenOrder, ko: TokenOrder, bq: int, bk: int, run, samples: in
 def _query_orders(bp, bq, bk, run) -> list:
     """(query order, key order, cost) per candidate, cheapest first: keys in the
     candidate's own tiles, or, for smaller key blocks, in roughly cubic tiles of that size
-    (a cheap stand-in for the key order chosen after), from 0 or from half a tile early."""
+    (a cheap stand-in for the key order chosen after), from 0 or from half a tile early;
+    for those within 1.25x of the best, early on any subset of the axes too (a window's
+    edges may meet a tile's edges on some axes only: na3d kernel 5 in 2x2x4 tiles)."""
     out = []
     for i, o in enumerate(_candidates(bp, bq)):
         keys = [o]
@@ -787,6 +797,17 @@ def _query_orders(bp, bq, bk, run) -> list:
             keys.append(_shifted(keys[0], range(len(o.tile))))
         out.append(min(((_cost(bp, o, ko, bq, ko.tile_block, run), i, j, o, ko)
                         for j, ko in enumerate(keys)), key=lambda x: x[:3]))
+    best = min(x[0] for x in out)
+    for n, (c, i, j, o, ko) in enumerate(out):  # the close ones: shifts on fewer axes too
+        axes = [a for a, t in enumerate(ko.tile) if t > 1]
+        if len(axes) < 2 or c > 1.25 * best or len(ko.tile) != len(ko.shape):
+            continue
+        for r in range(1, len(axes)):
+            for sub in itertools.combinations(axes, r):
+                k2 = _shifted(ko, sub)
+                c2 = _cost(bp, o, k2, bq, k2.tile_block, run)
+                if c2 < out[n][0]:
+                    out[n] = (c2, i, j, o, k2)
     out.sort(key=lambda x: x[:3])
     return [(o, ko, c) for c, _, _, o, ko in out]
 

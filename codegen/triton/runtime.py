@@ -16,7 +16,6 @@ import linecache
 import math
 import os
 import re
-import stat
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from attndsl import caches
+from attndsl.caches import cache_dir
 from attndsl.codegen.cpu.kernels import CPU_LIMIT, TOKEN_LIMIT, cpu_elements
 from attndsl.codegen.emit import dynamic_config, input_layout
 from attndsl.codegen.plan.dynamic import pair_matrix, selection
@@ -40,34 +40,6 @@ from attndsl.semantics.inputs import RunInputs
 LN2 = math.log(2.0)
 GRID_Y_LIMIT = 65535  # CUDA's limit on a grid's second dimension: batch x heads
 _IMPORT_LOCK = threading.Lock()
-
-
-def cache_dir() -> str:
-    """The kernel cache: $ATTNDSL_CACHE, or ~/.cache/attndsl. attndsl imports Python from
-    it, so it is created readable and writable by its owner only, and a directory that
-    belongs to another user or that others may write to is refused."""
-    d = os.environ.get("ATTNDSL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attndsl")
-    try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        st = os.stat(d)
-    except OSError as e:
-        raise UnsupportedError(f"cannot create the kernel cache directory '{d}': "
-                               f"{e.strerror or e}; set ATTNDSL_CACHE to another "
-                               "directory") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsupportedError(f"the kernel cache '{d}' is not a directory; set "
-                               "ATTNDSL_CACHE to another directory")
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise UnsupportedError(f"the kernel cache directory '{d}' belongs to another user; "
-                               "attndsl imports Python from it: set ATTNDSL_CACHE to a "
-                               "directory of your own")
-    if st.st_mode & 0o022:
-        raise UnsupportedError(f"the kernel cache directory '{d}' can be written by other "
-                               f"users (mode {stat.S_IMODE(st.st_mode):o}); attndsl imports "
-                               "Python from it: make it writable by its owner only (chmod "
-                               "go-w) or set ATTNDSL_CACHE to another directory")
-    return d
 
 
 def _forget(path, module) -> None:

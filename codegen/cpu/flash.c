@@ -1,0 +1,543 @@
+/* backend="cpu": the block-sparse forward and backward, in AVX2 + FMA (fp32).
+
+   Compiled on first use by native.py with the machine's C compiler; without a compiler or
+   AVX2 the backend keeps ATen's kernel (fused.py). One call runs a whole task list: a task
+   is one (batch-and-kv-head pair g, query block qb, query head r) with its key blocks, read
+   in place through their indices (no gather). Per sub-tile of at most QT query rows it
+   streams the key blocks in chunks of at most KC keys: S = (q scale) K^T in a 6 x 16
+   register tile, + the additive mask, an online softmax (running max and sum per row), and
+   O = O alpha + P V in a 6 x 16 register tile, so scores never leave the L1/L2 caches.
+   The backward (bwd_item) recomputes P from the forward's lse over the same tasks.
+
+   Layouts (fp32): q [B, H, Nq, D] and the output o, lse [B, H, Nq(, D)] in the caller's
+   token order, the rows of query block qb at qpos[qb bq ..] (written where qvalid; rows
+   without a key get o = 0 and lse = -inf); kt [G, nkb, D, bk] (G = B HKV pairs; k transposed
+   per block, packed by attndsl_pack); v's row j of key block kb of pair g at v + b sv_b +
+   hk sv_h + kb sv_blk + j sv_n (b = g / HKV, hk = g % HKV: packed blocks or v in place).
+   tasks [T, 8] int64: g, qb, r (query head hk R + r), the address of the key-block ids,
+   their number (slots), the address of the mask (0: none; [bq, slots bk] at row stride
+   mw: additive floats, or with `bits` one bit an entry, 1 where attended), mw, and the
+   address of one byte per slot, 1 where the mask applies (0: every slot). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QT 64   /* query rows per sub-tile */
+#define KC 256  /* keys per softmax chunk (at least one block: bk <= KC) */
+#define TASK 8  /* int64s per task */
+
+typedef struct {
+    const float *q;
+    float *o, *lse;
+    int64_t sq_b, sq_h, sq_n, nq;
+    const int64_t *qpos;
+    const uint8_t *qvalid;
+    const float *kt, *v;
+    int64_t sv_b, sv_h, sv_blk, sv_n;
+    const int64_t *tasks;
+    int64_t ntasks, H, HKV, R, nqb, bq, D, nkb, bk;
+    float scale;
+    int threads;
+    int bits;  /* the masks are bits (1: attended), not additive floats */
+} fwd_args;
+
+typedef struct {
+    const float *x;  /* [B, HKV, N, D] at strides sx_* (D contiguous) */
+    int64_t sx_b, sx_h, sx_n;
+    const int64_t *pos;  /* [nkb bk]: the row of x at each block position */
+    float *out;  /* [G, nkb, D, bk] (transpose) or [G, nkb, bk, D] */
+    int64_t G, HKV, nkb, bk, D;
+    int transpose, threads;
+} pack_args;
+
+/* Runs fn(arg, i, scratch, thread) for i < n on `threads` threads (the caller's included,
+   thread 0), each taking the next i as it finishes one. */
+typedef void (*item_fn)(const void *, int64_t, void *, int);
+typedef struct {
+    item_fn fn;
+    const void *arg;
+    int64_t n, next;
+    size_t scratch;
+    int ids;
+} pool_t;
+
+static void *pool_worker(void *p) {
+    pool_t *P = (pool_t *)p;
+    const int id = __atomic_fetch_add(&P->ids, 1, __ATOMIC_RELAXED);
+    void *w = P->scratch ? aligned_alloc(64, (P->scratch + 63) / 64 * 64) : NULL;
+    if (P->scratch && !w) return NULL;  /* the other threads take the work */
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&P->next, 1, __ATOMIC_RELAXED);
+        if (i >= P->n) break;
+        P->fn(P->arg, i, w, id);
+    }
+    free(w);
+    return NULL;
+}
+
+static void parallel(int threads, int64_t n, size_t scratch, item_fn fn, const void *arg) {
+    pool_t P = {fn, arg, n, 0, scratch, 0};
+    if (threads > 64) threads = 64;
+    if (threads > n) threads = (int)(n > 0 ? n : 1);
+    pthread_t th[64];
+    int started = 0;
+    for (int i = 1; i < threads; i++)
+        if (pthread_create(&th[started], NULL, pool_worker, &P) == 0) started++;
+    pool_worker(&P);
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+}
+
+/* e^x for x <= 0 (scores minus their row max); exactly 0 below -87 and at -inf. */
+static inline __m256 exp_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                   _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(dead, p);
+}
+
+static inline float hmax(__m256 x) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+    return _mm_cvtss_f32(a);
+}
+
+static inline float hsum(__m256 x) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+    return _mm_cvtss_f32(a);
+}
+
+/* c[i] += a[i sa] (b0, b1), rows i < M <= 6: one step of both register tiles. */
+static inline __attribute__((always_inline)) void fma_rows(
+        int M, const float *a, int64_t sa, __m256 b0, __m256 b1, __m256 c[6][2]) {
+    for (int i = 0; i < 6; i++) {
+        if (i < M) {
+            const __m256 x = _mm256_broadcast_ss(a + i * sa);
+            c[i][0] = _mm256_fmadd_ps(x, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(x, b1, c[i][1]);
+        }
+    }
+}
+
+/* s[i, 0:16] (row stride ss) = sum_d a[i, d] b[d, 0:16] (row stride sb), masked by mk
+   (NULL: none): with bits, -inf where bit j of the 16 at mk + i sm is 0; else + the floats
+   mk[i sm + 0:16]. Rows i < M <= 6; vm[i] (8 lanes) takes their running max. */
+static inline __attribute__((always_inline)) void tile_qk(
+        int M, const float *a, int64_t D, const float *b, int64_t sb, const void *mk,
+        int64_t sm, int bits, float *s, int64_t ss, float *vm) {
+    __m256 c[6][2];
+    for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        fma_rows(M, a + d, D, _mm256_loadu_ps(b + d * sb), _mm256_loadu_ps(b + d * sb + 8), c);
+    }
+    for (int i = 0; i < 6; i++) {
+        if (i < M) {
+            if (mk && bits) {
+                const __m256i lo = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+                const __m256i hi = _mm256_slli_epi32(lo, 8);
+                const __m256 ninf = _mm256_set1_ps(-INFINITY);
+                uint16_t w16;
+                memcpy(&w16, (const uint8_t *)mk + i * sm, 2);
+                const __m256i x = _mm256_set1_epi32(w16);
+                __m256 on0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(x, lo), lo));
+                __m256 on1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(x, hi), hi));
+                c[i][0] = _mm256_blendv_ps(ninf, c[i][0], on0);
+                c[i][1] = _mm256_blendv_ps(ninf, c[i][1], on1);
+            } else if (mk) {
+                const float *f = (const float *)mk + i * sm;
+                c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(f));
+                c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(f + 8));
+            }
+            _mm256_storeu_ps(s + i * ss, c[i][0]);
+            _mm256_storeu_ps(s + i * ss + 8, c[i][1]);
+            __m256 m = _mm256_max_ps(_mm256_load_ps(vm + 8 * i),
+                                     _mm256_max_ps(c[i][0], c[i][1]));
+            _mm256_store_ps(vm + 8 * i, m);
+        }
+    }
+}
+
+/* o[i, 0:16] (row stride D) = o[i, 0:16] al[i] + sum_j p[i, j] v[j, 0:16], j < w, rows i < M;
+   v holds the chunk's key blocks at vb[slot] (bk rows each, at row stride sv). */
+static inline __attribute__((always_inline)) void tile_pv(
+        int M, const float *p, int64_t sp, const float *const *vb, int64_t sv, int64_t nsl,
+        int64_t bk, int64_t D, int64_t c0, const float *al, float *o) {
+    __m256 c[6][2];
+    for (int i = 0; i < 6; i++) {
+        if (i < M) {
+            __m256 a = _mm256_broadcast_ss(al + i);
+            c[i][0] = _mm256_mul_ps(a, _mm256_loadu_ps(o + i * D + c0));
+            c[i][1] = _mm256_mul_ps(a, _mm256_loadu_ps(o + i * D + c0 + 8));
+        }
+    }
+    for (int64_t s = 0; s < nsl; s++) {
+        const float *v = vb[s] + c0, *pp = p + s * bk;
+        for (int64_t j = 0; j < bk; j++) {
+            fma_rows(M, pp + j, sp, _mm256_loadu_ps(v + j * sv), _mm256_loadu_ps(v + j * sv + 8),
+                     c);
+        }
+    }
+    for (int i = 0; i < 6; i++) {
+        if (i < M) {
+            _mm256_storeu_ps(o + i * D + c0, c[i][0]);
+            _mm256_storeu_ps(o + i * D + c0 + 8, c[i][1]);
+        }
+    }
+}
+
+#define DISPATCH(M, CALL)                 \
+    switch (M) {                          \
+        case 6: { const int m_ = 6; CALL; } break; \
+        case 5: { const int m_ = 5; CALL; } break; \
+        case 4: { const int m_ = 4; CALL; } break; \
+        case 3: { const int m_ = 3; CALL; } break; \
+        case 2: { const int m_ = 2; CALL; } break; \
+        default: { const int m_ = 1; CALL; } break; \
+    }
+
+typedef struct {
+    float *qs, *s, *o, *m, *l, *al, *vm;
+    const float **vb;
+} scratch_t;
+
+/* The mask of a task's slot at row r0 (NULL: the slot needs none), and of its row i, key
+   j within the slot (bits: one byte holds 8 keys; bk and j are multiples of 16). */
+static inline const void *slot_mask(const fwd_args *J, const int64_t *t, int64_t r0,
+                                    int64_t slot) {
+    const void *mask = (const void *)(intptr_t)t[5];
+    const uint8_t *part = (const uint8_t *)(intptr_t)t[7];
+    if (!mask || (part && !part[slot])) return NULL;
+    const int64_t at = r0 * t[6] + slot * J->bk;
+    return J->bits ? (const void *)((const uint8_t *)mask + at / 8)
+                   : (const void *)((const float *)mask + at);
+}
+
+static inline const void *key_mask(const fwd_args *J, const void *mk, int64_t mw, int64_t i,
+                                   int64_t j) {
+    if (!mk) return NULL;
+    return J->bits ? (const void *)((const uint8_t *)mk + (i * mw + j) / 8)
+                   : (const void *)((const float *)mk + i * mw + j);
+}
+
+/* One task's rows r0 .. r0 + nr - 1 (nr <= QT) against all its key blocks. */
+static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr,
+                     scratch_t *W) {
+    const int64_t D = J->D, bk = J->bk, bq = J->bq;
+    const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
+    const int64_t *kid = (const int64_t *)(intptr_t)t[3];
+    const int64_t mw = t[6];
+    const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
+    const int64_t *qpos = J->qpos + qb * bq + r0;
+    const float *q = J->q + b * J->sq_b + h * J->sq_h;
+    const float *vg = J->v + b * J->sv_b + hk * J->sv_h;
+    const __m256 sc = _mm256_set1_ps(J->scale);
+    for (int64_t i = 0; i < nr; i++) {
+        const float *qi = q + qpos[i] * J->sq_n;
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(W->qs + i * D + c, _mm256_mul_ps(sc, _mm256_loadu_ps(qi + c)));
+    }
+    memset(W->o, 0, sizeof(float) * nr * D);
+    for (int64_t i = 0; i < nr; i++) { W->m[i] = -INFINITY; W->l[i] = 0.0f; }
+    const int64_t per = KC / bk;  /* key blocks per chunk */
+    for (int64_t s0 = 0; s0 < slots; s0 += per) {
+        const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
+        const __m256 ninf = _mm256_set1_ps(-INFINITY);
+        for (int64_t i = 0; i < nr; i++) _mm256_store_ps(W->vm + 8 * i, ninf);
+        for (int64_t s = 0; s < nsl; s++) {
+            const int64_t kb = kid[s0 + s];
+            const float *kt = J->kt + (g * J->nkb + kb) * D * bk;
+            const void *mk = slot_mask(J, t, r0, s0 + s);
+            W->vb[s] = vg + kb * J->sv_blk;
+            for (int64_t i = 0; i < nr; i += 6) {
+                const int64_t M = nr - i < 6 ? nr - i : 6;
+                for (int64_t j = 0; j < bk; j += 16) {
+                    const void *mij = key_mask(J, mk, mw, i, j);
+                    DISPATCH(M, tile_qk(m_, W->qs + i * D, D, kt + j, bk, mij,
+                                        J->bits ? mw / 8 : mw, J->bits, W->s + i * KC + s * bk + j,
+                                        KC, W->vm + 8 * i))
+                }
+            }
+        }
+        for (int64_t i = 0; i < nr; i++) {
+            float *si = W->s + i * KC;
+            float mnew = hmax(_mm256_load_ps(W->vm + 8 * i)), mold = W->m[i];
+            if (mold > mnew) mnew = mold;
+            if (mnew == -INFINITY) {  /* no key yet: P = 0, nothing to rescale */
+                memset(si, 0, sizeof(float) * w);
+                W->al[i] = 1.0f;
+                continue;
+            }
+            const __m256 mb = _mm256_set1_ps(mnew);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < w; j += 8) {
+                __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(si + j), mb));
+                _mm256_storeu_ps(si + j, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            float alpha = mold == -INFINITY ? 0.0f : expf(mold - mnew);
+            W->al[i] = alpha;
+            W->l[i] = W->l[i] * alpha + hsum(acc);
+            W->m[i] = mnew;
+        }
+        for (int64_t i = 0; i < nr; i += 6) {
+            const int64_t M = nr - i < 6 ? nr - i : 6;
+            for (int64_t c = 0; c < D; c += 16) {
+                DISPATCH(M, tile_pv(m_, W->s + i * KC, KC, W->vb, J->sv_n, nsl, bk, D, c,
+                                    W->al + i, W->o + i * D))
+            }
+        }
+    }
+    const int64_t base = (b * J->H + h) * J->nq;
+    const uint8_t *valid = J->qvalid + qb * bq + r0;
+    for (int64_t i = 0; i < nr; i++) {
+        if (!valid[i]) continue;  /* a padding position of the last block */
+        const float l = W->l[i];
+        const __m256 inv = _mm256_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
+        float *o = J->o + (base + qpos[i]) * D;
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(inv, _mm256_loadu_ps(W->o + i * D + c)));
+        J->lse[base + qpos[i]] = l > 0.0f ? W->m[i] + logf(l) : -INFINITY;
+    }
+}
+
+static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
+    (void)tid;
+    const fwd_args *J = (const fwd_args *)arg;
+    const int64_t D = J->D, sub = (J->bq + QT - 1) / QT;
+    float *buf = (float *)mem;
+    const float *vb[KC / 16];
+    scratch_t W = {buf, buf + QT * D + QT * D, buf + QT * D, NULL, NULL, NULL, NULL, vb};
+    W.m = W.s + QT * KC;
+    W.l = W.m + QT;
+    W.al = W.l + QT;
+    W.vm = W.al + QT;  /* 8 lanes a row */
+    const int64_t ti = k / sub, r0 = (k % sub) * QT;
+    const int64_t nr = J->bq - r0 < QT ? J->bq - r0 : QT;
+    run_rows(J, J->tasks + ti * TASK, r0, nr, &W);
+}
+
+/* Runs every task (each cut into sub-tiles of QT query rows). Requires D % 16 == 0,
+   bk % 16 == 0, bk <= KC; returns 1 when it rejects its arguments, else 0. */
+int attndsl_flash_fwd(const fwd_args *J) {
+    if (J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1) return 1;
+    const size_t bytes = sizeof(float) * (QT * J->D * 2 + QT * KC + 11 * QT);
+    parallel(J->threads, J->ntasks * ((J->bq + QT - 1) / QT), bytes, fwd_item, J);
+    return 0;
+}
+
+/* The backward of a forward's tasks: per task sub-tile, the probabilities recomputed from
+   the forward's lse, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) with delta =
+   rowsum(dO O); dQ = scale dS K written to the task's rows, and dK += dS^T (q scale),
+   dV += P^T dO added into this thread's own accumulators (acc[thread] = [2, G, nkb, bk, D]:
+   dk, dv), which attndsl_unpack sums afterwards, so tasks never race. */
+typedef struct {
+    fwd_args f;  /* q, o (the forward's output), lse, tasks ... as the forward had them */
+    const float *dout;  /* [B, H, Nq, D] at strides sd_* */
+    int64_t sd_b, sd_h, sd_n;
+    const float *kp;  /* k's row j of block kb of pair g, as v's in fwd_args */
+    int64_t sk_b, sk_h, sk_blk, sk_n;
+    const float *vt;  /* [G, nkb, D, bk]: v transposed per block */
+    float *dq;  /* [B, H, Nq, D] */
+    float *acc;  /* [threads, 2, G, nkb, bk, D], zero */
+    int64_t G;
+} bwd_args;
+
+static void transpose_rows(const float *x, int64_t sx, int64_t nr, int64_t w, float *out) {
+    for (int64_t i = 0; i < nr; i++)
+        for (int64_t j = 0; j < w; j++) out[j * nr + i] = x[i * sx + j];
+}
+
+/* Per task sub-tile: qs = q scale, dot = dO (0 at padding positions, which then add
+   nothing to dk and dv), their delta and lse (+inf without a key: P = 0). */
+static void bwd_rows(const bwd_args *B, int64_t b, int64_t h, const int64_t *qpos,
+                     const uint8_t *valid, int64_t nr, float *qs, float *dot, float *delta,
+                     float *lse) {
+    const fwd_args *J = &B->f;
+    const int64_t D = J->D, base = (b * J->H + h) * J->nq;
+    const __m256 sc = _mm256_set1_ps(J->scale);
+    for (int64_t i = 0; i < nr; i++) {
+        const float *qi = J->q + b * J->sq_b + h * J->sq_h + qpos[i] * J->sq_n;
+        const float *di = B->dout + b * B->sd_b + h * B->sd_h + qpos[i] * B->sd_n;
+        const float *oi = J->o + (base + qpos[i]) * D;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t c = 0; c < D; c += 8) {
+            _mm256_storeu_ps(qs + i * D + c, _mm256_mul_ps(sc, _mm256_loadu_ps(qi + c)));
+            const __m256 d8 = valid[i] ? _mm256_loadu_ps(di + c) : _mm256_setzero_ps();
+            _mm256_storeu_ps(dot + i * D + c, d8);
+            acc = _mm256_fmadd_ps(d8, _mm256_loadu_ps(oi + c), acc);
+        }
+        delta[i] = hsum(acc);
+        const float l = J->lse[base + qpos[i]];
+        lse[i] = l == -INFINITY ? INFINITY : l;
+    }
+}
+
+static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
+    const bwd_args *B = (const bwd_args *)arg;
+    const fwd_args *J = &B->f;
+    const int64_t D = J->D, bk = J->bk, bq = J->bq, sub = (bq + QT - 1) / QT;
+    const int64_t *t = J->tasks + (k / sub) * TASK;
+    const int64_t r0 = (k % sub) * QT, nr = bq - r0 < QT ? bq - r0 : QT;
+    const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
+    const int64_t *kid = (const int64_t *)(intptr_t)t[3];
+    const int64_t mw = t[6];
+    const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
+    const int64_t *qpos = J->qpos + qb * bq + r0;
+    float *qs = (float *)mem, *dot = qs + QT * D, *dq = dot + QT * D, *s = dq + QT * D;
+    float *dp = s + QT * KC, *tr = dp + QT * KC, *lse = tr + QT * KC, *delta = lse + QT;
+    float *vm = delta + QT, *ones = vm + 8 * QT;
+    const uint8_t *valid = J->qvalid + qb * bq + r0;
+    bwd_rows(B, b, h, qpos, valid, nr, qs, dot, delta, lse);
+    for (int64_t i = 0; i < KC; i++) ones[i] = 1.0f;
+    memset(dq, 0, sizeof(float) * nr * D);
+    const int64_t per = KC / bk;
+    for (int64_t s0 = 0; s0 < slots; s0 += per) {
+        const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
+        const float *krows[KC / 16];
+        for (int64_t q_ = 0; q_ < nsl; q_++) {  /* S = (q scale) K^T + mask, dP = dO V^T */
+            const int64_t kb = kid[s0 + q_];
+            const float *kt = J->kt + (g * J->nkb + kb) * D * bk;
+            const float *vt = B->vt + (g * J->nkb + kb) * D * bk;
+            krows[q_] = B->kp + b * B->sk_b + hk * B->sk_h + kb * B->sk_blk;
+            const void *mk = slot_mask(J, t, r0, s0 + q_);
+            for (int64_t i = 0; i < nr; i += 6) {
+                const int64_t M = nr - i < 6 ? nr - i : 6;
+                for (int64_t j = 0; j < bk; j += 16) {
+                    const void *mij = key_mask(J, mk, mw, i, j);
+                    DISPATCH(M, tile_qk(m_, qs + i * D, D, kt + j, bk, mij,
+                                        J->bits ? mw / 8 : mw, J->bits, s + i * KC + q_ * bk + j,
+                                        KC, vm + 8 * i))
+                    DISPATCH(M, tile_qk(m_, dot + i * D, D, vt + j, bk, NULL, 0, 0,
+                                        dp + i * KC + q_ * bk + j, KC, vm + 8 * i))
+                }
+            }
+        }
+        for (int64_t i = 0; i < nr; i++) {  /* P = exp(S - lse), dS = P (dP - delta) */
+            float *si = s + i * KC, *di = dp + i * KC;
+            const __m256 l8 = _mm256_set1_ps(lse[i]), d8 = _mm256_set1_ps(delta[i]);
+            for (int64_t j = 0; j < w; j += 8) {
+                const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(si + j), l8));
+                _mm256_storeu_ps(si + j, p);
+                _mm256_storeu_ps(di + j, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(di + j),
+                                                                         d8)));
+            }
+        }
+        for (int64_t i = 0; i < nr; i += 6) {  /* dQ += dS K */
+            const int64_t M = nr - i < 6 ? nr - i : 6;
+            for (int64_t c = 0; c < D; c += 16) {
+                DISPATCH(M, tile_pv(m_, dp + i * KC, KC, krows, B->sk_n, nsl, bk, D, c, ones,
+                                    dq + i * D))
+            }
+        }
+        for (int pass = 0; pass < 2; pass++) {  /* dK += dS^T (q scale); dV += P^T dO */
+            transpose_rows(pass ? s : dp, KC, nr, w, tr);
+            const float *rows[1] = {pass ? dot : qs};
+            float *acc = B->acc + (((int64_t)tid * 2 + pass) * B->G + g) * J->nkb * bk * D;
+            for (int64_t q_ = 0; q_ < nsl; q_++) {
+                float *blk = acc + kid[s0 + q_] * bk * D;
+                for (int64_t i = 0; i < bk; i += 6) {
+                    const int64_t M = bk - i < 6 ? bk - i : 6;
+                    for (int64_t c = 0; c < D; c += 16) {
+                        DISPATCH(M, tile_pv(m_, tr + (q_ * bk + i) * nr, nr, rows, D, 1, nr, D,
+                                            c, ones, blk + i * D))
+                    }
+                }
+            }
+        }
+    }
+    const int64_t base = (b * J->H + h) * J->nq;
+    const __m256 sc = _mm256_set1_ps(J->scale);
+    for (int64_t i = 0; i < nr; i++) {
+        if (!valid[i]) continue;
+        float *o = B->dq + (base + qpos[i]) * D;
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(sc, _mm256_loadu_ps(dq + i * D + c)));
+    }
+}
+
+int attndsl_flash_bwd(const bwd_args *B) {
+    const fwd_args *J = &B->f;
+    if (J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1) return 1;
+    const size_t bytes = sizeof(float) * (QT * J->D * 3 + QT * KC * 3 + 10 * QT + KC);
+    parallel(J->threads, J->ntasks * ((J->bq + QT - 1) / QT), bytes, bwd_item, B);
+    return 0;
+}
+
+/* out [B, HKV, N, D] at strides so_* += the sum over `parts` accumulators [parts, G, nkb, bk,
+   D] (at part stride ps) of each valid block position's row, at its key row pos. */
+typedef struct {
+    const float *acc;
+    int64_t parts, ps;
+    const int64_t *pos;
+    const uint8_t *valid;
+    float *out;
+    int64_t so_b, so_h, so_n;
+    int64_t G, HKV, nkb, bk, D;
+    int threads;
+} unpack_args;
+
+static void unpack_item(const void *arg, int64_t k, void *mem, int tid) {
+    const unpack_args *U = (const unpack_args *)arg;
+    (void)mem;
+    (void)tid;
+    const int64_t g = k / U->nkb, kb = k % U->nkb, bk = U->bk, D = U->D;
+    float *out = U->out + (g / U->HKV) * U->so_b + (g % U->HKV) * U->so_h;
+    for (int64_t j = 0; j < bk; j++) {
+        if (!U->valid[kb * bk + j]) continue;
+        float *o = out + U->pos[kb * bk + j] * U->so_n;
+        const float *a = U->acc + (k * bk + j) * D;
+        for (int64_t p = 0; p < U->parts; p++)
+            for (int64_t c = 0; c < D; c++) o[c] += a[p * U->ps + c];
+    }
+}
+
+int attndsl_unpack(const unpack_args *U) {
+    if (U->threads < 1) return 1;
+    parallel(U->threads, U->G * U->nkb, 0, unpack_item, U);
+    return 0;
+}
+
+static void pack_item(const void *arg, int64_t k, void *mem, int tid) {
+    (void)tid;
+    const pack_args *P = (const pack_args *)arg;
+    (void)mem;
+    const int64_t g = k / P->nkb, kb = k % P->nkb, bk = P->bk, D = P->D;
+    const float *x = P->x + (g / P->HKV) * P->sx_b + (g % P->HKV) * P->sx_h;
+    const int64_t *pos = P->pos + kb * bk;
+    float *out = P->out + k * bk * D;
+    for (int64_t j = 0; j < bk; j++) {
+        const float *row = x + pos[j] * P->sx_n;
+        if (P->transpose) {
+            for (int64_t d = 0; d < D; d++) out[d * bk + j] = row[d];
+        } else {
+            memcpy(out + j * D, row, sizeof(float) * D);
+        }
+    }
+}
+
+/* Copies x's key rows into block layout, transposed per block for kt. */
+int attndsl_pack(const pack_args *P) {
+    if (P->threads < 1) return 1;
+    parallel(P->threads, P->G * P->nkb, 0, pack_item, P);
+    return 0;
+}

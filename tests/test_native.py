@@ -1,0 +1,170 @@
+"""backend="cpu"'s native forward (codegen/cpu/flash.c) against the float64 reference and
+against independent masks: every standard pattern it takes (head dims a multiple of 16),
+bit masks and additive bias masks, GQA, batches, padding positions, empty rows, MoH gates,
+masks built per call, half-precision inputs, the ATen fallback, and a failed build."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import attndsl
+from attndsl import caches
+from attndsl.codegen.cpu import fused, native
+
+sys.path.insert(0, os.path.dirname(__file__))
+import independent  # noqa: E402
+from test_cpu import STD, compare  # noqa: E402
+
+pytestmark = pytest.mark.skipif(native.kernel() is None,
+                                reason="no C compiler or no AVX2 + FMA on this machine")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The native forward's calls (each test asserts the kernel really ran); the
+    backward's go to calls.backward."""
+    seen = _Calls()
+    real_f, real_b = native.forward, native.backward
+
+    def spy_f(args):
+        seen.append(args.ntasks)
+        real_f(args)
+
+    def spy_b(args):
+        seen.backward.append(args.f.ntasks)
+        real_b(args)
+
+    monkeypatch.setattr(native, "forward", spy_f)
+    monkeypatch.setattr(native, "backward", spy_b)
+    return seen
+
+
+class _Calls(list):
+    def __init__(self):
+        super().__init__()
+        self.backward = []
+
+
+@pytest.mark.parametrize("file,pattern,params", STD,
+                         ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(STD)])
+def test_standard_patterns_head_dim_32(file, pattern, params, calls):
+    op = attndsl.compile(f"patterns/{file}", pattern, **params)
+    bp = op.bound
+    compare(op, dim=32, heads=4 if bp.heads in (None, 4) else bp.heads)
+    mask_only = not (bp.content_dependent or bp.channel or bp.softcap is not None)
+    if mask_only and not bp.summaries and not bp.average:
+        assert calls and calls.backward, "the native kernels did not run"
+
+
+def test_gqa_batches_head_dims_and_block_sizes(calls):
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=150, window=33)
+    for block in (16, 32, 64, 128, 256, None):
+        compare(op, heads=4, kv_heads=2, dim=32, batch=2, block=block)
+    compare(op, heads=6, kv_heads=1, dim=64, batch=3, block=64)
+    compare(op, heads=2, dim=128, block=32)
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=19, W=17, kernel=7)
+    compare(op, heads=4, kv_heads=2, dim=48, batch=2, block=None)
+    assert len(calls) >= 9 and len(calls.backward) == len(calls)
+
+
+def test_block_sizes_over_a_chunk_take_aten(calls):
+    """Key blocks longer than flash.c's chunk (256 keys) keep ATen's kernel."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=600, window=300)
+    compare(op, dim=32, block=512)
+    assert not calls
+
+
+def test_large_windows_odd_lengths_against_independent_masks(calls):
+    gen = torch.Generator().manual_seed(3)
+    for n, window in ((1000, 200), (777, 64)):
+        op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=n, window=window)
+        q, k, v = (torch.randn(2, 3, n, 64, generator=gen) for _ in range(3))
+        out = op(q, k, v, backend="cpu")
+        ref = independent.masked_attention(q.double(), k.double(), v.double(),
+                                           independent.sliding_window(n, window))
+        torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=40, W=36, kernel=9)
+    q, k, v = (torch.randn(1, 2, 1440, 32, generator=gen) for _ in range(3))
+    ref = independent.masked_attention(q.double(), k.double(), v.double(),
+                                       independent.na2d(40, 36, 9))
+    torch.testing.assert_close(op(q, k, v, backend="cpu").double(), ref, atol=2e-6,
+                               rtol=1e-5)
+    assert len(calls) == 3
+
+
+def test_empty_rows_are_exact_zeros_with_zero_gradients(calls):
+    op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and q % 3 != 0 }",
+                         N=70)
+    out = compare(op, dim=32, block=16)
+    assert (out[..., ::3, :] == 0).all()
+    q, k, v = (torch.randn(1, 2, 70, 32, requires_grad=True) for _ in range(3))
+    (g,) = torch.autograd.grad(op(q, k, v, backend="cpu").sum(), q)
+    assert (g[..., ::3, :] == 0).all()
+    op = attndsl.compile("pattern none(N: int) { space seq(N) attend false }", N=20)
+    assert (compare(op, dim=16) == 0).all()
+
+
+def test_bias_masks_are_added_as_floats(calls):
+    op = attndsl.compile("patterns/llm.attn", "alibi", N=90, heads=4)
+    compare(op, heads=4, dim=32, block=16)
+    src = """
+    pattern b(N: int) {
+        space seq(N)
+        heads 4
+        attend k <= q and q - k < 40
+        bias 0.05 * float(q - k) - float(h) * 0.3
+    }"""
+    compare(attndsl.compile(src, N=100), heads=4, kv_heads=2, dim=32, block=32)
+    assert len(calls) >= 2
+
+
+def test_masks_built_per_call(monkeypatch, calls):
+    monkeypatch.setattr(fused, "_masked", lambda cp, grp, t, head, dtype, budget:
+                        fused._per_row(cp, grp, t, head, dtype, [0]))  # every mask lazy
+    monkeypatch.setattr(fused, "NATIVE_MASK", 16 * 16 * 3)
+    caches.CPU_FUSED.clear()
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=13, W=11, kernel=5)
+    compare(op, heads=4, kv_heads=2, dim=32, block=16)
+    caches.CPU_FUSED.clear()
+    assert len(calls) > 2  # one call per few rows' masks
+
+
+def test_moh_gates_skip_blocks(calls):
+    op = attndsl.compile("patterns/moh.attn", "moh", N=48, heads=4, shared=1, topk=1)
+    router = torch.randn(2, 48, 3)
+    router[:, :32, 2] = -50.0
+    router[1, :, 0] = 50.0
+    out = compare(op, heads=4, batch=2, dim=32, inputs={"router": router})
+    assert (out[:, 3, :32] == 0).all() and (out[1, 2:] == 0).all()
+    assert calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype, calls):
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=9, W=10, kernel=3)
+    compare(op, dtype=dtype, dim=32)
+    assert calls
+
+
+def test_disabled_and_failed_builds_keep_aten(monkeypatch, tmp_path):
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=100, window=20)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 100, 32, generator=gen) for _ in range(3))
+    want = op(q, k, v, backend="cpu")
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("ATTNDSL_NATIVE", "0")
+    assert native.kernel() is None
+    torch.testing.assert_close(op(q, k, v, backend="cpu"), want, atol=1e-6, rtol=1e-5)
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.delenv("ATTNDSL_NATIVE")
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    with pytest.warns(RuntimeWarning, match="native CPU kernel could not be built"):
+        assert native.kernel() is None
+    assert native.kernel() is None  # reported once
+    torch.testing.assert_close(op(q, k, v, backend="cpu"), want, atol=1e-6, rtol=1e-5)
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))
