@@ -168,3 +168,17 @@ def test_disabled_and_failed_builds_keep_aten(monkeypatch, tmp_path):
     assert native.kernel() is None  # reported once
     torch.testing.assert_close(op(q, k, v, backend="cpu"), want, atol=1e-6, rtol=1e-5)
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))
+
+
+def test_calls_run_the_blocks_the_planner_chooses(calls):
+    """A whole-length call plans with the CPU planner's block sizes (it once got 64 x 64
+    whatever the planner chose: plan_for skipped the choice when given the call's rows)."""
+    from attndsl.codegen.plan.tables import blocks_for
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=24, W=24, kernel=7)
+    want = blocks_for(op.bound, "cpu")
+    assert want == (16, 16)
+    caches.CPU_PLANS.clear()
+    q = torch.randn(1, 2, 576, 32)
+    out = op(q, q, q, backend="cpu")
+    (used,) = [(p.plan.block_q, p.plan.block_k) for p in caches.CPU_PLANS.values()]
+    assert used == want and out.shape == q.shape and calls
