@@ -182,3 +182,15 @@ def test_calls_run_the_blocks_the_planner_chooses(calls):
     out = op(q, q, q, backend="cpu")
     (used,) = [(p.plan.block_q, p.plan.block_k) for p in caches.CPU_PLANS.values()]
     assert used == want and out.shape == q.shape and calls
+
+
+def test_an_output_edited_in_place_is_caught(calls):
+    """The native backward reads the forward's output: editing it in place is an error,
+    never a silently wrong gradient."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=64, window=9)
+    q = torch.randn(1, 2, 64, 16, requires_grad=True)
+    out = op(q, q, q, backend="cpu")
+    out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    assert calls

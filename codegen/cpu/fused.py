@@ -1,5 +1,7 @@
-"""backend="cpu", fused path: ATen's CPU flash-attention kernel (the kernel behind
-scaled_dot_product_attention on the CPU) run on the plan's work units.
+"""backend="cpu", the fast paths: flash.c's native kernels (native_attention,
+native_backward: tasks over the plan's units, q, k, v read in place), and where they do not
+apply, ATen's CPU flash-attention kernel (the kernel behind scaled_dot_product_attention on
+the CPU) run on the plan's work units; `path` decides which a call takes.
 
 That kernel takes q [B, H, L, D] and k, v [B, H, S, D] with any strides and an additive mask
 broadcast over B and H; per (b, h, slice of 32-256 queries) it runs one BLAS product per
@@ -62,10 +64,17 @@ class Unit:
         return len(self.rows)
 
 
-def eligible(bp, *, dv: int, d: int, dropout: bool, padding: bool, content: bool) -> bool:
-    """Whether a call can take the fused path (what the generic path alone supports:
-    dropout, softcap, padding keys, content-dependent masks, v's head dim unlike q's)."""
-    return not (dropout or padding or content or dv != d or bp.softcap is not None)
+def path(bp, *, d: int, dv: int, cdt: torch.dtype, dropout: bool, padding: bool,
+         content: bool, softcap, blocks: tuple | None = None) -> str:
+    """The one place that decides how a call runs: "native" (flash.c), "fused" (ATen's
+    flash kernel, this module) or "generic" (kernels.py, which supports everything: dropout,
+    a softcap, padding keys, content-dependent masks, v's head dim unlike q's). `blocks`:
+    the plan's (bq, bk), None before planning (when it picks the planner's target)."""
+    if dropout or padding or content or dv != d or softcap is not None:
+        return "generic"
+    if native.kernel() is None or not native.usable(*(blocks or (16, 16)), d, cdt):
+        return "fused"
+    return "native"
 
 
 def units(cp: CpuPlan, t: int, head: int | None, dtype: torch.dtype) -> tuple:
@@ -452,11 +461,6 @@ def backward(ctx, o, raw, do, active=None):
 # ------------------------------------------------------------------ native forward
 
 NATIVE_MASK = 1 << 22  # mask elements built per native call for units whose masks are lazy
-
-
-def native_ok(cp: CpuPlan, d: int, cdt: torch.dtype) -> bool:
-    """Whether flash.c runs a forward (it computes in fp32; its block and head sizes)."""
-    return native.usable(cp.bq, cp.bk, d, cdt) and native.kernel() is not None
 
 
 def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):

@@ -1,5 +1,7 @@
 """backend="cpu": block-sparse attention on the CPU, from the same exact block tables as the
-compiled kernels (codegen/plan/), in batched matrix products; plan.py groups the work.
+compiled kernels (codegen/plan/); plan.py groups the work. Most calls run flash.c's native
+kernels or ATen's flash kernel (fused.py; fused.path decides); this module is the Cpu core,
+the autograd function, and the generic path, in batched matrix products, described here.
 
 Query blocks whose key-block lists have the same length and the same PARTIAL positions form a
 group. A group is cut into work items of at most BUDGET scores; an item is one batched product
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attndsl.codegen.cpu import fused, native
+from attndsl.codegen.cpu import fused
 from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.codegen.emit import dynamic_config
 from attndsl.codegen.plan.dynamic import selected_plan
@@ -100,16 +102,12 @@ class Cpu:
 
 
 def _target(call, cdt) -> str:
-    """The planner a call's blocks come from: "cpu" when flash.c runs it (forward and,
-    without a gradient of the lse, backward), else "cpu-aten" (tables.BLOCK_CHOICES)."""
-    d = call.q.shape[-1]
-    native_fwd = (cdt == torch.float32 and d % 16 == 0 and call.softcap is None
-                  and fused.eligible(call.bp, dv=call.v.shape[-1], d=d,
-                                     dropout=bool(call.dropout_p),
-                                     padding=call.key_valid is not None,
-                                     content=call.bp.content_dependent)
-                  and native.kernel() is not None)
-    return "cpu" if native_fwd else "cpu-aten"
+    """The planner a call's blocks come from: "cpu" when flash.c runs it, else "cpu-aten"
+    (tables.BLOCK_CHOICES)."""
+    way = fused.path(call.bp, d=call.q.shape[-1], dv=call.v.shape[-1], cdt=cdt,
+                     dropout=bool(call.dropout_p), padding=call.key_valid is not None,
+                     content=call.bp.content_dependent, softcap=call.softcap)
+    return "cpu" if way == "native" else "cpu-aten"
 
 
 @dataclass(frozen=True)
@@ -629,22 +627,24 @@ class _Attention(torch.autograd.Function):
                 extra: _Extra):
         B, H, Nq, D = q.shape
         HKV = k.shape[1]
-        fctx.save_for_backward(q, k, v)  # (views of them are used: in-place edits are caught)
         fctx.args = (cp, scale, cdt, content, need_lse, extra)
-        fast = extra.softcap is None and fused.eligible(
-            cp.bp, dv=v.shape[-1], d=D, dropout=extra.seed is not None,
-            padding=extra.key_valid is not None, content=content is not None)
+        way = fused.path(cp.bp, d=D, dv=v.shape[-1], cdt=cdt, dropout=extra.seed is not None,
+                         padding=extra.key_valid is not None, content=content is not None,
+                         softcap=extra.softcap, blocks=(cp.bq, cp.bk))
         active = None
-        if fast and extra.gates is not None:
+        if way != "generic" and extra.gates is not None:
             active = fused.active_blocks(cp, extra.gates, HKV)
-        if fast and fused.native_ok(cp, D, cdt):
+        if way == "native":
             out, lse = fused.native_attention(cp, q.to(cdt), k.to(cdt), v.to(cdt), scale,
                                               active)
-            fctx.state = (None, out, lse, None, active)
+            # the backward reads the output: saved, so that an in-place edit of it is caught
+            fctx.save_for_backward(q, k, v, out)
+            fctx.state = (None, None, lse, None, active)
         else:
+            fctx.save_for_backward(q, k, v)  # (views are used: in-place edits are caught)
             ctx = _block_ctx(cp, q, k, v, scale, cdt, content, need_lse, extra)
             raw = None
-            if fast:
+            if way == "fused":
                 o, raw, lse = fused.forward(ctx, active)
             else:
                 active = None
@@ -662,8 +662,10 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(fctx, dout, dlse):
-        q, k, v = fctx.saved_tensors  # (raises if q, k or v changed in place)
+        q, k, v, *saved_out = fctx.saved_tensors  # (raises if one changed in place)
         ctx, o, lse, raw, active = fctx.state
+        if saved_out:
+            o = saved_out[0]
         cp, scale, cdt, content, need_lse, extra = fctx.args
         plan = cp.plan
         no_dl = not (need_lse and dlse is not None and dlse.numel())
