@@ -8,6 +8,7 @@ all, so tests can check every bound and `clear_all()` can empty them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from attndsl import errors
+from attndsl.errors import UnsupportedError
 
 
 def cache_dir() -> str:
@@ -31,18 +32,18 @@ def cache_dir() -> str:
         os.makedirs(d, mode=0o700, exist_ok=True)
         st = os.stat(d)
     except OSError as e:
-        raise errors.UnsupportedError(f"cannot create the kernel cache directory '{d}': "
+        raise UnsupportedError(f"cannot create the kernel cache directory '{d}': "
                                f"{e.strerror or e}; set ATTNDSL_CACHE to another "
                                "directory") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise errors.UnsupportedError(f"the kernel cache '{d}' is not a directory; set "
+        raise UnsupportedError(f"the kernel cache '{d}' is not a directory; set "
                                "ATTNDSL_CACHE to another directory")
     if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise errors.UnsupportedError(f"the kernel cache directory '{d}' belongs to another user; "
+        raise UnsupportedError(f"the kernel cache directory '{d}' belongs to another user; "
                                "attndsl imports Python from it: set ATTNDSL_CACHE to a "
                                "directory of your own")
     if st.st_mode & 0o022:
-        raise errors.UnsupportedError(f"the kernel cache directory '{d}' can be written by other "
+        raise UnsupportedError(f"the kernel cache directory '{d}' can be written by other "
                                f"users (mode {stat.S_IMODE(st.st_mode):o}); attndsl imports "
                                "Python from it: make it writable by its owner only (chmod "
                                "go-w) or set ATTNDSL_CACHE to another directory")
@@ -161,10 +162,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape`; the caller must not keep it past its call."""
-        n = 1
-        for x in shape:
-            n *= x
-        nbytes = n * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         bufs = self._bufs()
         if nbytes > self.max_bytes:
             self.misses += 1

@@ -239,23 +239,49 @@ static inline const void *key_mask(const fwd_args *J, const void *mk, int64_t mw
                    : (const void *)((const float *)mk + i * mw + j);
 }
 
+/* qs[i] = q's row qpos[i] of (batch b, head h) times the scale, rows i < nr. */
+static void load_q(const fwd_args *J, int64_t b, int64_t h, const int64_t *qpos, int64_t nr,
+                   float *qs) {
+    const float *q = J->q + b * J->sq_b + h * J->sq_h;
+    const __m256 sc = _mm256_set1_ps(J->scale);
+    for (int64_t i = 0; i < nr; i++) {
+        const float *qi = q + qpos[i] * J->sq_n;
+        for (int64_t c = 0; c < J->D; c += 8)
+            _mm256_storeu_ps(qs + i * J->D + c, _mm256_mul_ps(sc, _mm256_loadu_ps(qi + c)));
+    }
+}
+
+/* s[i, slot bk + j] = (q scale) K^T + mask for a chunk's key blocks (slots s0 .. s0 + nsl
+   - 1 of task t, rows r0 .. r0 + nr - 1, row stride KC); vm[i] takes each row's max. */
+static void chunk_scores(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr,
+                         int64_t s0, int64_t nsl, const float *qs, float *s, float *vm) {
+    const int64_t D = J->D, bk = J->bk, g = t[0], mw = t[6];
+    const int64_t *kid = (const int64_t *)(intptr_t)t[3];
+    for (int64_t q_ = 0; q_ < nsl; q_++) {
+        const float *kt = J->kt + (g * J->nkb + kid[s0 + q_]) * D * bk;
+        const void *mk = slot_mask(J, t, r0, s0 + q_);
+        for (int64_t i = 0; i < nr; i += 6) {
+            const int64_t M = nr - i < 6 ? nr - i : 6;
+            for (int64_t j = 0; j < bk; j += 16) {
+                const void *mij = key_mask(J, mk, mw, i, j);
+                DISPATCH(M, tile_qk(m_, qs + i * D, D, kt + j, bk, mij,
+                                    J->bits ? mw / 8 : mw, J->bits, s + i * KC + q_ * bk + j,
+                                    KC, vm + 8 * i))
+            }
+        }
+    }
+}
+
 /* One task's rows r0 .. r0 + nr - 1 (nr <= QT) against all its key blocks. */
 static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr,
                      scratch_t *W) {
     const int64_t D = J->D, bk = J->bk, bq = J->bq;
     const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
     const int64_t *kid = (const int64_t *)(intptr_t)t[3];
-    const int64_t mw = t[6];
     const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
     const int64_t *qpos = J->qpos + qb * bq + r0;
-    const float *q = J->q + b * J->sq_b + h * J->sq_h;
     const float *vg = J->v + b * J->sv_b + hk * J->sv_h;
-    const __m256 sc = _mm256_set1_ps(J->scale);
-    for (int64_t i = 0; i < nr; i++) {
-        const float *qi = q + qpos[i] * J->sq_n;
-        for (int64_t c = 0; c < D; c += 8)
-            _mm256_storeu_ps(W->qs + i * D + c, _mm256_mul_ps(sc, _mm256_loadu_ps(qi + c)));
-    }
+    load_q(J, b, h, qpos, nr, W->qs);
     memset(W->o, 0, sizeof(float) * nr * D);
     for (int64_t i = 0; i < nr; i++) { W->m[i] = -INFINITY; W->l[i] = 0.0f; }
     const int64_t per = KC / bk;  /* key blocks per chunk */
@@ -263,21 +289,8 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         const __m256 ninf = _mm256_set1_ps(-INFINITY);
         for (int64_t i = 0; i < nr; i++) _mm256_store_ps(W->vm + 8 * i, ninf);
-        for (int64_t s = 0; s < nsl; s++) {
-            const int64_t kb = kid[s0 + s];
-            const float *kt = J->kt + (g * J->nkb + kb) * D * bk;
-            const void *mk = slot_mask(J, t, r0, s0 + s);
-            W->vb[s] = vg + kb * J->sv_blk;
-            for (int64_t i = 0; i < nr; i += 6) {
-                const int64_t M = nr - i < 6 ? nr - i : 6;
-                for (int64_t j = 0; j < bk; j += 16) {
-                    const void *mij = key_mask(J, mk, mw, i, j);
-                    DISPATCH(M, tile_qk(m_, W->qs + i * D, D, kt + j, bk, mij,
-                                        J->bits ? mw / 8 : mw, J->bits, W->s + i * KC + s * bk + j,
-                                        KC, W->vm + 8 * i))
-                }
-            }
-        }
+        for (int64_t s = 0; s < nsl; s++) W->vb[s] = vg + kid[s0 + s] * J->sv_blk;
+        chunk_scores(J, t, r0, nr, s0, nsl, W->qs, W->s, W->vm);
         for (int64_t i = 0; i < nr; i++) {
             float *si = W->s + i * KC;
             float mnew = hmax(_mm256_load_ps(W->vm + 8 * i)), mold = W->m[i];
@@ -374,14 +387,12 @@ static void bwd_rows(const bwd_args *B, int64_t b, int64_t h, const int64_t *qpo
                      float *lse) {
     const fwd_args *J = &B->f;
     const int64_t D = J->D, base = (b * J->H + h) * J->nq;
-    const __m256 sc = _mm256_set1_ps(J->scale);
+    load_q(J, b, h, qpos, nr, qs);
     for (int64_t i = 0; i < nr; i++) {
-        const float *qi = J->q + b * J->sq_b + h * J->sq_h + qpos[i] * J->sq_n;
         const float *di = B->dout + b * B->sd_b + h * B->sd_h + qpos[i] * B->sd_n;
         const float *oi = J->o + (base + qpos[i]) * D;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t c = 0; c < D; c += 8) {
-            _mm256_storeu_ps(qs + i * D + c, _mm256_mul_ps(sc, _mm256_loadu_ps(qi + c)));
             const __m256 d8 = valid[i] ? _mm256_loadu_ps(di + c) : _mm256_setzero_ps();
             _mm256_storeu_ps(dot + i * D + c, d8);
             acc = _mm256_fmadd_ps(d8, _mm256_loadu_ps(oi + c), acc);
@@ -400,7 +411,6 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const int64_t r0 = (k % sub) * QT, nr = bq - r0 < QT ? bq - r0 : QT;
     const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
     const int64_t *kid = (const int64_t *)(intptr_t)t[3];
-    const int64_t mw = t[6];
     const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
     const int64_t *qpos = J->qpos + qb * bq + r0;
     float *qs = (float *)mem, *dot = qs + QT * D, *dq = dot + QT * D, *s = dq + QT * D;
@@ -414,19 +424,14 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     for (int64_t s0 = 0; s0 < slots; s0 += per) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         const float *krows[KC / 16];
-        for (int64_t q_ = 0; q_ < nsl; q_++) {  /* S = (q scale) K^T + mask, dP = dO V^T */
+        chunk_scores(J, t, r0, nr, s0, nsl, qs, s, vm);  /* S = (q scale) K^T + mask */
+        for (int64_t q_ = 0; q_ < nsl; q_++) {  /* dP = dO V^T */
             const int64_t kb = kid[s0 + q_];
-            const float *kt = J->kt + (g * J->nkb + kb) * D * bk;
             const float *vt = B->vt + (g * J->nkb + kb) * D * bk;
             krows[q_] = B->kp + b * B->sk_b + hk * B->sk_h + kb * B->sk_blk;
-            const void *mk = slot_mask(J, t, r0, s0 + q_);
             for (int64_t i = 0; i < nr; i += 6) {
                 const int64_t M = nr - i < 6 ? nr - i : 6;
                 for (int64_t j = 0; j < bk; j += 16) {
-                    const void *mij = key_mask(J, mk, mw, i, j);
-                    DISPATCH(M, tile_qk(m_, qs + i * D, D, kt + j, bk, mij,
-                                        J->bits ? mw / 8 : mw, J->bits, s + i * KC + q_ * bk + j,
-                                        KC, vm + 8 * i))
                     DISPATCH(M, tile_qk(m_, dot + i * D, D, vt + j, bk, NULL, 0, 0,
                                         dp + i * KC + q_ * bk + j, KC, vm + 8 * i))
                 }
@@ -518,9 +523,9 @@ int attndsl_unpack(const unpack_args *U) {
 }
 
 static void pack_item(const void *arg, int64_t k, void *mem, int tid) {
-    (void)tid;
     const pack_args *P = (const pack_args *)arg;
     (void)mem;
+    (void)tid;
     const int64_t g = k / P->nkb, kb = k % P->nkb, bk = P->bk, D = P->D;
     const float *x = P->x + (g / P->HKV) * P->sx_b + (g % P->HKV) * P->sx_h;
     const int64_t *pos = P->pos + kb * bk;

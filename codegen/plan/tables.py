@@ -799,15 +799,9 @@ def _query_orders(bp, bq, bk, run) -> list:
                         for j, ko in enumerate(keys)), key=lambda x: x[:3]))
     best = min(x[0] for x in out)
     for n, (c, i, j, o, ko) in enumerate(out):  # the close ones: shifts on fewer axes too
-        axes = [a for a, t in enumerate(ko.tile) if t > 1]
-        if len(axes) < 2 or c > 1.25 * best or len(ko.tile) != len(ko.shape):
-            continue
-        for r in range(1, len(axes)):
-            for sub in itertools.combinations(axes, r):
-                k2 = _shifted(ko, sub)
-                c2 = _cost(bp, o, k2, bq, k2.tile_block, run)
-                if c2 < out[n][0]:
-                    out[n] = (c2, i, j, o, k2)
+        if c <= 1.25 * best and len(ko.tile) == len(ko.shape):
+            c2, k2 = _cheapest_shift(bp, o, ko, bq, ko.tile_block, run, (c, ko), every=False)
+            out[n] = (c2, i, j, o, k2)
     out.sort(key=lambda x: x[:3])
     return [(o, ko, c) for c, _, _, o, ko in out]
 
@@ -830,14 +824,23 @@ def _key_order(bp, qorder, seed, seed_cost, bk, run):
     for _, _, o in first[:2]:
         if len(o.tile) != len(o.shape) or len(o.shape) == 1:
             continue
-        axes = [a for a, t in enumerate(o.tile) if t > 1]
-        for r in range(1, len(axes) + 1):
-            for sub in itertools.combinations(axes, r):
-                ko = _shifted(o, sub)
-                c = _cost(bp, qorder, ko, bq, bk, run)
-                if c < best_cost:
-                    best, best_cost = ko, c
+        best_cost, best = _cheapest_shift(bp, qorder, o, bq, bk, run, (best_cost, best))
     return qorder, best, best_cost
+
+
+def _cheapest_shift(bp, qorder, ko, bq, bk, run, start, every: bool = True) -> tuple:
+    """(cost, key order): the cheapest of `start` and `ko` shifted half a tile early on
+    each non-empty subset of its tiled axes (all of them too, unless `every` is False:
+    the caller measured that one)."""
+    axes = [a for a, t in enumerate(ko.tile) if t > 1]
+    best = start
+    for r in range(1, len(axes) + (1 if every else 0)):
+        for sub in itertools.combinations(axes, r):
+            k2 = _shifted(ko, sub)
+            c = _cost(bp, qorder, k2, bq, bk, run)
+            if c < best[0]:
+                best = (c, k2)
+    return best
 
 
 
