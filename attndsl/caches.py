@@ -200,6 +200,9 @@ CPU_PLANS = LRU("cpu_plans", 16, "the CPU backend's work groups and PARTIAL-bloc
                 "plan (codegen/cpu/plan.py)")
 CPU_FUSED = LRU("cpu_fused", 16, "the CPU backend's fused-path work units and additive masks "
                 "per (plan, table, head, dtype) (codegen/cpu/fused.py)")
+NATIVE_TASKS = LRU("native_tasks", 16, "flash.c's task lists (addresses into the work units "
+                    "they keep alive) per (plan, batch, kv heads, query heads per kv head) "
+                    "(codegen/cpu/fused.py)")
 KERNEL_SOURCES = LRU("kernel_sources", 64, "generated Triton source per (bound pattern, "
                      "token orders) (codegen/triton/generate.py)")
 KERNELS = LRU("kernels", 64, "a bound pattern's kernel module and launch facts, per (module "
@@ -223,9 +226,9 @@ WORKSPACE = Workspace("workspace", 8, 1 << 31, "the native CPU kernel's packed k
                       "values and its backward's key-gradient accumulators, per thread "
                       "(codegen/cpu/fused.native_attention, native_backward)")
 
-CACHES = (PARSER, BIND, PLANS, BLOCKS, ORDERS, NEEDED, CPU_PLANS, CPU_FUSED, KERNEL_SOURCES,
-          KERNELS, KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS, CP_LAYOUTS, CP_PLANS,
-          NATTEN_OPS, WORKSPACE)
+CACHES = (PARSER, BIND, PLANS, BLOCKS, ORDERS, NEEDED, CPU_PLANS, CPU_FUSED, NATIVE_TASKS,
+          KERNEL_SOURCES, KERNELS, KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS,
+          CP_LAYOUTS, CP_PLANS, NATTEN_OPS, WORKSPACE)
 
 
 # Not a cache: every live Op by the name a torch.compile graph calls it by (api.py). Weak,

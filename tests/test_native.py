@@ -170,6 +170,32 @@ def test_disabled_and_failed_builds_keep_aten(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob("tmp*"))
 
 
+def test_a_compiler_without_openmp_builds_the_pthread_pool(monkeypatch, tmp_path):
+    """Where -fopenmp fails (a clang without libomp), flash.c is built without it and runs
+    its own threads: same results, on more than one thread."""
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=12, W=12, kernel=5)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 144, 32, generator=gen, requires_grad=True)
+               for _ in range(3))
+    want = op(q, k, v, backend="cpu")
+    want_g = torch.autograd.grad(want.sum(), (q, k, v))
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("ATTNDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP", ("-fno-such-option-attndsl",))
+    lib = native.kernel()
+    assert lib is not None and not hasattr(lib, "GOMP_parallel")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = op(q, k, v, backend="cpu")
+        got_g = torch.autograd.grad(got.sum(), (q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_calls_run_the_blocks_the_planner_chooses(calls):
     """A whole-length call plans with the CPU planner's block sizes (it once got 64 x 64
     whatever the planner chose: plan_for skipped the choice when given the call's rows)."""

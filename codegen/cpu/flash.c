@@ -12,8 +12,8 @@
    Layouts (fp32): q [B, H, Nq, D] and the output o, lse [B, H, Nq(, D)] in the caller's
    token order, the rows of query block qb at qpos[qb bq ..] (written where qvalid; rows
    without a key get o = 0 and lse = -inf); kt [G, nkb, D, bk] (G = B HKV pairs; k transposed
-   per block, packed by attndsl_pack); v's row j of key block kb of pair g at v + b sv_b +
-   hk sv_h + kb sv_blk + j sv_n (b = g / HKV, hk = g % HKV: packed blocks or v in place).
+   per block, packed by attndsl_pack); v [B, HKV, Nk, D] read in place: position j of key
+   block kb of pair g (b = g / HKV, hk = g % HKV) is the row kpos[kb bk + j] of (b, hk).
    tasks [T, 8] int64: g, qb, r (query head hk R + r), the address of the key-block ids,
    their number (slots), the address of the mask (0: none; [bq, slots bk] at row stride
    mw: additive floats, or with `bits` one bit an entry, 1 where attended), mw, and the
@@ -37,7 +37,8 @@ typedef struct {
     const int64_t *qpos;
     const uint8_t *qvalid;
     const float *kt, *v;
-    int64_t sv_b, sv_h, sv_blk, sv_n;
+    int64_t sv_b, sv_h, sv_n;
+    const int64_t *kpos;  /* [nkb bk] */
     const int64_t *tasks;
     int64_t ntasks, H, HKV, R, nqb, bq, D, nkb, bk;
     float scale;
@@ -49,9 +50,9 @@ typedef struct {
     const float *x;  /* [B, HKV, N, D] at strides sx_* (D contiguous) */
     int64_t sx_b, sx_h, sx_n;
     const int64_t *pos;  /* [nkb bk]: the row of x at each block position */
-    float *out;  /* [G, nkb, D, bk] (transpose) or [G, nkb, bk, D] */
+    float *out;  /* [G, nkb, D, bk] */
     int64_t G, HKV, nkb, bk, D;
-    int transpose, threads;
+    int threads;
 } pack_args;
 
 /* Runs fn(arg, i, scratch, thread) for i < n on `threads` threads (the caller's included,
@@ -83,12 +84,19 @@ static void parallel(int threads, int64_t n, size_t scratch, item_fn fn, const v
     pool_t P = {fn, arg, n, 0, scratch, 0};
     if (threads > 64) threads = 64;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
+#ifdef _OPENMP
+    /* torch's own OpenMP threads (the process's one libgomp): a pool of our own would race
+       them for the cores while they spin after torch's last parallel op. */
+#pragma omp parallel num_threads(threads)
+    pool_worker(&P);
+#else
     pthread_t th[64];
     int started = 0;
     for (int i = 1; i < threads; i++)
         if (pthread_create(&th[started], NULL, pool_worker, &P) == 0) started++;
     pool_worker(&P);
     for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+#endif
 }
 
 /* e^x for x <= 0 (scores minus their row max); exactly 0 below -87 and at -inf. */
@@ -177,11 +185,11 @@ static inline __attribute__((always_inline)) void tile_qk(
     }
 }
 
-/* o[i, 0:16] (row stride D) = o[i, 0:16] al[i] + sum_j p[i, j] v[j, 0:16], j < w, rows i < M;
-   v holds the chunk's key blocks at vb[slot] (bk rows each, at row stride sv). */
+/* o[i, c0:c0 + 16] (row stride D) = o[i, c0:c0 + 16] al[i] + sum_j p[i, j] x_j[c0:c0 + 16],
+   j < n, rows i < M; x_j at rows[j] (the rows of v, k, q or dO where they lie). */
 static inline __attribute__((always_inline)) void tile_pv(
-        int M, const float *p, int64_t sp, const float *const *vb, int64_t sv, int64_t nsl,
-        int64_t bk, int64_t D, int64_t c0, const float *al, float *o) {
+        int M, const float *p, int64_t sp, const float *const *rows, int64_t n, int64_t D,
+        int64_t c0, const float *al, float *o) {
     __m256 c[6][2];
     for (int i = 0; i < 6; i++) {
         if (i < M) {
@@ -190,12 +198,9 @@ static inline __attribute__((always_inline)) void tile_pv(
             c[i][1] = _mm256_mul_ps(a, _mm256_loadu_ps(o + i * D + c0 + 8));
         }
     }
-    for (int64_t s = 0; s < nsl; s++) {
-        const float *v = vb[s] + c0, *pp = p + s * bk;
-        for (int64_t j = 0; j < bk; j++) {
-            fma_rows(M, pp + j, sp, _mm256_loadu_ps(v + j * sv), _mm256_loadu_ps(v + j * sv + 8),
-                     c);
-        }
+    for (int64_t j = 0; j < n; j++) {
+        const float *x = rows[j] + c0;
+        fma_rows(M, p + j, sp, _mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), c);
     }
     for (int i = 0; i < 6; i++) {
         if (i < M) {
@@ -203,6 +208,13 @@ static inline __attribute__((always_inline)) void tile_pv(
             _mm256_storeu_ps(o + i * D + c0 + 8, c[i][1]);
         }
     }
+}
+
+/* The rows of the register tile at row i of n: groups of 6 rows or fewer, as even as can
+   be (16 = 6 + 5 + 5), since a tile of fewer than 5 rows keeps too few sums in flight. */
+static inline int64_t tile_rows(int64_t i, int64_t n) {
+    const int64_t left = n - i, groups = (left + 5) / 6;
+    return (left + groups - 1) / groups;
 }
 
 #define DISPATCH(M, CALL)                 \
@@ -217,8 +229,19 @@ static inline __attribute__((always_inline)) void tile_pv(
 
 typedef struct {
     float *qs, *s, *o, *m, *l, *al, *vm;
-    const float **vb;
+    const float **vr;  /* [KC]: the chunk's v rows */
 } scratch_t;
+
+/* rows[slot bk + j] = x's row of position j of key block kid[slot], slots < nsl (x: the
+   pair's rows at row stride sx). */
+static inline void key_rows(const fwd_args *J, const int64_t *kid, int64_t nsl, const float *x,
+                            int64_t sx, const float **rows) {
+    const int64_t bk = J->bk;
+    for (int64_t s = 0; s < nsl; s++) {
+        const int64_t *pos = J->kpos + kid[s] * bk;
+        for (int64_t j = 0; j < bk; j++) rows[s * bk + j] = x + pos[j] * sx;
+    }
+}
 
 /* The mask of a task's slot at row r0 (NULL: the slot needs none), and of its row i, key
    j within the slot (bits: one byte holds 8 keys; bk and j are multiples of 16). */
@@ -260,8 +283,8 @@ static void chunk_scores(const fwd_args *J, const int64_t *t, int64_t r0, int64_
     for (int64_t q_ = 0; q_ < nsl; q_++) {
         const float *kt = J->kt + (g * J->nkb + kid[s0 + q_]) * D * bk;
         const void *mk = slot_mask(J, t, r0, s0 + q_);
-        for (int64_t i = 0; i < nr; i += 6) {
-            const int64_t M = nr - i < 6 ? nr - i : 6;
+        for (int64_t i = 0, M; i < nr; i += M) {
+            M = tile_rows(i, nr);
             for (int64_t j = 0; j < bk; j += 16) {
                 const void *mij = key_mask(J, mk, mw, i, j);
                 DISPATCH(M, tile_qk(m_, qs + i * D, D, kt + j, bk, mij,
@@ -289,7 +312,7 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         const __m256 ninf = _mm256_set1_ps(-INFINITY);
         for (int64_t i = 0; i < nr; i++) _mm256_store_ps(W->vm + 8 * i, ninf);
-        for (int64_t s = 0; s < nsl; s++) W->vb[s] = vg + kid[s0 + s] * J->sv_blk;
+        key_rows(J, kid + s0, nsl, vg, J->sv_n, W->vr);
         chunk_scores(J, t, r0, nr, s0, nsl, W->qs, W->s, W->vm);
         for (int64_t i = 0; i < nr; i++) {
             float *si = W->s + i * KC;
@@ -312,11 +335,11 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
             W->l[i] = W->l[i] * alpha + hsum(acc);
             W->m[i] = mnew;
         }
-        for (int64_t i = 0; i < nr; i += 6) {
-            const int64_t M = nr - i < 6 ? nr - i : 6;
+        for (int64_t i = 0, M; i < nr; i += M) {
+            M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, W->s + i * KC, KC, W->vb, J->sv_n, nsl, bk, D, c,
-                                    W->al + i, W->o + i * D))
+                DISPATCH(M, tile_pv(m_, W->s + i * KC, KC, W->vr, w, D, c, W->al + i,
+                                    W->o + i * D))
             }
         }
     }
@@ -338,8 +361,8 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const fwd_args *J = (const fwd_args *)arg;
     const int64_t D = J->D, sub = (J->bq + QT - 1) / QT;
     float *buf = (float *)mem;
-    const float *vb[KC / 16];
-    scratch_t W = {buf, buf + QT * D + QT * D, buf + QT * D, NULL, NULL, NULL, NULL, vb};
+    const float *vr[KC];
+    scratch_t W = {buf, buf + QT * D + QT * D, buf + QT * D, NULL, NULL, NULL, NULL, vr};
     W.m = W.s + QT * KC;
     W.l = W.m + QT;
     W.al = W.l + QT;
@@ -367,8 +390,8 @@ typedef struct {
     fwd_args f;  /* q, o (the forward's output), lse, tasks ... as the forward had them */
     const float *dout;  /* [B, H, Nq, D] at strides sd_* */
     int64_t sd_b, sd_h, sd_n;
-    const float *kp;  /* k's row j of block kb of pair g, as v's in fwd_args */
-    int64_t sk_b, sk_h, sk_blk, sk_n;
+    const float *k;  /* [B, HKV, Nk, D] in place, at strides sk_* (its rows at kpos, as v's) */
+    int64_t sk_b, sk_h, sk_n;
     const float *vt;  /* [G, nkb, D, bk]: v transposed per block */
     float *dq;  /* [B, H, Nq, D] */
     float *acc;  /* [threads, 2, G, nkb, bk, D], zero */
@@ -420,17 +443,19 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     bwd_rows(B, b, h, qpos, valid, nr, qs, dot, delta, lse);
     for (int64_t i = 0; i < KC; i++) ones[i] = 1.0f;
     memset(dq, 0, sizeof(float) * nr * D);
+    const float *krows[KC], *qrows[QT], *drows[QT];
+    for (int64_t i = 0; i < nr; i++) { qrows[i] = qs + i * D; drows[i] = dot + i * D; }
+    const float *kg = B->k + b * B->sk_b + hk * B->sk_h;
     const int64_t per = KC / bk;
     for (int64_t s0 = 0; s0 < slots; s0 += per) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
-        const float *krows[KC / 16];
+        key_rows(J, kid + s0, nsl, kg, B->sk_n, krows);
         chunk_scores(J, t, r0, nr, s0, nsl, qs, s, vm);  /* S = (q scale) K^T + mask */
         for (int64_t q_ = 0; q_ < nsl; q_++) {  /* dP = dO V^T */
             const int64_t kb = kid[s0 + q_];
             const float *vt = B->vt + (g * J->nkb + kb) * D * bk;
-            krows[q_] = B->kp + b * B->sk_b + hk * B->sk_h + kb * B->sk_blk;
-            for (int64_t i = 0; i < nr; i += 6) {
-                const int64_t M = nr - i < 6 ? nr - i : 6;
+            for (int64_t i = 0, M; i < nr; i += M) {
+                M = tile_rows(i, nr);
                 for (int64_t j = 0; j < bk; j += 16) {
                     DISPATCH(M, tile_qk(m_, dot + i * D, D, vt + j, bk, NULL, 0, 0,
                                         dp + i * KC + q_ * bk + j, KC, vm + 8 * i))
@@ -447,24 +472,23 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
                                                                          d8)));
             }
         }
-        for (int64_t i = 0; i < nr; i += 6) {  /* dQ += dS K */
-            const int64_t M = nr - i < 6 ? nr - i : 6;
+        for (int64_t i = 0, M; i < nr; i += M) {  /* dQ += dS K */
+            M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, dp + i * KC, KC, krows, B->sk_n, nsl, bk, D, c, ones,
-                                    dq + i * D))
+                DISPATCH(M, tile_pv(m_, dp + i * KC, KC, krows, w, D, c, ones, dq + i * D))
             }
         }
         for (int pass = 0; pass < 2; pass++) {  /* dK += dS^T (q scale); dV += P^T dO */
             transpose_rows(pass ? s : dp, KC, nr, w, tr);
-            const float *rows[1] = {pass ? dot : qs};
+            const float *const *rows = pass ? drows : qrows;
             float *acc = B->acc + (((int64_t)tid * 2 + pass) * B->G + g) * J->nkb * bk * D;
             for (int64_t q_ = 0; q_ < nsl; q_++) {
                 float *blk = acc + kid[s0 + q_] * bk * D;
-                for (int64_t i = 0; i < bk; i += 6) {
-                    const int64_t M = bk - i < 6 ? bk - i : 6;
+                for (int64_t i = 0, M; i < bk; i += M) {
+                    M = tile_rows(i, bk);
                     for (int64_t c = 0; c < D; c += 16) {
-                        DISPATCH(M, tile_pv(m_, tr + (q_ * bk + i) * nr, nr, rows, D, 1, nr, D,
-                                            c, ones, blk + i * D))
+                        DISPATCH(M, tile_pv(m_, tr + (q_ * bk + i) * nr, nr, rows, nr, D, c,
+                                            ones, blk + i * D))
                     }
                 }
             }
@@ -522,6 +546,26 @@ int attndsl_unpack(const unpack_args *U) {
     return 0;
 }
 
+/* out[c, 0:8] (row stride so) = rows[0:8][c] for c < 8: one 8 x 8 transpose. */
+static inline void transpose8(const float *const *rows, float *out, int64_t so) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i]);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(out + i * so, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(out + (i + 4) * so, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
 static void pack_item(const void *arg, int64_t k, void *mem, int tid) {
     const pack_args *P = (const pack_args *)arg;
     (void)mem;
@@ -530,17 +574,18 @@ static void pack_item(const void *arg, int64_t k, void *mem, int tid) {
     const float *x = P->x + (g / P->HKV) * P->sx_b + (g % P->HKV) * P->sx_h;
     const int64_t *pos = P->pos + kb * bk;
     float *out = P->out + k * bk * D;
-    for (int64_t j = 0; j < bk; j++) {
-        const float *row = x + pos[j] * P->sx_n;
-        if (P->transpose) {
-            for (int64_t d = 0; d < D; d++) out[d * bk + j] = row[d];
-        } else {
-            memcpy(out + j * D, row, sizeof(float) * D);
+    for (int64_t j = 0; j < bk; j += 8) {  /* out[d, j] = x's row pos[j], column d */
+        const float *rows[8];
+        for (int i = 0; i < 8; i++) rows[i] = x + pos[j + i] * P->sx_n;
+        for (int64_t d = 0; d < D; d += 8) {
+            const float *cols[8];
+            for (int i = 0; i < 8; i++) cols[i] = rows[i] + d;
+            transpose8(cols, out + d * bk + j, bk);
         }
     }
 }
 
-/* Copies x's key rows into block layout, transposed per block for kt. */
+/* Copies x's key rows into blocks, transposed: [G, nkb, D, bk] (D, bk multiples of 8). */
 int attndsl_pack(const pack_args *P) {
     if (P->threads < 1) return 1;
     parallel(P->threads, P->G * P->nkb, 0, pack_item, P);

@@ -466,17 +466,15 @@ NATIVE_MASK = 1 << 22  # mask elements built per native call for units whose mas
 def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):
     """The forward through flash.c, reading q, k, v [B, H(kv), N, D] (fp32) where they lie:
     (out [B, H, Nq, D], lse [B, H, Nq], -inf for rows without a key). Key blocks are packed
-    once (k transposed per block; v only when its rows are not blocks already)."""
+    once (k transposed per block); v's rows are read where they lie."""
     B, H, Nq, D = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    kt, _ = _key_blocks(cp, k, "kt", True)
-    vb, sv = _key_blocks(cp, v, "vb", False)
+    kt = _key_blocks(cp, k, "kt")
     out = torch.zeros(B, H, Nq, D, dtype=torch.float32)
     lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, k.shape[1], H // k.shape[1], active):
-        native.forward(_fwd_args(cp, q, out, lse, kt, vb, sv, tasks, scale, k.shape[1],
-                                 qvalid))
+        native.forward(_fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid))
     return out, lse
 
 
@@ -487,9 +485,8 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
-    kt, _ = _key_blocks(cp, k, "kt", True)
-    vt, _ = _key_blocks(cp, v, "vt", True)
-    kp, sk = _key_blocks(cp, k, "kp", False)
+    kt = _key_blocks(cp, k, "kt")
+    vt = _key_blocks(cp, v, "vt")
     G, nkb, bk = B * HKV, cp.ktok.shape[0], cp.bk
     per = max(1, 2 * G * nkb * bk * D * 4)
     threads = max(1, min(torch.get_num_threads(), ACC_BYTES // per))
@@ -498,10 +495,11 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     dq = torch.zeros(B, H, Nq, D, dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, HKV, H // HKV, active):
-        f = _fwd_args(cp, q, out, lse, kt, kt, (0, 0, 0, 0), tasks, scale, HKV, qvalid)
+        f = _fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid)
         f.threads = threads
-        native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], kp.data_ptr(),
-                                       *sk, vt.data_ptr(), dq.data_ptr(), acc.data_ptr(), G))
+        native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], k.data_ptr(),
+                                       *k.stride()[:3], vt.data_ptr(), dq.data_ptr(),
+                                       acc.data_ptr(), G))
     kvalid = cp.kvalid.to(torch.uint8)
     dk, dv = (torch.zeros(B, HKV, Nk, D, dtype=torch.float32) for _ in range(2))
     native.unpack(acc[:, 0], cp.kpos, kvalid, dk)
@@ -512,34 +510,50 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
 ACC_BYTES = 1 << 30  # the backward's per-thread key-gradient accumulators, all threads
 
 
-def _fwd_args(cp, q, out, lse, kt, vb, sv, tasks, scale, hkv, qvalid) -> native.FwdArgs:
+def _fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid) -> native.FwdArgs:
     B, H, Nq, D = q.shape
     return native.FwdArgs(
         q.data_ptr(), out.data_ptr(), lse.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), kt.data_ptr(), vb.data_ptr(), *sv,
-        tasks.data_ptr(), tasks.shape[0], H, hkv, H // hkv, cp.plan.nqb, cp.bq, D,
-        cp.ktok.shape[0], cp.bk, scale, 0, int(not cp.bp.biases))
+        Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), kt.data_ptr(), v.data_ptr(),
+        *v.stride()[:3], cp.kpos.data_ptr(), tasks.data_ptr(), tasks.shape[0], H, v.shape[1],
+        H // v.shape[1], cp.plan.nqb, cp.bq, D, cp.ktok.shape[0], cp.bk, scale, 0,
+        int(not cp.bp.biases))
 
 
-def _key_blocks(cp: CpuPlan, x, name: str, transpose: bool):
-    """x's key blocks for flash.c: (tensor, (s_b, s_h, s_blk, s_n) strides of row j of
-    block kb) -- x itself when its rows are the blocks already (row-major keys, whole
-    blocks, not transposed), else packed into the workspace buffer `name`."""
+def _key_blocks(cp: CpuPlan, x, name: str) -> torch.Tensor:
+    """x's key blocks for flash.c, transposed: [B HKV, nkb, D, bk] in the workspace buffer
+    `name`, the rows kpos of each (batch, kv head)."""
     B, HKV, N, D = x.shape
     nkb, bk = cp.ktok.shape
-    if not transpose and cp.plan.korder.identity and not cp.compact and nkb * bk == N:
-        return x, (x.stride(0), x.stride(1), bk * x.stride(2), x.stride(2))
-    shape = (B * HKV, nkb, D, bk) if transpose else (B * HKV, nkb, bk, D)
-    out = caches.WORKSPACE.get(name, shape, torch.float32)
-    native.pack(x, cp.kpos, out, transpose=transpose)
-    return out, (HKV * nkb * bk * D, nkb * bk * D, bk * D, D)
+    out = caches.WORKSPACE.get(name, (B * HKV, nkb, D, bk), torch.float32)
+    native.pack(x, cp.kpos, out)
+    return out
 
 
 def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
     """(tasks [T, 8] int64, the tensors their addresses point into) for flash.c: one batch
-    for every unit whose masks are kept, one per NATIVE_MASK elements of lazy masks."""
+    for every unit whose masks are kept (made once per plan and shape), one per NATIVE_MASK
+    elements of lazy masks."""
+    kept, alive, lazy = caches.NATIVE_TASKS.get_or_create(
+        (cp.plan, B, HKV, R), lambda: _kept_tasks(cp, B, HKV, R))
+    for u, t, mh, gl, heads in lazy:
+        w = u.kidx.shape[1] * cp.bk
+        step = max(1, NATIVE_MASK // (cp.bq * w))
+        for i0 in range(0, u.n, step):
+            i1 = min(u.n, i0 + step)
+            m = row_masks(cp, u.group, t, mh, i0, i1, torch.float32).unsqueeze(1)
+            m = m if cp.bp.biases else _bits(m)
+            yield _alive(_unit_tasks(cp, u, m, i0, i1, gl, heads), active), (u, m)
+    if kept is not None:
+        yield _alive(kept, active), alive
+
+
+def _kept_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
+    """(the tasks of the units whose masks are kept or None, the units they point into,
+    (unit, table, mask head, pairs, heads) of each unit whose masks are built per call)."""
     done: list = []
     alive: list = []
+    lazy: list = []
     for t, (g0, gs, gc), hsl, head in cp.passes(B, HKV, R):
         heads = list(range(R)) if hsl.start is None else [hsl.start]
         if gc == 0 or not heads:
@@ -547,22 +561,20 @@ def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
         gl = torch.arange(g0, g0 + gs * gc, gs)[:gc]
         mh = _mask_head(cp, head)
         for u in units(cp, t, mh, torch.float32):
-            if not u.lazy:
-                if u.mask is not None and u.bits is None and not cp.bp.biases:
-                    u.bits = _bits(u.mask)
-                alive.append(u)
-                m = u.mask if u.bits is None else u.bits
-                done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads, active))
+            if u.lazy:
+                lazy.append((u, t, mh, gl, heads))
                 continue
-            w = u.kidx.shape[1] * cp.bk
-            step = max(1, NATIVE_MASK // (cp.bq * w))
-            for i0 in range(0, u.n, step):
-                i1 = min(u.n, i0 + step)
-                m = row_masks(cp, u.group, t, mh, i0, i1, torch.float32).unsqueeze(1)
-                m = m if cp.bp.biases else _bits(m)
-                yield _unit_tasks(cp, u, m, i0, i1, gl, heads, active), (u, m)
-    if done:
-        yield torch.cat(done), alive
+            if u.mask is not None and u.bits is None and not cp.bp.biases:
+                u.bits = _bits(u.mask)
+            alive.append(u)
+            m = u.mask if u.bits is None else u.bits
+            done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads))
+    return (torch.cat(done) if done else None), tuple(alive), tuple(lazy)
+
+
+def _alive(tasks: torch.Tensor, active) -> torch.Tensor:
+    """The tasks whose (pair, query head, query block) MoH's gates keep (all: active None)."""
+    return tasks if active is None else tasks[active[tasks[:, 0], tasks[:, 2], tasks[:, 1]]]
 
 
 def _bits(mask: torch.Tensor) -> torch.Tensor:
@@ -571,7 +583,7 @@ def _bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits((mask == 0).numpy(), axis=-1, bitorder="little"))
 
 
-def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads, active) -> torch.Tensor:
+def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads) -> torch.Tensor:
     """flash.c's tasks for rows i0:i1 of a unit (mask: theirs, [1 or i1 - i0, 1, bq, w]
     floats, or their bits), for (batch, kv head) pairs gl and query heads `heads`."""
     n, slots = i1 - i0, u.kidx.shape[1]
@@ -590,7 +602,4 @@ def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads, active) -> torch.Tensor:
     out = cols.view(1, 1, n, 8).repeat(len(gl), len(heads), 1, 1)
     out[..., 0] = gl.view(-1, 1, 1)
     out[..., 2] = torch.tensor(heads).view(1, -1, 1)
-    out = out.view(-1, 8)
-    if active is not None:
-        out = out[active[out[:, 0], out[:, 2], out[:, 1]]]
-    return out
+    return out.view(-1, 8)
