@@ -60,7 +60,8 @@ def _load():
         version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                                  timeout=60).stdout
         src = SOURCE.read_bytes()
-        key = hashlib.sha256(src + repr(FLAGS + OPENMP).encode() + version.encode()).hexdigest()[:16]
+        tag = (repr(FLAGS + OPENMP) + version).encode()
+        key = hashlib.sha256(src + tag).hexdigest()[:16]
         path = Path(cache_dir()) / f"attndsl_flash_{key}.so"
         if not path.exists():
             _build(cc, path)
