@@ -96,6 +96,28 @@ def test_large_windows_odd_lengths_against_independent_masks(calls):
     assert len(calls) == 3
 
 
+def test_large_scores_keep_their_digits(calls):
+    """Scores in the hundreds with near ties: the softmax's exponent of (s - max) loses
+    nothing to cancellation (forward and backward against float64)."""
+    gen = torch.Generator().manual_seed(5)
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=12, W=14, kernel=5)
+    q, k, v = (torch.randn(1, 2, 168, 32, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    q = (q * 40).requires_grad_()
+    k.requires_grad_()
+    mask = independent.na2d(12, 14, 5)
+    ref = independent.masked_attention(q, k, v, mask)
+    out = op(q.float(), k.float(), v.float(), backend="cpu")
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    qf, kf = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    got = torch.autograd.grad(op(qf, kf, v.float(), backend="cpu").sum(), (qf, kf))
+    want = torch.autograd.grad(ref.sum(), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-3, rtol=1e-3)
+    assert calls and calls.backward
+
+
 def test_empty_rows_are_exact_zeros_with_zero_gradients(calls):
     op = attndsl.compile("pattern gaps(N: int) { space seq(N) attend k <= q and q % 3 != 0 }",
                          N=70)

@@ -55,15 +55,17 @@ typedef struct {
     int threads;
 } pack_args;
 
-/* Runs fn(arg, i, scratch, thread) for i < n on `threads` threads (the caller's included,
-   thread 0), each taking the next i as it finishes one. */
+/* Runs fn(arg, i, scratch, thread) for i < n on `threads` threads, each taking the next
+   run of consecutive i (a share of what is left, smaller towards the end): neighbouring
+   query blocks share most of their key blocks, so a core keeps them in its L2 (2-13% faster
+   forwards than one i at a time on na2d, na3d and sliding_window, 2-core EPYC). */
 typedef void (*item_fn)(const void *, int64_t, void *, int);
 typedef struct {
     item_fn fn;
     const void *arg;
     int64_t n, next;
     size_t scratch;
-    int ids;
+    int ids, threads;
 } pool_t;
 
 static void *pool_worker(void *p) {
@@ -71,19 +73,26 @@ static void *pool_worker(void *p) {
     const int id = __atomic_fetch_add(&P->ids, 1, __ATOMIC_RELAXED);
     void *w = P->scratch ? aligned_alloc(64, (P->scratch + 63) / 64 * 64) : NULL;
     if (P->scratch && !w) return NULL;  /* the other threads take the work */
+    int64_t i = __atomic_load_n(&P->next, __ATOMIC_RELAXED), take;
     for (;;) {
-        int64_t i = __atomic_fetch_add(&P->next, 1, __ATOMIC_RELAXED);
-        if (i >= P->n) break;
-        P->fn(P->arg, i, w, id);
+        do {
+            if (i >= P->n) goto done;
+            take = (P->n - i) / (2 * P->threads);
+            if (take < 1) take = 1;
+        } while (!__atomic_compare_exchange_n(&P->next, &i, i + take, 1, __ATOMIC_RELAXED,
+                                              __ATOMIC_RELAXED));
+        for (int64_t j = i; j < i + take; j++) P->fn(P->arg, j, w, id);
+        i = __atomic_load_n(&P->next, __ATOMIC_RELAXED);
     }
+done:
     free(w);
     return NULL;
 }
 
 static void parallel(int threads, int64_t n, size_t scratch, item_fn fn, const void *arg) {
-    pool_t P = {fn, arg, n, 0, scratch, 0};
     if (threads > 64) threads = 64;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
+    pool_t P = {fn, arg, n, 0, scratch, 0, threads};
 #ifdef _OPENMP
     /* torch's own OpenMP threads (the process's one libgomp): a pool of our own would race
        them for the cores while they spin after torch's last parallel op. */
@@ -99,25 +108,27 @@ static void parallel(int threads, int64_t n, size_t scratch, item_fn fn, const v
 #endif
 }
 
-/* e^x for x <= 0 (scores minus their row max); exactly 0 below -87 and at -inf. */
-static inline __m256 exp_ps(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    __m256 dead = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                   _mm256_set1_epi32(127)), 23);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#define LOG2E 1.44269504088896341f
+
+/* e^(x - m) for x <= m as 2^t, t = (x - m) log2(e) (x - m first: x log2(e) - m log2(e)
+   would lose digits to cancellation when |m| is large): n = round(t), 2^(t - n) by a
+   degree-5 polynomial (relative error 2.3e-7 in fp32), times 2^n through the exponent
+   bits; exactly 0 below 2^-125 and at x = -inf. */
+static inline __m256 exp_ps(__m256 x, __m256 m) {
+    const __m256 lo = _mm256_set1_ps(-125.0f);
+    __m256 t = _mm256_mul_ps(_mm256_sub_ps(x, m), _mm256_set1_ps(LOG2E));
+    const __m256 dead = _mm256_cmp_ps(t, lo, _CMP_LT_OQ);
+    t = _mm256_max_ps(t, lo);
+    const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(t, n);
+    __m256 p = _mm256_set1_ps(1.327645150013268e-3f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675540961325169e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550713464617729e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022120237350464e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931469440460205e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0000001192092896f));
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    p = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
     return _mm256_andnot_ps(dead, p);
 }
 
@@ -326,7 +337,7 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
             const __m256 mb = _mm256_set1_ps(mnew);
             __m256 acc = _mm256_setzero_ps();
             for (int64_t j = 0; j < w; j += 8) {
-                __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(si + j), mb));
+                __m256 e = exp_ps(_mm256_loadu_ps(si + j), mb);
                 _mm256_storeu_ps(si + j, e);
                 acc = _mm256_add_ps(acc, e);
             }
@@ -466,7 +477,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
             float *si = s + i * KC, *di = dp + i * KC;
             const __m256 l8 = _mm256_set1_ps(lse[i]), d8 = _mm256_set1_ps(delta[i]);
             for (int64_t j = 0; j < w; j += 8) {
-                const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(si + j), l8));
+                const __m256 p = exp_ps(_mm256_loadu_ps(si + j), l8);
                 _mm256_storeu_ps(si + j, p);
                 _mm256_storeu_ps(di + j, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(di + j),
                                                                          d8)));
