@@ -130,6 +130,44 @@ def test_empty_rows_are_exact_zeros_with_zero_gradients(calls):
     assert (compare(op, dim=16) == 0).all()
 
 
+def test_outputs_left_unwritten_are_zeroed(monkeypatch, calls):
+    """Outputs start uninitialised only where flash.c writes every row: with every fresh
+    tensor NaN, whole query blocks without keys, MoH gates and a row subset still give
+    exact zeros (and finite gradients) there, and covered patterns stay exact."""
+    real_empty = torch.empty
+
+    def nan_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    late = attndsl.compile("pattern late(N: int) { space seq(N) attend k <= q and q >= 40 }",
+                           N=100)
+    out = compare(late, dim=32, block=16)
+    assert (out[..., :40, :] == 0).all()
+    compare(attndsl.compile("patterns/neighborhood.attn", "na2d", H=12, W=10, kernel=5),
+            dim=32, heads=4, kv_heads=2, batch=2, block=16)
+    moh = attndsl.compile("patterns/moh.attn", "moh", N=48, heads=4, shared=1, topk=1)
+    router = torch.randn(2, 48, 3)
+    router[1, :, 0] = 50.0
+    out = compare(moh, heads=4, batch=2, dim=32, inputs={"router": router})
+    assert (out[1, 2:] == 0).all()
+    sw = attndsl.compile("patterns/sliding.attn", "sliding_window", N=96, window=16)
+    sw.options(block_q=16, block_k=16)
+    q, k, v = (torch.randn(1, 2, 96, 32, requires_grad=True) for _ in range(3))
+    for start in (50, 88):  # 88: the keys of two blocks only, held compact
+        rows = sw(q[:, :, start:], k, v, backend="cpu", q_start=start)
+        full = sw(q, k, v, backend="cpu")[:, :, start:]
+        torch.testing.assert_close(rows, full)
+        g = torch.randn(rows.shape)
+        got = torch.autograd.grad(rows, (k, v), g)
+        want = torch.autograd.grad(full, (k, v), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+            assert (a[:, :, :start - 16] == 0).all()
+    assert len(calls) >= 6 and calls.backward
+
+
 def test_bias_masks_are_added_as_floats(calls):
     op = attndsl.compile("patterns/llm.attn", "alibi", N=90, heads=4)
     compare(op, heads=4, dim=32, block=16)

@@ -523,8 +523,9 @@ int attndsl_flash_bwd(const bwd_args *B) {
     return 0;
 }
 
-/* out [B, HKV, N, D] at strides so_* += the sum over `parts` accumulators [parts, G, nkb, bk,
-   D] (at part stride ps) of each valid block position's row, at its key row pos. */
+/* out [B, HKV, N, D] at strides so_* += (with assign: =) the sum over `parts` accumulators
+   [parts, G, nkb, bk, D] (at part stride ps) of each valid block position's row, at its key
+   row pos. */
 typedef struct {
     const float *acc;
     int64_t parts, ps;
@@ -533,7 +534,7 @@ typedef struct {
     float *out;
     int64_t so_b, so_h, so_n;
     int64_t G, HKV, nkb, bk, D;
-    int threads;
+    int threads, assign;
 } unpack_args;
 
 static void unpack_item(const void *arg, int64_t k, void *mem, int tid) {
@@ -546,7 +547,12 @@ static void unpack_item(const void *arg, int64_t k, void *mem, int tid) {
         if (!U->valid[kb * bk + j]) continue;
         float *o = out + U->pos[kb * bk + j] * U->so_n;
         const float *a = U->acc + (k * bk + j) * D;
-        for (int64_t p = 0; p < U->parts; p++)
+        if (U->assign) {
+            for (int64_t c = 0; c < D; c++) o[c] = a[c];
+        } else {
+            for (int64_t c = 0; c < D; c++) o[c] += a[c];
+        }
+        for (int64_t p = 1; p < U->parts; p++)
             for (int64_t c = 0; c < D; c++) o[c] += a[p * U->ps + c];
     }
 }

@@ -470,8 +470,12 @@ def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):
     B, H, Nq, D = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     kt = _key_blocks(cp, k, "kt")
-    out = torch.zeros(B, H, Nq, D, dtype=torch.float32)
-    lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32)
+    if _rows_written(cp, B, k.shape[1], H // k.shape[1], Nq, active):
+        out = torch.empty(B, H, Nq, D, dtype=torch.float32)
+        lse = torch.empty(B, H, Nq, dtype=torch.float32)
+    else:
+        out = torch.zeros(B, H, Nq, D, dtype=torch.float32)
+        lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, k.shape[1], H // k.shape[1], active):
         native.forward(_fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid))
@@ -492,7 +496,8 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     threads = max(1, min(torch.get_num_threads(), ACC_BYTES // per))
     acc = caches.WORKSPACE.get("acc", (threads, 2, G, nkb, bk, D), torch.float32)
     acc.zero_()
-    dq = torch.zeros(B, H, Nq, D, dtype=torch.float32)
+    new = torch.empty if _rows_written(cp, B, HKV, H // HKV, Nq, active) else torch.zeros
+    dq = new(B, H, Nq, D, dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, HKV, H // HKV, active):
         f = _fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid)
@@ -501,9 +506,12 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
                                        *k.stride()[:3], vt.data_ptr(), dq.data_ptr(),
                                        acc.data_ptr(), G))
     kvalid = cp.kvalid.to(torch.uint8)
-    dk, dv = (torch.zeros(B, HKV, Nk, D, dtype=torch.float32) for _ in range(2))
-    native.unpack(acc[:, 0], cp.kpos, kvalid, dk)
-    native.unpack(acc[:, 1], cp.kpos, kvalid, dv)
+    # every row of k at one valid block position: unpack writes each row once
+    whole = not cp.compact and int(kvalid.sum()) == Nk
+    new = torch.empty if whole else torch.zeros
+    dk, dv = (new(B, HKV, Nk, D, dtype=torch.float32) for _ in range(2))
+    native.unpack(acc[:, 0], cp.kpos, kvalid, dk, assign=whole)
+    native.unpack(acc[:, 1], cp.kpos, kvalid, dv, assign=whole)
     return dq, dk, dv
 
 
@@ -534,8 +542,7 @@ def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
     """(tasks [T, 8] int64, the tensors their addresses point into) for flash.c: one batch
     for every unit whose masks are kept (made once per plan and shape), one per NATIVE_MASK
     elements of lazy masks."""
-    kept, alive, lazy = caches.NATIVE_TASKS.get_or_create(
-        (cp.plan, B, HKV, R), lambda: _kept_tasks(cp, B, HKV, R))
+    kept, alive, lazy, _ = _plan_tasks(cp, B, HKV, R)
     for u, t, mh, gl, heads in lazy:
         w = u.kidx.shape[1] * cp.bk
         step = max(1, NATIVE_MASK // (cp.bq * w))
@@ -548,12 +555,26 @@ def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
         yield _alive(kept, active), alive
 
 
+def _rows_written(cp: CpuPlan, B: int, HKV: int, R: int, Nq: int, active) -> bool:
+    """Whether flash.c writes every row of the call's outputs (o, lse, dq): a task for every
+    (pair, query head, query block), every row of q at one valid position, no MoH gate."""
+    return (active is None and _plan_tasks(cp, B, HKV, R)[3]
+            and int(cp.qvalid.sum()) == Nq)
+
+
+def _plan_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
+    return caches.NATIVE_TASKS.get_or_create((cp.plan, B, HKV, R),
+                                             lambda: _kept_tasks(cp, B, HKV, R))
+
+
 def _kept_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
     """(the tasks of the units whose masks are kept or None, the units they point into,
-    (unit, table, mask head, pairs, heads) of each unit whose masks are built per call)."""
+    (unit, table, mask head, pairs, heads) of each unit whose masks are built per call,
+    whether some unit covers every (pair, query head, query block))."""
     done: list = []
     alive: list = []
     lazy: list = []
+    seen = torch.zeros(B * HKV, R, cp.plan.nqb, dtype=torch.bool)
     for t, (g0, gs, gc), hsl, head in cp.passes(B, HKV, R):
         heads = list(range(R)) if hsl.start is None else [hsl.start]
         if gc == 0 or not heads:
@@ -561,6 +582,7 @@ def _kept_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
         gl = torch.arange(g0, g0 + gs * gc, gs)[:gc]
         mh = _mask_head(cp, head)
         for u in units(cp, t, mh, torch.float32):
+            seen[gl.view(-1, 1, 1), torch.tensor(heads).view(1, -1, 1), u.rows.view(1, 1, -1)] = 1
             if u.lazy:
                 lazy.append((u, t, mh, gl, heads))
                 continue
@@ -569,7 +591,7 @@ def _kept_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
             alive.append(u)
             m = u.mask if u.bits is None else u.bits
             done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads))
-    return (torch.cat(done) if done else None), tuple(alive), tuple(lazy)
+    return (torch.cat(done) if done else None), tuple(alive), tuple(lazy), bool(seen.all())
 
 
 def _alive(tasks: torch.Tensor, active) -> torch.Tensor:
