@@ -196,11 +196,12 @@ static inline __attribute__((always_inline)) void tile_qk(
     }
 }
 
-/* o[i, c0:c0 + 16] (row stride D) = o[i, c0:c0 + 16] al[i] + sum_j p[i, j] x_j[c0:c0 + 16],
-   j < n, rows i < M; x_j at rows[j] (the rows of v, k, q or dO where they lie). */
+/* o[i, c0:c0 + 16] (row stride D) = o[i, c0:c0 + 16] al[i] + sum_j p[i sp + j sj]
+   x_j[c0:c0 + 16], j < n, rows i < M; x_j at rows[j] (the rows of v, k, q or dO where they
+   lie). sj = 1 reads p row by row; sp = 1 reads it transposed (dS^T, P^T). */
 static inline __attribute__((always_inline)) void tile_pv(
-        int M, const float *p, int64_t sp, const float *const *rows, int64_t n, int64_t D,
-        int64_t c0, const float *al, float *o) {
+        int M, const float *p, int64_t sp, int64_t sj, const float *const *rows, int64_t n,
+        int64_t D, int64_t c0, const float *al, float *o) {
     __m256 c[6][2];
     for (int i = 0; i < 6; i++) {
         if (i < M) {
@@ -211,7 +212,7 @@ static inline __attribute__((always_inline)) void tile_pv(
     }
     for (int64_t j = 0; j < n; j++) {
         const float *x = rows[j] + c0;
-        fma_rows(M, p + j, sp, _mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), c);
+        fma_rows(M, p + j * sj, sp, _mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), c);
     }
     for (int i = 0; i < 6; i++) {
         if (i < M) {
@@ -349,7 +350,7 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
         for (int64_t i = 0, M; i < nr; i += M) {
             M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, W->s + i * KC, KC, W->vr, w, D, c, W->al + i,
+                DISPATCH(M, tile_pv(m_, W->s + i * KC, KC, 1, W->vr, w, D, c, W->al + i,
                                     W->o + i * D))
             }
         }
@@ -396,7 +397,8 @@ int attndsl_flash_fwd(const fwd_args *J) {
    the forward's lse, P = exp(S - lse), dP = dO V^T, dS = P (dP - delta) with delta =
    rowsum(dO O); dQ = scale dS K written to the task's rows, and dK += dS^T (q scale),
    dV += P^T dO added into this thread's own accumulators (acc[thread] = [2, G, nkb, bk, D]:
-   dk, dv), which attndsl_unpack sums afterwards, so tasks never race. */
+   dk, dv; a block's zeroed on the thread's first use, marked in touched), which
+   attndsl_unpack sums afterwards, so tasks never race. */
 typedef struct {
     fwd_args f;  /* q, o (the forward's output), lse, tasks ... as the forward had them */
     const float *dout;  /* [B, H, Nq, D] at strides sd_* */
@@ -405,14 +407,10 @@ typedef struct {
     int64_t sk_b, sk_h, sk_n;
     const float *vt;  /* [G, nkb, D, bk]: v transposed per block */
     float *dq;  /* [B, H, Nq, D] */
-    float *acc;  /* [threads, 2, G, nkb, bk, D], zero */
+    float *acc;  /* [threads, 2, G, nkb, bk, D], zeroed per block on first use */
+    uint8_t *touched;  /* [threads, G, nkb], 0: 1 where the thread's block is in use */
     int64_t G;
 } bwd_args;
-
-static void transpose_rows(const float *x, int64_t sx, int64_t nr, int64_t w, float *out) {
-    for (int64_t i = 0; i < nr; i++)
-        for (int64_t j = 0; j < w; j++) out[j * nr + i] = x[i * sx + j];
-}
 
 /* Per task sub-tile: qs = q scale, dot = dO (0 at padding positions, which then add
    nothing to dk and dv), their delta and lse (+inf without a key: P = 0). */
@@ -448,7 +446,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
     const int64_t *qpos = J->qpos + qb * bq + r0;
     float *qs = (float *)mem, *dot = qs + QT * D, *dq = dot + QT * D, *s = dq + QT * D;
-    float *dp = s + QT * KC, *tr = dp + QT * KC, *lse = tr + QT * KC, *delta = lse + QT;
+    float *dp = s + QT * KC, *lse = dp + QT * KC, *delta = lse + QT;
     float *vm = delta + QT, *ones = vm + 8 * QT;
     const uint8_t *valid = J->qvalid + qb * bq + r0;
     bwd_rows(B, b, h, qpos, valid, nr, qs, dot, delta, lse);
@@ -486,20 +484,27 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
         for (int64_t i = 0, M; i < nr; i += M) {  /* dQ += dS K */
             M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, dp + i * KC, KC, krows, w, D, c, ones, dq + i * D))
+                DISPATCH(M, tile_pv(m_, dp + i * KC, KC, 1, krows, w, D, c, ones, dq + i * D))
             }
         }
-        for (int pass = 0; pass < 2; pass++) {  /* dK += dS^T (q scale); dV += P^T dO */
-            transpose_rows(pass ? s : dp, KC, nr, w, tr);
-            const float *const *rows = pass ? drows : qrows;
-            float *acc = B->acc + (((int64_t)tid * 2 + pass) * B->G + g) * J->nkb * bk * D;
-            for (int64_t q_ = 0; q_ < nsl; q_++) {
-                float *blk = acc + kid[s0 + q_] * bk * D;
+        const int64_t blk = bk * D, part = B->G * J->nkb * blk;
+        float *acc = B->acc + ((int64_t)tid * 2 * B->G + g) * J->nkb * blk;
+        for (int64_t q_ = 0; q_ < nsl; q_++) {  /* dK += dS^T (q scale); dV += P^T dO */
+            const int64_t kb = kid[s0 + q_];
+            uint8_t *fresh = B->touched + ((int64_t)tid * B->G + g) * J->nkb + kb;
+            if (!*fresh) {  /* this thread's first use of the block: zero its sums */
+                memset(acc + kb * blk, 0, sizeof(float) * blk);
+                memset(acc + part + kb * blk, 0, sizeof(float) * blk);
+                *fresh = 1;
+            }
+            for (int pass = 0; pass < 2; pass++) {
+                const float *pt = (pass ? s : dp) + q_ * bk;
+                float *out = acc + pass * part + kb * blk;
                 for (int64_t i = 0, M; i < bk; i += M) {
                     M = tile_rows(i, bk);
                     for (int64_t c = 0; c < D; c += 16) {
-                        DISPATCH(M, tile_pv(m_, tr + (q_ * bk + i) * nr, nr, rows, nr, D, c,
-                                            ones, blk + i * D))
+                        DISPATCH(M, tile_pv(m_, pt + i, 1, KC, pass ? drows : qrows, nr, D,
+                                            c, ones, out + i * D))
                     }
                 }
             }
@@ -518,17 +523,19 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
 int attndsl_flash_bwd(const bwd_args *B) {
     const fwd_args *J = &B->f;
     if (J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1) return 1;
-    const size_t bytes = sizeof(float) * (QT * J->D * 3 + QT * KC * 3 + 10 * QT + KC);
+    const size_t bytes = sizeof(float) * (QT * J->D * 3 + QT * KC * 2 + 10 * QT + KC);
     parallel(J->threads, J->ntasks * ((J->bq + QT - 1) / QT), bytes, bwd_item, B);
     return 0;
 }
 
 /* out [B, HKV, N, D] at strides so_* += (with assign: =) the sum over `parts` accumulators
-   [parts, G, nkb, bk, D] (at part stride ps) of each valid block position's row, at its key
-   row pos. */
+   [parts, G, nkb, bk, D] (at part stride ps; a part's block counts where touched[part, g, kb],
+   at part stride ts) of each valid block position's row, at its key row pos. */
 typedef struct {
     const float *acc;
     int64_t parts, ps;
+    const uint8_t *touched;
+    int64_t ts;
     const int64_t *pos;
     const uint8_t *valid;
     float *out;
@@ -546,14 +553,18 @@ static void unpack_item(const void *arg, int64_t k, void *mem, int tid) {
     for (int64_t j = 0; j < bk; j++) {
         if (!U->valid[kb * bk + j]) continue;
         float *o = out + U->pos[kb * bk + j] * U->so_n;
-        const float *a = U->acc + (k * bk + j) * D;
-        if (U->assign) {
-            for (int64_t c = 0; c < D; c++) o[c] = a[c];
-        } else {
-            for (int64_t c = 0; c < D; c++) o[c] += a[c];
+        int first = U->assign;
+        for (int64_t p = 0; p < U->parts; p++) {
+            if (!U->touched[p * U->ts + k]) continue;
+            const float *a = U->acc + p * U->ps + (k * bk + j) * D;
+            if (first) {
+                for (int64_t c = 0; c < D; c++) o[c] = a[c];
+                first = 0;
+            } else {
+                for (int64_t c = 0; c < D; c++) o[c] += a[c];
+            }
         }
-        for (int64_t p = 1; p < U->parts; p++)
-            for (int64_t c = 0; c < D; c++) o[c] += a[p * U->ps + c];
+        if (first) memset(o, 0, sizeof(float) * D);  /* no task reached the block */
     }
 }
 

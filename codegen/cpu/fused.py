@@ -495,7 +495,7 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     per = max(1, 2 * G * nkb * bk * D * 4)
     threads = max(1, min(torch.get_num_threads(), ACC_BYTES // per))
     acc = caches.WORKSPACE.get("acc", (threads, 2, G, nkb, bk, D), torch.float32)
-    acc.zero_()
+    touched = torch.zeros(threads, G, nkb, dtype=torch.uint8)
     new = torch.empty if _rows_written(cp, B, HKV, H // HKV, Nq, active) else torch.zeros
     dq = new(B, H, Nq, D, dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
@@ -504,14 +504,14 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
         f.threads = threads
         native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], k.data_ptr(),
                                        *k.stride()[:3], vt.data_ptr(), dq.data_ptr(),
-                                       acc.data_ptr(), G))
+                                       acc.data_ptr(), touched.data_ptr(), G))
     kvalid = cp.kvalid.to(torch.uint8)
     # every row of k at one valid block position: unpack writes each row once
     whole = not cp.compact and int(kvalid.sum()) == Nk
     new = torch.empty if whole else torch.zeros
     dk, dv = (new(B, HKV, Nk, D, dtype=torch.float32) for _ in range(2))
-    native.unpack(acc[:, 0], cp.kpos, kvalid, dk, assign=whole)
-    native.unpack(acc[:, 1], cp.kpos, kvalid, dv, assign=whole)
+    native.unpack(acc[:, 0], touched, cp.kpos, kvalid, dk, assign=whole)
+    native.unpack(acc[:, 1], touched, cp.kpos, kvalid, dv, assign=whole)
     return dq, dk, dv
 
 

@@ -94,13 +94,14 @@ class BwdArgs(ctypes.Structure):
 
     _fields_ = [("f", FwdArgs), ("dout", _P), ("sd_b", _I), ("sd_h", _I), ("sd_n", _I),
                 ("k", _P), ("sk_b", _I), ("sk_h", _I), ("sk_n", _I),
-                ("vt", _P), ("dq", _P), ("acc", _P), ("G", _I)]
+                ("vt", _P), ("dq", _P), ("acc", _P), ("touched", _P), ("G", _I)]
 
 
 class UnpackArgs(ctypes.Structure):
     """flash.c's unpack_args."""
 
-    _fields_ = [("acc", _P), ("parts", _I), ("ps", _I), ("pos", _P), ("valid", _P),
+    _fields_ = [("acc", _P), ("parts", _I), ("ps", _I), ("touched", _P), ("ts", _I),
+                ("pos", _P), ("valid", _P),
                 ("out", _P), ("so_b", _I), ("so_h", _I), ("so_n", _I), ("G", _I), ("HKV", _I),
                 ("nkb", _I), ("bk", _I), ("D", _I), ("threads", ctypes.c_int),
                 ("assign", ctypes.c_int)]
@@ -159,13 +160,15 @@ def backward(args: BwdArgs) -> None:
     _run("attndsl_flash_bwd", args)
 
 
-def unpack(acc: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, out: torch.Tensor,
-           assign: bool = False) -> None:
-    """out [B, HKV, N, D] += (assign: =) acc [parts, B HKV, nkb, bk, D] summed over parts,
-    each block position's row at its key row (valid positions only)."""
+def unpack(acc: torch.Tensor, touched: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+           out: torch.Tensor, assign: bool = False) -> None:
+    """out [B, HKV, N, D] += (assign: =) acc [parts, B HKV, nkb, bk, D] summed over the parts
+    whose block is touched ([parts, B HKV, nkb] uint8), each block position's row at its key
+    row (valid positions only)."""
     parts, G, nkb, bk, D = acc.shape
     _run("attndsl_unpack", UnpackArgs(
-        acc.data_ptr(), parts, acc.stride(0), pos.data_ptr(), valid.data_ptr(), out.data_ptr(),
+        acc.data_ptr(), parts, acc.stride(0), touched.data_ptr(), touched.stride(0),
+        pos.data_ptr(), valid.data_ptr(), out.data_ptr(),
         out.stride(0), out.stride(1), out.stride(2), G, out.shape[1], nkb, bk, D,
         torch.get_num_threads(), int(assign)))
 
