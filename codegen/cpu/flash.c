@@ -223,7 +223,8 @@ static inline __attribute__((always_inline)) void tile_pv(
 }
 
 /* The rows of the register tile at row i of n: groups of 6 rows or fewer, as even as can
-   be (16 = 6 + 5 + 5), since a tile of fewer than 5 rows keeps too few sums in flight. */
+   be (16 = 6 + 5 + 5, not 6 + 6 + 4: a 4-row tile keeps 8 sums in flight, fewer than two
+   FMA pipes of latency 4-5 need; no change measurable on na2d, kept for the reason). */
 static inline int64_t tile_rows(int64_t i, int64_t n) {
     const int64_t left = n - i, groups = (left + 5) / 6;
     return (left + groups - 1) / groups;
