@@ -16,10 +16,11 @@ OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y
        "//": lambda x, y: x // y, "%": lambda x, y: x % y, ">>": lambda x, y: x >> y,
        "<<": lambda x, y: x << y, "&": lambda x, y: x & y, "|": lambda x, y: x | y}
 SMALL = st.integers(-(1 << 40), 1 << 40)
+WIDTH = st.integers(0, 5000)
 
 
 @st.composite
-def boxes(draw, n, lo=SMALL, width=st.integers(0, 5000)):
+def boxes(draw, n, lo=SMALL, width=WIDTH):
     los = np.array(draw(st.lists(lo, min_size=n, max_size=n)), dtype=np.int64)
     ws = np.array(draw(st.lists(width, min_size=n, max_size=n)), dtype=np.int64)
     return iv.IV(los, los + ws)
