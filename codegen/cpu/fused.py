@@ -563,11 +563,12 @@ def _rows_written(cp: CpuPlan, B: int, HKV: int, R: int, Nq: int, active) -> boo
 
 
 def _plan_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
+    """_build_tasks, once per (plan, batch, kv heads, query heads per kv head)."""
     return caches.NATIVE_TASKS.get_or_create((cp.plan, B, HKV, R),
-                                             lambda: _kept_tasks(cp, B, HKV, R))
+                                             lambda: _build_tasks(cp, B, HKV, R))
 
 
-def _kept_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
+def _build_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
     """(the tasks of the units whose masks are kept or None, the units they point into,
     (unit, table, mask head, pairs, heads) of each unit whose masks are built per call,
     whether some unit covers every (pair, query head, query block))."""
