@@ -275,6 +275,39 @@ static inline const void *key_mask(const fwd_args *J, const void *mk, int64_t mw
                    : (const void *)((const float *)mk + i * mw + j);
 }
 
+/* One work item of a call: rows r0 .. r0 + nr - 1 (nr <= QT) of a task, decoded. */
+typedef struct {
+    const int64_t *t, *kid, *qpos;  /* the task, its key-block ids, its rows' q rows */
+    const uint8_t *valid;  /* 1 where a row is a real query (not padding of the last block) */
+    int64_t r0, nr, g, b, hk, h, slots, base;  /* base: (b, h)'s first row of o, lse, dq */
+} item_t;
+
+/* Items a task is cut into. */
+static inline int64_t subs(const fwd_args *J) { return (J->bq + QT - 1) / QT; }
+
+/* Item k: sub-tile k % subs of task k / subs. */
+static item_t item(const fwd_args *J, int64_t k) {
+    item_t u;
+    u.t = J->tasks + (k / subs(J)) * TASK;
+    u.r0 = (k % subs(J)) * QT;
+    u.nr = J->bq - u.r0 < QT ? J->bq - u.r0 : QT;
+    u.g = u.t[0];
+    u.b = u.g / J->HKV;
+    u.hk = u.g % J->HKV;
+    u.h = u.hk * J->R + u.t[2];
+    u.slots = u.t[4];
+    u.kid = (const int64_t *)(intptr_t)u.t[3];
+    u.qpos = J->qpos + u.t[1] * J->bq + u.r0;
+    u.valid = J->qvalid + u.t[1] * J->bq + u.r0;
+    u.base = (u.b * J->H + u.h) * J->nq;
+    return u;
+}
+
+/* Whether flash.c refuses these arguments: D % 16 == 0, bk % 16 == 0, bk <= KC needed. */
+static int rejects(const fwd_args *J) {
+    return J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1;
+}
+
 /* qs[i] = q's row qpos[i] of (batch b, head h) times the scale, rows i < nr. */
 static void load_q(const fwd_args *J, int64_t b, int64_t h, const int64_t *qpos, int64_t nr,
                    float *qs) {
@@ -308,16 +341,12 @@ static void chunk_scores(const fwd_args *J, const int64_t *t, int64_t r0, int64_
     }
 }
 
-/* One task's rows r0 .. r0 + nr - 1 (nr <= QT) against all its key blocks. */
-static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr,
-                     scratch_t *W) {
-    const int64_t D = J->D, bk = J->bk, bq = J->bq;
-    const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
-    const int64_t *kid = (const int64_t *)(intptr_t)t[3];
-    const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
-    const int64_t *qpos = J->qpos + qb * bq + r0;
-    const float *vg = J->v + b * J->sv_b + hk * J->sv_h;
-    load_q(J, b, h, qpos, nr, W->qs);
+/* One item's rows against all its task's key blocks. */
+static void run_rows(const fwd_args *J, const item_t *u, scratch_t *W) {
+    const int64_t D = J->D, bk = J->bk, nr = u->nr, slots = u->slots;
+    const int64_t *kid = u->kid;
+    const float *vg = J->v + u->b * J->sv_b + u->hk * J->sv_h;
+    load_q(J, u->b, u->h, u->qpos, nr, W->qs);
     memset(W->o, 0, sizeof(float) * nr * D);
     for (int64_t i = 0; i < nr; i++) { W->m[i] = -INFINITY; W->l[i] = 0.0f; }
     const int64_t per = KC / bk;  /* key blocks per chunk */
@@ -326,7 +355,7 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
         const __m256 ninf = _mm256_set1_ps(-INFINITY);
         for (int64_t i = 0; i < nr; i++) _mm256_store_ps(W->vm + 8 * i, ninf);
         key_rows(J, kid + s0, nsl, vg, J->sv_n, W->vr);
-        chunk_scores(J, t, r0, nr, s0, nsl, W->qs, W->s, W->vm);
+        chunk_scores(J, u->t, u->r0, nr, s0, nsl, W->qs, W->s, W->vm);
         for (int64_t i = 0; i < nr; i++) {
             float *si = W->s + i * KC;
             float mnew = hmax(_mm256_load_ps(W->vm + 8 * i)), mold = W->m[i];
@@ -356,23 +385,22 @@ static void run_rows(const fwd_args *J, const int64_t *t, int64_t r0, int64_t nr
             }
         }
     }
-    const int64_t base = (b * J->H + h) * J->nq;
-    const uint8_t *valid = J->qvalid + qb * bq + r0;
     for (int64_t i = 0; i < nr; i++) {
-        if (!valid[i]) continue;  /* a padding position of the last block */
+        if (!u->valid[i]) continue;  /* a padding position of the last block */
         const float l = W->l[i];
         const __m256 inv = _mm256_set1_ps(l > 0.0f ? 1.0f / l : 0.0f);
-        float *o = J->o + (base + qpos[i]) * D;
+        const int64_t row = u->base + u->qpos[i];
+        float *o = J->o + row * D;
         for (int64_t c = 0; c < D; c += 8)
             _mm256_storeu_ps(o + c, _mm256_mul_ps(inv, _mm256_loadu_ps(W->o + i * D + c)));
-        J->lse[base + qpos[i]] = l > 0.0f ? W->m[i] + logf(l) : -INFINITY;
+        J->lse[row] = l > 0.0f ? W->m[i] + logf(l) : -INFINITY;
     }
 }
 
 static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     (void)tid;
     const fwd_args *J = (const fwd_args *)arg;
-    const int64_t D = J->D, sub = (J->bq + QT - 1) / QT;
+    const int64_t D = J->D;
     float *buf = (float *)mem;
     const float *vr[KC];
     scratch_t W = {buf, buf + QT * D + QT * D, buf + QT * D, NULL, NULL, NULL, NULL, vr};
@@ -380,17 +408,16 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     W.l = W.m + QT;
     W.al = W.l + QT;
     W.vm = W.al + QT;  /* 8 lanes a row */
-    const int64_t ti = k / sub, r0 = (k % sub) * QT;
-    const int64_t nr = J->bq - r0 < QT ? J->bq - r0 : QT;
-    run_rows(J, J->tasks + ti * TASK, r0, nr, &W);
+    const item_t u = item(J, k);
+    run_rows(J, &u, &W);
 }
 
-/* Runs every task (each cut into sub-tiles of QT query rows). Requires D % 16 == 0,
-   bk % 16 == 0, bk <= KC; returns 1 when it rejects its arguments, else 0. */
+/* Runs every task (each cut into items of QT query rows); 1 when it rejects its
+   arguments (rejects), else 0. */
 int attndsl_flash_fwd(const fwd_args *J) {
-    if (J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1) return 1;
+    if (rejects(J)) return 1;
     const size_t bytes = sizeof(float) * (QT * J->D * 2 + QT * KC + 11 * QT);
-    parallel(J->threads, J->ntasks * ((J->bq + QT - 1) / QT), bytes, fwd_item, J);
+    parallel(J->threads, J->ntasks * subs(J), bytes, fwd_item, J);
     return 0;
 }
 
@@ -415,11 +442,12 @@ typedef struct {
 
 /* Per task sub-tile: qs = q scale, dot = dO (0 at padding positions, which then add
    nothing to dk and dv), their delta and lse (+inf without a key: P = 0). */
-static void bwd_rows(const bwd_args *B, int64_t b, int64_t h, const int64_t *qpos,
-                     const uint8_t *valid, int64_t nr, float *qs, float *dot, float *delta,
+static void bwd_rows(const bwd_args *B, const item_t *u, float *qs, float *dot, float *delta,
                      float *lse) {
     const fwd_args *J = &B->f;
-    const int64_t D = J->D, base = (b * J->H + h) * J->nq;
+    const int64_t D = J->D, b = u->b, h = u->h, base = u->base, nr = u->nr;
+    const int64_t *qpos = u->qpos;
+    const uint8_t *valid = u->valid;
     load_q(J, b, h, qpos, nr, qs);
     for (int64_t i = 0; i < nr; i++) {
         const float *di = B->dout + b * B->sd_b + h * B->sd_h + qpos[i] * B->sd_n;
@@ -439,18 +467,15 @@ static void bwd_rows(const bwd_args *B, int64_t b, int64_t h, const int64_t *qpo
 static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const bwd_args *B = (const bwd_args *)arg;
     const fwd_args *J = &B->f;
-    const int64_t D = J->D, bk = J->bk, bq = J->bq, sub = (bq + QT - 1) / QT;
-    const int64_t *t = J->tasks + (k / sub) * TASK;
-    const int64_t r0 = (k % sub) * QT, nr = bq - r0 < QT ? bq - r0 : QT;
-    const int64_t g = t[0], qb = t[1], r = t[2], slots = t[4];
-    const int64_t *kid = (const int64_t *)(intptr_t)t[3];
-    const int64_t b = g / J->HKV, hk = g % J->HKV, h = hk * J->R + r;
-    const int64_t *qpos = J->qpos + qb * bq + r0;
+    const int64_t D = J->D, bk = J->bk;
+    const item_t u = item(J, k);
+    const int64_t *t = u.t, *kid = u.kid, *qpos = u.qpos;
+    const int64_t r0 = u.r0, nr = u.nr, g = u.g, b = u.b, hk = u.hk, slots = u.slots;
     float *qs = (float *)mem, *dot = qs + QT * D, *dq = dot + QT * D, *s = dq + QT * D;
     float *dp = s + QT * KC, *lse = dp + QT * KC, *delta = lse + QT;
     float *vm = delta + QT, *ones = vm + 8 * QT;
-    const uint8_t *valid = J->qvalid + qb * bq + r0;
-    bwd_rows(B, b, h, qpos, valid, nr, qs, dot, delta, lse);
+    const uint8_t *valid = u.valid;
+    bwd_rows(B, &u, qs, dot, delta, lse);
     for (int64_t i = 0; i < KC; i++) ones[i] = 1.0f;
     memset(dq, 0, sizeof(float) * nr * D);
     const float *krows[KC], *qrows[QT], *drows[QT];
@@ -511,11 +536,10 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
             }
         }
     }
-    const int64_t base = (b * J->H + h) * J->nq;
     const __m256 sc = _mm256_set1_ps(J->scale);
     for (int64_t i = 0; i < nr; i++) {
         if (!valid[i]) continue;
-        float *o = B->dq + (base + qpos[i]) * D;
+        float *o = B->dq + (u.base + qpos[i]) * D;
         for (int64_t c = 0; c < D; c += 8)
             _mm256_storeu_ps(o + c, _mm256_mul_ps(sc, _mm256_loadu_ps(dq + i * D + c)));
     }
@@ -523,9 +547,9 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
 
 int attndsl_flash_bwd(const bwd_args *B) {
     const fwd_args *J = &B->f;
-    if (J->D % 16 || J->bk % 16 || J->bk > KC || J->D > 1024 || J->threads < 1) return 1;
+    if (rejects(J)) return 1;
     const size_t bytes = sizeof(float) * (QT * J->D * 3 + QT * KC * 2 + 10 * QT + KC);
-    parallel(J->threads, J->ntasks * ((J->bq + QT - 1) / QT), bytes, bwd_item, B);
+    parallel(J->threads, J->ntasks * subs(J), bytes, bwd_item, B);
     return 0;
 }
 
