@@ -39,11 +39,14 @@ def _operand(op: str, draw_const: bool, data) -> iv.IV:
     return iv.IV(np.asarray(np.int64(lo)), np.asarray(np.int64(hi)))
 
 
-@settings(max_examples=300, deadline=None)
-@given(op=st.sampled_from(sorted(OPS)), const=st.booleans(), data=st.data())
-def test_every_operator_contains_its_values(op, const, data):
+@settings(max_examples=400, deadline=None)
+@given(op=st.sampled_from(sorted(OPS)), const=st.booleans(), point=st.booleans(),
+       data=st.data())
+def test_every_operator_contains_its_values(op, const, point, data):
     a = data.draw(boxes(6, lo=st.integers(-(1 << 30), 1 << 30)
-                        if op == "<<" else SMALL))
+                        if op == "<<" else SMALL, width=st.just(0) if point else WIDTH))
+    if point:  # one value a box, held as one array (the points' one-pass path)
+        a = iv.IV(a.lo, a.lo)
     b = _operand(op, const, data)
     try:
         r = iv.binop(op, a, b)
@@ -82,3 +85,38 @@ def test_overflow_is_unknown_not_wrapped():
     small = iv.IV(np.array([-3, 7], dtype=np.int64), np.array([2, 9], dtype=np.int64))
     r = iv.binop("*", small, four)
     assert list(r.lo) == [-12, 28] and list(r.hi) == [8, 36]
+
+
+CMP = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+       "==": np.equal, "!=": np.not_equal}
+
+
+@settings(max_examples=200, deadline=None)
+@given(op=st.sampled_from(sorted(CMP)), data=st.data(),
+       xs=st.lists(st.integers(-50, 50), min_size=5, max_size=5),
+       ys=st.lists(st.integers(-50, 50), min_size=5, max_size=5))
+def test_comparisons_of_points_are_exact_and_of_boxes_sound(op, data, xs, ys):
+    x, y = np.array(xs, dtype=np.int64), np.array(ys, dtype=np.int64)
+    r = iv.compare(op, iv.IV(x, x), iv.IV(y, y))
+    want = CMP[op](x, y)
+    assert (r.t == want).all() and (r.f == ~want).all()
+    w = np.array(data.draw(st.lists(st.integers(0, 3), min_size=5, max_size=5)))
+    r = iv.compare(op, iv.IV(x, x + w), iv.IV(y, y))  # may be true / false where it can be
+    for i in range(5):
+        vals = {bool(CMP[op](v, y[i])) for v in range(x[i], x[i] + w[i] + 1)}
+        assert (True not in vals or r.t[i]) and (False not in vals or r.f[i])
+
+
+def test_quotients_that_agree_become_points_and_whole_periods_one_interval():
+    a = iv.IV(np.array([64, 130, -64], dtype=np.int64), np.array([127, 191, -1], dtype=np.int64))
+    c = iv.IV(np.asarray(np.int64(64)), np.asarray(np.int64(64)))
+    q = iv.binop("//", a, c)
+    assert q.lo is q.hi and list(q.lo) == [1, 2, -1]  # later operations take one pass
+    k = iv.IV(np.asarray(np.int64(40503)), np.asarray(np.int64(40503)))
+    three = iv.IV(np.asarray(np.int64(3)), np.asarray(np.int64(3)))
+    r = iv.binop("%", iv.binop("+", iv.binop("*", q, k), three), three)
+    assert r.lo is r.hi and list(r.lo) == [(x * 40503 + 3) % 3 for x in (1, 2, -1)]
+    wide = iv.binop("%", iv.IV(np.array([0, 10], dtype=np.int64),
+                               np.array([70000, 80000], dtype=np.int64)),
+                    iv.IV(np.asarray(np.int64(65536)), np.asarray(np.int64(65536))))
+    assert np.ndim(wide.lo) == 0 and (int(wide.lo), int(wide.hi)) == (0, 65535)

@@ -270,6 +270,21 @@ def test_calls_run_the_blocks_the_planner_chooses(calls):
     assert used == want and out.shape == q.shape and calls
 
 
+def test_tasks_run_query_blocks_in_order_per_pair_and_head(calls):
+    """A thread runs consecutive tasks: they go by (batch and kv head, query head, query
+    block), so neighbouring query blocks, which share key blocks, follow each other (the
+    planner's units group far-apart blocks), every block of every head exactly once."""
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=24, W=24, kernel=5,
+                         dilation=2)
+    caches.NATIVE_TASKS.clear()
+    q = torch.randn(2, 4, 576, 16)
+    op(q, q[:, :2], q[:, :2], backend="cpu")
+    (entry,) = caches.NATIVE_TASKS.values()
+    t = entry[0]
+    key = [(int(g), int(r), int(qb)) for g, qb, r in t[:, :3]]
+    assert key == sorted(key) and len(set(key)) == len(key) == 2 * 2 * 2 * 36 and calls
+
+
 def test_an_output_edited_in_place_is_caught(calls):
     """The native backward reads the forward's output: editing it in place is an error,
     never a silently wrong gradient."""

@@ -306,6 +306,10 @@ def compare(op, a, b, diff=None) -> BV:
             t = (a.t & b.f) | (a.f & b.t)
             f = (a.t & b.t) | (a.f & b.f)
         return BV(t, f)
+    if isinstance(a, IV) and isinstance(b, IV) and _point(a) and (_point(b) or _exact(b)):
+        t = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+             "==": np.equal, "!=": np.not_equal}[op](a.lo, b.lo)
+        return BV(t, ~t)
     if op == "<":
         return BV(a.lo < b.hi, a.hi >= b.lo)
     if op == "<=":
@@ -396,7 +400,13 @@ def _fits(a: IV, b: IV, g) -> None:
 
 def _corners(f, a: IV, b: IV, g=None) -> IV:
     # an operand that is one value everywhere (a constant, mostly) has two corners, not four
-    # (the other two repeat them): half the passes over the boxes
+    # (the other two repeat them): half the passes over the boxes; two points, one
+    if _point(a) and (_point(b) or _exact(b)):
+        if g is not None:
+            _fits(a, b, g)
+        with np.errstate(over="ignore"):
+            c = f(a.lo, b.lo)
+        return IV(c, c)
     if _exact(b):
         pairs = [(a.lo, b.lo), (a.hi, b.lo)]
     elif _exact(a):
@@ -418,6 +428,21 @@ def _exact(a: IV) -> bool:
     return np.ndim(a.lo) == 0 and np.ndim(a.hi) == 0 and a.lo == a.hi
 
 
+def _point(a: IV) -> bool:
+    """Whether `a` is known to be one value in each box by its bounds being one array:
+    operations on points make one pass over the boxes, not two to four (a hashed random
+    block is a chain of them once its query group is one block: a third less time to
+    analyse the BigBird-style pattern of bench/cpu_bench.py)."""
+    return a.lo is a.hi
+
+
+def _settle(lo, hi) -> IV:
+    """IV(lo, hi), its bounds one array where they agree in every box (a point, _point)."""
+    if lo is not hi and np.shape(lo) == np.shape(hi) and np.array_equal(lo, hi):
+        return IV(lo, lo)
+    return IV(lo, hi)
+
+
 def _bits(x):
     """Smallest 2^n - 1 >= x for x >= 0 (elementwise)."""
     x = np.maximum(_i(x), 0)
@@ -434,14 +459,22 @@ def _by_constant(op: str, a: IV, m: int) -> IV:
     a % m is exact where they agree. A power of two takes shifts and masks (the same floor
     semantics in int64), several times faster than integer division over many boxes."""
     pow2 = m & (m - 1) == 0
+    k = m.bit_length() - 1
+    if _point(a):
+        if op == "//":
+            x = np.right_shift(a.lo, k) if pow2 else np.floor_divide(a.lo, m)
+        else:
+            x = np.bitwise_and(a.lo, m - 1) if pow2 else np.mod(a.lo, m)
+        return IV(x, x)
     if pow2:
-        k = m.bit_length() - 1
         qlo, qhi = np.right_shift(a.lo, k), np.right_shift(a.hi, k)
     else:
         qlo, qhi = np.floor_divide(a.lo, m), np.floor_divide(a.hi, m)
     if op == "//":
-        return IV(qlo, qhi)
+        return _settle(qlo, qhi)
     same = qlo == qhi
+    if not same.any():  # every box spans a whole period: one interval for all (a scalar)
+        return IV(_i(0), _i(m - 1))
     rlo, rhi = ((np.bitwise_and(a.lo, m - 1), np.bitwise_and(a.hi, m - 1)) if pow2
                 else (a.lo - qlo * m, a.hi - qhi * m))
     return IV(np.where(same, rlo, 0), np.where(same, rhi, m - 1))
@@ -452,12 +485,15 @@ def binop(op, a, b, diff=None):
         return _and(a, b) if op == "and" else _or(a, b)
     if isinstance(a, FV) or isinstance(b, FV) or op in ("/", "**"):
         raise Unknown(op)
-    if op == "+":
-        _fits(a, b, operator.add)
-        return _tagged(IV(a.lo + b.lo, a.hi + b.hi), _tag_add(a, b, 1), diff)
-    if op == "-":
-        _fits(a, b, operator.sub)
-        return _tagged(IV(a.lo - b.hi, a.hi - b.lo), _tag_add(a, b, -1), diff)
+    if op in ("+", "-"):
+        _fits(a, b, operator.add if op == "+" else operator.sub)
+        if _point(a) and (_point(b) or _exact(b)):
+            x = a.lo + b.lo if op == "+" else a.lo - b.lo
+            iv = IV(x, x)
+        else:
+            iv = (IV(a.lo + b.lo, a.hi + b.hi) if op == "+"
+                  else IV(a.lo - b.hi, a.hi - b.lo))
+        return _tagged(iv, _tag_add(a, b, 1 if op == "+" else -1), diff)
     if op == "*":
         return _corners(np.multiply, a, b, operator.mul)
     if op in ("//", "%") and _exact(b) and b.lo > 0:
@@ -484,7 +520,10 @@ def binop(op, a, b, diff=None):
         if op == ">>":
             if _exact(b):  # monotone in a
                 s_ = min(int(b.lo), 63)
-                return IV(np.right_shift(a.lo, s_), np.right_shift(a.hi, s_))
+                if _point(a):
+                    x = np.right_shift(a.lo, s_)
+                    return IV(x, x)
+                return _settle(np.right_shift(a.lo, s_), np.right_shift(a.hi, s_))
             return _corners(np.right_shift, a, IV(np.minimum(b.lo, 63), np.minimum(b.hi, 63)))
         if np.any(b.hi >= 62):
             raise Unknown("shift")

@@ -592,7 +592,18 @@ def _build_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
             alive.append(u)
             m = u.mask if u.bits is None else u.bits
             done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads))
-    return (torch.cat(done) if done else None), tuple(alive), tuple(lazy), bool(seen.all())
+    return _local(torch.cat(done)) if done else None, tuple(alive), tuple(lazy), bool(seen.all())
+
+
+def _local(tasks: torch.Tensor) -> torch.Tensor:
+    """Tasks by (pair, query head, query block): units group query blocks by their key-list
+    shape, far apart in space, but a thread runs consecutive tasks, and neighbouring query
+    blocks of one head share most key blocks, which then stay in its L2 (one new key block a
+    task instead of 2.25 on dilated na2d; 3-10% faster forwards on na2d, na3d and dilated
+    na2d, in-process A/B, 2-core EPYC)."""
+    key = (tasks[:, 0] * (int(tasks[:, 2].max()) + 1) + tasks[:, 2]) * (
+        int(tasks[:, 1].max()) + 1) + tasks[:, 1]
+    return tasks[torch.argsort(key, stable=True)]
 
 
 def _alive(tasks: torch.Tensor, active) -> torch.Tensor:
