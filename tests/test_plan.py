@@ -525,3 +525,41 @@ def test_random_summary_rules_plan_as_their_masks(n, a, b, ni, nj, m1, m2, a1, a
     attend = attend.expand(n, member.shape[0]).numpy()
     assert plan.summary.needed == _check_summary(plan, attend)
     _check_blocks_of_rows(plan, member.numpy(), attend)
+
+
+HASHED = """
+pattern hashed(N: int, block: int = 8, seed: int = 1) {
+    space seq(N)
+    let nb = cdiv(N, block)
+    let qb = q // block
+    let kb = k // block
+    let h = ((qb * 40503 + (0, 1) * 65599 + seed) % 65536 * 2654435761) % 4294967296
+    attend abs(qb - kb) <= 1 or kb < 1 or any((h >> 11) % nb == kb)
+}
+pattern grid_lets(H: int, W: int) {
+    space grid(H, W)
+    let p = q
+    let row = p.y // 3
+    let col = (q.x * 7 + 1) % 5
+    attend abs(row - k.y // 3) <= 1 and (col == k.x % 5 or abs(q.x - k.x) <= 1)
+}
+"""
+
+
+@pytest.mark.parametrize("pattern,params", [("hashed", dict(N=300)),
+                                            ("hashed", dict(N=1000, block=16, seed=5)),
+                                            ("grid_lets", dict(H=20, W=17))])
+def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeypatch):
+    """Lets that read only the query are evaluated once a query group and spread over the
+    group's pairs (blocks.QueryGroups): the tables equal the brute-force masks and the
+    refinement without groups, pair for pair."""
+    from attndsl.analysis import blocks
+    op = attndsl.compile(HASHED, pattern, **params)
+    spread = []
+    real = blocks._spread
+    monkeypatch.setattr(blocks, "_spread", lambda v, sel: spread.append(1) or real(v, sel))
+    grouped = check(op, 16, 16)
+    assert spread, "no let was evaluated per query group"
+    monkeypatch.setattr(blocks.PatternJudge, "grouped", False)
+    plain = build_plan(op.bound, 16, 16, validate(op.bound, {}, for_mask=True))
+    assert [listed(t) for t in grouped.tables] == [listed(t) for t in plain.tables]

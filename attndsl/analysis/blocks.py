@@ -19,6 +19,7 @@ import torch
 from attndsl.analysis.intervals import (
     BV,
     FULL,
+    FV,
     IV,
     PARTIAL,
     AbstractEvaluator,
@@ -29,6 +30,8 @@ from attndsl.analysis.intervals import (
     token_box,
 )
 from attndsl.errors import PairLimitError, SizeLimitError
+from attndsl.lang import ir
+from attndsl.lang.walk import walk
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
 from attndsl.semantics.evaluate import unravel
@@ -85,13 +88,81 @@ class _BoxDomain:
         return BV(x.f, x.t)
 
 
-def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator) -> dict:
+@dataclass(frozen=True)
+class QueryGroups:
+    """The distinct query groups of a batch of boxes: `box` (TokIV, one entry a group) and
+    `sel`, each box's group. A let that reads only the query (a hashed random block, a
+    query's block) is evaluated once a group, not once a box, then spread with `sel`: a
+    query group meets ~10 key groups in a BigBird-style refinement."""
+
+    box: TokIV
+    sel: np.ndarray
+
+
+def _query_only(e: ir.Expr, known: dict) -> bool:
+    """Whether e reads the query (and constants, run-time inputs, query-only lets) only:
+    not k, h, summary tokens, pattern calls or content-dependent selections."""
+    uses_q = False
+    for x in walk(e, links=True):
+        if isinstance(x, ir.Name):
+            if x.ref == "q":
+                uses_q = True
+            elif x.ref in ("k", "h", "summary"):
+                return False
+            elif x.ref == "local" and x.id in known:
+                if not known[x.id]:
+                    return False
+                uses_q = True
+        elif isinstance(x, ir.Call) and x.ref in ("pattern", "dynamic"):
+            return False
+    return uses_q
+
+
+def _spread(v, sel: np.ndarray):
+    """A value computed once a query group, for every box (QueryGroups.sel)."""
+    def take(a):
+        a = np.asarray(a)
+        return a if a.ndim == 0 else a[sel]
+
+    if isinstance(v, tuple):
+        return tuple(_spread(x, sel) for x in v)
+    if isinstance(v, IV):
+        lo = take(v.lo)
+        return IV(lo, lo if v.hi is v.lo else take(v.hi), v.tag)
+    if isinstance(v, BV):
+        return BV(take(v.t), take(v.f))
+    if isinstance(v, FV):
+        return FV(take(v.lo), take(v.hi))
+    if isinstance(v, TokIV):
+        return TokIV(_spread(v.index, sel), _spread(v.pos, sel), v.shape, v.axes)
+    raise Unknown("spread")
+
+
+def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator,
+                  groups: QueryGroups | None = None) -> dict:
     """The owner's lets that are not static values, on `ev`'s boxes (in order: each sees
-    the earlier ones; one the domain cannot model is an error only where a rule reads it)."""
-    local = {}
+    the earlier ones; one the domain cannot model is an error only where a rule reads it).
+    With `groups`, a let that reads only the query is evaluated once a query group."""
+    local: dict = {}
+    per_group: dict = {}  # the query-only lets, one entry a group
+    known: dict = {}  # let -> whether it reads only the query
+    gev = None
+    if groups is not None:
+        gev = AbstractEvaluator(ev.env, {"q": groups.box}, ev.hooks, None)
     for let in owner.checked.lets:
         if let.name in owner.env and let.value.ty.static:
             continue
+        q_only = gev is not None and _query_only(let.value, known)
+        known[let.name] = False
+        if q_only:
+            try:
+                v = gev.eval(let.value, per_group)
+                local[let.name] = _spread(v, groups.sel)
+                per_group[let.name] = v
+                known[let.name] = True
+                continue
+            except Unknown:
+                pass  # as if ungrouped, below
         try:
             local[let.name] = ev.eval(let.value, local)
         except Unknown:
@@ -99,15 +170,17 @@ def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator) -> dict:
     return local
 
 
-def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None) -> BV:
-    """The (may-true, may-false) of the direct mask over the boxes in ctx."""
+def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None,
+                       groups: QueryGroups | None = None) -> BV:
+    """The (may-true, may-false) of the direct mask over the boxes in ctx (`groups`: their
+    distinct query groups, QueryGroups)."""
     evaluators: dict = {}
 
     def value(owner, rule):
         got = evaluators.get(id(owner))
         if got is None:
             ev = AbstractEvaluator({**owner.env, **run.env}, ctx, AbstractHooks(run), diff)
-            got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev))
+            got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev, groups))
         ev, local = got
         return ev.eval(rule.expr, local)
 
@@ -127,9 +200,10 @@ def classify_boxes(bp: BoundPattern, q0, q1, k0, k1, head=None, dlo=None, dhi=No
 
 
 def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None,
-                         run: RunInputs = NONE) -> np.ndarray:
+                         run: RunInputs = NONE, groups: QueryGroups | None = None
+                         ) -> np.ndarray:
     """EMPTY/PARTIAL/FULL for boxes of query and key tokens given per axis (TokIV), where
-    q - k (flat indices) lies in [dlo, dhi]."""
+    q - k (flat indices) lies in [dlo, dhi] (`groups`: the boxes' distinct query groups)."""
     shape = np.broadcast(np.asarray(qbox.index.lo), np.asarray(kbox.index.lo)).shape
     ctx = {"q": qbox, "k": kbox}
     if head is not None:
@@ -137,8 +211,8 @@ def classify_token_boxes(bp: BoundPattern, qbox, kbox, dlo, dhi, head=None,
         ctx["h"] = IV(h, h)
     try:
         with np.errstate(all="ignore"):
-            return np.broadcast_to(classify(abstract_predicate(bp, ctx, run, (dlo, dhi))),
-                                   shape)
+            return np.broadcast_to(
+                classify(abstract_predicate(bp, ctx, run, (dlo, dhi), groups)), shape)
     except (Unknown, FloatingPointError, OverflowError, ValueError, ZeroDivisionError):
         return np.full(shape, PARTIAL, dtype=np.int8)
 
@@ -449,15 +523,21 @@ class PatternJudge:
     mask: refine's default. Another judge (a summary's member or attend rule,
     codegen/plan/summary.py) gives `qshape`, `kshape` and the same call."""
 
+    grouped = True  # takes the pairs' distinct query groups (refine passes them)
+
     def __init__(self, bp: BoundPattern, head, run: RunInputs):
         self.bp, self.head, self.run = bp, head, run
         self.qshape, self.kshape = bp.qshape, bp.kshape
 
-    def __call__(self, qb: Bounds, kb: Bounds) -> np.ndarray:
+    def __call__(self, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
+        """groups: (the distinct query groups as Bounds, each pair's group among them)."""
         bp = self.bp
-        return classify_token_boxes(bp, qb.box(bp.qshape, bp.checked.qspace.axes, "q"),
+        axes = bp.checked.qspace.axes
+        qg = None if groups is None else QueryGroups(groups[0].box(bp.qshape, axes, "q"),
+                                                     groups[1])
+        return classify_token_boxes(bp, qb.box(bp.qshape, axes, "q"),
                                     kb.box(bp.kshape, bp.checked.kspace.axes, "k"),
-                                    qb.flo - kb.fhi, qb.fhi - kb.flo, self.head, self.run)
+                                    qb.flo - kb.fhi, qb.fhi - kb.flo, self.head, self.run, qg)
 
 
 def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
@@ -490,6 +570,11 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
     nq_at = np.array([len(x) for x in qlev])
     nk_at = np.array([len(x) for x in klev])
     qgather, kgather = _Gather(qlev), _Gather(klev)
+
+    def grouped(lq, gi):  # the pairs' distinct query groups, for a judge that takes them
+        g = _query_groups(lq, gi, nq_at) if getattr(judge, "grouped", False) else None
+        return None if g is None else (qgather(g[0], g[1]), g[2])
+
     full, diags, diag_at, und_i, und_j = [], [], [], [], []
     evaluated = next_id = 0
     while len(front[0]):
@@ -505,7 +590,8 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
                                  "to decompose exactly at this size", bp.checked.span)
         if not len(gi):
             break
-        cls = judge(qb, kb)
+        groups = grouped(lq, gi)
+        cls = judge(qb, kb) if groups is None else judge(qb, kb, groups)
         f = np.nonzero(cls == FULL)[0]
         for l1, l2, at in _by_level(lq[f], lk[f]):
             full.append((l1, l2, gi[f[at]], gj[f[at]]))
@@ -537,12 +623,14 @@ def refine(bp: BoundPattern, qlev: list[Bounds], klev: list[Bounds], head=None,
             at = np.nonzero(probe)[0]
             if len(at) > PROBE_SAMPLE:  # worth probing every pair? ask a spread sample first
                 few = at[np.linspace(0, len(at) - 1, PROBE_SAMPLE).astype(np.int64)]
-                got = _probe(judge, qb.take(s[few]), kb.take(s[few]))
+                got = _probe(judge, qb.take(s[few]), kb.take(s[few]),
+                             grouped(lq[few], gi[few]))
                 side[few] = got
                 at = at[np.isin(at, few, invert=True)] if (got != 3).mean() >= PROBE_WORTH \
                     else at[:0]
             if len(at):
-                side[at] = _probe(judge, qb.take(s[at]), kb.take(s[at]))
+                side[at] = _probe(judge, qb.take(s[at]), kb.take(s[at]),
+                                  grouped(lq[at], gi[at]))
         _step_fits(bp, int(np.where(side == 3, 4, 2).sum()), max_step)
         front = _children(nq_at, nk_at, lq, lk, gi, gj, side, next_id)
         next_id += len(gi)
@@ -578,6 +666,27 @@ class _Gather:
         return got.take(where)
 
 
+def _query_groups(lq: np.ndarray, gi: np.ndarray, nq_at: np.ndarray):
+    """(levels, groups, each pair's row among them) of the distinct query groups of a step's
+    pairs, or None when they are not at most half as many as the pairs (QueryGroups)."""
+    sel = np.empty(len(lq), dtype=np.int64)
+    levels, groups, off = [], [], 0
+    one = not len(lq) or (lq == lq[0]).all()
+    for lev in ([int(lq[0])] if one and len(lq) else np.unique(lq).tolist()):
+        at = slice(None) if one else np.nonzero(lq == lev)[0]
+        g = gi[at]
+        used = np.zeros(int(nq_at[lev]), dtype=bool)
+        used[g] = True
+        idx = np.flatnonzero(used)
+        sel[at] = off + (np.cumsum(used) - 1)[g]
+        levels.append(np.full(len(idx), lev))
+        groups.append(idx)
+        off += len(idx)
+    if 2 * off > len(lq):
+        return None
+    return np.concatenate(levels), np.concatenate(groups), sel
+
+
 def _by_level(lq: np.ndarray, lk: np.ndarray):
     """(level q, level k, positions) for each pair of levels present, coarsest first."""
     if not len(lq):
@@ -603,16 +712,24 @@ def _unpruned(parent: np.ndarray, partial: np.ndarray) -> np.ndarray:
     return out
 
 
-def _probe(judge, qb: Bounds, kb: Bounds) -> np.ndarray:
+def _probe(judge, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
     """Which side of each PARTIAL pair to split: 1 the query side (its first and its last
     query alone are each decided, its first or its last key alone is not), 2 the key side
     (the other way round), 3 both. (Both ends: a diagonal edge through a box leaves one of
     its end rows whole and cuts an end column; such a box is best split on both sides.)
-    The four probes of every pair go to the abstract interpreter in one call."""
+    The four probes of every pair go to the abstract interpreter in one call (`groups`: the
+    pairs' distinct query groups and each pair's, as PatternJudge takes them)."""
     n = len(qb)
     qs = Bounds.concat([_point(qb.flo, judge.qshape), _point(qb.fhi, judge.qshape), qb, qb])
     ks = Bounds.concat([kb, kb, _point(kb.flo, judge.kshape), _point(kb.fhi, judge.kshape)])
-    decided = (judge(qs, ks) != PARTIAL).reshape(4, n)
+    if groups is None:
+        cls = judge(qs, ks)
+    else:  # the probes' query groups: each group's first query, its last, itself (twice)
+        gb, sel = groups
+        m = len(gb)
+        gq = Bounds.concat([_point(gb.flo, judge.qshape), _point(gb.fhi, judge.qshape), gb])
+        cls = judge(qs, ks, (gq, np.concatenate([sel, m + sel, 2 * m + sel, 2 * m + sel])))
+    decided = (cls != PARTIAL).reshape(4, n)
     by_q, by_k = decided[0] & decided[1], decided[2] & decided[3]
     return np.where(by_q & ~by_k, 1, np.where(by_k & ~by_q, 2, 3)).astype(np.int8)
 
