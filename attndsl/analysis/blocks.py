@@ -118,6 +118,18 @@ def _query_only(e: ir.Expr, known: dict) -> bool:
     return uses_q
 
 
+def _has_query_only_let(bp: BoundPattern) -> bool:
+    """Whether a let of the pattern that is not a static value reads only the query."""
+    known: dict = {}
+    for let in bp.checked.lets:
+        if let.name in bp.env and let.value.ty.static:
+            continue
+        known[let.name] = _query_only(let.value, known)
+        if known[let.name]:
+            return True
+    return False
+
+
 def _spread(v, sel: np.ndarray):
     """A value computed once a query group, for every box (QueryGroups.sel)."""
     def take(a):
@@ -523,11 +535,12 @@ class PatternJudge:
     mask: refine's default. Another judge (a summary's member or attend rule,
     codegen/plan/summary.py) gives `qshape`, `kshape` and the same call."""
 
-    grouped = True  # takes the pairs' distinct query groups (refine passes them)
-
     def __init__(self, bp: BoundPattern, head, run: RunInputs):
         self.bp, self.head, self.run = bp, head, run
         self.qshape, self.kshape = bp.qshape, bp.kshape
+        # takes the pairs' distinct query groups (refine passes them) where some let reads
+        # only the query: elsewhere finding the groups would be work for nothing
+        self.grouped = _has_query_only_let(bp)
 
     def __call__(self, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
         """groups: (the distinct query groups as Bounds, each pair's group among them)."""
