@@ -560,6 +560,6 @@ def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeyp
     monkeypatch.setattr(blocks, "_spread", lambda v, sel: spread.append(1) or real(v, sel))
     grouped = check(op, 16, 16)
     assert spread, "no let was evaluated per query group"
-    monkeypatch.setattr(blocks, "_has_query_only_let", lambda bp: False)
+    monkeypatch.setattr(blocks, "_query_only_lets", lambda owner: frozenset())
     plain = build_plan(op.bound, 16, 16, validate(op.bound, {}, for_mask=True))
     assert [listed(t) for t in grouped.tables] == [listed(t) for t in plain.tables]

@@ -118,16 +118,19 @@ def _query_only(e: ir.Expr, known: dict) -> bool:
     return uses_q
 
 
-def _has_query_only_let(bp: BoundPattern) -> bool:
-    """Whether a let of the pattern that is not a static value reads only the query."""
+def _dynamic_lets(owner: BoundPattern):
+    """The owner's lets that are not static values (those are in its env already)."""
+    return [let for let in owner.checked.lets
+            if not (let.name in owner.env and let.value.ty.static)]
+
+
+def _query_only_lets(owner: BoundPattern) -> frozenset:
+    """The names of the owner's dynamic lets that read only the query (earlier such lets
+    included)."""
     known: dict = {}
-    for let in bp.checked.lets:
-        if let.name in bp.env and let.value.ty.static:
-            continue
+    for let in _dynamic_lets(owner):
         known[let.name] = _query_only(let.value, known)
-        if known[let.name]:
-            return True
-    return False
+    return frozenset(name for name, q in known.items() if q)
 
 
 def _spread(v, sel: np.ndarray):
@@ -157,21 +160,16 @@ def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator,
     With `groups`, a let that reads only the query is evaluated once a query group."""
     local: dict = {}
     per_group: dict = {}  # the query-only lets, one entry a group
-    known: dict = {}  # let -> whether it reads only the query
-    gev = None
+    q_only, gev = frozenset(), None
     if groups is not None:
+        q_only = _query_only_lets(owner)
         gev = AbstractEvaluator(ev.env, {"q": groups.box}, ev.hooks, None)
-    for let in owner.checked.lets:
-        if let.name in owner.env and let.value.ty.static:
-            continue
-        q_only = gev is not None and _query_only(let.value, known)
-        known[let.name] = False
-        if q_only:
-            try:
+    for let in _dynamic_lets(owner):
+        if let.name in q_only:
+            try:  # a query-only let that failed leaves its readers to fail the same way
                 v = gev.eval(let.value, per_group)
                 local[let.name] = _spread(v, groups.sel)
                 per_group[let.name] = v
-                known[let.name] = True
                 continue
             except Unknown:
                 pass  # as if ungrouped, below
@@ -540,7 +538,7 @@ class PatternJudge:
         self.qshape, self.kshape = bp.qshape, bp.kshape
         # takes the pairs' distinct query groups (refine passes them) where some let reads
         # only the query: elsewhere finding the groups would be work for nothing
-        self.grouped = _has_query_only_let(bp)
+        self.grouped = bool(_query_only_lets(bp))
 
     def __call__(self, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
         """groups: (the distinct query groups as Bounds, each pair's group among them)."""

@@ -306,7 +306,7 @@ def compare(op, a, b, diff=None) -> BV:
             t = (a.t & b.f) | (a.f & b.t)
             f = (a.t & b.t) | (a.f & b.f)
         return BV(t, f)
-    if isinstance(a, IV) and isinstance(b, IV) and _point(a) and (_point(b) or _exact(b)):
+    if isinstance(a, IV) and isinstance(b, IV) and _points(a, b):
         t = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
              "==": np.equal, "!=": np.not_equal}[op](a.lo, b.lo)
         return BV(t, ~t)
@@ -401,7 +401,7 @@ def _fits(a: IV, b: IV, g) -> None:
 def _corners(f, a: IV, b: IV, g=None) -> IV:
     # an operand that is one value everywhere (a constant, mostly) has two corners, not four
     # (the other two repeat them): half the passes over the boxes; two points, one
-    if _point(a) and (_point(b) or _exact(b)):
+    if _points(a, b):
         if g is not None:
             _fits(a, b, g)
         with np.errstate(over="ignore"):
@@ -434,6 +434,11 @@ def _point(a: IV) -> bool:
     block is a chain of them once its query group is one block: a third less time to
     analyse the BigBird-style pattern of bench/cpu_bench.py)."""
     return a.lo is a.hi
+
+
+def _points(a: IV, b: IV) -> bool:
+    """Whether a is a point and b one too (or one constant): one value each a box."""
+    return _point(a) and (_point(b) or _exact(b))
 
 
 def _settle(lo, hi) -> IV:
@@ -487,7 +492,7 @@ def binop(op, a, b, diff=None):
         raise Unknown(op)
     if op in ("+", "-"):
         _fits(a, b, operator.add if op == "+" else operator.sub)
-        if _point(a) and (_point(b) or _exact(b)):
+        if _points(a, b):
             x = a.lo + b.lo if op == "+" else a.lo - b.lo
             iv = IV(x, x)
         else:
