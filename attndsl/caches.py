@@ -139,8 +139,8 @@ class LRU:
 
 class Workspace:
     """Scratch tensors kept between calls, one set per thread (a fresh large tensor costs a
-    page fault per 4 KiB page, e.g. 10 ms for the 17 MiB of packed keys of one na2d call,
-    a sixth of its kernel). At most `maxsize` named buffers a thread, each kept only while
+    page fault per 4 KiB page, e.g. 10 ms for 17 MiB, a sixth of an na2d forward's
+    kernel). At most `maxsize` named buffers a thread, each kept only while
     it is at most `max_bytes`; larger requests get a fresh tensor."""
 
     def __init__(self, name: str, maxsize: int, max_bytes: int, doc: str):
@@ -222,9 +222,8 @@ CP_PLANS = LRU("cp_plans", 16, "context parallelism: one rank's restricted plans
                "rows, per (plans, ranks, rank, dispatch) (distributed/plan.py)")
 NATTEN_OPS = LRU("natten_ops", 64, "the family op of each NATTEN configuration (dimensions, "
                  "kernel, stride, dilation, causal) of attndsl.natten (natten.py)")
-WORKSPACE = Workspace("workspace", 8, 1 << 31, "the native CPU kernel's packed keys and "
-                      "values and its backward's key-gradient accumulators, per thread "
-                      "(codegen/cpu/fused.native_attention, native_backward)")
+WORKSPACE = Workspace("workspace", 8, 1 << 31, "the native CPU backward's key-gradient "
+                      "accumulators, per thread (codegen/cpu/fused.native_backward)")
 
 CACHES = (PARSER, BIND, PLANS, BLOCKS, ORDERS, NEEDED, CPU_PLANS, CPU_FUSED, NATIVE_TASKS,
           KERNEL_SOURCES, KERNELS, KERNEL_MODULES, DEVICE_TABLES, FLEX_CODE, HF_OPS,

@@ -71,6 +71,21 @@ def test_gqa_batches_head_dims_and_block_sizes(calls):
     assert len(calls) >= 9 and len(calls.backward) == len(calls)
 
 
+def test_unequal_query_and_key_blocks(calls):
+    """Masks are kept keys-major (a row per key over the query block): query blocks longer
+    and shorter than key blocks, and longer than a kernel sub-tile (64 rows, so a mask row
+    is read from its middle), against an independent reference, gradients included."""
+    op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=300, window=45)
+    for bq, bk in ((128, 16), (16, 64), (32, 128)):
+        op.options(block_q=bq, block_k=bk)
+        compare(op, heads=2, dim=32, block=None)
+        assert op.plan("cpu").block_q == bq
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=13, W=11, kernel=5)
+    op.options(block_q=128, block_k=32)
+    compare(op, heads=2, kv_heads=1, dim=16, block=None)
+    assert len(calls) == 4 and len(calls.backward) == 4
+
+
 def test_block_sizes_over_a_chunk_take_aten(calls):
     """Key blocks longer than flash.c's chunk (256 keys) keep ATen's kernel."""
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=600, window=300)

@@ -57,7 +57,7 @@ class Unit:
     group: Group | None = None  # for masks built per call
     lazy: bool = False
     part: torch.Tensor | None = None  # [slots] uint8, 1 where the mask is not 0 (None: all)
-    bits: torch.Tensor | None = None  # the mask as bits (_bits), made on first native use
+    kmask: torch.Tensor | None = None  # the mask keys-major (_keys_major), for flash.c
 
     @property
     def n(self) -> int:
@@ -464,12 +464,10 @@ NATIVE_MASK = 1 << 22  # mask elements built per native call for units whose mas
 
 
 def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):
-    """The forward through flash.c, reading q, k, v [B, H(kv), N, D] (fp32) where they lie:
-    (out [B, H, Nq, D], lse [B, H, Nq], -inf for rows without a key). Key blocks are packed
-    once (k transposed per block); v's rows are read where they lie."""
+    """The forward through flash.c, reading q, k, v [B, H(kv), N, D] (fp32) where they lie
+    (no packed copies): (out [B, H, Nq, D], lse [B, H, Nq], -inf for rows without a key)."""
     B, H, Nq, D = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    kt = _key_blocks(cp, k, "kt")
     if _rows_written(cp, B, k.shape[1], H // k.shape[1], Nq, active):
         out = torch.empty(B, H, Nq, D, dtype=torch.float32)
         lse = torch.empty(B, H, Nq, dtype=torch.float32)
@@ -478,7 +476,7 @@ def native_attention(cp: CpuPlan, q, k, v, scale: float, active=None):
         lse = torch.full((B, H, Nq), float("-inf"), dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, k.shape[1], H // k.shape[1], active):
-        native.forward(_fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid))
+        native.forward(_fwd_args(cp, q, out, lse, k, v, tasks, scale, qvalid))
     return out, lse
 
 
@@ -489,8 +487,6 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     B, H, Nq, D = q.shape
     HKV, Nk = k.shape[1], k.shape[2]
     q, k, v, dout = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout))
-    kt = _key_blocks(cp, k, "kt")
-    vt = _key_blocks(cp, v, "vt")
     G, nkb, bk = B * HKV, cp.ktok.shape[0], cp.bk
     per = max(1, 2 * G * nkb * bk * D * 4)
     threads = max(1, min(torch.get_num_threads(), ACC_BYTES // per))
@@ -500,10 +496,9 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     dq = new(B, H, Nq, D, dtype=torch.float32)
     qvalid = cp.qvalid.to(torch.uint8)
     for tasks, _alive in _task_batches(cp, B, HKV, H // HKV, active):
-        f = _fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid)
+        f = _fwd_args(cp, q, out, lse, k, v, tasks, scale, qvalid)
         f.threads = threads
-        native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], k.data_ptr(),
-                                       *k.stride()[:3], vt.data_ptr(), dq.data_ptr(),
+        native.backward(native.BwdArgs(f, dout.data_ptr(), *dout.stride()[:3], dq.data_ptr(),
                                        acc.data_ptr(), touched.data_ptr(), G))
     kvalid = cp.kvalid.to(torch.uint8)
     # every row of k at one valid block position: unpack writes each row once
@@ -518,24 +513,15 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
 ACC_BYTES = 1 << 30  # the backward's per-thread key-gradient accumulators, all threads
 
 
-def _fwd_args(cp, q, out, lse, kt, v, tasks, scale, qvalid) -> native.FwdArgs:
+def _fwd_args(cp, q, out, lse, k, v, tasks, scale, qvalid) -> native.FwdArgs:
     B, H, Nq, D = q.shape
     return native.FwdArgs(
         q.data_ptr(), out.data_ptr(), lse.data_ptr(), q.stride(0), q.stride(1), q.stride(2),
-        Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), kt.data_ptr(), v.data_ptr(),
-        *v.stride()[:3], cp.kpos.data_ptr(), tasks.data_ptr(), tasks.shape[0], H, v.shape[1],
-        H // v.shape[1], cp.plan.nqb, cp.bq, D, cp.ktok.shape[0], cp.bk, scale, 0,
+        Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), k.data_ptr(), v.data_ptr(),
+        *k.stride()[:3], *v.stride()[:3], cp.kpos.data_ptr(), tasks.data_ptr(),
+        tasks.shape[0], H, v.shape[1], H // v.shape[1], cp.plan.nqb, cp.bq, D,
+        cp.ktok.shape[0], cp.bk, scale, 0,
         int(not cp.bp.biases))
-
-
-def _key_blocks(cp: CpuPlan, x, name: str) -> torch.Tensor:
-    """x's key blocks for flash.c, transposed: [B HKV, nkb, D, bk] in the workspace buffer
-    `name`, the rows kpos of each (batch, kv head)."""
-    B, HKV, N, D = x.shape
-    nkb, bk = cp.ktok.shape
-    out = caches.WORKSPACE.get(name, (B * HKV, nkb, D, bk), torch.float32)
-    native.pack(x, cp.kpos, out)
-    return out
 
 
 def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
@@ -549,7 +535,7 @@ def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
         for i0 in range(0, u.n, step):
             i1 = min(u.n, i0 + step)
             m = row_masks(cp, u.group, t, mh, i0, i1, torch.float32).unsqueeze(1)
-            m = m if cp.bp.biases else _bits(m)
+            m = _keys_major(m, not cp.bp.biases)
             yield _alive(_unit_tasks(cp, u, m, i0, i1, gl, heads), active), (u, m)
     if kept is not None:
         yield _alive(kept, active), alive
@@ -587,11 +573,10 @@ def _build_tasks(cp: CpuPlan, B: int, HKV: int, R: int) -> tuple:
             if u.lazy:
                 lazy.append((u, t, mh, gl, heads))
                 continue
-            if u.mask is not None and u.bits is None and not cp.bp.biases:
-                u.bits = _bits(u.mask)
+            if u.mask is not None and u.kmask is None:
+                u.kmask = _keys_major(u.mask, not cp.bp.biases)
             alive.append(u)
-            m = u.mask if u.bits is None else u.bits
-            done.append(_unit_tasks(cp, u, m, 0, u.n, gl, heads))
+            done.append(_unit_tasks(cp, u, u.kmask, 0, u.n, gl, heads))
     return _local(torch.cat(done)) if done else None, tuple(alive), tuple(lazy), bool(seen.all())
 
 
@@ -613,17 +598,23 @@ def _alive(tasks: torch.Tensor, active) -> torch.Tensor:
     return tasks if active is None else tasks[active[tasks[:, 0], tasks[:, 2], tasks[:, 1]]]
 
 
-def _bits(mask: torch.Tensor) -> torch.Tensor:
-    """Additive 0 / -inf masks [..., w] -> one bit an entry, 1 where attended: [..., w / 8]
-    uint8 (entry j: bit j % 8 of byte j // 8), 32 times fewer bytes for flash.c to read."""
-    return torch.from_numpy(np.packbits((mask == 0).numpy(), axis=-1, bitorder="little"))
+def _keys_major(mask: torch.Tensor, bits: bool) -> torch.Tensor:
+    """Additive masks [..., bq, w] -> flash.c's keys-major masks [..., w, mw] (key j's
+    entries for the block's queries in one row; mw: bq rounded up to 16, the padding
+    masked), with `bits` one bit an entry, 1 where attended ([..., w, mw / 8] uint8, entry i:
+    bit i % 8 of byte i // 8; 32 times fewer bytes to read), else the floats."""
+    bq = mask.shape[-2]
+    mt = torch.nn.functional.pad(mask.transpose(-1, -2), (0, -bq % 16),
+                                 value=float("-inf")).contiguous()
+    if not bits:
+        return mt
+    return torch.from_numpy(np.packbits((mt == 0).numpy(), axis=-1, bitorder="little"))
 
 
 def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads) -> torch.Tensor:
-    """flash.c's tasks for rows i0:i1 of a unit (mask: theirs, [1 or i1 - i0, 1, bq, w]
-    floats, or their bits), for (batch, kv head) pairs gl and query heads `heads`."""
+    """flash.c's tasks for rows i0:i1 of a unit (mask: theirs keys-major, [1 or i1 - i0, 1,
+    w, mw] floats, or their bits), for (batch, kv head) pairs gl and query heads `heads`."""
     n, slots = i1 - i0, u.kidx.shape[1]
-    w = slots * cp.bk
     cols = torch.empty(n, 8, dtype=torch.int64)
     cols[:, 1] = u.rows[i0:i1]
     cols[:, 3] = u.kidx.data_ptr() + torch.arange(i0, i1) * (slots * 8)
@@ -633,7 +624,7 @@ def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads) -> torch.Tensor:
     else:
         per = 0 if mask.shape[0] == 1 else mask[0].numel() * mask.element_size()
         cols[:, 5] = mask.data_ptr() + torch.arange(n) * per
-    cols[:, 6] = w
+    cols[:, 6] = 0 if mask is None else -(-cp.bq // 16) * 16  # mw
     cols[:, 7] = 0 if u.part is None else u.part.data_ptr()
     out = cols.view(1, 1, n, 8).repeat(len(gl), len(heads), 1, 1)
     out[..., 0] = gl.view(-1, 1, 1)

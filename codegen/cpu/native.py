@@ -70,7 +70,7 @@ def _load():
         warnings.warn(f"attndsl: the native CPU kernel could not be built ({e}); using "
                       "ATen's kernel", RuntimeWarning, stacklevel=3)
         return None
-    for name in ("attndsl_flash_fwd", "attndsl_flash_bwd", "attndsl_pack", "attndsl_unpack"):
+    for name in ("attndsl_flash_fwd", "attndsl_flash_bwd", "attndsl_unpack"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -82,8 +82,9 @@ class FwdArgs(ctypes.Structure):
     """flash.c's fwd_args (field for field)."""
 
     _fields_ = [("q", _P), ("o", _P), ("lse", _P), ("sq_b", _I), ("sq_h", _I), ("sq_n", _I),
-                ("nq", _I), ("qpos", _P), ("qvalid", _P), ("kt", _P), ("v", _P),
-                ("sv_b", _I), ("sv_h", _I), ("sv_n", _I), ("kpos", _P), ("tasks", _P),
+                ("nq", _I), ("qpos", _P), ("qvalid", _P), ("k", _P), ("v", _P),
+                ("sk_b", _I), ("sk_h", _I), ("sk_n", _I), ("sv_b", _I), ("sv_h", _I),
+                ("sv_n", _I), ("kpos", _P), ("tasks", _P),
                 ("ntasks", _I), ("H", _I), ("HKV", _I), ("R", _I), ("nqb", _I), ("bq", _I),
                 ("D", _I), ("nkb", _I), ("bk", _I), ("scale", ctypes.c_float),
                 ("threads", ctypes.c_int), ("bits", ctypes.c_int)]
@@ -93,8 +94,7 @@ class BwdArgs(ctypes.Structure):
     """flash.c's bwd_args."""
 
     _fields_ = [("f", FwdArgs), ("dout", _P), ("sd_b", _I), ("sd_h", _I), ("sd_n", _I),
-                ("k", _P), ("sk_b", _I), ("sk_h", _I), ("sk_n", _I),
-                ("vt", _P), ("dq", _P), ("acc", _P), ("touched", _P), ("G", _I)]
+                ("dq", _P), ("acc", _P), ("touched", _P), ("G", _I)]
 
 
 class UnpackArgs(ctypes.Structure):
@@ -105,14 +105,6 @@ class UnpackArgs(ctypes.Structure):
                 ("out", _P), ("so_b", _I), ("so_h", _I), ("so_n", _I), ("G", _I), ("HKV", _I),
                 ("nkb", _I), ("bk", _I), ("D", _I), ("threads", ctypes.c_int),
                 ("assign", ctypes.c_int)]
-
-
-class PackArgs(ctypes.Structure):
-    """flash.c's pack_args."""
-
-    _fields_ = [("x", _P), ("sx_b", _I), ("sx_h", _I), ("sx_n", _I), ("pos", _P),
-                ("out", _P), ("G", _I), ("HKV", _I), ("nkb", _I), ("bk", _I), ("D", _I),
-                ("threads", ctypes.c_int)]
 
 
 def _build(cc: str, path: Path) -> None:
@@ -137,16 +129,6 @@ def _build(cc: str, path: Path) -> None:
 def usable(bq: int, bk: int, d: int, dtype: torch.dtype) -> bool:
     """Whether flash.c takes these blocks (it computes in fp32, 16 lanes at a time)."""
     return dtype == torch.float32 and d % 16 == 0 and bk % 16 == 0 and bk <= KC
-
-
-def pack(x: torch.Tensor, pos: torch.Tensor, out: torch.Tensor) -> None:
-    """x [B, HKV, N, D] fp32 (D contiguous) -> out [B HKV, nkb, D, bk]: the rows pos
-    [nkb, bk] of each (batch, head), transposed per block."""
-    G, nkb = out.shape[:2]
-    bk = pos.shape[1]
-    a = PackArgs(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), pos.data_ptr(),
-                 out.data_ptr(), G, x.shape[1], nkb, bk, x.shape[3], torch.get_num_threads())
-    _run("attndsl_pack", a)
 
 
 def forward(args: FwdArgs) -> None:
