@@ -624,7 +624,7 @@ def _unit_tasks(cp, u: Unit, mask, i0, i1, gl, heads) -> torch.Tensor:
     else:
         per = 0 if mask.shape[0] == 1 else mask[0].numel() * mask.element_size()
         cols[:, 5] = mask.data_ptr() + torch.arange(n) * per
-    cols[:, 6] = 0 if mask is None else -(-cp.bq // 16) * 16  # mw
+    cols[:, 6] = 0 if mask is None else mask.shape[-1] * (8 if mask.dtype == torch.uint8 else 1)
     cols[:, 7] = 0 if u.part is None else u.part.data_ptr()
     out = cols.view(1, 1, n, 8).repeat(len(gl), len(heads), 1, 1)
     out[..., 0] = gl.view(-1, 1, 1)
