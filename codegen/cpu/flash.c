@@ -7,8 +7,9 @@
    rows it streams the key blocks in chunks of at most KC keys. Scores are kept keys-major,
    S^T = K (q scale)^T, from the sub-tile's q transposed once (D x QT, in L1) against the
    key rows where they lie, in a 6-key x 16-query register tile: the key side needs no
-   transposed copy (packing k per call cost 7% of a dilated na2d forward), and each query's
-   running max, sum and rescale are plain vector lanes. Then O = O alpha + P V in a 6 x 16
+   transposed copy of k a call (a tensor of k's size, and of v's for the backward; the
+   forward runs at the speed it had with the copy, whose pass cost what the in-place reads
+   now do), and each query's running max, sum and rescale are plain vector lanes. Then O = O alpha + P V in a 6 x 16
    register tile, reading P^T in place, so scores never leave the L1/L2 caches. The
    backward (bwd_item) recomputes P^T from the forward's lse over the same tasks, and
    dP^T = V dO^T the same way.

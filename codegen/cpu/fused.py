@@ -520,8 +520,7 @@ def _fwd_args(cp, q, out, lse, k, v, tasks, scale, qvalid) -> native.FwdArgs:
         Nq, cp.qpos.data_ptr(), qvalid.data_ptr(), k.data_ptr(), v.data_ptr(),
         *k.stride()[:3], *v.stride()[:3], cp.kpos.data_ptr(), tasks.data_ptr(),
         tasks.shape[0], H, v.shape[1], H // v.shape[1], cp.plan.nqb, cp.bq, D,
-        cp.ktok.shape[0], cp.bk, scale, 0,
-        int(not cp.bp.biases))
+        cp.ktok.shape[0], cp.bk, scale, 0, int(not cp.bp.biases))
 
 
 def _task_batches(cp: CpuPlan, B: int, HKV: int, R: int, active):
