@@ -245,24 +245,18 @@ static inline int64_t tile_rows(int64_t i, int64_t n) {
         default: { const int m_ = 1; CALL; } break; \
     }
 
-#define DISPATCH(M, CALL)                 \
-    switch (M) {                          \
-        case 6: { const int m_ = 6; CALL; } break; \
-        case 5: { const int m_ = 5; CALL; } break; \
-        case 4: { const int m_ = 4; CALL; } break; \
-        case 3: { const int m_ = 3; CALL; } break; \
-        case 2: { const int m_ = 2; CALL; } break; \
-        default: { const int m_ = 1; CALL; } break; \
-    }
-
-/* rows[slot bk + j] = x's row of position j of key block kid[slot], slots < nsl (x: the
-   pair's rows at row stride sx). */
-static inline void key_rows(const fwd_args *J, const int64_t *kid, int64_t nsl, const float *x,
-                            int64_t sx, const float **rows) {
+/* kr[slot bk + j], vr[slot bk + j] = k's and v's rows of position j of key block
+   kid[slot], slots < nsl (kg, vg: the pair's rows, at row strides sk, sv). */
+static inline void key_rows(const fwd_args *J, const int64_t *kid, int64_t nsl,
+                            const float *kg, const float *vg, const float **kr,
+                            const float **vr) {
     const int64_t bk = J->bk;
     for (int64_t s = 0; s < nsl; s++) {
         const int64_t *pos = J->kpos + kid[s] * bk;
-        for (int64_t j = 0; j < bk; j++) rows[s * bk + j] = x + pos[j] * sx;
+        for (int64_t j = 0; j < bk; j++) {
+            kr[s * bk + j] = kg + pos[j] * J->sk_n;
+            vr[s * bk + j] = vg + pos[j] * J->sv_n;
+        }
     }
 }
 
@@ -397,8 +391,7 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     for (int64_t s0 = 0; s0 < slots; s0 += per) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         for (int64_t i = 0; i < np; i += 8) _mm256_store_ps(vm + i, ninf);
-        key_rows(J, u.kid + s0, nsl, kg, J->sk_n, kr);
-        key_rows(J, u.kid + s0, nsl, vg, J->sv_n, vr);
+        key_rows(J, u.kid + s0, nsl, kg, vg, kr, vr);
         chunk_scores(J, &u, s0, nsl, kr, qt, st, vm);
         for (int64_t i = 0; i < np; i += 8) {  /* 8 queries' online softmax, lane by lane */
             const __m256 mold = _mm256_load_ps(m + i);
@@ -507,8 +500,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const int64_t per = KC / bk;
     for (int64_t s0 = 0; s0 < slots; s0 += per) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
-        key_rows(J, kid + s0, nsl, kg, J->sk_n, krows);
-        key_rows(J, kid + s0, nsl, vg, J->sv_n, vrows);
+        key_rows(J, kid + s0, nsl, kg, vg, krows, vrows);
         chunk_scores(J, &u, s0, nsl, krows, qt, s, NULL);  /* S^T = K (q scale)^T + mask */
         for (int64_t j = 0, M; j < w; j += M) {  /* dP^T = V dO^T */
             M = tile_rows(j % bk, bk);
