@@ -692,9 +692,15 @@ def bf16_speed(cfg: Settings) -> dict:
             x.pop("out", None)
             r[name] = x
         for what in ("fwd", "fwd_bwd"):
-            a, b = r[f"fp32_{what}"].get("median_s"), r[f"bf16_{what}"].get("median_s")
-            if a and b:
-                r[f"speedup_{what}"] = a / b
+            a, b = r[f"fp32_{what}"].get("samples_s"), r[f"bf16_{what}"].get("samples_s")
+            if a and b and len(a) == len(b):
+                # the pair of one round saw the same load: the median of the rounds' own
+                # ratios, not a ratio of two medians that may come from different rounds
+                ratios = [x / y for x, y in zip(a, b)]
+                r[f"speedup_{what}"] = statistics.median(ratios)
+                r[f"round_ratios_{what}"] = [round(x, 3) for x in ratios]
+                r[f"ratio_of_medians_{what}"] = (r[f"fp32_{what}"]["median_s"]
+                                                 / r[f"bf16_{what}"]["median_s"])
     except Exception as e:
         r["error"] = short_error(e)
     return r
@@ -1008,7 +1014,8 @@ def markdown(result: dict) -> str:
     bf = result.get("bf16") or {}
     if bf:
         lines += ["", f"bf16 against fp32 (ours, {bf['case']} {size_label(bf['params'])}, "
-                  f"the four interleaved, median of {bf.get('rounds', '?')} rounds):", ""]
+                  f"the four interleaved, {bf.get('rounds', '?')} rounds; the speedup is the "
+                  "median of the rounds' own fp32 / bf16 ratios):", ""]
         if "error" in bf:
             lines.append(f"- {bf['error']}")
         for what in ("fwd", "fwd_bwd"):
@@ -1016,7 +1023,9 @@ def markdown(result: dict) -> str:
             if a.get("median_s") and b.get("median_s"):
                 lines.append(f"- {what.replace('_', '+')}: fp32 {a['median_s'] * 1e3:.1f} ms "
                              f"{_spread(a)}, bf16 {b['median_s'] * 1e3:.1f} ms {_spread(b)}: "
-                             f"bf16 {bf[f'speedup_{what}']:.2f}x")
+                             f"bf16 {bf[f'speedup_{what}']:.2f}x (rounds "
+                             f"{_range(bf.get(f'round_ratios_{what}'))}; ratio of the "
+                             f"medians {bf.get(f'ratio_of_medians_{what}', 0):.2f}x)")
     an = result.get("analysis") or []
     if an:
         lines += ["", "Analysis of a BigBird-style pattern (hashed random key blocks, window, "
@@ -1035,6 +1044,10 @@ def markdown(result: dict) -> str:
 def _spread(t: dict) -> str:
     xs = t.get("samples_s") or []
     return f"[{min(xs) * 1e3:.1f}..{max(xs) * 1e3:.1f}]" if xs else ""
+
+
+def _range(xs) -> str:
+    return f"{min(xs):.2f}..{max(xs):.2f}x" if xs else "-"
 
 
 def chart(result: dict, path: Path) -> None:

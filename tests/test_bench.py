@@ -7,6 +7,7 @@ run must succeed whatever this machine can compile.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def test_bench_quick_sliding_window(capsys):
                    "BigBird-style analysis (12 layers)"):
         assert target in out
     assert "N=131,072: " in out  # the analysis ran (or says why not) in its own process
+    # bf16's speedup is paired by round (each round's pair saw the same load)
+    assert "the median of the rounds' own fp32 / bf16 ratios" in out
+    assert re.search(r"- fwd\+bwd: fp32 [0-9.]+ ms .*: bf16 [0-9.]+x "
+                     r"\(rounds [0-9.]+\.\.[0-9.]+x; ratio of the medians [0-9.]+x\)", out)
     assert "wrote " not in out
 
 

@@ -86,6 +86,29 @@ def test_unequal_query_and_key_blocks(calls):
     assert len(calls) == 4 and len(calls.backward) == 4
 
 
+def test_outputs_over_the_streaming_size(calls, monkeypatch):
+    """Calls that write at least 8 MiB of rows (flash.c's STREAM) store o and dq around the
+    caches (non-temporal stores, then a fence): dilated na2d, whose rows lie apart, against
+    the reference, gradients included; the calls' sizes show the path really ran."""
+    sizes = []
+    fwd, bwd = native.forward, native.backward
+
+    def spy_f(args):
+        sizes.append(args.ntasks * args.bq * args.D * 4)
+        fwd(args)
+
+    def spy_b(args):
+        sizes.append(args.f.ntasks * args.f.bq * args.f.D * 4)
+        bwd(args)
+
+    monkeypatch.setattr(native, "forward", spy_f)
+    monkeypatch.setattr(native, "backward", spy_b)
+    op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=32, W=32, kernel=5,
+                         dilation=2)
+    compare(op, heads=4, dim=1024, block=None)
+    assert len(sizes) == 2 and min(sizes) >= 8 << 20, sizes
+
+
 def test_block_sizes_over_a_chunk_take_aten(calls):
     """Key blocks longer than flash.c's chunk (256 keys) keep ATen's kernel."""
     op = attndsl.compile("patterns/sliding.attn", "sliding_window", N=600, window=300)

@@ -260,6 +260,24 @@ static inline void key_rows(const fwd_args *J, const int64_t *kid, int64_t nsl,
     }
 }
 
+/* Calls that write at least STREAM bytes of output rows store them around the caches
+   (non-temporal: a line is not read before it is written, and k, v stay cached): with
+   q, k, v and o together far larger than the L2s, a row written now is gone before anyone
+   reads it. 5-9% faster forwards on dilated na2d (rows scattered by the dilation); no
+   change measurable on na2d and na3d (2-core EPYC). */
+#define STREAM ((int64_t)8 << 20)
+
+/* out[0:D] = x[0:D] sc (out: a row of the caller's tensor). */
+static inline void put_row(float *out, const float *x, __m256 sc, int64_t D, int stream) {
+    if (stream && !((uintptr_t)out & 31)) {
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_stream_ps(out + c, _mm256_mul_ps(sc, _mm256_load_ps(x + c)));
+    } else {
+        for (int64_t c = 0; c < D; c += 8)
+            _mm256_storeu_ps(out + c, _mm256_mul_ps(sc, _mm256_load_ps(x + c)));
+    }
+}
+
 /* One work item of a call: rows r0 .. r0 + nr - 1 (nr <= QT) of a task, decoded; np: nr
    rounded up to 16 (the register tile's queries; the rest are zeros, never written). */
 typedef struct {
@@ -288,6 +306,18 @@ static item_t item(const fwd_args *J, int64_t k) {
     u.valid = J->qvalid + u.t[1] * J->bq + u.r0;
     u.base = (u.b * J->H + u.h) * J->nq;
     return u;
+}
+
+/* Whether a call's output rows go around the caches (STREAM). */
+static inline int streams(const fwd_args *J) { return J->ntasks * J->bq * J->D * 4 >= STREAM; }
+
+/* Prefetches (into L2) the rows at pos[0:n] of x (row stride sn, D floats each): the next
+   item's, which this thread most likely runs next (runs of consecutive items a thread). */
+static inline void prefetch_rows(const float *x, const int64_t *pos, int64_t n, int64_t sn,
+                                 int64_t D) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t d = 0; d < D; d += 16)
+            _mm_prefetch((const char *)(x + pos[i] * sn + d), _MM_HINT_T1);
 }
 
 /* Whether flash.c refuses these arguments: D % 16 == 0, bk % 16 == 0, bk <= KC needed. */
@@ -382,6 +412,10 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const float *qg = J->q + u.b * J->sq_b + u.h * J->sq_h;
     for (int64_t i = 0; i < nr; i++) rows[i] = qg + u.qpos[i] * J->sq_n;
     transpose_rows(rows, nr, np, D, J->scale, qt);
+    if (k + 1 < J->ntasks * subs(J)) {  /* dilated rows defeat the hardware's prefetcher */
+        const item_t n1 = item(J, k + 1);
+        prefetch_rows(J->q + n1.b * J->sq_b + n1.h * J->sq_h, n1.qpos, n1.nr, J->sq_n, D);
+    }
     memset(o, 0, sizeof(float) * nr * D);
     for (int64_t i = 0; i < np; i++) { m[i] = -INFINITY; l[i] = 0.0f; }
     const float *kg = J->k + u.b * J->sk_b + u.hk * J->sk_h;
@@ -416,16 +450,16 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
             }
         }
     }
+    const int stream = streams(J);
     for (int64_t i = 0; i < nr; i++) {
         if (!u.valid[i]) continue;  /* a padding position of the last block */
         const float li = l[i];
-        const __m256 inv = _mm256_set1_ps(li > 0.0f ? 1.0f / li : 0.0f);
         const int64_t row = u.base + u.qpos[i];
-        float *out = J->o + row * D;
-        for (int64_t c = 0; c < D; c += 8)
-            _mm256_storeu_ps(out + c, _mm256_mul_ps(inv, _mm256_loadu_ps(o + i * D + c)));
+        put_row(J->o + row * D, o + i * D, _mm256_set1_ps(li > 0.0f ? 1.0f / li : 0.0f), D,
+                stream);
         J->lse[row] = li > 0.0f ? m[i] + logf(li) : -INFINITY;
     }
+    if (stream) _mm_sfence();
 }
 
 /* Runs every task (each cut into items of QT query rows); 1 when it rejects its
@@ -493,6 +527,12 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     for (int64_t i = nr; i < np; i++) { lse[i] = INFINITY; delta[i] = 0.0f; }
     transpose_rows(qrows, nr, np, D, 1.0f, qt);
     transpose_rows(drows, nr, np, D, 1.0f, dt);
+    if (k + 1 < J->ntasks * subs(J)) {  /* the next item's q, dO and o rows */
+        const item_t n1 = item(J, k + 1);
+        prefetch_rows(J->q + n1.b * J->sq_b + n1.h * J->sq_h, n1.qpos, n1.nr, J->sq_n, D);
+        prefetch_rows(B->dout + n1.b * B->sd_b + n1.h * B->sd_h, n1.qpos, n1.nr, B->sd_n, D);
+        prefetch_rows(J->o + n1.base, n1.qpos, n1.nr, D, D);
+    }
     for (int64_t i = 0; i < KC; i++) ones[i] = 1.0f;
     memset(dq, 0, sizeof(float) * nr * D);
     const float *kg = J->k + u.b * J->sk_b + u.hk * J->sk_h;
@@ -547,12 +587,10 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
             }
         }
     }
-    for (int64_t i = 0; i < nr; i++) {
-        if (!valid[i]) continue;
-        float *o = B->dq + (u.base + qpos[i]) * D;
-        for (int64_t c = 0; c < D; c += 8)
-            _mm256_storeu_ps(o + c, _mm256_mul_ps(sc, _mm256_loadu_ps(dq + i * D + c)));
-    }
+    const int stream = streams(J);
+    for (int64_t i = 0; i < nr; i++)
+        if (valid[i]) put_row(B->dq + (u.base + qpos[i]) * D, dq + i * D, sc, D, stream);
+    if (stream) _mm_sfence();
 }
 
 int attndsl_flash_bwd(const bwd_args *B) {
