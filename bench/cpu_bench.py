@@ -176,14 +176,19 @@ class Progress:
             sys.stderr.flush()
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> tuple[dict, object]:
+def timed(fn, repeats: int, warmup: int = 1, span: float = 0.0) -> tuple[dict, object]:
     """Median wall-clock seconds of `repeats` calls after `warmup` calls (the first call
-    carries compilation and table building, so it is kept apart as first_s)."""
+    carries compilation and table building, so it is kept apart as first_s); with `span`,
+    more calls where `repeats` of them would take less than `span` seconds (calls_for)."""
     out, first = None, None
     for _ in range(max(warmup, 0)):
         t0 = time.perf_counter()
         out = fn()
         first = first if first is not None else time.perf_counter() - t0
+    if span:
+        t0 = time.perf_counter()
+        out = fn()
+        repeats = max(repeats, calls_for(span, time.perf_counter() - t0))
     samples = []
     for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
@@ -193,29 +198,47 @@ def timed(fn, repeats: int, warmup: int = 1) -> tuple[dict, object]:
             "samples_s": [round(s, 6) for s in samples]}, out
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Per name: median seconds of `repeats` calls taken in turn with the others' (one
-    warm-up call each first, kept as first_s), the samples, and the last output; a callable
-    that raises is dropped with its error and the others go on."""
+def calls_for(span: float, call_s: float) -> int:
+    """Calls of call_s seconds that fill `span` seconds (at least 1, at most CALLS_CAP)."""
+    return max(1, min(CALLS_CAP, math.ceil(span / max(call_s, 1e-9))))
+
+
+CALLS_CAP = 25  # calls a round (interleaved) or in all (timed) that `span` may ask for
+ROUND_SPAN = 0.25  # seconds of ours' calls a round: short calls get more samples
+
+
+def interleaved(fns: dict, repeats: int, spans: dict | None = None) -> dict:
+    """Per name: median seconds of its calls, taken in `repeats` rounds in turn with the
+    others' (one warm-up call each first, kept as first_s), the samples, and the last
+    output; a name in `spans` makes as many calls a round as fill its span (a second
+    warm-up call measures it), so that a call of 20 ms is not judged on five samples while
+    a peer's take seconds; a callable that raises is dropped with its error and the others
+    go on."""
     res: dict = {}
     live = dict(fns)
+    per = {name: 1 for name in fns}
     for name, fn in list(live.items()):
         t0 = time.perf_counter()
         try:
             res[name] = {"out": fn(), "first_s": time.perf_counter() - t0, "samples_s": []}
+            if (spans or {}).get(name):
+                t0 = time.perf_counter()
+                res[name]["out"] = fn()
+                per[name] = calls_for(spans[name], time.perf_counter() - t0)
         except Exception as e:
             res[name] = {"error": short_error(e)}
             del live[name]
     for _ in range(max(repeats, 1)):
         for name, fn in list(live.items()):
-            t0 = time.perf_counter()
-            try:
-                res[name]["out"] = fn()
-            except Exception as e:
-                res[name] = {"error": short_error(e)}
-                del live[name]
-                continue
-            res[name]["samples_s"].append(time.perf_counter() - t0)
+            for _ in range(per[name]):
+                t0 = time.perf_counter()
+                try:
+                    res[name]["out"] = fn()
+                except Exception as e:
+                    res[name] = {"error": short_error(e)}
+                    del live[name]
+                    break
+                res[name]["samples_s"].append(time.perf_counter() - t0)
     for name in live:
         r = res[name]
         r["median_s"] = statistics.median(r["samples_s"])
@@ -484,7 +507,7 @@ def run_case(case: Case, cfg: Settings, progress: Progress) -> dict:
     progress.step(f"{case.name}: ours fwd" + (" and flex fwd, interleaved" if "flex" in fns
                                               else ""))
     with torch.no_grad():
-        times = interleaved(fns, cfg.repeats)
+        times = interleaved(fns, cfg.repeats, {"ours": 0.0 if cfg.quick else ROUND_SPAN})
     for s_, t in times.items():
         if "error" in t:
             rec[s_]["error"] = t["error"]
@@ -501,7 +524,7 @@ def run_case(case: Case, cfg: Settings, progress: Progress) -> dict:
         try:
             qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
             t, _ = timed(lambda: torch.autograd.grad(ours(qg, kg, vg), (qg, kg, vg), grad),
-                         cfg.repeats)
+                         cfg.repeats, span=0.0 if cfg.quick else cfg.repeats * ROUND_SPAN)
             rec["ours"]["fwd_bwd_s"] = t["median_s"]
             rec["ours"]["fwd_bwd_first_s"] = t["first_s"]
             rec["ours"]["fwd_bwd_samples_s"] = t["samples_s"]
@@ -942,13 +965,17 @@ def markdown(result: dict) -> str:
         f"B={cfg['batch']}, H={cfg['heads']}, D={cfg['head_dim']}, fp32; ours: "
         + (f"{cfg['block']}x{cfg['block']} blocks" if cfg.get('block') else
            "the block sizes and token orders the CPU planner chose (notes)")
-        + f". fwd: median of {cfg['repeats']} (ours) / "
-        f"{cfg['peer_repeats']} (sdpa, natten) calls after one warm-up call; ours and flex "
-        "are timed in turn, round by round, so both see the same load. GFLOP/s = 4 * nnz * "
-        "D * heads / time (attended pairs only); % comp = the same over the elements ours "
-        "computes (its waste included), fwd+bwd counted as 14 flops per element and D. "
-        "speedup = peer time / ours. build = block tables (ours), create_block_mask (flex), "
-        "op.mask() (sdpa).", "",
+        + f". fwd: ours and flex are timed in turn, {cfg['repeats']} rounds, so both see "
+        + ("the same load, one call each a round; fwd+bwd: "
+           f"{cfg['repeats']} calls; " if cfg.get("quick") else
+           f"the same load, ours making as many calls a round as fill {ROUND_SPAN} s (at most "
+           f"{CALLS_CAP}; a 20 ms call is not judged on five samples), flex one; fwd+bwd: at "
+           f"least {cfg['repeats']} calls, as many as fill {cfg['repeats']} x {ROUND_SPAN} s; ")
+        + f"sdpa, natten: {cfg['peer_repeats']} calls; medians, after warm-up calls. "
+        "GFLOP/s = 4 * nnz * D * heads / time (attended pairs only); % comp = the same over "
+        "the elements ours computes (its waste included), fwd+bwd counted as 14 flops per "
+        "element and D. speedup = peer time / ours. build = block tables (ours), "
+        "create_block_mask (flex), op.mask() (sdpa).", "",
         "| case | size | system | fwd ms | GFLOP/s | % peak | % comp | ours speedup "
         "| build s | fwd+bwd ms | fwd+bwd % comp | notes |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -979,7 +1006,8 @@ def markdown(result: dict) -> str:
                 if r.get("build_error"):
                     note += f"; tables: {r['build_error']}"
             if r.get("samples_s") and len(r["samples_s"]) > 1:
-                note += ("; " if note else "") + f"fwd ms range {_spread(r)}"
+                note += ("; " if note else "") + (f"fwd ms range {_spread(r)} "
+                                                   f"({len(r['samples_s'])} calls)")
             if s == "flex" and r.get("first_s"):
                 note += f"; first call {r['first_s']:.1f} s (compiles)"
             fb = r.get("fwd_bwd_s")

@@ -71,3 +71,18 @@ def test_bench_without_a_checkout(monkeypatch, tmp_path, capsys):
     assert main(["bench", "--quick", "--no-write"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "cpu_bench.py not found" in err
+
+
+def test_short_calls_get_more_samples_a_round():
+    """interleaved: a name with a span makes as many calls a round as fill it (capped), the
+    others one; calls_for rounds up and keeps at least one call."""
+    mod = _bench_module()
+    seen = []
+    r = mod.interleaved({"short": lambda: seen.append("s"), "long": lambda: seen.append("l")},
+                        3, {"short": 1.0})
+    assert len(r["long"]["samples_s"]) == 3
+    assert len(r["short"]["samples_s"]) == 3 * mod.CALLS_CAP
+    # warm-up and span-measuring calls, then the rounds in turn
+    assert seen == ["s", "s", "l"] + (["s"] * mod.CALLS_CAP + ["l"]) * 3
+    assert mod.calls_for(0.25, 0.1) == 3 and mod.calls_for(0.25, 2.0) == 1
+    assert mod.calls_for(0.25, 0.0) == mod.CALLS_CAP
