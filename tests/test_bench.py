@@ -44,6 +44,9 @@ def test_bench_quick_sliding_window(capsys):
                    "BigBird-style analysis (12 layers)"):
         assert target in out
     assert "N=131,072: " in out  # the analysis ran (or says why not) in its own process
+    # the share of the peak is judged against a matmul timed in the case's own rounds
+    assert "| % comp | % comp* | ours speedup |" in out
+    assert "over the elements computed, every mask-only case (the matmul timed in" in out
     # bf16's speedup is paired by round (each round's pair saw the same load)
     assert "the median of the rounds' own fp32 / bf16 ratios" in out
     assert re.search(r"- fwd\+bwd: fp32 [0-9.]+ ms .*: bf16 [0-9.]+x "
