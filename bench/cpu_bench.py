@@ -176,19 +176,14 @@ class Progress:
             sys.stderr.flush()
 
 
-def timed(fn, repeats: int, warmup: int = 1, span: float = 0.0) -> tuple[dict, object]:
+def timed(fn, repeats: int, warmup: int = 1) -> tuple[dict, object]:
     """Median wall-clock seconds of `repeats` calls after `warmup` calls (the first call
-    carries compilation and table building, so it is kept apart as first_s); with `span`,
-    more calls where `repeats` of them would take less than `span` seconds (calls_for)."""
+    carries compilation and table building, so it is kept apart as first_s)."""
     out, first = None, None
     for _ in range(max(warmup, 0)):
         t0 = time.perf_counter()
         out = fn()
         first = first if first is not None else time.perf_counter() - t0
-    if span:
-        t0 = time.perf_counter()
-        out = fn()
-        repeats = max(repeats, calls_for(span, time.perf_counter() - t0))
     samples = []
     for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
