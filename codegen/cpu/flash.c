@@ -9,10 +9,10 @@
    key rows where they lie, in a 6-key x 16-query register tile: the key side needs no
    transposed copy of k a call (a tensor of k's size, and of v's for the backward; the
    forward runs at the speed it had with the copy, whose pass cost what the in-place reads
-   now do), and each query's running max, sum and rescale are plain vector lanes. Then O = O alpha + P V in a 6 x 16
-   register tile, reading P^T in place, so scores never leave the L1/L2 caches. The
-   backward (bwd_item) recomputes P^T from the forward's lse over the same tasks, and
-   dP^T = V dO^T the same way.
+   now do), and each query's running max, sum and rescale are plain vector lanes. Then
+   O = O alpha + P V in a 6 x 16 register tile, reading P^T in place, so scores never leave
+   the L1/L2 caches. The backward (bwd_item) recomputes P^T from the forward's lse over the
+   same tasks, and dP^T = V dO^T the same way.
 
    Layouts (fp32): q [B, H, Nq, D] and the output o, lse [B, H, Nq(, D)] in the caller's
    token order, the rows of query block qb at qpos[qb bq ..] (written where qvalid; rows
