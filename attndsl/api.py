@@ -340,7 +340,9 @@ class Op:
 
     def stats(self, /, backend: str = "auto", **inputs) -> dict:
         """Block counts, tile shapes, table bytes, build time and computed / needed elements
-        of a compiled backend's kernels (docs/kernels.md; `backend` as for `plan`). Averaged
+        of a compiled backend's kernels (docs/kernels.md; `backend` as for `plan`); for the
+        CPU, also native_elements: what flash.c's forward and backward compute (the
+        blocks less the keys they skip; None where they do not run the plan). Averaged
         patterns: the parts' sums, and each part's own figures under "parts"."""
         bp, inputs = self._split(inputs)
         if bp.average:
@@ -352,14 +354,22 @@ class Op:
                 out[key] = sum(p[key] for p in parts)
             out["waste"] = (out["computed_elements"] / out["needed_elements"]
                             if out["needed_elements"] else float("inf"))
+            if "native_elements" in out:
+                nf = [p["native_elements"] for p in parts]
+                out["native_elements"] = None if None in nf else sum(nf)
             out["order_q"] = out["order_k"] = "per part"
             out["content_dependent"] = any(p["content_dependent"] for p in parts)
             out["parts"] = parts
             return out
         from attndsl.codegen.plan.tables import plan_stats
         from attndsl.codegen.triton.generate import kernel_sizes
-        return {**plan_stats(self._part(bp).plan(backend, **inputs)),
-                "kernel_sizes": kernel_sizes(bp)}
+        plan = self._part(bp).plan(backend, **inputs)
+        out = {**plan_stats(plan), "kernel_sizes": kernel_sizes(bp)}
+        if _target(backend) == "cpu":
+            from attndsl.codegen.cpu.fused import native_computed
+            from attndsl.codegen.cpu.plan import cpu_plan
+            out["native_elements"] = native_computed(cpu_plan(plan))
+        return out
 
     # -- FlexAttention (codegen/flex.py; docs/integrations.md)
     def block_mask(self, /, order: str = "row-major", block_size: int = 128, *, device=None,

@@ -160,12 +160,13 @@ static inline __attribute__((always_inline)) void fma_ptrs(
 }
 
 /* st[i, 0:16] (row stride ss, 64-byte aligned) = sum_d k_i[d] xt[d, 0:16] (row stride sx,
-   aligned) for key rows k_i, i < M <= 6, and 16 queries, masked by mk (NULL: none): with
-   bits, -inf where bit c of the 16 at mk + i sm is 0; else + the floats mk[i sm + 0:16].
-   vm[0:16] (NULL: none) takes the max over the keys. */
-static inline __attribute__((always_inline)) void tile_kq(
-        int M, const float *const *k, int64_t D, const float *xt, int64_t sx, const void *mk,
-        int64_t sm, int bits, float *st, int64_t ss, float *vm) {
+   aligned) for key rows k_i, i < M <= 6, and 16 queries, each row masked by its own mask
+   row mk[i] (mk NULL or an entry NULL: unmasked): with bits, -inf where bit c of the 16 at
+   mk[i] is 0; else + the floats mk[i][0:16]. vm[0:16] (NULL: none) takes the max over the
+   keys. */
+static inline __attribute__((always_inline)) void tile_kq_rows(
+        int M, const float *const *k, int64_t D, const float *xt, int64_t sx,
+        const void *const *mk, int bits, float *st, int64_t ss, float *vm) {
     __m256 c[6][2];
     for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d++)
@@ -174,18 +175,18 @@ static inline __attribute__((always_inline)) void tile_kq(
     __m256 m0 = ninf, m1 = ninf;
     for (int i = 0; i < 6; i++) {
         if (i < M) {
-            if (mk && bits) {
+            if (mk && mk[i] && bits) {
                 const __m256i lo = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
                 const __m256i hi = _mm256_slli_epi32(lo, 8);
                 uint16_t w16;
-                memcpy(&w16, (const uint8_t *)mk + i * sm, 2);
+                memcpy(&w16, mk[i], 2);
                 const __m256i x = _mm256_set1_epi32(w16);
                 __m256 on0 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(x, lo), lo));
                 __m256 on1 = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(x, hi), hi));
                 c[i][0] = _mm256_blendv_ps(ninf, c[i][0], on0);
                 c[i][1] = _mm256_blendv_ps(ninf, c[i][1], on1);
-            } else if (mk) {
-                const float *f = (const float *)mk + i * sm;
+            } else if (mk && mk[i]) {
+                const float *f = (const float *)mk[i];
                 c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(f));
                 c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(f + 8));
             }
@@ -201,18 +202,31 @@ static inline __attribute__((always_inline)) void tile_kq(
     }
 }
 
-/* o[i, c0:c0 + 16] (row stride D) = o[i, c0:c0 + 16] al[i] + sum_j p[i sp + j sj]
-   x_j[c0:c0 + 16], j < n, rows i < M; x_j at rows[j] (the rows of v, k, q or dO where they
-   lie). sj = 1 reads p row by row; sp = 1 reads it transposed (dS^T, P^T). */
-static inline __attribute__((always_inline)) void tile_pv(
+/* tile_kq_rows with the mask rows at mk + i sm (in bytes with bits, else in floats; mk
+   NULL: none). */
+static inline __attribute__((always_inline)) void tile_kq(
+        int M, const float *const *k, int64_t D, const float *xt, int64_t sx, const void *mk,
+        int64_t sm, int bits, float *st, int64_t ss, float *vm) {
+    const void *rows[6];
+    for (int i = 0; i < 6; i++)
+        rows[i] = bits ? (const void *)((const uint8_t *)mk + i * sm)
+                       : (const void *)((const float *)mk + i * sm);
+    tile_kq_rows(M, k, D, xt, sx, mk ? rows : NULL, bits, st, ss, vm);
+}
+
+/* out[i][c0:c0 + 16] = out[i][c0:c0 + 16] al[i] + sum_j p[i sp + j sj] x_j[c0:c0 + 16],
+   j < n, rows i < M, each output row at its own address; x_j at rows[j] (the rows of v, k,
+   q or dO where they lie). sj = 1 reads p row by row; sp = 1 reads it transposed (dS^T,
+   P^T). */
+static inline __attribute__((always_inline)) void tile_pv_to(
         int M, const float *p, int64_t sp, int64_t sj, const float *const *rows, int64_t n,
-        int64_t D, int64_t c0, const float *al, float *o) {
+        int64_t c0, const float *al, float *const *out) {
     __m256 c[6][2];
     for (int i = 0; i < 6; i++) {
         if (i < M) {
             __m256 a = _mm256_broadcast_ss(al + i);
-            c[i][0] = _mm256_mul_ps(a, _mm256_loadu_ps(o + i * D + c0));
-            c[i][1] = _mm256_mul_ps(a, _mm256_loadu_ps(o + i * D + c0 + 8));
+            c[i][0] = _mm256_mul_ps(a, _mm256_loadu_ps(out[i] + c0));
+            c[i][1] = _mm256_mul_ps(a, _mm256_loadu_ps(out[i] + c0 + 8));
         }
     }
     for (int64_t j = 0; j < n; j++) {
@@ -221,10 +235,19 @@ static inline __attribute__((always_inline)) void tile_pv(
     }
     for (int i = 0; i < 6; i++) {
         if (i < M) {
-            _mm256_storeu_ps(o + i * D + c0, c[i][0]);
-            _mm256_storeu_ps(o + i * D + c0 + 8, c[i][1]);
+            _mm256_storeu_ps(out[i] + c0, c[i][0]);
+            _mm256_storeu_ps(out[i] + c0 + 8, c[i][1]);
         }
     }
+}
+
+/* tile_pv_to for the rows o + i D (row stride D). */
+static inline __attribute__((always_inline)) void tile_pv(
+        int M, const float *p, int64_t sp, int64_t sj, const float *const *rows, int64_t n,
+        int64_t D, int64_t c0, const float *al, float *o) {
+    float *out[6];
+    for (int i = 0; i < 6; i++) out[i] = o + i * D;
+    tile_pv_to(M, p, sp, sj, rows, n, c0, al, out);
 }
 
 /* The rows of the register tile at row i of n: groups of 6 rows or fewer, as even as can
@@ -397,6 +420,54 @@ static void chunk_scores(const fwd_args *J, const item_t *u, int64_t s0, int64_t
     }
 }
 
+/* The keys of a chunk (slots s0 .. s0 + nsl - 1 of item u) that some query of the item
+   attends, for an item of at most 16 queries with bit masks: mks[0:n] their mask rows (NULL:
+   unmasked) and at[0:n] their places in the chunk; returns n, or -1 (the chunk is computed
+   whole) where fewer than one key in COMPACT is dead. The one place that decides which keys
+   the forward computes (fwd_item runs it, attndsl_flash_count counts it). A dead key's
+   probabilities are exactly 0, so leaving it out changes no bit of the output; the dilated
+   na2d computes 29% dead keys (15-18% faster forward), na2d 4% (no gain: hence the bar). */
+#define COMPACT 8
+static int64_t live_keys(const fwd_args *J, const item_t *u, int64_t s0, int64_t nsl,
+                         const void **mks, int16_t *at) {
+    const uint8_t *mask = (const uint8_t *)(intptr_t)u->t[5];
+    const uint8_t *part = (const uint8_t *)(intptr_t)u->t[7];
+    const int64_t mw = u->t[6], bk = J->bk, w = nsl * bk;
+    if (u->np != 16 || !J->bits || !mask) return -1;
+    int64_t n = 0;
+    for (int64_t q_ = 0; q_ < nsl; q_++) {
+        const int64_t slot = s0 + q_;
+        const int masked = !(part && !part[slot]);
+        for (int64_t j = 0; j < bk; j++) {
+            const uint8_t *mk = NULL;
+            if (masked) {
+                uint16_t w16;
+                mk = mask + ((slot * bk + j) * mw + u->r0) / 8;
+                memcpy(&w16, mk, 2);
+                if (!w16) continue;
+            }
+            mks[n] = mk;
+            at[n++] = (int16_t)(q_ * bk + j);
+        }
+    }
+    return (w - n) * COMPACT < w ? -1 : n;
+}
+
+/* Scores of the n live keys of a chunk (live_keys), moved to the front of kr and vr, into
+   st (and their max into vm, unless NULL). */
+static void live_scores(const fwd_args *J, int64_t n, const void *const *mks,
+                        const int16_t *at, const float **kr, const float **vr,
+                        const float *qt, float *st, float *vm) {
+    for (int64_t j = 0; j < n; j++) {  /* at[j] >= j: every move is forwards-safe */
+        kr[j] = kr[at[j]];
+        vr[j] = vr[at[j]];
+    }
+    for (int64_t j = 0, M; j < n; j += M) {
+        M = tile_rows(j, n);
+        DISPATCH(M, tile_kq_rows(m_, kr + j, J->D, qt, QT, mks + j, 1, st + j * QT, QT, vm))
+    }
+}
+
 /* The scratch of a forward item (floats; every part 64-byte aligned). */
 static size_t fwd_scratch(int64_t D) { return sizeof(float) * (2 * QT * D + KC * QT + 4 * QT); }
 
@@ -409,6 +480,8 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
     float *qt = (float *)mem, *o = qt + QT * D, *st = o + QT * D, *m = st + KC * QT;
     float *l = m + QT, *al = l + QT, *vm = al + QT;
     const float *rows[QT], *kr[KC], *vr[KC];
+    const void *mks[KC];
+    int16_t at[KC];
     const float *qg = J->q + u.b * J->sq_b + u.h * J->sq_h;
     for (int64_t i = 0; i < nr; i++) rows[i] = qg + u.qpos[i] * J->sq_n;
     transpose_rows(rows, nr, np, D, J->scale, qt);
@@ -426,14 +499,17 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         for (int64_t i = 0; i < np; i += 8) _mm256_store_ps(vm + i, ninf);
         key_rows(J, u.kid + s0, nsl, kg, vg, kr, vr);
-        chunk_scores(J, &u, s0, nsl, kr, qt, st, vm);
+        const int64_t live = live_keys(J, &u, s0, nsl, mks, at);
+        if (live < 0) chunk_scores(J, &u, s0, nsl, kr, qt, st, vm);
+        else live_scores(J, live, mks, at, kr, vr, qt, st, vm);
+        const int64_t wl = live < 0 ? w : live;  /* the keys the chunk computes */
         for (int64_t i = 0; i < np; i += 8) {  /* 8 queries' online softmax, lane by lane */
             const __m256 mold = _mm256_load_ps(m + i);
             const __m256 mnew = _mm256_max_ps(mold, _mm256_load_ps(vm + i));
             /* no key yet (max -inf): exp against 0 gives P = 0 and alpha = 0, o stays 0 */
             const __m256 mb = _mm256_blendv_ps(mnew, zero, _mm256_cmp_ps(mnew, ninf, _CMP_EQ_OQ));
             __m256 acc = zero;
-            for (int64_t j = 0; j < w; j++) {
+            for (int64_t j = 0; j < wl; j++) {
                 const __m256 e = exp_ps(_mm256_load_ps(st + j * QT + i), mb);
                 _mm256_store_ps(st + j * QT + i, e);
                 acc = _mm256_add_ps(acc, e);
@@ -446,7 +522,7 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
         for (int64_t i = 0, M; i < nr; i += M) {  /* O = O alpha + P V, P^T read in place */
             M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, st + i, 1, QT, vr, w, D, c, al + i, o + i * D))
+                DISPATCH(M, tile_pv(m_, st + i, 1, QT, vr, wl, D, c, al + i, o + i * D))
             }
         }
     }
@@ -467,6 +543,27 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
 int attndsl_flash_fwd(const fwd_args *J) {
     if (rejects(J)) return 1;
     parallel(J->threads, J->ntasks * subs(J), fwd_scratch(J->D), fwd_item, J);
+    return 0;
+}
+
+/* *out += the elements (query rows x keys) the forward computes for these tasks: per chunk,
+   its live keys where live_keys compacts it, else all its keys. Reads the tasks and masks
+   only (no q, k, v); 1 when it rejects its arguments, else 0. */
+int attndsl_flash_count(const fwd_args *J, int64_t *out) {
+    if (J->bk % 16 || J->bk > KC) return 1;
+    const void *mks[KC];
+    int16_t at[KC];
+    const int64_t per = KC / J->bk;
+    int64_t sum = 0;
+    for (int64_t k = 0; k < J->ntasks * subs(J); k++) {
+        const item_t u = item(J, k);
+        for (int64_t s0 = 0; s0 < u.slots; s0 += per) {
+            const int64_t nsl = s0 + per < u.slots ? per : u.slots - s0;
+            const int64_t live = live_keys(J, &u, s0, nsl, mks, at);
+            sum += u.nr * (live < 0 ? nsl * J->bk : live);
+        }
+    }
+    *out += sum;
     return 0;
 }
 
@@ -507,6 +604,9 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     const float *qg = J->q + u.b * J->sq_b + u.h * J->sq_h;
     const float *dg = B->dout + u.b * B->sd_b + u.h * B->sd_h;
     const float *qrows[QT], *drows[QT], *krows[KC], *vrows[KC];
+    const void *mks[KC];
+    int16_t at[KC];
+    float *outs[KC];
     const __m256 sc = _mm256_set1_ps(J->scale);
     for (int64_t i = 0; i < nr; i++) {
         const float *qi = qg + qpos[i] * J->sq_n, *di = dg + qpos[i] * B->sd_n;
@@ -541,9 +641,14 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
     for (int64_t s0 = 0; s0 < slots; s0 += per) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         key_rows(J, kid + s0, nsl, kg, vg, krows, vrows);
-        chunk_scores(J, &u, s0, nsl, krows, qt, s, NULL);  /* S^T = K (q scale)^T + mask */
-        for (int64_t j = 0, M; j < w; j += M) {  /* dP^T = V dO^T */
-            M = tile_rows(j % bk, bk);
+        /* S^T = K (q scale)^T + mask, over the chunk's live keys (live_keys, as the forward
+           computed them; a dead key's P and dS are exactly 0) or all of them */
+        const int64_t live = live_keys(J, &u, s0, nsl, mks, at);
+        if (live < 0) chunk_scores(J, &u, s0, nsl, krows, qt, s, NULL);
+        else live_scores(J, live, mks, at, krows, vrows, qt, s, NULL);
+        const int64_t wl = live < 0 ? w : live;
+        for (int64_t j = 0, M; j < wl; j += M) {  /* dP^T = V dO^T */
+            M = live < 0 ? tile_rows(j % bk, bk) : tile_rows(j, wl);
             for (int64_t i0 = 0; i0 < np; i0 += 16) {
                 DISPATCH(M, tile_kq(m_, vrows + j, D, dt + i0, QT, NULL, 0, 0,
                                     dp + j * QT + i0, QT, NULL))
@@ -551,7 +656,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
         }
         for (int64_t i = 0; i < np; i += 8) {  /* P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta) */
             const __m256 l8 = _mm256_load_ps(lse + i), d8 = _mm256_load_ps(delta + i);
-            for (int64_t j = 0; j < w; j++) {
+            for (int64_t j = 0; j < wl; j++) {
                 const __m256 p = exp_ps(_mm256_load_ps(s + j * QT + i), l8);
                 _mm256_store_ps(s + j * QT + i, p);
                 _mm256_store_ps(dp + j * QT + i,
@@ -561,7 +666,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
         for (int64_t i = 0, M; i < nr; i += M) {  /* dQ += dS K */
             M = tile_rows(i, nr);
             for (int64_t c = 0; c < D; c += 16) {
-                DISPATCH(M, tile_pv(m_, dp + i, 1, QT, krows, w, D, c, ones, dq + i * D))
+                DISPATCH(M, tile_pv(m_, dp + i, 1, QT, krows, wl, D, c, ones, dq + i * D))
             }
         }
         const int64_t blk = bk * D, part = B->G * J->nkb * blk;
@@ -574,6 +679,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
                 memset(acc + part + kb * blk, 0, sizeof(float) * blk);
                 *fresh = 1;
             }
+            if (live >= 0) continue;  /* below: the live keys' rows, wherever they lie */
             for (int pass = 0; pass < 2; pass++) {
                 const float *pt = (pass ? s : dp) + q_ * bk * QT;
                 float *out = acc + pass * part + kb * blk;
@@ -583,6 +689,17 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
                         DISPATCH(M, tile_pv(m_, pt + i * QT, QT, 1, pass ? drows : qrows, nr,
                                             D, c, ones, out + i * D))
                     }
+                }
+            }
+        }
+        for (int pass = 0; live >= 0 && pass < 2; pass++) {
+            for (int64_t j = 0; j < live; j++)
+                outs[j] = acc + pass * part + kid[s0 + at[j] / bk] * blk + (at[j] % bk) * D;
+            for (int64_t i = 0, M; i < live; i += M) {
+                M = tile_rows(i, live);
+                for (int64_t c = 0; c < D; c += 16) {
+                    DISPATCH(M, tile_pv_to(m_, (pass ? s : dp) + i * QT, QT, 1,
+                                           pass ? drows : qrows, nr, c, ones, outs + i))
                 }
             }
         }

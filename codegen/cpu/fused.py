@@ -510,6 +510,29 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     return dq, dk, dv
 
 
+def native_computed(cp: CpuPlan) -> int | None:
+    """The score elements flash.c's forward (and its backward, alike) computes per batch
+    element over the plan's tables (one kv head each), as it runs them (native.count: its
+    chunks' live keys), or None
+    where it does not run the whole plan (no kernel, blocks it does not take, per-call
+    masks, summary or channel tokens)."""
+    bp = cp.bp
+    if (native.kernel() is None or bp.content_dependent or bp.summaries or bp.channel
+            or not native.usable(cp.bq, cp.bk, 16, torch.float32)):
+        return None
+    T = len(cp.plan.tables)
+    total = 0
+    qvalid = cp.qvalid.to(torch.uint8)
+    for tasks, _alive in _task_batches(cp, 1, T, 1, None):
+        # no q, k, v or output: the count reads the tasks, their masks and the block maps
+        args = native.FwdArgs(0, 0, 0, 0, 0, 0, 0, cp.qpos.data_ptr(), qvalid.data_ptr(),
+                              0, 0, 0, 0, 0, 0, 0, 0, cp.kpos.data_ptr(), tasks.data_ptr(),
+                              tasks.shape[0], T, T, 1, cp.plan.nqb, cp.bq, 16,
+                              cp.ktok.shape[0], cp.bk, 1.0, 1, int(not cp.bp.biases))
+        total += native.count(args)
+    return total
+
+
 ACC_BYTES = 1 << 30  # the backward's per-thread key-gradient accumulators, all threads
 
 

@@ -70,7 +70,8 @@ def _load():
         warnings.warn(f"attndsl: the native CPU kernel could not be built ({e}); using "
                       "ATen's kernel", RuntimeWarning, stacklevel=3)
         return None
-    for name in ("attndsl_flash_fwd", "attndsl_flash_bwd", "attndsl_unpack"):
+    for name in ("attndsl_flash_fwd", "attndsl_flash_bwd", "attndsl_unpack",
+                 "attndsl_flash_count"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -135,6 +136,16 @@ def forward(args: FwdArgs) -> None:
     """Runs flash.c's forward; every address in `args` alive for the call."""
     args.threads = torch.get_num_threads()
     _run("attndsl_flash_fwd", args)
+
+
+def count(args: FwdArgs) -> int:
+    """The elements (query rows x keys) flash.c's forward and backward compute for `args`'
+    tasks: keys that no query of a 16-row item attends leave its chunks (live_keys)."""
+    out = ctypes.c_int64(0)
+    if kernel().attndsl_flash_count(ctypes.byref(args), ctypes.byref(out)) != 0:
+        raise RuntimeError("attndsl's native CPU kernel attndsl_flash_count rejected its "
+                           "arguments")
+    return out.value
 
 
 def backward(args: BwdArgs) -> None:
