@@ -120,3 +120,20 @@ def test_quotients_that_agree_become_points_and_whole_periods_one_interval():
                                np.array([70000, 80000], dtype=np.int64)),
                     iv.IV(np.asarray(np.int64(65536)), np.asarray(np.int64(65536))))
     assert np.ndim(wide.lo) == 0 and (int(wide.lo), int(wide.hi)) == (0, 65535)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=boxes(8, width=st.integers(0, 300)), scalar=st.booleans(), point=st.booleans())
+def test_abs_is_the_tightest_interval(a, scalar, point):
+    """abs over a box is [min |x|, max |x|] exactly (boxes, points and scalars)."""
+    if scalar:
+        a = iv.IV(np.asarray(a.lo[0]), np.asarray(a.hi[0]))
+    if point:
+        a = iv.IV(a.lo, a.lo)
+    r = iv._b_abs(a)
+    los, his = np.atleast_1d(a.lo), np.atleast_1d(a.hi)
+    for i in range(len(los)):
+        vals = [abs(x) for x in range(int(los[i]), int(his[i]) + 1)]
+        assert np.atleast_1d(r.lo)[i] == min(vals) and np.atleast_1d(r.hi)[i] == max(vals)
+    if point:
+        assert r.lo is r.hi
