@@ -424,9 +424,10 @@ static void chunk_scores(const fwd_args *J, const item_t *u, int64_t s0, int64_t
    attends, for an item of at most 16 queries with bit masks: mks[0:n] their mask rows (NULL:
    unmasked) and at[0:n] their places in the chunk; returns n, or -1 (the chunk is computed
    whole) where fewer than one key in COMPACT is dead. The one place that decides which keys
-   the forward computes (fwd_item runs it, attndsl_flash_count counts it). A dead key's
-   probabilities are exactly 0, so leaving it out changes no bit of the output; the dilated
-   na2d computes 29% dead keys (15-18% faster forward), na2d 4% (no gain: hence the bar). */
+   the kernels compute (fwd_item and bwd_item run it, attndsl_flash_count counts it). A dead
+   key's probabilities and dS are exactly 0, so leaving it out changes no bit of the outputs
+   or gradients; the dilated na2d computes 29% dead keys (15-19% faster forward, 11% forward
+   + backward), na2d 4% (no gain: hence the bar). */
 #define COMPACT 8
 static int64_t live_keys(const fwd_args *J, const item_t *u, int64_t s0, int64_t nsl,
                          const void **mks, int16_t *at) {
@@ -546,9 +547,9 @@ int attndsl_flash_fwd(const fwd_args *J) {
     return 0;
 }
 
-/* *out += the elements (query rows x keys) the forward computes for these tasks: per chunk,
-   its live keys where live_keys compacts it, else all its keys. Reads the tasks and masks
-   only (no q, k, v); 1 when it rejects its arguments, else 0. */
+/* *out += the elements (query rows x keys) the forward (and the backward) computes for
+   these tasks: per chunk, its live keys where live_keys compacts it, else all its keys.
+   Reads the tasks and masks only (no q, k, v); 1 when it rejects its arguments, else 0. */
 int attndsl_flash_count(const fwd_args *J, int64_t *out) {
     if (J->bk % 16 || J->bk > KC) return 1;
     const void *mks[KC];
