@@ -372,7 +372,7 @@ def test_reproducible_across_calls_and_python_threads(calls):
 
 
 def _native_elements(op, mask) -> int:
-    """The elements flash.c's forward should compute, from the plan's tables and orders and
+    """The elements flash.c's kernels should compute, from the plan's tables and orders and
     an independent mask [Nq, Nk]: per query block of 16 rows (one chunk: at most 16 key
     blocks), 16 x its keys that some valid query of the block attends where at least one
     key in 8 is dead, else 16 x all its keys."""
@@ -398,12 +398,12 @@ def _native_elements(op, mask) -> int:
     return total
 
 
-def test_keys_no_query_attends_leave_the_forward(calls):
+def test_keys_no_query_attends_leave_the_kernels(calls):
     """In 16-query tiles with bit masks, keys that no query of the tile attends leave their
-    chunk (flash.c's live_keys, where at least one key in 8 is dead): here the dilated
-    na2d's forward computes 42% fewer elements (29% at 128 x 128), as the kernel counts
-    them (op.stats' native_elements, checked against a count from an independent
-    mask); its outputs and gradients stay exact."""
+    chunk in the forward and the backward (flash.c's live_keys, where at least one key in 8
+    is dead): here the dilated na2d computes 42% fewer elements (29% at 128 x 128), as the
+    kernel counts them (op.stats' native_elements, checked against a count from an
+    independent mask); its outputs and gradients stay exact."""
     op = attndsl.compile("patterns/neighborhood.attn", "na2d", H=72, W=68, kernel=7,
                          dilation=4)
     op.options(block_q=16, block_k=16)

@@ -512,10 +512,10 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
 
 def native_computed(cp: CpuPlan) -> int | None:
     """The score elements flash.c's forward (and its backward, alike) computes per batch
-    element over the plan's tables (one kv head each), as it runs them (native.count: its
-    chunks' live keys), or None
-    where it does not run the whole plan (no kernel, blocks it does not take, per-call
-    masks, summary or channel tokens)."""
+    element over the plan's tables (one kv head each; masks that differ per head over one
+    table: head 0's), as it runs them (native.count: its chunks' live keys), or None where
+    it does not run the whole plan (no kernel, blocks it does not take, per-call masks,
+    summary or channel tokens)."""
     bp = cp.bp
     if (native.kernel() is None or bp.content_dependent or bp.summaries or bp.channel
             or not native.usable(cp.bq, cp.bk, 16, torch.float32)):
