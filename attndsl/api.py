@@ -367,8 +367,7 @@ class Op:
         out = {**plan_stats(plan), "kernel_sizes": kernel_sizes(bp)}
         if _target(backend) == "cpu":
             from attndsl.codegen.cpu.fused import native_computed
-            from attndsl.codegen.cpu.plan import cpu_plan
-            out["native_elements"] = native_computed(cpu_plan(plan))
+            out["native_elements"] = native_computed(plan)
         return out
 
     # -- FlexAttention (codegen/flex.py; docs/integrations.md)

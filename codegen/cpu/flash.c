@@ -454,11 +454,17 @@ static int64_t live_keys(const fwd_args *J, const item_t *u, int64_t s0, int64_t
     return (w - n) * COMPACT < w ? -1 : n;
 }
 
-/* Scores of the n live keys of a chunk (live_keys), moved to the front of kr and vr, into
-   st (and their max into vm, unless NULL). */
-static void live_scores(const fwd_args *J, int64_t n, const void *const *mks,
-                        const int16_t *at, const float **kr, const float **vr,
-                        const float *qt, float *st, float *vm) {
+/* A chunk's scores into st (and their max into vm, unless NULL): over its live keys
+   (live_keys), moved to the front of kr and vr, returning their number; else over all its
+   keys (chunk_scores), returning -1. The forward and the backward score chunks alike. */
+static int64_t live_scores(const fwd_args *J, const item_t *u, int64_t s0, int64_t nsl,
+                           const float **kr, const float **vr, const float *qt, float *st,
+                           float *vm, const void **mks, int16_t *at) {
+    const int64_t n = live_keys(J, u, s0, nsl, mks, at);
+    if (n < 0) {
+        chunk_scores(J, u, s0, nsl, kr, qt, st, vm);
+        return -1;
+    }
     for (int64_t j = 0; j < n; j++) {  /* at[j] >= j: every move is forwards-safe */
         kr[j] = kr[at[j]];
         vr[j] = vr[at[j]];
@@ -467,6 +473,7 @@ static void live_scores(const fwd_args *J, int64_t n, const void *const *mks,
         M = tile_rows(j, n);
         DISPATCH(M, tile_kq_rows(m_, kr + j, J->D, qt, QT, mks + j, 1, st + j * QT, QT, vm))
     }
+    return n;
 }
 
 /* The scratch of a forward item (floats; every part 64-byte aligned). */
@@ -500,9 +507,7 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
         const int64_t nsl = s0 + per < slots ? per : slots - s0, w = nsl * bk;
         for (int64_t i = 0; i < np; i += 8) _mm256_store_ps(vm + i, ninf);
         key_rows(J, u.kid + s0, nsl, kg, vg, kr, vr);
-        const int64_t live = live_keys(J, &u, s0, nsl, mks, at);
-        if (live < 0) chunk_scores(J, &u, s0, nsl, kr, qt, st, vm);
-        else live_scores(J, live, mks, at, kr, vr, qt, st, vm);
+        const int64_t live = live_scores(J, &u, s0, nsl, kr, vr, qt, st, vm, mks, at);
         const int64_t wl = live < 0 ? w : live;  /* the keys the chunk computes */
         for (int64_t i = 0; i < np; i += 8) {  /* 8 queries' online softmax, lane by lane */
             const __m256 mold = _mm256_load_ps(m + i);
@@ -644,9 +649,7 @@ static void bwd_item(const void *arg, int64_t k, void *mem, int tid) {
         key_rows(J, kid + s0, nsl, kg, vg, krows, vrows);
         /* S^T = K (q scale)^T + mask, over the chunk's live keys (live_keys, as the forward
            computed them; a dead key's P and dS are exactly 0) or all of them */
-        const int64_t live = live_keys(J, &u, s0, nsl, mks, at);
-        if (live < 0) chunk_scores(J, &u, s0, nsl, krows, qt, s, NULL);
-        else live_scores(J, live, mks, at, krows, vrows, qt, s, NULL);
+        const int64_t live = live_scores(J, &u, s0, nsl, krows, vrows, qt, s, NULL, mks, at);
         const int64_t wl = live < 0 ? w : live;
         for (int64_t j = 0, M; j < wl; j += M) {  /* dP^T = V dO^T */
             M = live < 0 ? tile_rows(j % bk, bk) : tile_rows(j, wl);

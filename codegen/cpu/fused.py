@@ -28,7 +28,7 @@ import torch
 
 from attndsl import caches
 from attndsl.codegen.cpu import native
-from attndsl.codegen.cpu.plan import CpuPlan, Group
+from attndsl.codegen.cpu.plan import CpuPlan, Group, cpu_plan
 from attndsl.semantics.masks import bias, chunks
 
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -510,27 +510,22 @@ def native_backward(cp: CpuPlan, q, k, v, out, lse, dout, scale: float, active=N
     return dq, dk, dv
 
 
-def native_computed(cp: CpuPlan) -> int | None:
-    """The score elements flash.c's forward (and its backward, alike) computes per batch
-    element over the plan's tables (one kv head each; masks that differ per head over one
-    table: head 0's), as it runs them (native.count: its chunks' live keys), or None where
-    it does not run the whole plan (no kernel, blocks it does not take, per-call masks,
-    summary or channel tokens)."""
+def native_computed(plan) -> int | None:
+    """The score elements flash.c's forward (and its backward, alike) computes for a CPU
+    plan per batch element over its tables (one kv head each; masks that differ per head
+    over one table: head 0's), as it runs them (native.count: its chunks' live keys), or
+    None where it does not run the whole plan (no kernel, blocks it does not take, per-call
+    masks, summary or channel tokens)."""
+    cp = cpu_plan(plan)
     bp = cp.bp
     if (native.kernel() is None or bp.content_dependent or bp.summaries or bp.channel
             or not native.usable(cp.bq, cp.bk, 16, torch.float32)):
         return None
-    T = len(cp.plan.tables)
-    total = 0
+    T = len(plan.tables)
+    none = torch.empty(1, T, 0, 16)  # no q, k, v or output: the count reads tasks and masks
     qvalid = cp.qvalid.to(torch.uint8)
-    for tasks, _alive in _task_batches(cp, 1, T, 1, None):
-        # no q, k, v or output: the count reads the tasks, their masks and the block maps
-        args = native.FwdArgs(0, 0, 0, 0, 0, 0, 0, cp.qpos.data_ptr(), qvalid.data_ptr(),
-                              0, 0, 0, 0, 0, 0, 0, 0, cp.kpos.data_ptr(), tasks.data_ptr(),
-                              tasks.shape[0], T, T, 1, cp.plan.nqb, cp.bq, 16,
-                              cp.ktok.shape[0], cp.bk, 1.0, 1, int(not cp.bp.biases))
-        total += native.count(args)
-    return total
+    return sum(native.count(_fwd_args(cp, none, none, none, none, none, tasks, 1.0, qvalid))
+               for tasks, _alive in _task_batches(cp, 1, T, 1, None))
 
 
 ACC_BYTES = 1 << 30  # the backward's per-thread key-gradient accumulators, all threads
