@@ -536,6 +536,14 @@ pattern hashed(N: int, block: int = 8, seed: int = 1) {
     let h = ((qb * 40503 + (0, 1) * 65599 + seed) % 65536 * 2654435761) % 4294967296
     attend abs(qb - kb) <= 1 or kb < 1 or any((h >> 11) % nb == kb)
 }
+fn mix(x: int, y: int) -> int = (x * 31 + y) % 7
+pattern hoisted(N: int) {
+    space seq(N)
+    let qb = q // 16
+    let kb = k // 16
+    let near = abs(qb - kb) <= (qb * 5 + 3) % 3
+    attend near or (let qb = kb in qb * 3 % 5) == 2 or mix(q // 16, 2) == kb % 7
+}
 pattern grid_lets(H: int, W: int) {
     space grid(H, W)
     let p = q
@@ -548,18 +556,43 @@ pattern grid_lets(H: int, W: int) {
 
 @pytest.mark.parametrize("pattern,params", [("hashed", dict(N=300)),
                                             ("hashed", dict(N=1000, block=16, seed=5)),
+                                            ("hoisted", dict(N=400)),
                                             ("grid_lets", dict(H=20, W=17))])
 def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeypatch):
-    """Lets that read only the query are evaluated once a query group and spread over the
-    group's pairs (blocks.QueryGroups): the tables equal the brute-force masks and the
-    refinement without groups, pair for pair."""
+    """Lets that read only the query, and the largest query-only parts of the other lets
+    and the rules (blocks._PerGroup.hoist), are evaluated once a query group and spread
+    over the group's pairs (blocks.QueryGroups): the tables equal the brute-force masks
+    and the refinement without groups, pair for pair, also when the judge takes the boxes
+    in chunks (blocks.JUDGE_CHUNK). `hoisted` shadows a query-only let
+    inside a rule and calls a function on query-only and other arguments."""
     from attndsl.analysis import blocks
     op = attndsl.compile(HASHED, pattern, **params)
     spread = []
     real = blocks._spread
     monkeypatch.setattr(blocks, "_spread", lambda v, sel: spread.append(1) or real(v, sel))
     grouped = check(op, 16, 16)
-    assert spread, "no let was evaluated per query group"
+    assert spread, "nothing was evaluated per query group"
     monkeypatch.setattr(blocks, "_query_only_lets", lambda owner: frozenset())
     plain = build_plan(op.bound, 16, 16, validate(op.bound, {}, for_mask=True))
     assert [listed(t) for t in grouped.tables] == [listed(t) for t in plain.tables]
+    monkeypatch.undo()  # grouped again, in chunks of a few boxes (one query group split)
+    monkeypatch.setattr(blocks, "JUDGE_CHUNK", 37)
+    chunked = build_plan(op.bound, 16, 16, validate(op.bound, {}, for_mask=True))
+    assert [listed(t) for t in chunked.tables] == [listed(t) for t in plain.tables]
+
+
+def test_the_largest_query_only_parts_are_hoisted():
+    """What _PerGroup.hoist evaluates once a query group: whole sub-expressions that read
+    only the query (and lets that do), never one that reads k or a name a let-expression
+    binds to something else."""
+    from attndsl.analysis import blocks
+    from attndsl.lang.printer import expr_source
+    op = attndsl.compile(HASHED, "hoisted", N=400)
+    known = blocks._let_reads(op.bound)
+    assert known == {"qb": "q", "kb": False, "near": False}
+    found: list = []
+    for let in op.bound.checked.lets:
+        if not known[let.name]:  # as abstract_lets: a query-only let is evaluated whole
+            blocks._hoist(let.value, known, found)
+    blocks._hoist(op.bound.checked.rules[0].expr, known, found)
+    assert [expr_source(e) for e in found] == ["(qb * 5 + 3) % 3", "mix(q // 16, 2)"]

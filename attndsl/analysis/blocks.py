@@ -23,6 +23,7 @@ from attndsl.analysis.intervals import (
     IV,
     PARTIAL,
     AbstractEvaluator,
+    Deferred,
     TokIV,
     Unknown,
     classify,
@@ -31,7 +32,7 @@ from attndsl.analysis.intervals import (
 )
 from attndsl.errors import PairLimitError, SizeLimitError
 from attndsl.lang import ir
-from attndsl.lang.walk import walk
+from attndsl.lang.walk import children
 from attndsl.semantics import rules
 from attndsl.semantics.bind import BoundPattern, bind_cached, call_values
 from attndsl.semantics.evaluate import unravel
@@ -99,23 +100,59 @@ class QueryGroups:
     sel: np.ndarray
 
 
-def _query_only(e: ir.Expr, known: dict) -> bool:
-    """Whether e reads the query (and constants, run-time inputs, query-only lets) only:
-    not k, h, summary tokens, pattern calls or content-dependent selections."""
-    uses_q = False
-    for x in walk(e, links=True):
-        if isinstance(x, ir.Name):
-            if x.ref == "q":
-                uses_q = True
-            elif x.ref in ("k", "h", "summary"):
-                return False
-            elif x.ref == "local" and x.id in known:
-                if not known[x.id]:
-                    return False
-                uses_q = True
-        elif isinstance(x, ir.Call) and x.ref in ("pattern", "dynamic"):
+def _reads(e: ir.Expr, known: dict, bound: frozenset = frozenset()):
+    """What e reads, for evaluating it once a query group: "q" (the query, with constants,
+    run-time inputs and the lets `known` to read only the query), None (only constants)
+    or False (anything else: k, h, summary tokens, pattern calls, content-dependent
+    selections, a let known to read them, or a name bound outside e that is not a known
+    let). `known`: let name -> what it reads (None: a static value). `bound`: the names
+    that e's own let-expressions and function calls bind."""
+    if isinstance(e, ir.Name):
+        if e.ref == "q":
+            return "q"
+        if e.ref in ("k", "h", "summary"):
             return False
-    return uses_q
+        if e.ref == "local" and e.id not in bound:
+            return known.get(e.id, False)
+        return None
+    if isinstance(e, ir.Call):
+        if e.ref in ("pattern", "dynamic"):
+            return False
+        if e.ref == "fn":  # its body reads its parameters, which the arguments give
+            got = [_reads(a, known, bound) for a in e.args]
+            got.append(_reads(e.body, known, frozenset(e.params)))
+            return _join(got)
+    if isinstance(e, ir.LetExpr):
+        return _join([_reads(e.value, known, bound),
+                      _reads(e.body, known, bound | {e.name})])
+    return _join([_reads(x, known, bound) for x in children(e)])
+
+
+def _join(reads: list):
+    if False in reads:
+        return False
+    return "q" if "q" in reads else None
+
+
+def _query_only(e: ir.Expr, known: dict) -> bool:
+    """Whether e reads the query and nothing but constants, run-time inputs and the
+    query-only lets in `known`."""
+    return _reads(e, known) == "q"
+
+
+def _hoist(e: ir.Expr, known: dict, found: list) -> None:
+    """The largest sub-expressions of e that read only the query (not bare names: those
+    cost nothing to look up), outermost first."""
+    if isinstance(e, ir.Name | ir.IntLit | ir.FloatLit | ir.BoolLit):
+        return
+    if _query_only(e, known):
+        found.append(e)
+    elif isinstance(e, ir.LetExpr):  # its name, in its body, is not a query-only let's
+        _hoist(e.value, known, found)
+        _hoist(e.body, {**known, e.name: False}, found)
+    else:
+        for x in children(e):
+            _hoist(x, known, found)
 
 
 def _dynamic_lets(owner: BoundPattern):
@@ -124,13 +161,19 @@ def _dynamic_lets(owner: BoundPattern):
             if not (let.name in owner.env and let.value.ty.static)]
 
 
-def _query_only_lets(owner: BoundPattern) -> frozenset:
-    """The names of the owner's dynamic lets that read only the query (earlier such lets
-    included)."""
-    known: dict = {}
+def _let_reads(owner: BoundPattern) -> dict:
+    """Let name -> what it reads (_reads; None for a static value): in order, each sees
+    the earlier ones."""
+    known: dict = {let.name: None for let in owner.checked.lets
+                   if let.name in owner.env and let.value.ty.static}
     for let in _dynamic_lets(owner):
-        known[let.name] = _query_only(let.value, known)
-    return frozenset(name for name, q in known.items() if q)
+        known[let.name] = "q" if _query_only(let.value, known) else False
+    return known
+
+
+def _query_only_lets(owner: BoundPattern) -> frozenset:
+    """The names of the owner's dynamic lets that read only the query."""
+    return frozenset(name for name, r in _let_reads(owner).items() if r == "q")
 
 
 def _spread(v, sel: np.ndarray):
@@ -141,9 +184,10 @@ def _spread(v, sel: np.ndarray):
 
     if isinstance(v, tuple):
         return tuple(_spread(x, sel) for x in v)
-    if isinstance(v, IV):
+    if isinstance(v, IV):  # a point per group (a hashed block) is spread once
         lo = take(v.lo)
-        return IV(lo, lo if v.hi is v.lo else take(v.hi), v.tag)
+        one = v.hi is v.lo or np.array_equal(v.lo, v.hi)
+        return IV(lo, lo if one else take(v.hi), v.tag)
     if isinstance(v, BV):
         return BV(take(v.t), take(v.f))
     if isinstance(v, FV):
@@ -153,31 +197,63 @@ def _spread(v, sel: np.ndarray):
     raise Unknown("spread")
 
 
-def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator,
-                  groups: QueryGroups | None = None) -> dict:
+def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator, per: _PerGroup | None = None
+                  ) -> dict:
     """The owner's lets that are not static values, on `ev`'s boxes (in order: each sees
     the earlier ones; one the domain cannot model is an error only where a rule reads it).
-    With `groups`, a let that reads only the query is evaluated once a query group."""
+    With `per`, what reads only the query (a let, or the largest such parts of the other
+    lets and, later, of the rules: _PerGroup.hoist) is evaluated once a query group."""
     local: dict = {}
-    per_group: dict = {}  # the query-only lets, one entry a group
-    q_only, gev = frozenset(), None
-    if groups is not None:
-        q_only = _query_only_lets(owner)
-        gev = AbstractEvaluator(ev.env, {"q": groups.box}, ev.hooks, None)
+    if per is not None:
+        per.known = _let_reads(owner)
     for let in _dynamic_lets(owner):
-        if let.name in q_only:
-            try:  # a query-only let that failed leaves its readers to fail the same way
-                v = gev.eval(let.value, per_group)
-                local[let.name] = _spread(v, groups.sel)
-                per_group[let.name] = v
+        if per is not None:
+            if per.known[let.name] == "q" and per.let(let, local):
                 continue
-            except Unknown:
-                pass  # as if ungrouped, below
+            per.known[let.name] = False
+            per.hoist(let.value)
         try:
             local[let.name] = ev.eval(let.value, local)
         except Unknown:
             pass
     return local
+
+
+class _PerGroup:
+    """One owner's query-only work on a batch of boxes, done once a query group and spread
+    to the boxes (QueryGroups): the values go into the box evaluator's `known`."""
+
+    def __init__(self, ev: AbstractEvaluator, groups: QueryGroups):
+        self.ev, self.sel = ev, groups.sel
+        self.gev = AbstractEvaluator(ev.env, {"q": groups.box}, ev.hooks, None)
+        self.values: dict = {}  # the query-only lets, one entry a group
+        self.known: dict = {}  # let name -> what it reads (_reads), set by abstract_lets
+
+    def let(self, let: ir.LetStmt, local: dict) -> bool:
+        """Evaluate a query-only let once a group (spread when a box reads it); False when
+        the domain cannot (it is then evaluated as any other let)."""
+        try:
+            v = self.gev.eval(let.value, self.values)
+        except Unknown:
+            return False
+        self.values[let.name] = v
+        local[let.name] = Deferred(lambda: _spread(v, self.sel))
+        return True
+
+    def hoist(self, e: ir.Expr) -> None:
+        """The largest parts of e that read only the query, evaluated once a group: a
+        hashed random block ((h >> 11) % nb) costs its arithmetic per query group, not per
+        box, and its inputs are never spread."""
+        found: list = []
+        _hoist(e, self.known, found)
+        for x in found:
+            if id(x) in self.ev.known:
+                continue
+            try:
+                v = self.gev.eval(x, self.values)
+            except Unknown:
+                continue  # evaluated on the boxes, where it fails (or not) as before
+            self.ev.known[id(x)] = (x, _spread(v, self.sel))
 
 
 def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None,
@@ -190,8 +266,11 @@ def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=
         got = evaluators.get(id(owner))
         if got is None:
             ev = AbstractEvaluator({**owner.env, **run.env}, ctx, AbstractHooks(run), diff)
-            got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev, groups))
-        ev, local = got
+            per = _PerGroup(ev, groups) if groups is not None else None
+            got = evaluators[id(owner)] = (ev, abstract_lets(owner, ev, per), per)
+        ev, local, per = got
+        if per is not None:
+            per.hoist(rule.expr)
         return ev.eval(rule.expr, local)
 
     return rules.combine(bp.rules, value, _BoxDomain(ctx.get("h")))
@@ -389,6 +468,7 @@ class DiagLeaves:
 
 BIG = np.int64(1 << 62)
 TOP_GROUPS = 64  # groups per side where the quadtree starts
+JUDGE_CHUNK = 1 << 18  # boxes a judge classifies in one call of the abstract interpreter
 PROBE_SAMPLE = 1024  # pairs probed first when more are eligible ...
 PROBE_WORTH = 1 / 16  # ... and the share of one-sided splits in them that makes the rest worth it
 
@@ -542,6 +622,14 @@ class PatternJudge:
 
     def __call__(self, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
         """groups: (the distinct query groups as Bounds, each pair's group among them)."""
+        n = len(qb)
+        if n > JUDGE_CHUNK:
+            out = np.empty(n, dtype=np.int8)
+            for a in range(0, n, JUDGE_CHUNK):
+                at = slice(a, a + JUDGE_CHUNK)
+                out[at] = self(qb.take(at), kb.take(at),
+                               None if groups is None else (groups[0], groups[1][at]))
+            return out
         bp = self.bp
         axes = bp.checked.qspace.axes
         qg = None if groups is None else QueryGroups(groups[0].box(bp.qshape, axes, "q"),

@@ -114,6 +114,21 @@ def tile_box(starts, stops, shape, axes) -> TokIV:
     return TokIV(IV(lo, hi), pos, tuple(shape), axes)
 
 
+class Deferred:
+    """A local's value computed when first read (and then kept): a query-only let spread
+    to every box is work for nothing where only its hoisted readers use it."""
+
+    __slots__ = ("make", "value")
+
+    def __init__(self, make):
+        self.make, self.value = make, None
+
+    def __call__(self):
+        if self.make is not None:
+            self.value, self.make = self.make(), None
+        return self.value
+
+
 class AbstractEvaluator:
     """Evaluates typed expressions on boxes. `diff` = (lo, hi) arrays: the range of q - k
     (flat indices) in each box, which narrows every tagged difference."""
@@ -124,8 +139,15 @@ class AbstractEvaluator:
         self.hooks = hooks
         self.diff = diff
         self.arrays: dict = {}
+        # id(node) -> (node, value): sub-expressions already known on these boxes (those
+        # that read only the query, computed once a query group: analysis/blocks.py)
+        self.known: dict = {}
 
     def eval(self, e: ir.Expr, local: dict | None = None):
+        if self.known:
+            got = self.known.get(id(e))
+            if got is not None:
+                return got[1]
         return getattr(self, "e_" + type(e).__name__)(e, local or {})
 
     def e_IntLit(self, e, local):
@@ -139,7 +161,8 @@ class AbstractEvaluator:
 
     def e_Name(self, e, local):
         if e.id in local:
-            return local[e.id]
+            v = local[e.id]
+            return v() if isinstance(v, Deferred) else v
         if e.ref in ("q", "k", "h"):
             if e.ref not in self.ctx:
                 raise Unknown(e.ref)
