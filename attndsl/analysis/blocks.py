@@ -221,7 +221,7 @@ def abstract_lets(owner: BoundPattern, ev: AbstractEvaluator, per: _PerGroup | N
 
 class _PerGroup:
     """One owner's query-only work on a batch of boxes, done once a query group and spread
-    to the boxes (QueryGroups): the values go into the box evaluator's `known`."""
+    to the boxes (QueryGroups): the values go into the box evaluator's `hoisted`."""
 
     def __init__(self, ev: AbstractEvaluator, groups: QueryGroups):
         self.ev, self.sel = ev, groups.sel
@@ -247,13 +247,13 @@ class _PerGroup:
         found: list = []
         _hoist(e, self.known, found)
         for x in found:
-            if id(x) in self.ev.known:
+            if id(x) in self.ev.hoisted:
                 continue
             try:
                 v = self.gev.eval(x, self.values)
             except Unknown:
                 continue  # evaluated on the boxes, where it fails (or not) as before
-            self.ev.known[id(x)] = (x, _spread(v, self.sel))
+            self.ev.hoisted[id(x)] = (x, _spread(v, self.sel))
 
 
 def abstract_predicate(bp: BoundPattern, ctx: dict, run: RunInputs = NONE, diff=None,

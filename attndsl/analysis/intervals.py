@@ -141,11 +141,11 @@ class AbstractEvaluator:
         self.arrays: dict = {}
         # id(node) -> (node, value): sub-expressions already known on these boxes (those
         # that read only the query, computed once a query group: analysis/blocks.py)
-        self.known: dict = {}
+        self.hoisted: dict = {}
 
     def eval(self, e: ir.Expr, local: dict | None = None):
-        if self.known:
-            got = self.known.get(id(e))
+        if self.hoisted:
+            got = self.hoisted.get(id(e))
             if got is not None:
                 return got[1]
         return getattr(self, "e_" + type(e).__name__)(e, local or {})

@@ -501,7 +501,7 @@ static void fwd_item(const void *arg, int64_t k, void *mem, int tid) {
         /* the next item's query rows, and the k and v rows of its key blocks this item
            does not read, into L2: dilated rows defeat the hardware's prefetcher. In-process
            A/B against the query rows alone (with the first chunk writing o unread, below):
-           dilated na2d forward 9-11% faster, na3d 6%, na2d 2%, 1D within noise. */
+           dilated na2d forward 8-11% faster, na2d 6%, na3d and 1D within noise. */
         const item_t n1 = item(J, k + 1);
         prefetch_rows(J->q + n1.b * J->sq_b + n1.h * J->sq_h, n1.qpos, n1.nr, J->sq_n, D);
         if (n1.t != u.t) {  /* else the same task's next rows: the same key blocks */
