@@ -544,6 +544,12 @@ pattern hoisted(N: int) {
     let near = abs(qb - kb) <= (qb * 5 + 3) % 3
     attend near or (let qb = kb in qb * 3 % 5) == 2 or mix(q // 16, 2) == kb % 7
 }
+pattern hashed_inline(N: int, seed: int = 3) {
+    space seq(N)
+    attend abs(q // 16 - k // 16) <= 1
+        or any((((q // 16 * 40503 + (0, 1) * 65599 + seed) % 65536 * 2654435761)
+                % 4294967296 >> 11) % cdiv(N, 16) == k // 16)
+}
 pattern grid_lets(H: int, W: int) {
     space grid(H, W)
     let p = q
@@ -557,6 +563,7 @@ pattern grid_lets(H: int, W: int) {
 @pytest.mark.parametrize("pattern,params", [("hashed", dict(N=300)),
                                             ("hashed", dict(N=1000, block=16, seed=5)),
                                             ("hoisted", dict(N=400)),
+                                            ("hashed_inline", dict(N=700)),
                                             ("grid_lets", dict(H=20, W=17))])
 def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeypatch):
     """Lets that read only the query, and the largest query-only parts of the other lets
@@ -564,7 +571,8 @@ def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeyp
     over the group's pairs (blocks.QueryGroups): the tables equal the brute-force masks
     and the refinement without groups, pair for pair, also when the judge takes the boxes
     in chunks (blocks.JUDGE_CHUNK). `hoisted` shadows a query-only let
-    inside a rule and calls a function on query-only and other arguments."""
+    inside a rule and calls a function on query-only and other arguments; `hashed_inline`
+    has no let at all (its rule's query-only part is evaluated once a group)."""
     from attndsl.analysis import blocks
     op = attndsl.compile(HASHED, pattern, **params)
     spread = []
@@ -572,7 +580,7 @@ def test_lets_read_per_query_group_give_the_same_tables(pattern, params, monkeyp
     monkeypatch.setattr(blocks, "_spread", lambda v, sel: spread.append(1) or real(v, sel))
     grouped = check(op, 16, 16)
     assert spread, "nothing was evaluated per query group"
-    monkeypatch.setattr(blocks, "_query_only_lets", lambda owner: frozenset())
+    monkeypatch.setattr(blocks, "_reads_query_alone", lambda owner: False)
     plain = build_plan(op.bound, 16, 16, validate(op.bound, {}, for_mask=True))
     assert [listed(t) for t in grouped.tables] == [listed(t) for t in plain.tables]
     monkeypatch.undo()  # grouped again, in chunks of a few boxes (one query group split)

@@ -171,9 +171,18 @@ def _let_reads(owner: BoundPattern) -> dict:
     return known
 
 
-def _query_only_lets(owner: BoundPattern) -> frozenset:
-    """The names of the owner's dynamic lets that read only the query."""
-    return frozenset(name for name, r in _let_reads(owner).items() if r == "q")
+def _reads_query_alone(owner: BoundPattern) -> bool:
+    """Whether some of the owner's work reads only the query (a let, or a part of a let or a
+    rule that _PerGroup.hoist would take): only then do its pairs' query groups pay."""
+    known = _let_reads(owner)
+    if "q" in known.values():
+        return True
+    found: list = []
+    for let in _dynamic_lets(owner):
+        _hoist(let.value, known, found)
+    for rule in owner.checked.rules:
+        _hoist(rule.expr, known, found)
+    return bool(found)
 
 
 def _spread(v, sel: np.ndarray):
@@ -616,9 +625,9 @@ class PatternJudge:
     def __init__(self, bp: BoundPattern, head, run: RunInputs):
         self.bp, self.head, self.run = bp, head, run
         self.qshape, self.kshape = bp.qshape, bp.kshape
-        # takes the pairs' distinct query groups (refine passes them) where some let reads
+        # takes the pairs' distinct query groups (refine passes them) where something reads
         # only the query: elsewhere finding the groups would be work for nothing
-        self.grouped = bool(_query_only_lets(bp))
+        self.grouped = _reads_query_alone(bp)
 
     def __call__(self, qb: Bounds, kb: Bounds, groups: tuple | None = None) -> np.ndarray:
         """groups: (the distinct query groups as Bounds, each pair's group among them)."""
